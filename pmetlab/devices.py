@@ -1,0 +1,58 @@
+"""The one place where a default device and dtype are chosen ("auto")."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["resolve_device", "resolve_dtype", "model_device", "model_dtype"]
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Resolve ``"auto"`` (or None) to the best available accelerator, else the CPU."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device(torch.accelerator.current_accelerator()) if hasattr(torch, "accelerator") \
+                and torch.accelerator.current_accelerator() is not None else torch.device(type="cuda", index=0)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a valid torch device; expected 'auto', 'cpu' "
+                         f"or an accelerator name such as 'cuda:0'") from exc
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None``/"auto": float32 on the CPU (fast and exact enough), bfloat16 on an accelerator
+    that supports it, else float16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    key = str(dtype).replace("torch.", "")
+    if key not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; expected one of {sorted(set(_DTYPES))} or 'auto'")
+    return _DTYPES[key]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's input embedding (where inputs must go)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype

@@ -1,0 +1,253 @@
+"""Architecture adapters: one declarative record per model family, chosen by the model class.
+
+Solvers never touch module paths; they ask a :class:`ModelAdapter` (an :class:`ArchSpec`
+bound to a model) for the name of layer ``l``, its MHSA output projection, its FFN output
+projection (whose *input* is the FFN key), the final norm and the unembedding.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..tracing import get_module
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ArchSpec", "ModelAdapter", "register_adapter", "get_adapter", "supported_architectures",
+           "UnsupportedArchitectureError"]
+
+
+class UnsupportedArchitectureError(LookupError):
+    """The model's class has no registered adapter."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where things live in one model family (dotted names; ``{}`` is the layer index).
+
+    Attributes:
+        family: short family name ("llama", "gpt2", ...).
+        model_classes: class names of the causal-LM wrappers this record covers.
+        layers: dotted name of the ModuleList of decoder layers.
+        attn: MHSA module inside a layer; ``attn_out``: its output projection.
+        mlp: FFN module inside a layer; ``ffn_out``: its output projection (input = the key).
+        final_norm: the norm before the unembedding; ``unembed``: the LM head.
+        transposed: the FFN/attention output weights are stored (in, out) (GPT-2's Conv1D).
+        parallel: attention and FFN read the same input (GPT-J, GPT-NeoX, Phi, Falcon).
+        attn_post_norm / ffn_post_norm: norms applied to a component's output before it joins
+            the residual stream (Gemma 2/3), or None.
+        n_layers_attr: config attribute(s) holding the number of layers.
+    """
+
+    family: str
+    model_classes: tuple[str, ...]
+    layers: str
+    attn: str
+    attn_out: str
+    mlp: str
+    ffn_out: str
+    final_norm: str
+    unembed: str = "lm_head"
+    transposed: bool = False
+    parallel: bool = False
+    attn_post_norm: str | None = None
+    ffn_post_norm: str | None = None
+    n_layers_attr: tuple[str, ...] = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register_adapter(spec: ArchSpec, *, overwrite: bool = False) -> ArchSpec:
+    """Register an adapter for the classes named in ``spec.model_classes``.
+
+    Example::
+
+        pmetlab.models.register_adapter(pmetlab.models.ArchSpec(
+            family="mymodel", model_classes=("MyModelForCausalLM",), layers="model.layers",
+            attn="self_attn", attn_out="self_attn.o_proj", mlp="mlp", ffn_out="mlp.down_proj",
+            final_norm="model.norm"))
+    """
+    for cls in spec.model_classes:
+        if cls in _REGISTRY and not overwrite and _REGISTRY[cls] != spec:
+            raise ValueError(f"an adapter for {cls!r} is already registered (family "
+                             f"{_REGISTRY[cls].family!r}); pass overwrite=True to replace it")
+        _REGISTRY[cls] = spec
+    return spec
+
+
+def supported_architectures() -> list[str]:
+    """The model classes that have an adapter, sorted."""
+    return sorted(_REGISTRY)
+
+
+_LLAMA_LIKE = dict(layers="model.layers", attn="self_attn", attn_out="self_attn.o_proj", mlp="mlp",
+                   ffn_out="mlp.down_proj", final_norm="model.norm")
+
+for _spec in (
+    ArchSpec("gpt2", ("GPT2LMHeadModel",), layers="transformer.h", attn="attn", attn_out="attn.c_proj",
+             mlp="mlp", ffn_out="mlp.c_proj", final_norm="transformer.ln_f", transposed=True),
+    ArchSpec("gptj", ("GPTJForCausalLM",), layers="transformer.h", attn="attn", attn_out="attn.out_proj",
+             mlp="mlp", ffn_out="mlp.fc_out", final_norm="transformer.ln_f", parallel=True),
+    ArchSpec("gpt_neox", ("GPTNeoXForCausalLM",), layers="gpt_neox.layers", attn="attention",
+             attn_out="attention.dense", mlp="mlp", ffn_out="mlp.dense_4h_to_h",
+             final_norm="gpt_neox.final_layer_norm", unembed="embed_out", parallel=True),
+    ArchSpec("llama", ("LlamaForCausalLM", "MistralForCausalLM"), **_LLAMA_LIKE),
+    ArchSpec("qwen2", ("Qwen2ForCausalLM", "Qwen3ForCausalLM"), **_LLAMA_LIKE),
+    ArchSpec("gemma", ("GemmaForCausalLM",), **_LLAMA_LIKE),
+    ArchSpec("gemma3", ("Gemma2ForCausalLM", "Gemma3ForCausalLM"), **_LLAMA_LIKE,
+             attn_post_norm="post_attention_layernorm", ffn_post_norm="post_feedforward_layernorm"),
+    ArchSpec("opt", ("OPTForCausalLM",), layers="model.decoder.layers", attn="self_attn",
+             attn_out="self_attn.out_proj", mlp="fc2", ffn_out="fc2",
+             final_norm="model.decoder.final_layer_norm"),
+    ArchSpec("phi", ("PhiForCausalLM",), layers="model.layers", attn="self_attn", attn_out="self_attn.dense",
+             mlp="mlp", ffn_out="mlp.fc2", final_norm="model.final_layernorm", parallel=True),
+):
+    register_adapter(_spec)
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    if not hasattr(module, "weight"):
+        raise TypeError(f"{type(module).__name__} has no weight")
+    return module.weight
+
+
+@dataclass
+class ModelAdapter:
+    """An :class:`ArchSpec` bound to one model instance."""
+
+    model: nn.Module
+    spec: ArchSpec
+    _n_layers: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._n_layers = len(get_module(self.model, self.spec.layers))
+
+    # --- sizes -----------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self._n_layers
+
+    @property
+    def d_model(self) -> int:
+        w = self.ffn_out_weight(0)
+        return int(w.shape[0])
+
+    @property
+    def d_ff(self) -> int:
+        """Size of the FFN key (the input of the FFN output projection)."""
+        return int(self.ffn_out_weight(0).shape[1])
+
+    @property
+    def d_attn(self) -> int:
+        """Size of the MHSA output projection's input (heads × head_dim)."""
+        return int(self.attn_out_weight(0).shape[1])
+
+    # --- names -----------------------------------------------------------------------------
+    def _check(self, layer: int) -> int:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        if not -self.n_layers <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} is out of range for a model with {self.n_layers} layers "
+                             f"(valid: 0..{self.n_layers - 1})")
+        return layer % self.n_layers
+
+    def layer_name(self, layer: int) -> str:
+        return f"{self.spec.layers}.{self._check(layer)}"
+
+    def attn_name(self, layer: int) -> str:
+        return f"{self.layer_name(layer)}.{self.spec.attn}"
+
+    def mlp_name(self, layer: int) -> str:
+        return f"{self.layer_name(layer)}.{self.spec.mlp}"
+
+    def attn_out_name(self, layer: int) -> str:
+        """MHSA output projection W_O (its output is a^l; its input is the MHSA key)."""
+        return f"{self.layer_name(layer)}.{self.spec.attn_out}"
+
+    def ffn_out_name(self, layer: int) -> str:
+        """FFN output projection W_out (its input is the FFN key k^l; its output is m^l)."""
+        return f"{self.layer_name(layer)}.{self.spec.ffn_out}"
+
+    def attn_post_norm_name(self, layer: int) -> str | None:
+        p = self.spec.attn_post_norm
+        return None if p is None else f"{self.layer_name(layer)}.{p}"
+
+    def ffn_post_norm_name(self, layer: int) -> str | None:
+        p = self.spec.ffn_post_norm
+        return None if p is None else f"{self.layer_name(layer)}.{p}"
+
+    @property
+    def final_norm_name(self) -> str:
+        return self.spec.final_norm
+
+    @property
+    def unembed_name(self) -> str:
+        return self.spec.unembed
+
+    # --- modules and weights ---------------------------------------------------------------
+    def module(self, name: str) -> nn.Module:
+        return get_module(self.model, name)
+
+    def layers(self) -> nn.ModuleList:
+        return get_module(self.model, self.spec.layers)  # type: ignore[return-value]
+
+    def ffn_out_weight(self, layer: int) -> torch.Tensor:
+        """W_out of layer ``layer`` as a (d_model, d_ff) view (transposed for Conv1D)."""
+        w = _weight_of(self.module(self.ffn_out_name(layer)))
+        return w.t() if self.spec.transposed else w
+
+    def attn_out_weight(self, layer: int) -> torch.Tensor:
+        """W_O of layer ``layer`` as a (d_model, d_attn) view."""
+        w = _weight_of(self.module(self.attn_out_name(layer)))
+        return w.t() if self.spec.transposed else w
+
+    def weight_param_name(self, module_name: str) -> str:
+        return f"{module_name}.weight"
+
+    @property
+    def unembed_weight(self) -> torch.Tensor:
+        """The unembedding, (vocab, d_model); tied embeddings are read through the LM head."""
+        return _weight_of(self.module(self.unembed_name))
+
+    @property
+    def unembed_bias(self) -> torch.Tensor | None:
+        return getattr(self.module(self.unembed_name), "bias", None)
+
+    @property
+    def logit_softcap(self) -> float | None:
+        cfg = getattr(self.model, "config", None)
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        return float(cap) if cap else None
+
+    def logits_from_normed(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from final-normed hidden states ``(..., d_model) -> (..., vocab)``, exactly as
+        the model's LM head computes them (bias and soft-capping included)."""
+        logits = torch.nn.functional.linear(h, self.unembed_weight, self.unembed_bias)
+        cap = self.logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def describe(self) -> dict:
+        return {"family": self.spec.family, "class": type(self.model).__name__, "n_layers": self.n_layers,
+                "d_model": self.d_model, "d_ff": self.d_ff, "parallel": self.spec.parallel,
+                "transposed": self.spec.transposed}
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``, looked up by its class (and base classes), never by name."""
+    for cls in type(model).__mro__:
+        spec = _REGISTRY.get(cls.__name__)
+        if spec is not None:
+            return ModelAdapter(model, spec)
+    raise UnsupportedArchitectureError(
+        f"no pmetlab adapter for model class {type(model).__name__!r}. Supported classes: "
+        f"{', '.join(supported_architectures())}. Register one with "
+        f"pmetlab.models.register_adapter(pmetlab.models.ArchSpec(family=..., model_classes="
+        f"({type(model).__name__!r},), layers=..., attn=..., attn_out=..., mlp=..., ffn_out=..., "
+        f"final_norm=...)).")
