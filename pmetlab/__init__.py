@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import logging
 
+from .editing.compute import compute_deltas
+from .editing.deltas import Deltas, EditMismatchError, apply_deltas_, edited, restore_
+from .hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams, hparams_from_dict
 from .models import get_adapter, load_model, model_identity, supported_architectures
+from .requests import EditRequest
+from .stats import layer_covariances
 from .tracing import Trace, TraceDict
 
 __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["__version__", "load_model", "get_adapter", "model_identity", "supported_architectures",
-           "Trace", "TraceDict"]
+           "Trace", "TraceDict", "EditRequest", "EditHyperParams", "PMETHyperParams", "MEMITHyperParams",
+           "hparams_from_dict", "compute_deltas", "Deltas", "EditMismatchError", "apply_deltas_", "restore_",
+           "edited", "layer_covariances"]

@@ -112,7 +112,8 @@ class Trace(AbstractContextManager):
         layer: dotted module name inside ``module`` (None: trace ``module`` itself).
         retain_output / retain_input: keep the output / the first positional input.
         clone / detach: how retained tensors are copied.
-        edit_output: ``fn(output, layer_name) -> new_output`` applied before retention.
+        edit_output: ``fn(output, layer_name) -> new_output`` applied before retention; returning
+            None keeps the (possibly in-place edited) output.
         stop: raise :class:`StopForward` after this module ran (caught on exit).
     """
 
@@ -133,7 +134,9 @@ class Trace(AbstractContextManager):
                     inp = next(iter(kwargs.values()))
                 self.input = _copy(inp, clone, detach)
             if edit_output is not None:
-                output = edit_output(output, name)
+                edited = edit_output(output, name)
+                if edited is not None:  # None: edited in place (as for a plain forward hook)
+                    output = edited
             if retain_output:
                 self.output = _copy(output, clone, detach)
             if stop:

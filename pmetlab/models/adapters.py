@@ -37,7 +37,11 @@ class ArchSpec:
         mlp: FFN module inside a layer; ``ffn_out``: its output projection (input = the key).
         final_norm: the norm before the unembedding; ``unembed``: the LM head.
         transposed: the FFN/attention output weights are stored (in, out) (GPT-2's Conv1D).
-        parallel: attention and FFN read the same input (GPT-J, GPT-NeoX, Phi, Falcon).
+        parallel: attention and FFN read the same residual stream h^{l-1} (GPT-J, GPT-NeoX, Phi).
+        parallel_config_attr: config attribute that overrides ``parallel`` when the model's
+            config has it (GPT-NeoX's ``use_parallel_residual``), or None.
+        ffn_flat: the FFN runs on tokens flattened to (batch·seq, d) (OPT), so traced FFN inputs
+            and outputs are 2-D; :meth:`ModelAdapter.unflatten` gives the (batch, seq, d) view.
         attn_post_norm / ffn_post_norm: norms applied to a component's output before it joins
             the residual stream (Gemma 2/3), or None.
         n_layers_attr: config attribute(s) holding the number of layers.
@@ -54,6 +58,8 @@ class ArchSpec:
     unembed: str = "lm_head"
     transposed: bool = False
     parallel: bool = False
+    parallel_config_attr: str | None = None
+    ffn_flat: bool = False
     attn_post_norm: str | None = None
     ffn_post_norm: str | None = None
     n_layers_attr: tuple[str, ...] = ("num_hidden_layers", "n_layer", "num_layers")
@@ -95,7 +101,8 @@ for _spec in (
              mlp="mlp", ffn_out="mlp.fc_out", final_norm="transformer.ln_f", parallel=True),
     ArchSpec("gpt_neox", ("GPTNeoXForCausalLM",), layers="gpt_neox.layers", attn="attention",
              attn_out="attention.dense", mlp="mlp", ffn_out="mlp.dense_4h_to_h",
-             final_norm="gpt_neox.final_layer_norm", unembed="embed_out", parallel=True),
+             final_norm="gpt_neox.final_layer_norm", parallel=True,
+             parallel_config_attr="use_parallel_residual"),
     ArchSpec("llama", ("LlamaForCausalLM", "MistralForCausalLM"), **_LLAMA_LIKE),
     ArchSpec("qwen2", ("Qwen2ForCausalLM", "Qwen3ForCausalLM"), **_LLAMA_LIKE),
     ArchSpec("gemma", ("GemmaForCausalLM",), **_LLAMA_LIKE),
@@ -103,7 +110,7 @@ for _spec in (
              attn_post_norm="post_attention_layernorm", ffn_post_norm="post_feedforward_layernorm"),
     ArchSpec("opt", ("OPTForCausalLM",), layers="model.decoder.layers", attn="self_attn",
              attn_out="self_attn.out_proj", mlp="fc2", ffn_out="fc2",
-             final_norm="model.decoder.final_layer_norm"),
+             final_norm="model.decoder.final_layer_norm", ffn_flat=True),
     ArchSpec("phi", ("PhiForCausalLM",), layers="model.layers", attn="self_attn", attn_out="self_attn.dense",
              mlp="mlp", ffn_out="mlp.fc2", final_norm="model.final_layernorm", parallel=True),
 ):
@@ -125,7 +132,22 @@ class ModelAdapter:
     _n_layers: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self._n_layers = len(get_module(self.model, self.spec.layers))
+        # Resolve every name once, so a variant the record does not fit (e.g. OPT-350m, which has
+        # no final norm) fails here with one clear message rather than deep inside a solver.
+        try:
+            self._n_layers = len(get_module(self.model, self.spec.layers))
+            names = [self.spec.final_norm, self.spec.unembed]
+            if self._n_layers:
+                names += [n for n in (self.attn_name(0), self.attn_out_name(0), self.mlp_name(0),
+                                      self.ffn_out_name(0), self.attn_post_norm_name(0),
+                                      self.ffn_post_norm_name(0)) if n is not None]
+            for n in names:
+                get_module(self.model, n)
+        except LookupError as exc:
+            raise UnsupportedArchitectureError(
+                f"the {self.spec.family!r} adapter does not fit this {type(self.model).__name__}: {exc}. "
+                f"Register a matching ArchSpec with pmetlab.models.register_adapter(..., overwrite=True)"
+            ) from None
 
     # --- sizes -----------------------------------------------------------------------------
     @property
@@ -146,6 +168,24 @@ class ModelAdapter:
     def d_attn(self) -> int:
         """Size of the MHSA output projection's input (heads × head_dim)."""
         return int(self.attn_out_weight(0).shape[1])
+
+    @property
+    def parallel(self) -> bool:
+        """Whether attention and FFN of a layer read the same residual stream h^{l-1}."""
+        attr = self.spec.parallel_config_attr
+        cfg = getattr(self.model, "config", None)
+        if attr is not None and cfg is not None and hasattr(cfg, attr):
+            return bool(getattr(cfg, attr))
+        return self.spec.parallel
+
+    def unflatten(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """A traced tensor as ``(batch, seq, d)``: OPT's FFN sees ``(batch·seq, d)``; 3-D tensors
+        pass through. The result is a view, so in-place edits reach the model's tensor."""
+        if x.dim() == 2:
+            if x.shape[0] % batch_size:
+                raise ValueError(f"cannot split {x.shape[0]} flattened tokens into {batch_size} sequences")
+            return x.view(batch_size, -1, x.shape[-1])
+        return x
 
     # --- names -----------------------------------------------------------------------------
     def _check(self, layer: int) -> int:
@@ -235,7 +275,7 @@ class ModelAdapter:
 
     def describe(self) -> dict:
         return {"family": self.spec.family, "class": type(self.model).__name__, "n_layers": self.n_layers,
-                "d_model": self.d_model, "d_ff": self.d_ff, "parallel": self.spec.parallel,
+                "d_model": self.d_model, "d_ff": self.d_ff, "parallel": self.parallel,
                 "transposed": self.spec.transposed}
 
 

@@ -126,6 +126,15 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
     return hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
 
 
+def _is_bidirectional_encoder(model: torch.nn.Module) -> bool:
+    """An encoder family (BERT, RoBERTa, ...) that AutoModelForCausalLM accepts, loaded without
+    ``is_decoder=True``: its attention then sees the whole sequence, so it is not a causal LM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    cfg = model.config
+    return cfg.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(cfg, "is_decoder", False)
+
+
 def load_model(name_or_path: str, device: str | torch.device | None = "auto",
                dtype: str | torch.dtype | None = None, *, check_adapter: bool = True,
                **from_pretrained_kwargs):
@@ -177,13 +186,22 @@ def load_model(name_or_path: str, device: str | torch.device | None = "auto",
         raise
     if not _is_causal_lm(model):
         raise ModelLoadError(f"{name!r} ({type(model).__name__}) has no LM head; not a causal LM")
+    if _is_bidirectional_encoder(model):
+        raise ModelLoadError(f"{name!r} (model_type {model.config.model_type!r}) is a bidirectional encoder, "
+                             f"not a causal language model; pmetlab edits decoder-only causal LMs")
     if "device_map" not in from_pretrained_kwargs:
         model.to(dev)
     model.eval()
     model.requires_grad_(False)
     if check_adapter:
         get_adapter(model)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{name!r} has no usable tokenizer ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); save one next to the model with "
+            f"tokenizer.save_pretrained({path!r})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

@@ -1,0 +1,1 @@
+"""Locate-then-edit: context prefixes, target optimisation, key/residual/solve, reversible deltas."""

@@ -1,0 +1,156 @@
+"""compute_deltas: the one pipeline every method composes (method.md §2).
+
+1. context prefixes (cached, seeded); 2. targets at layer L (:mod:`.targets`);
+3. per critical layer: keys on the partially edited model, residual, spread, float64 solve
+   (:mod:`.solve`), the update applied temporarily so the next layer's keys see it;
+4. the model is restored bit-exactly (always, also on errors) and the updates returned.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..hparams import EditHyperParams
+from ..models.adapters import get_adapter
+from ..requests import EditRequest
+from ..stats import layer_covariances
+from ..tokens import subject_last_index, target_ids
+from ..tracing import get_parameter
+from .deltas import Deltas, deltas_meta, param_fingerprint
+from .prefixes import context_templates
+from .solve import keys_and_outputs, solve_update, spread_residual
+from .targets import optimize_targets
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["compute_deltas", "validate_requests"]
+
+
+def validate_requests(tok, requests: Sequence[EditRequest]) -> list[EditRequest]:
+    """Check every request before anything runs (clear message naming the bad one)."""
+    if isinstance(requests, EditRequest):
+        requests = [requests]
+    requests = list(requests)
+    if not requests:
+        raise ValueError("no edit requests given; expected a non-empty list of EditRequest")
+    for i, r in enumerate(requests):
+        if not isinstance(r, EditRequest):
+            raise TypeError(f"request {i} is a {type(r).__name__}, expected EditRequest "
+                            f"(build one with EditRequest(prompt=..., subject=..., target_new=...))")
+        try:
+            subject_last_index(tok, r.prompt, r.subject)
+            target_ids(tok, r.target_new)
+        except ValueError as exc:
+            raise ValueError(f"request {i} ({r.subject!r} -> {r.target_new!r}): {exc}") from None
+    return requests
+
+
+def _delta_in_param_layout(adapter, delta: torch.Tensor) -> torch.Tensor:
+    """(d_out, d_in) update -> the stored weight's layout (transposed for Conv1D)."""
+    return delta.T if adapter.spec.transposed else delta
+
+
+def compute_deltas(model, tok, requests: Sequence[EditRequest], hparams: EditHyperParams, *,
+                   progress: bool = True, use_cache: bool = True, reference: bool = False,
+                   diagnostics: bool = True) -> Deltas:
+    """Compute the weight updates that write ``requests`` into ``model``; the model is left
+    bit-identical (the updates are applied temporarily while later layers' keys are read).
+
+    Args:
+        hparams: :class:`PMETHyperParams` or :class:`MEMITHyperParams` (ablations are fields).
+        use_cache: reuse cached covariance statistics and context prefixes.
+        reference: run the slow full-recompute target optimisation (for tests/benchmarks).
+
+    Returns:
+        :class:`Deltas` with one update per edited weight and metadata (hparams, requests,
+        model identity, per-layer diagnostics, timings) and the optimisation trace.
+    """
+    hp = hparams
+    if not isinstance(hp, EditHyperParams):
+        raise TypeError(f"hparams must be PMETHyperParams or MEMITHyperParams, got {type(hp).__name__}")
+    requests = validate_requests(tok, requests)
+    adapter = get_adapter(model)
+    if hp.layers[-1] >= adapter.n_layers:
+        raise ValueError(f"critical layers {hp.layers} exceed the model's {adapter.n_layers} layers "
+                         f"(valid: 0..{adapter.n_layers - 1})")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    templates = context_templates(model, tok, hp, use_cache=use_cache)
+    timings["prefixes"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cov_kw = dict(corpus=hp.cov_corpus, n_tokens=hp.cov_tokens, seq_len=hp.cov_seq_len, dtype=hp.cov_dtype,
+                  use_cache=use_cache, progress=progress, seed=hp.seed)
+    covs = layer_covariances(model, tok, hp.layers, kind="ffn", **cov_kw)
+    attn_covs = layer_covariances(model, tok, hp.layers, kind="attn", **cov_kw) if hp.update_attn_weights else {}
+    timings["covariance"] = time.perf_counter() - t0
+
+    edit_modules = [adapter.ffn_out_name(l) for l in hp.layers]
+    if hp.update_attn_weights:
+        edit_modules += [adapter.attn_out_name(l) for l in hp.layers]
+    param_names = [adapter.weight_param_name(m) for m in edit_modules]
+    params = {n: get_parameter(model, n) for n in param_names}
+    base_fp = param_fingerprint(model, param_names)
+    snapshot = {n: p.detach().clone() for n, p in params.items()}
+    out: dict[str, torch.Tensor] = {}
+    layer_diag: list[dict] = []
+    try:
+        t0 = time.perf_counter()
+        targets = optimize_targets(model, tok, requests, hp, templates, reference=reference, progress=progress)
+        timings["targets"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        L = hp.layers[-1]
+        space = "layer" if hp.method == "memit" else "ffn"
+        out_name = adapter.layer_name(L) if space == "layer" else adapter.ffn_out_name(L)
+        n = len(hp.layers)
+        for i, l in enumerate(tqdm(hp.layers, disable=not progress, desc="keys + solve")):
+            key_mods = [adapter.ffn_out_name(l)] + ([adapter.attn_out_name(l)] if hp.update_attn_weights else [])
+            out_mods = [out_name] + ([adapter.attn_out_name(L)] if hp.update_attn_weights else [])
+            keys, cur = keys_and_outputs(model, tok, adapter, requests, templates, key_mods, out_mods)
+            jobs = [("ffn", adapter.ffn_out_name(l), keys[key_mods[0]], targets.values[space] - cur[out_name],
+                     covs[l])]
+            if hp.update_attn_weights:
+                jobs.append(("attn", adapter.attn_out_name(l), keys[key_mods[1]],
+                             targets.values["attn"] - cur[adapter.attn_out_name(L)], attn_covs[l]))
+            updates = []
+            for kind, module, K, resid, cov in jobs:
+                res = solve_update(K, spread_residual(resid, i, n, hp.spread_exponent), cov.mom2,
+                                   hp.mom2_update_weight, diagnostics=diagnostics)
+                if not torch.isfinite(res.delta).all():
+                    raise FloatingPointError(f"non-finite update at layer {l} ({kind}); check λ and the covariance")
+                pname = adapter.weight_param_name(module)
+                updates.append((pname, _delta_in_param_layout(adapter, res.delta)))
+                layer_diag.append({"layer": l, "component": kind, "condition_number": res.condition_number,
+                                   "residual_norm_before": res.residual_norm_before,
+                                   "residual_norm_after": res.residual_norm_after,
+                                   "target_residual_norm": float(resid.norm()), "update_norm": res.update_norm})
+            with torch.no_grad():  # W_l <- W_l + ΔW_l now, so the next layer's keys see it
+                for pname, d in updates:
+                    params[pname].add_(d.to(params[pname].dtype))
+                    out[pname] = out.get(pname, 0) + d.float().cpu()
+        timings["keys_solve"] = time.perf_counter() - t0
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(snapshot[name])
+    meta = deltas_meta(
+        model, hp.method, hp.to_dict(), [r.to_dict() for r in requests], base_fp,
+        layers=list(hp.layers), diagnostics=layer_diag, timings=timings,
+        targets={"n_steps": targets.n_steps,
+                 "final_p_target": _final_p(targets.trace, len(requests)),
+                 "delta_norms": {k: v.norm(dim=1).tolist() for k, v in targets.deltas.items()},
+                 "init_norms": {k: v.norm(dim=1).tolist() for k, v in targets.inits.items()}},
+        templates=templates)
+    logger.info("%s: %d requests, targets %.1fs, keys+solve %.1fs", hp.method, len(requests),
+                timings["targets"], timings["keys_solve"])
+    return Deltas(out, meta, targets.trace)
+
+
+def _final_p(trace: list[dict], n: int) -> list[float]:
+    last: dict[int, float] = {}
+    for row in trace:
+        last[row["request"]] = row["p_target"]
+    return [last.get(i, float("nan")) for i in range(n)]

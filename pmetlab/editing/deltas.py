@@ -1,0 +1,162 @@
+"""Reversible, saveable weight edits.
+
+A :class:`Deltas` maps parameter names to additive updates (in the parameter's own layout).
+Computing them never touches the model; :func:`apply_deltas_` adds them in place and returns
+what :func:`restore_` needs to undo it bit-exactly; :func:`edited` applies and always restores.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..cache import atomic_path, stable_hash
+from ..models.loading import model_identity
+from ..tracing import get_parameter
+from ..versions import versions
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Deltas", "apply_deltas_", "restore_", "edited", "param_fingerprint", "EditMismatchError"]
+
+FORMAT = 1
+
+
+class EditMismatchError(ValueError):
+    """The deltas were computed for another model (or the model is already edited)."""
+
+
+def param_fingerprint(model: torch.nn.Module, names: list[str]) -> str:
+    """A digest of the named parameters' current values (to recognise the unedited model)."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+    for n in sorted(names):
+        t = get_parameter(model, n).detach().to("cpu").contiguous()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(n.encode())
+        h.update(memoryview(t.numpy()).cast("B"))
+    return h.hexdigest()
+
+
+@dataclass
+class Deltas:
+    """Additive parameter updates plus everything needed to reproduce and check them.
+
+    Attributes:
+        tensors: parameter name -> update, shaped like the parameter (float32).
+        meta: method, resolved hyperparameters, requests, model identity, the fingerprint of the
+            unedited parameters, versions, per-layer solve diagnostics.
+        trace: per (request, step) optimisation records (not needed to apply the edit).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    trace: list[dict] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return self.meta.get("method", "unknown")
+
+    def param_names(self) -> list[str]:
+        return sorted(self.tensors)
+
+    def norms(self) -> dict[str, float]:
+        """Frobenius norm of each parameter's update."""
+        return {n: float(t.float().norm()) for n, t in sorted(self.tensors.items())}
+
+    def save(self, path: str | Path) -> Path:
+        """Write a safetensors file (tensors) with the metadata as JSON in its header; atomic."""
+        path = Path(path)
+        meta = {"pmetlab_format": str(FORMAT), "meta": json.dumps(self.meta, default=str),
+                "trace": json.dumps(self.trace)}
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}, str(tmp),
+                      metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Deltas":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no saved edit at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises several types on damaged files
+            raise ValueError(f"{path} is not a readable pmetlab edit file ({type(exc).__name__}: {exc})") from None
+        if header.get("pmetlab_format") != str(FORMAT):
+            raise ValueError(f"{path} is not a pmetlab edit file of format {FORMAT} "
+                             f"(found {header.get('pmetlab_format')!r})")
+        return cls(tensors, json.loads(header["meta"]), json.loads(header.get("trace", "[]")))
+
+    def check_compatible(self, model: torch.nn.Module) -> None:
+        """Raise :class:`EditMismatchError` unless ``model`` is the unedited model these deltas
+        were computed for (same class, shapes and original values of the edited parameters)."""
+        ident = self.meta.get("model", {})
+        if ident.get("class") and ident["class"] != type(model).__name__:
+            raise EditMismatchError(f"these deltas were computed for a {ident['class']} "
+                                    f"({ident.get('source')}), not a {type(model).__name__}")
+        for n, t in self.tensors.items():
+            try:
+                p = get_parameter(model, n)
+            except LookupError as exc:
+                raise EditMismatchError(f"the model has no parameter {n!r} edited by these deltas: {exc}") from None
+            if tuple(p.shape) != tuple(t.shape):
+                raise EditMismatchError(f"parameter {n!r} has shape {tuple(p.shape)} but the delta has "
+                                        f"{tuple(t.shape)}: a different model")
+        want = self.meta.get("base_fingerprint")
+        if want and param_fingerprint(model, list(self.tensors)) != want:
+            raise EditMismatchError(
+                f"the model's edited parameters differ from those the deltas were computed on "
+                f"(model {ident.get('source')!r}); it is a different model or already edited. "
+                f"Restore it first, or pass check=False to apply anyway.")
+
+
+def apply_deltas_(model: torch.nn.Module, deltas: Deltas, *, check: bool = True, scale: float = 1.0
+                  ) -> dict[str, torch.Tensor]:
+    """Add ``deltas`` to the model's parameters in place. Returns the undo record (copies of
+    the original values) for :func:`restore_`. Nothing is changed when a check fails."""
+    if check:
+        deltas.check_compatible(model)
+    undo = {}
+    params = {n: get_parameter(model, n) for n in deltas.tensors}
+    for n, t in deltas.tensors.items():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"delta for {n!r} has non-finite values; refusing to apply")
+    with torch.no_grad():
+        for n, p in params.items():
+            undo[n] = p.detach().clone()
+        for n, p in params.items():
+            p.add_(deltas.tensors[n].to(p.device, p.dtype), alpha=scale)
+    return undo
+
+
+def restore_(model: torch.nn.Module, undo: dict[str, torch.Tensor]) -> None:
+    """Put back the exact original values saved by :func:`apply_deltas_`."""
+    with torch.no_grad():
+        for n, orig in undo.items():
+            get_parameter(model, n).copy_(orig)
+
+
+@contextmanager
+def edited(model: torch.nn.Module, deltas: Deltas, *, check: bool = True) -> Iterator[torch.nn.Module]:
+    """``with edited(model, deltas): ...``: the edit is applied inside and always undone."""
+    undo = apply_deltas_(model, deltas, check=check)
+    try:
+        yield model
+    finally:
+        restore_(model, undo)
+
+
+def deltas_meta(model, method: str, hparams: dict, requests: list[dict], base_fp: str, **extra) -> dict:
+    return {"method": method, "hparams": hparams, "requests": requests, "model": model_identity(model),
+            "base_fingerprint": base_fp, "versions": versions(), "format": FORMAT, **extra}

@@ -1,0 +1,83 @@
+"""Context prefixes: short texts the unedited model writes, prepended to the rewrite prompt.
+
+Generated once per (model, seed, settings) with a seeded sampler and cached on disk, so every
+run with the same settings sees the same prefixes (the released code samples them unseeded).
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+
+from ..cache import atomic_write_json, cache_dir, stable_hash, weights_fingerprint
+from ..devices import model_device
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["context_templates", "generate_prefixes"]
+
+FORMAT = 1
+
+
+@torch.no_grad()
+def generate_prefixes(model, tok, starts: tuple[str, ...], n: int, length: int, seed: int,
+                      top_k: int = 5) -> list[str]:
+    """``n`` texts of ``length`` tokens (start word included), top-k sampled with ``seed``.
+
+    Sampling runs in one left-padded batch with the full attention mask (method.md §8) and a
+    CPU generator, so the result does not depend on the device's RNG.
+    """
+    if n == 0:
+        return []
+    dev = model_device(model)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    texts = [starts[i % len(starts)] for i in range(n)]
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+    n_start = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    new_tokens = max(1, length - min(n_start))
+    out = []
+    for _ in range(new_tokens):
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1]
+        top = torch.topk(logits.float().cpu(), top_k, dim=-1)
+        choice = torch.multinomial(torch.softmax(top.values, -1), 1, generator=g)
+        nxt = top.indices.gather(1, choice).to(dev)
+        ids = torch.cat([ids, nxt], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    for r in range(n):
+        row = ids[r][mask[r].bool()]
+        text = tok.decode(row, skip_special_tokens=True)
+        out.append(text.replace("{", " ").replace("}", " ").strip())
+    return out
+
+
+def context_templates(model, tok, hp, *, use_cache: bool = True) -> list[str]:
+    """``["{}"] + [prefix + ". {}" for each prefix]`` for the hyperparameters ``hp``.
+
+    Cached under the cache dir, keyed by the model's weights, the tokenizer and the settings.
+    """
+    settings = {"starts": list(hp.prefix_starts), "n": hp.n_prefixes, "length": hp.prefix_tokens,
+                "seed": hp.seed, "format": FORMAT}
+    key = {"model": type(model).__name__, "weights": weights_fingerprint(model),
+           "vocab": len(tok), **settings}
+    path = cache_dir("prefixes") / f"{stable_hash(key)}.json"
+    prefixes = None
+    if use_cache and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key and isinstance(data.get("prefixes"), list):
+                prefixes = data["prefixes"]
+        except ValueError:
+            logger.warning("ignoring unreadable prefix cache %s", path)
+    if prefixes is None:
+        prefixes = generate_prefixes(model, tok, tuple(hp.prefix_starts), hp.n_prefixes, hp.prefix_tokens, hp.seed)
+        if use_cache:
+            atomic_write_json(path, {"key": key, "prefixes": prefixes})
+    return ["{}"] + [p + ". {}" for p in prefixes]

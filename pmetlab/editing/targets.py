@@ -1,0 +1,330 @@
+"""Step 1: optimise the target hidden states at the last critical layer L (method.md §2).
+
+PMET adds δ^a to the MHSA output a^L and δ^m to the FFN output m^L; MEMIT adds one δ to the
+layer output h^L. Both minimise the same loss (NLL of the new target after each context
+template + KL on "{subject} is a" + a norm decay), with the same norm-ball projection and
+early stopping. Many requests are optimised in one batch, each with its own δ rows.
+
+Fast path (default): the layers below L do not depend on δ, so their output is computed once
+and those layers are replaced by pass-through modules during the optimisation; the vocabulary
+projection is applied only at the positions the loss reads. ``reference=True`` runs the
+faithful full-recompute version (whole model each step, full logits) used to test the fast path.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..devices import model_device
+from ..hparams import EditHyperParams, PMETHyperParams
+from ..models.adapters import ModelAdapter, get_adapter
+from ..requests import EditRequest
+from ..tokens import subject_last_index, target_ids
+from ..tracing import Trace, TraceDict, get_module, hidden_of, replace_hidden
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TargetResult", "optimize_targets", "build_rows", "Rows"]
+
+KL_TEMPLATE = "{} is a"
+
+
+@dataclass
+class Rows:
+    """All prompts of a set of requests, right-padded, with what the loss reads.
+
+    ``req[r]``: request of row r; ``lookup[r]``: subject's last token; ``kind[r]``: 0 = bare
+    rewrite prompt, 1 = prefixed rewrite prompt, 2 = KL prompt. Targets are flattened:
+    ``t_row``/``t_pos``/``t_tok``: row, position whose logits predict the token, token id.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    req: torch.Tensor
+    lookup: torch.Tensor
+    kind: torch.Tensor
+    t_row: torch.Tensor
+    t_pos: torch.Tensor
+    t_tok: torch.Tensor
+    n_requests: int
+
+    def subset(self, rows: torch.Tensor) -> "Rows":
+        """Rows ``rows`` (sorted indices), with target entries remapped."""
+        remap = torch.full((len(self.req),), -1, dtype=torch.long)
+        remap[rows] = torch.arange(len(rows))
+        keep = remap[self.t_row] >= 0
+        T = int(self.attention_mask[rows].sum(1).max())
+        return Rows(self.input_ids[rows, :T], self.attention_mask[rows, :T], self.req[rows], self.lookup[rows],
+                    self.kind[rows], remap[self.t_row[keep]], self.t_pos[keep], self.t_tok[keep], self.n_requests)
+
+
+def build_rows(tok, requests: Sequence[EditRequest], templates: Sequence[str]) -> Rows:
+    """Token-level assembly: prompt ids + target ids[:-1] (teacher forcing), one row per
+    (request, template), then one KL row per request."""
+    seqs: list[list[int]] = []
+    req, lookup, kind, t_row, t_pos, t_tok = [], [], [], [], [], []
+    for i, r in enumerate(requests):
+        tgt = target_ids(tok, r.target_new)
+        for j, ctx in enumerate(templates):
+            template = ctx.format(r.prompt)
+            ids = list(tok(template.format(r.subject))["input_ids"])
+            look = subject_last_index(tok, template, r.subject)
+            row = len(seqs)
+            seqs.append(ids + tgt[:-1])
+            req.append(i), lookup.append(look), kind.append(0 if j == 0 else 1)
+            for k, t in enumerate(tgt):
+                t_row.append(row), t_pos.append(len(ids) - 1 + k), t_tok.append(t)
+        ids = list(tok(KL_TEMPLATE.format(r.subject))["input_ids"])
+        seqs.append(ids)
+        req.append(i), lookup.append(subject_last_index(tok, KL_TEMPLATE, r.subject)), kind.append(2)
+    T = max(len(s) for s in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        input_ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+    L = torch.tensor
+    return Rows(input_ids, mask, L(req), L(lookup), L(kind), L(t_row), L(t_pos), L(t_tok), len(requests))
+
+
+@dataclass
+class TargetResult:
+    """Optimised targets at layer L for N requests.
+
+    ``values[k]`` = ``inits[k] + deltas[k]``, each (N, d_model), for k in the optimised spaces:
+    "ffn" (v^m) and "attn" (v^a) for PMET, "layer" (v) for MEMIT. ``trace`` holds one dict per
+    (request, step): loss terms and p(target).
+    """
+
+    layer: int
+    values: dict[str, torch.Tensor]
+    inits: dict[str, torch.Tensor]
+    deltas: dict[str, torch.Tensor]
+    n_steps: list[int]
+    trace: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a decoder layer below L: returns its input hidden state unchanged."""
+
+    def __init__(self, original: nn.Module, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+        for attr in ("attention_type", "layer_idx", "is_sliding", "sliding_window"):
+            if hasattr(original, attr):
+                setattr(self, attr, getattr(original, attr))
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+@contextmanager
+def _replay_from_layer(adapter: ModelAdapter, L: int, h_in: torch.Tensor, as_tuple: bool) -> Iterator[None]:
+    """Run only layers >= L: layers < L become pass-throughs and layer L's input is ``h_in``
+    (B, T, d). Restores the original layers on exit, also on exceptions."""
+    layers = adapter.layers()
+    originals = [layers[i] for i in range(L)]
+
+    def pre_hook(mod, args, kwargs):
+        if args:
+            return (h_in,) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = h_in
+        return args, kwargs
+
+    handle = layers[L].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for i in range(L):
+            layers[i] = _PassThrough(originals[i], as_tuple)
+        yield
+    finally:
+        for i in range(L):
+            layers[i] = originals[i]
+        handle.remove()
+
+
+def _spaces(hp: EditHyperParams) -> list[str]:
+    if hp.method == "memit":
+        return ["layer"]
+    return ["ffn", "attn"] if hp.optimize_attn else ["ffn"]
+
+
+def _module_for(adapter: ModelAdapter, space: str, L: int) -> str:
+    return {"ffn": adapter.ffn_out_name(L), "attn": adapter.attn_out_name(L), "layer": adapter.layer_name(L)}[space]
+
+
+@torch.no_grad()
+def _initial_pass(model, adapter: ModelAdapter, rows: Rows, L: int, dev) -> tuple[torch.Tensor, dict, bool]:
+    """Input of layer L for every row, and a^L, m^L, h^L at each row's lookup token."""
+    names = [adapter.layer_name(L), adapter.attn_out_name(L), adapter.ffn_out_name(L)]
+    with TraceDict(model, names, retain_input=True, retain_output=True, stop=True) as td:
+        model(input_ids=rows.input_ids.to(dev), attention_mask=rows.attention_mask.to(dev), use_cache=False)
+    B = len(rows.req)
+    ar = torch.arange(B, device=dev)
+    look = rows.lookup.to(dev)
+    out = {k: adapter.unflatten(hidden_of(td[n].output), B)[ar, look].detach()
+           for k, n in zip(("layer", "attn", "ffn"), names)}
+    as_tuple = isinstance(td[names[0]].output, tuple)
+    return td[names[0]].input.detach(), out, as_tuple
+
+
+def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperParams, templates: Sequence[str],
+                     *, reference: bool = False, progress: bool = True) -> TargetResult:
+    """Optimise the targets of ``requests`` at layer L = hp.layers[-1] (method.md §2 step 1).
+
+    Args:
+        templates: context templates (``"{}"`` first), from :func:`context_templates`.
+        reference: full recompute of every layer and full logits each step (slow; for tests
+            and benchmarks). Results agree with the fast path up to float rounding.
+
+    Returns:
+        :class:`TargetResult` with (N, d_model) values, inits and deltas per optimised space.
+    """
+    adapter = get_adapter(model)
+    L = hp.layers[-1]
+    adapter.layer_name(L)
+    dev = model_device(model)
+    t0 = time.perf_counter()
+    rows = build_rows(tok, requests, templates)
+    N = len(requests)
+    spaces = _spaces(hp)
+    h_in, init_all, as_tuple = _initial_pass(model, adapter, rows, L, dev)
+    bare = (rows.kind == 0).nonzero().squeeze(1)  # one bare row per request, in request order
+    inits = {k: init_all[k][bare.to(dev)].clone() for k in ("layer", "attn", "ffn")}
+    pdtype = torch.float32
+    deltas = {s: torch.zeros(N, inits[s].shape[1], device=dev, dtype=pdtype, requires_grad=True) for s in spaces}
+    opt = torch.optim.Adam(list(deltas.values()), lr=hp.v_lr)
+    init_norm = {s: inits[s].norm(dim=1).to(pdtype) for s in spaces}
+    active = torch.ones(N, dtype=torch.bool)
+    nll_weight = torch.ones(N, device=dev)
+    n_steps = [0] * N
+    kl_init: torch.Tensor | None = None
+    trace: list[dict] = []
+    final_norm = adapter.final_norm_name
+    names = {s: _module_for(adapter, s, L) for s in spaces}
+    bar = tqdm(range(hp.v_num_grad_steps), disable=not progress, desc=f"{hp.method} targets (N={N})")
+    cur = None
+    for it in bar:
+        act_idx = active.nonzero().squeeze(1)
+        row_sel = torch.isin(rows.req, act_idx).nonzero().squeeze(1)
+        sub = rows.subset(row_sel) if cur is None or len(row_sel) != len(cur[0]) else cur[1]
+        cur = (row_sel, sub)
+        ids, mask = sub.input_ids.to(dev), sub.attention_mask.to(dev)
+        R = len(sub.req)
+        ar = torch.arange(R, device=dev)
+        look = sub.lookup.to(dev)
+        req_dev = sub.req.to(dev)
+
+        def add_delta(output, name):
+            h = hidden_of(output)
+            h3 = adapter.unflatten(h, R)  # OPT's FFN works on (batch·seq, d)
+            for s, n in names.items():
+                if n == name:
+                    d = deltas[s][req_dev].to(h.dtype)
+                    h3 = h3.index_put((ar, look), d, accumulate=True)
+            return replace_hidden(output, h3.reshape(h.shape))
+
+        with torch.enable_grad(), ExitStack() as stack:
+            if not reference:
+                stack.enter_context(_replay_from_layer(adapter, L, h_in[row_sel.to(dev), : ids.shape[1]], as_tuple))
+            stack.enter_context(TraceDict(model, list(names.values()), retain_output=False, edit_output=add_delta))
+            if reference:
+                logits_full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                t_logits = logits_full[sub.t_row.to(dev), sub.t_pos.to(dev)]
+                kl_rows = (sub.kind == 2).nonzero().squeeze(1).to(dev)
+                k_logits = logits_full[kl_rows, look[kl_rows]]
+            else:
+                with Trace(model, final_norm, retain_output=True, stop=True) as tr:
+                    model(input_ids=ids, attention_mask=mask, use_cache=False)  # stops after the norm
+                hn = hidden_of(tr.output)
+                kl_rows = (sub.kind == 2).nonzero().squeeze(1).to(dev)
+                sel = torch.cat([hn[sub.t_row.to(dev), sub.t_pos.to(dev)], hn[kl_rows, look[kl_rows]]])
+                lg = adapter.logits_from_normed(sel)
+                t_logits, k_logits = lg[: len(sub.t_row)], lg[len(sub.t_row):]
+            t_logp = torch.log_softmax(t_logits.float(), -1)
+            tok_lp = t_logp.gather(1, sub.t_tok.to(dev)[:, None]).squeeze(1)
+            argmax_ok = (t_logp.argmax(-1) == sub.t_tok.to(dev)).float()
+            # per-row mean NLL over target tokens, then mean over the request's rewrite rows
+            t_row = sub.t_row.to(dev)
+            row_nll = torch.zeros(R, device=dev).index_add(0, t_row, -tok_lp)
+            row_cnt = torch.zeros(R, device=dev).index_add(0, t_row, torch.ones_like(tok_lp))
+            row_ok = torch.zeros(R, device=dev).index_add(0, t_row, argmax_ok)
+            rw = sub.kind.to(dev) != 2
+            row_nll = torch.where(rw, row_nll / row_cnt.clamp(min=1), torch.zeros_like(row_nll))
+            nll = torch.zeros(N, device=dev).index_add(0, req_dev, row_nll)
+            n_rw = torch.zeros(N, device=dev).index_add(0, req_dev, rw.float())
+            nll = nll / n_rw.clamp(min=1)
+            p_target = torch.zeros(N, device=dev).index_add(0, req_dev, torch.where(rw, torch.exp(-row_nll), 0.0))
+            p_target = p_target / n_rw.clamp(min=1)
+            wrong = torch.zeros(N, device=dev).index_add(0, req_dev, torch.where(rw, row_cnt - row_ok, 0.0))
+            k_logp = torch.log_softmax(k_logits.float(), -1)
+            kl_req = sub.req[(sub.kind == 2)].to(dev)
+            if kl_init is None:
+                kl_init = torch.zeros(N, k_logp.shape[1], device=dev)
+                kl_init[kl_req] = k_logp.detach()
+            kl_each = (k_logp.exp() * (k_logp - kl_init[kl_req])).sum(-1)
+            kl = torch.zeros(N, device=dev).index_add(0, kl_req, kl_each) * hp.kl_factor
+            wd = torch.zeros(N, device=dev)
+            for s in spaces:
+                wd = wd + hp.v_weight_decay * deltas[s].norm(dim=1) / init_norm[s] ** 2
+            loss_each = nll_weight * nll + kl + wd
+            act_dev = active.clone().to(dev)
+            loss = loss_each[act_dev].sum()
+            stats = torch.stack([loss_each, nll, kl, wd, p_target, wrong]).detach().cpu().tolist()
+            new_weight = nll_weight.clone()
+            stop_now = torch.zeros(N, dtype=torch.bool)
+            for i in act_idx.tolist():
+                l_i, nll_i, kl_i, wd_i, p_i, wrong_i = (col[i] for col in stats)
+                trace.append({"request": i, "step": it, "loss": l_i, "nll": nll_i, "kl": kl_i, "decay": wd_i,
+                              "p_target": p_i})
+                n_steps[i] = it
+                # early stopping, per request (method.md §2)
+                if l_i < hp.loss_stop:
+                    stop_now[i] = True
+                elif wrong_i == 0:
+                    if kl_i <= hp.kl_stop:
+                        stop_now[i] = True
+                    else:
+                        new_weight[i] = hp.argmax_nll_scale
+                else:
+                    new_weight[i] = 1.0
+            if progress:
+                a = act_idx.tolist()
+                bar.set_postfix(loss=f"{sum(stats[0][i] for i in a) / len(a):.3f}",
+                                p=f"{sum(stats[4][i] for i in a) / len(a):.3f}", active=len(a))
+            active &= ~stop_now
+            if not active.any() or it == hp.v_num_grad_steps - 1:
+                break
+            frozen = {s: deltas[s].detach()[~active.to(dev)].clone() for s in spaces}
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        nll_weight = new_weight
+        with torch.no_grad():
+            inact = ~active.to(dev)
+            for s in spaces:
+                d = deltas[s]
+                d[inact] = frozen[s]
+                max_norm = hp.clamp_norm_factor * init_norm[s]
+                norm = d.norm(dim=1)
+                scale = torch.where(norm > max_norm, max_norm / norm.clamp(min=1e-12), torch.ones_like(norm))
+                d.mul_(scale[:, None])
+                if not torch.isfinite(d).all():
+                    raise FloatingPointError(f"non-finite δ in space {s!r} at step {it}; lower v_lr")
+    bar.close()
+    out_deltas = {s: deltas[s].detach().clone() for s in spaces}
+    if hp.method == "pmet" and "attn" not in out_deltas:
+        out_deltas["attn"] = torch.zeros_like(inits["attn"])
+    keep = ["layer"] if hp.method == "memit" else ["ffn", "attn"]
+    values = {k: (inits[k] + out_deltas[k].to(inits[k].dtype)) for k in keep}
+    return TargetResult(layer=L, values=values, inits={k: inits[k] for k in keep}, deltas=out_deltas,
+                        n_steps=[s + 1 for s in n_steps], trace=trace, seconds=time.perf_counter() - t0)

@@ -1,0 +1,188 @@
+"""Hyperparameters for PMET and MEMIT: frozen dataclasses, presets shipped as package data.
+
+The ablations of the PMET paper are fields, not separate methods:
+
+* ``spread_exponent`` p: the residual at the i-th critical layer is divided by (n - i)^p
+  (PMET: p = 0.5, "square-root spread"; MEMIT: p = 1, "even spread");
+* ``optimize_attn``: optimise δ^a on the MHSA output as well as δ^m (False = "w/o δ^a");
+* ``update_attn_weights``: also update the MHSA output projection from v^a.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from typing import Any, ClassVar, Mapping
+
+__all__ = ["EditHyperParams", "PMETHyperParams", "MEMITHyperParams", "hparams_from_dict", "list_presets"]
+
+DEFAULT_PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
+
+
+@dataclass(frozen=True)
+class EditHyperParams:
+    """Fields shared by every locate-then-edit method in pmetlab."""
+
+    method: ClassVar[str] = "base"
+    #: Critical layers R = (l_0, ..., l_{n-1}); the target is optimised at the last one.
+    layers: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
+    #: Adam learning rate of the target optimisation.
+    v_lr: float = 0.5
+    #: Maximum number of optimisation steps (at most steps - 1 updates, as released).
+    v_num_grad_steps: int = 25
+    #: Each δ is projected into a ball of this factor times the norm of its initial value.
+    clamp_norm_factor: float = 0.75
+    #: Weight of KL(p_current || p_initial) on the "{subject} is a" prompt.
+    kl_factor: float = 0.0625
+    #: Weight of the ‖δ‖ / ‖init‖² decay term.
+    v_weight_decay: float = 0.5
+    #: λ: weight of the key covariance in the least-squares update (mom2_update_weight).
+    mom2_update_weight: float = 15000.0
+    #: Residual at layer i divided by (n - i) ** spread_exponent.
+    spread_exponent: float = 1.0
+    #: Optimise δ^a on the MHSA output (PMET only).
+    optimize_attn: bool = False
+    #: Also update the MHSA output projection from v^a (PMET only).
+    update_attn_weights: bool = False
+    #: Number of generated context prefixes (the bare prompt is always used as well).
+    n_prefixes: int = 5
+    #: Length of each generated prefix in tokens.
+    prefix_tokens: int = 10
+    #: First words the prefixes are generated from (cycled).
+    prefix_starts: tuple[str, ...] = DEFAULT_PREFIX_STARTS
+    #: Stop a request's optimisation when its total loss falls below this.
+    loss_stop: float = 0.05
+    #: When the target is the arg-max everywhere, stop if the KL term is at most this...
+    kl_stop: float = 0.01
+    #: ...else multiply the NLL weight by this for the next step.
+    argmax_nll_scale: float = 0.1
+    #: Covariance statistics: corpus ("default" = the English text in the data dir), token budget,
+    #: sequence length of the chunks and accumulation dtype.
+    cov_corpus: str = "default"
+    cov_tokens: int = 100_000
+    cov_seq_len: int = 256
+    cov_dtype: str = "float32"
+    #: Seed for everything random in an edit (context prefixes).
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        layers = tuple(int(x) for x in self.layers)
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "prefix_starts", tuple(self.prefix_starts))
+        if not layers:
+            raise ValueError("layers must name at least one critical layer, got ()")
+        if list(layers) != sorted(set(layers)):
+            raise ValueError(f"layers must be strictly increasing, got {layers}")
+        if min(layers) < 0:
+            raise ValueError(f"layers must be non-negative, got {layers}")
+        for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("kl_factor", "v_weight_decay", "spread_exponent"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.v_num_grad_steps < 1:
+            raise ValueError(f"v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
+        if self.n_prefixes < 0 or self.prefix_tokens < 1:
+            raise ValueError(f"need n_prefixes >= 0 and prefix_tokens >= 1, got {self.n_prefixes}, "
+                             f"{self.prefix_tokens}")
+        if self.cov_dtype not in ("float32", "float64"):
+            raise ValueError(f"cov_dtype must be 'float32' or 'float64', got {self.cov_dtype!r}")
+        if self.cov_tokens < 1:
+            raise ValueError(f"cov_tokens must be positive, got {self.cov_tokens}")
+
+    # --- construction --------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "EditHyperParams":
+        names = {f.name for f in fields(cls)}
+        d = dict(d)
+        method = d.pop("method", cls.method)
+        if method != cls.method:
+            raise ValueError(f"hyperparameters are for method {method!r}, not {cls.method!r}")
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise KeyError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        d["prefix_starts"] = list(self.prefix_starts)
+        return {"method": self.method, **d}
+
+    def replace(self, **changes: Any) -> "EditHyperParams":
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise KeyError(f"unknown {type(self).__name__} keys {unknown}")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def preset(cls, name: str) -> "EditHyperParams":
+        """A preset shipped in ``pmetlab/presets/<method>.json`` (keys: model names)."""
+        table = _load_presets(cls.method)
+        key = str(name).lower()
+        if key not in table:
+            raise KeyError(f"no {cls.method} preset for {name!r}; available: {sorted(table)}. Use "
+                           f"{cls.__name__}(...) or {cls.__name__}.preset(<one of them>).replace(...)")
+        entry = {k: v for k, v in table[key].items() if not k.startswith("_")}
+        return cls.from_dict(entry)
+
+    @property
+    def uses_attn(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class PMETHyperParams(EditHyperParams):
+    """PMET (Li et al. 2024): δ^a and δ^m at the last critical layer, FFN-space residual,
+    square-root spread. Defaults: the released GPT-J values."""
+
+    method: ClassVar[str] = "pmet"
+    v_lr: float = 0.2
+    v_num_grad_steps: int = 30
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 1.0
+    v_weight_decay: float = 0.5
+    mom2_update_weight: float = 6000.0
+    spread_exponent: float = 0.5
+    optimize_attn: bool = True
+    update_attn_weights: bool = False
+
+    @property
+    def uses_attn(self) -> bool:
+        return self.optimize_attn or self.update_attn_weights
+
+
+@dataclass(frozen=True)
+class MEMITHyperParams(EditHyperParams):
+    """MEMIT (Meng et al. 2023): one δ on the layer output, layer-space residual, even spread.
+    Defaults: the released GPT-J values."""
+
+    method: ClassVar[str] = "memit"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.optimize_attn or self.update_attn_weights:
+            raise ValueError("optimize_attn / update_attn_weights are PMET switches; MEMIT optimises "
+                             "one δ on the layer output. Use PMETHyperParams for these ablations.")
+
+
+_METHODS: dict[str, type[EditHyperParams]] = {"pmet": PMETHyperParams, "memit": MEMITHyperParams}
+
+
+def _load_presets(method: str) -> dict[str, dict]:
+    text = resources.files("pmetlab.presets").joinpath(f"{method}.json").read_text()
+    return json.loads(text)
+
+
+def list_presets(method: str = "pmet") -> list[str]:
+    return sorted(_load_presets(method))
+
+
+def hparams_from_dict(d: Mapping[str, Any]) -> EditHyperParams:
+    """Rebuild hyperparameters saved with ``to_dict()`` (the ``method`` key picks the class)."""
+    method = d.get("method")
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(_METHODS)}")
+    return _METHODS[method].from_dict(d)
