@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -17,13 +17,13 @@ from tqdm.auto import tqdm
 from ..hparams import EditHyperParams
 from ..models.adapters import get_adapter
 from ..requests import EditRequest
-from ..stats import layer_covariances
+from ..stats import SecondMoment, layer_covariances
 from ..tokens import subject_last_index, target_ids
 from ..tracing import get_parameter
 from .deltas import Deltas, deltas_meta, param_fingerprint
 from .prefixes import context_templates
 from .solve import keys_and_outputs, solve_update, spread_residual
-from .targets import optimize_targets
+from .targets import optimize_targets_cached
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +56,19 @@ def _delta_in_param_layout(adapter, delta: torch.Tensor) -> torch.Tensor:
 
 def compute_deltas(model, tok, requests: Sequence[EditRequest], hparams: EditHyperParams, *,
                    progress: bool = True, use_cache: bool = True, reference: bool = False,
-                   diagnostics: bool = True) -> Deltas:
+                   diagnostics: bool = True, covariances: Mapping[int, SecondMoment] | None = None,
+                   attn_covariances: Mapping[int, SecondMoment] | None = None,
+                   cache_targets: bool = True) -> Deltas:
     """Compute the weight updates that write ``requests`` into ``model``; the model is left
     bit-identical (the updates are applied temporarily while later layers' keys are read).
 
     Args:
         hparams: :class:`PMETHyperParams` or :class:`MEMITHyperParams` (ablations are fields).
-        use_cache: reuse cached covariance statistics and context prefixes.
+        use_cache: reuse cached covariance statistics, context prefixes and (with
+            ``cache_targets``) optimised targets of identical requests.
         reference: run the slow full-recompute target optimisation (for tests/benchmarks).
+        covariances / attn_covariances: precomputed statistics per layer (e.g. those of the
+            unedited model, for sequential editing); by default computed or read from the cache.
 
     Returns:
         :class:`Deltas` with one update per edited weight and metadata (hparams, requests,
@@ -84,8 +89,16 @@ def compute_deltas(model, tok, requests: Sequence[EditRequest], hparams: EditHyp
     t0 = time.perf_counter()
     cov_kw = dict(corpus=hp.cov_corpus, n_tokens=hp.cov_tokens, seq_len=hp.cov_seq_len, dtype=hp.cov_dtype,
                   use_cache=use_cache, progress=progress, seed=hp.seed)
-    covs = layer_covariances(model, tok, hp.layers, kind="ffn", **cov_kw)
-    attn_covs = layer_covariances(model, tok, hp.layers, kind="attn", **cov_kw) if hp.update_attn_weights else {}
+    covs = dict(covariances) if covariances is not None else layer_covariances(model, tok, hp.layers, kind="ffn",
+                                                                                **cov_kw)
+    attn_covs: dict = {}
+    if hp.update_attn_weights:
+        attn_covs = dict(attn_covariances) if attn_covariances is not None else layer_covariances(
+            model, tok, hp.layers, kind="attn", **cov_kw)
+    for l in hp.layers:
+        if l not in covs or (hp.update_attn_weights and l not in attn_covs):
+            raise KeyError(f"no covariance statistics for critical layer {l}; provided layers "
+                           f"{sorted(covs)}")
     timings["covariance"] = time.perf_counter() - t0
 
     edit_modules = [adapter.ffn_out_name(l) for l in hp.layers]
@@ -99,7 +112,8 @@ def compute_deltas(model, tok, requests: Sequence[EditRequest], hparams: EditHyp
     layer_diag: list[dict] = []
     try:
         t0 = time.perf_counter()
-        targets = optimize_targets(model, tok, requests, hp, templates, reference=reference, progress=progress)
+        targets = optimize_targets_cached(model, tok, requests, hp, templates, reference=reference,
+                                          progress=progress, use_cache=use_cache and cache_targets)
         timings["targets"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         L = hp.layers[-1]

@@ -328,3 +328,72 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperP
     values = {k: (inits[k] + out_deltas[k].to(inits[k].dtype)) for k in keep}
     return TargetResult(layer=L, values=values, inits={k: inits[k] for k in keep}, deltas=out_deltas,
                         n_steps=[s + 1 for s in n_steps], trace=trace, seconds=time.perf_counter() - t0)
+
+
+TARGET_CACHE_FORMAT = 1
+_TARGET_FIELDS = ("v_lr", "v_num_grad_steps", "clamp_norm_factor", "kl_factor", "v_weight_decay", "optimize_attn",
+                  "loss_stop", "kl_stop", "argmax_nll_scale")
+
+
+def optimize_targets_cached(model, tok, requests: Sequence[EditRequest], hp: EditHyperParams,
+                            templates: Sequence[str], *, reference: bool = False, progress: bool = True,
+                            use_cache: bool = True) -> TargetResult:
+    """:func:`optimize_targets` with a per-request disk cache.
+
+    Each request's targets depend only on the model, the request, the templates and the
+    target-optimisation fields of ``hp`` (requests in a batch do not interact), so sweeps over
+    the number of edits, λ or the spread reuse them. Keys hold every such input plus a digest
+    of the model weights; files are written atomically and checked on load. Cached values may
+    differ from a fresh batch in the last float bits (batch padding changes the rounding).
+    """
+    if not use_cache:
+        return optimize_targets(model, tok, requests, hp, templates, reference=reference, progress=progress)
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ..cache import atomic_path, cache_dir, stable_hash, weights_fingerprint
+
+    base = {"format": TARGET_CACHE_FORMAT, "method": hp.method, "layer": hp.layers[-1], "reference": reference,
+            "weights": weights_fingerprint(model), "model_class": type(model).__name__, "vocab": len(tok),
+            "templates": list(templates), **{f: getattr(hp, f) for f in _TARGET_FIELDS}}
+    folder = cache_dir("targets", type(model).__name__)
+    keys = [{**base, "request": {k: v for k, v in r.to_dict().items() if k != "case_id"}} for r in requests]
+    paths = [folder / f"{stable_hash(k)}.safetensors" for k in keys]
+    found: dict[int, dict] = {}
+    for i, (k, p) in enumerate(zip(keys, paths)):
+        if not p.is_file():
+            continue
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != stable_hash(k, 32):
+                    raise ValueError("key mismatch")
+                found[i] = {"tensors": {n: f.get_tensor(n) for n in f.keys()},
+                            "n_steps": int(meta["n_steps"]), "trace": json.loads(meta["trace"])}
+        except Exception as exc:  # a damaged file is recomputed
+            logger.warning("ignoring target cache entry %s (%s)", p, exc)
+    missing = [i for i in range(len(requests)) if i not in found]
+    if missing:
+        fresh = optimize_targets(model, tok, [requests[i] for i in missing], hp, templates, reference=reference,
+                                 progress=progress)
+        for j, i in enumerate(missing):
+            tensors = {}
+            for group, d in (("values", fresh.values), ("inits", fresh.inits), ("deltas", fresh.deltas)):
+                for s, t in d.items():
+                    tensors[f"{group}.{s}"] = t[j].detach().cpu().contiguous()
+            trace = [{**row, "request": 0} for row in fresh.trace if row["request"] == j]
+            entry = {"tensors": tensors, "n_steps": fresh.n_steps[j], "trace": trace}
+            found[i] = entry
+            with atomic_path(paths[i]) as tmp:
+                save_file(tensors, str(tmp), metadata={"key": stable_hash(keys[i], 32), "n_steps": str(entry["n_steps"]),
+                                                       "trace": json.dumps(trace)})
+    dev = model_device(model)
+    groups: dict[str, dict[str, torch.Tensor]] = {"values": {}, "inits": {}, "deltas": {}}
+    for name in found[0]["tensors"]:
+        group, s = name.split(".", 1)
+        groups[group][s] = torch.stack([found[i]["tensors"][name] for i in range(len(requests))]).to(dev)
+    trace = [{**row, "request": i} for i in range(len(requests)) for row in found[i]["trace"]]
+    return TargetResult(layer=hp.layers[-1], values=groups["values"], inits=groups["inits"], deltas=groups["deltas"],
+                        n_steps=[found[i]["n_steps"] for i in range(len(requests))], trace=trace)
