@@ -57,7 +57,7 @@ class Corpus:
                         if line.strip():
                             try:
                                 yield json.loads(line)["text"]
-                            except (ValueError, KeyError) as exc:
+                            except (ValueError, KeyError, TypeError) as exc:
                                 raise ValueError(f"{p}:{i + 1}: expected a JSON object with a 'text' "
                                                  f"field ({exc})") from None
                 continue

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any, ClassVar, Mapping
@@ -67,9 +69,8 @@ class EditHyperParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        layers = tuple(int(x) for x in self.layers)
-        object.__setattr__(self, "layers", layers)
-        object.__setattr__(self, "prefix_starts", tuple(self.prefix_starts))
+        self._check_types()
+        layers = self.layers
         if not layers:
             raise ValueError("layers must name at least one critical layer, got ()")
         if list(layers) != sorted(set(layers)):
@@ -91,6 +92,54 @@ class EditHyperParams:
             raise ValueError(f"cov_dtype must be 'float32' or 'float64', got {self.cov_dtype!r}")
         if self.cov_tokens < 1:
             raise ValueError(f"cov_tokens must be positive, got {self.cov_tokens}")
+        if self.cov_seq_len < 16:
+            raise ValueError(f"cov_seq_len must be >= 16 (shorter chunks are skipped), got {self.cov_seq_len}")
+        for name in ("loss_stop", "kl_stop", "argmax_nll_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_prefixes > 0 and not self.prefix_starts:
+            raise ValueError(f"n_prefixes={self.n_prefixes} needs at least one prefix start word, got "
+                             f"prefix_starts=()")
+
+    def _check_types(self) -> None:
+        """Coerce JSON-ish values (lists, ints for floats) and reject wrong types and non-finite
+        numbers with a ValueError naming the field."""
+        def bad(name: str, expected: str, v: Any) -> ValueError:
+            return ValueError(f"{type(self).__name__}.{name} must be {expected}, got {type(v).__name__}: {v!r}")
+
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kind = str(f.type)
+            if f.name == "layers":
+                if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+                    raise bad(f.name, "a sequence of layer indices", v)
+                v = tuple(v)
+                if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in v):
+                    raise bad(f.name, "a sequence of ints", v)
+                v = tuple(int(x) for x in v)
+            elif f.name == "prefix_starts":
+                if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+                    raise bad(f.name, "a sequence of strings", v)
+                v = tuple(v)
+                if not all(isinstance(x, str) and x.strip() for x in v):
+                    raise bad(f.name, "a sequence of non-empty strings", v)
+            elif kind == "float":
+                if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                    raise bad(f.name, "a number", v)
+                v = float(v)
+                if not math.isfinite(v):
+                    raise bad(f.name, "finite", v)
+            elif kind == "int":
+                if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                    raise bad(f.name, "an int", v)
+                v = int(v)
+            elif kind == "bool":
+                if not isinstance(v, bool):
+                    raise bad(f.name, "True or False", v)
+            elif kind == "str":
+                if not isinstance(v, str):
+                    raise bad(f.name, "a string", v)
+            object.__setattr__(self, f.name, v)
 
     # --- construction --------------------------------------------------------------------
     @classmethod
@@ -148,6 +197,12 @@ class PMETHyperParams(EditHyperParams):
     spread_exponent: float = 0.5
     optimize_attn: bool = True
     update_attn_weights: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.update_attn_weights and not self.optimize_attn:
+            raise ValueError("update_attn_weights=True needs optimize_attn=True: without δ^a the MHSA target v^a "
+                             "is its initial value and the attention update would only undo drift")
 
     @property
     def uses_attn(self) -> bool:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 __all__ = ["EditRequest"]
 
@@ -33,7 +33,8 @@ class EditRequest:
             if not v.strip():
                 raise ValueError(f"EditRequest.{fld} must be non-empty, got {v!r}")
         if self.target_true is not None and not isinstance(self.target_true, str):
-            raise TypeError(f"EditRequest.target_true must be a string or None, got {self.target_true!r}")
+            raise TypeError(f"EditRequest.target_true must be a string or None, got "
+                            f"{type(self.target_true).__name__}: {self.target_true!r}")
         n = self.prompt.count("{}")
         if n != 1:
             raise ValueError(f"EditRequest.prompt must contain exactly one '{{}}' for the subject, found {n} "
@@ -63,11 +64,13 @@ class EditRequest:
         """From a CounterFact record (``requested_rewrite`` with ``{}`` in its prompt)."""
         try:
             rw = record["requested_rewrite"]
-            return cls(prompt=rw["prompt"], subject=rw["subject"], target_new=rw["target_new"]["str"],
-                       target_true=rw["target_true"]["str"], case_id=record.get("case_id"))
-        except (KeyError, TypeError) as exc:
-            raise KeyError(f"not a CounterFact record (missing {exc}); expected keys case_id, "
+            fields = dict(prompt=rw["prompt"], subject=rw["subject"], target_new=rw["target_new"]["str"],
+                          target_true=rw["target_true"]["str"], case_id=record.get("case_id"))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise KeyError(f"not a CounterFact record (missing or malformed {exc}); expected keys case_id, "
                            f"requested_rewrite{{prompt, subject, target_new{{str}}, target_true{{str}}}}") from None
+        # field validation happens outside the try, so its TypeError/ValueError keeps its own message
+        return cls(**fields)
 
     @classmethod
     def from_zsre(cls, record: Mapping[str, Any]) -> "EditRequest":
@@ -76,10 +79,16 @@ class EditRequest:
             subject, src, answers = record["subject"], record["src"], record["answers"]
         except (KeyError, TypeError) as exc:
             raise KeyError(f"not a zsRE record (missing {exc}); expected keys subject, src, answers") from None
-        if subject not in src:
-            raise ValueError(f"zsRE record: subject {subject!r} does not occur in question {src!r}")
+        for name, v in (("subject", subject), ("src", src)):
+            if not isinstance(v, str):
+                raise TypeError(f"zsRE record: {name} must be a string, got {type(v).__name__}: {v!r}")
+        if isinstance(answers, (str, bytes)) or not isinstance(answers, Sequence):
+            raise TypeError(f"zsRE record for {subject!r}: answers must be a list of strings, got "
+                            f"{type(answers).__name__}: {answers!r}")
         if not answers:
             raise ValueError(f"zsRE record for {subject!r} has no answers")
+        if subject.strip() and subject not in src:  # an empty subject is reported by EditRequest
+            raise ValueError(f"zsRE record: subject {subject!r} does not occur in question {src!r}")
         prompt = src.replace(subject, "{}", 1)
         return cls(prompt=prompt, subject=subject, target_new=answers[0], target_true=None,
                    case_id=record.get("case_id"))

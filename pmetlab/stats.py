@@ -24,12 +24,13 @@ from .cache import atomic_path, cache_dir, stable_hash
 from .corpus import Corpus, resolve_corpus
 from .devices import model_device
 from .models.adapters import get_adapter
+from .tokens import tokenizer_identity
 from .tracing import TraceDict
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SecondMoment", "collect_second_moments", "layer_covariances", "stats_key", "tokenize_corpus",
-           "symmetric_accumulate_"]
+           "symmetric_accumulate_", "symmetrize", "tokenizer_identity"]
 
 FORMAT_VERSION = 1
 _BLOCK = 256
@@ -75,10 +76,11 @@ class SecondMoment:
         return SecondMoment(self.sum + other.sum.to(self.sum.dtype), self.count + other.count, dict(self.key))
 
     def save(self, path: str | Path) -> None:
+        t = self.sum.detach().contiguous().cpu()
         meta = {"key": stable_hash(self.key, 32), "key_json": _json(self.key), "count": str(self.count),
-                "format": str(FORMAT_VERSION)}
+                "format": str(FORMAT_VERSION), "checksum": _checksum(t, self.count)}
         with atomic_path(path) as tmp:
-            save_file({"sum": self.sum.contiguous().cpu()}, str(tmp), metadata=meta)
+            save_file({"sum": t}, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path, expect_key: dict | None = None) -> "SecondMoment":
@@ -92,14 +94,33 @@ class SecondMoment:
         except Exception as exc:  # safetensors raises several types for corrupt files
             raise ValueError(f"statistics file {path} is unreadable ({type(exc).__name__}: {exc})") from None
         import json
-        key = json.loads(meta.get("key_json", "{}"))
+        try:
+            key = json.loads(meta.get("key_json", "{}"))
+            count = int(meta["count"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"statistics file {path} has a damaged header") from None
         if meta.get("format") != str(FORMAT_VERSION) or stable_hash(key, 32) != meta.get("key"):
             raise ValueError(f"statistics file {path} has a damaged or old header")
         if expect_key is not None and stable_hash(expect_key, 32) != meta.get("key"):
             raise ValueError(f"statistics file {path} was computed for a different setting")
-        if not torch.isfinite(t).all() or t.ndim != 2 or t.shape[0] != t.shape[1]:
+        if t.ndim != 2 or t.shape[0] != t.shape[1]:
             raise ValueError(f"statistics file {path} holds an invalid matrix {tuple(t.shape)}")
-        return cls(t, int(meta["count"]), key)
+        # the header check cannot see flipped bytes in the tensor data; the checksum can
+        if meta.get("checksum") != _checksum(t, count):
+            raise ValueError(f"statistics file {path} is damaged (checksum mismatch or missing)")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"statistics file {path} holds non-finite values")
+        return cls(t, count, key)
+
+
+def _checksum(t: torch.Tensor, count: int) -> str:
+    """Digest of a CPU tensor's dtype, shape, bytes and the token count."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{t.dtype}:{tuple(t.shape)}:{count}".encode())
+    t = t.contiguous()
+    if t.numel():
+        h.update(memoryview(t.numpy()).cast("B"))
+    return h.hexdigest()
 
 
 def _json(obj) -> str:
@@ -171,6 +192,7 @@ def _sample_documents(model, tok, n: int, seed: int, length: int = 128) -> Itera
 def _layer_fingerprints(model, adapter) -> list[str]:
     """fp[l]: digest of the parameters layer l's input depends on (embeddings + layers 0..l)."""
     layers_prefix = adapter.spec.layers + "."
+    downstream = (adapter.final_norm_name + ".", adapter.unembed_name + ".")
     per_layer: dict[int, hashlib.blake2b] = {}
     base = hashlib.blake2b(digest_size=16)
     seen: set[int] = set()
@@ -184,10 +206,10 @@ def _layer_fingerprints(model, adapter) -> list[str]:
         if name.startswith(layers_prefix):
             idx = int(name[len(layers_prefix):].split(".")[0])
             h = per_layer.setdefault(idx, hashlib.blake2b(digest_size=16))
-        elif "embed" in name or ".wte." in name or ".wpe." in name or name.startswith("transformer.w"):
-            h = base
-        else:
+        elif name.startswith(downstream):
             continue  # final norm / head: downstream of every layer
+        else:
+            h = base  # embeddings and anything else upstream of the layers (e.g. OPT's project_in)
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         if t.numel():
             h.update(memoryview(t.numpy()).cast("B"))
@@ -199,11 +221,20 @@ def _layer_fingerprints(model, adapter) -> list[str]:
 
 
 def stats_key(model, module_name: str, layer_fp: str, corpus: Corpus, n_tokens: int, seq_len: int,
-              dtype: str) -> dict:
-    """Everything that changes a statistic; stored in the file and checked on load."""
-    return {"model_class": type(model).__name__, "weights": layer_fp, "module": module_name,
-            "corpus": corpus.identity, "tokens": int(n_tokens), "seq_len": int(seq_len), "dtype": dtype,
-            "format": FORMAT_VERSION}
+              dtype: str, *, tokenizer: dict | None = None, seed: int | None = None) -> dict:
+    """Everything that changes a statistic; stored in the file and checked on load.
+
+    ``tokenizer``: :func:`tokenizer_identity` of the tokenizer that cut the corpus; ``seed``
+    only matters (and is only recorded) for corpora sampled from the model.
+    """
+    key = {"model_class": type(model).__name__, "weights": layer_fp, "module": module_name,
+           "corpus": corpus.identity, "tokens": int(n_tokens), "seq_len": int(seq_len), "dtype": dtype,
+           "format": FORMAT_VERSION}
+    if tokenizer is not None:
+        key["tokenizer"] = tokenizer
+    if corpus.model_samples:
+        key["seed"] = int(seed or 0)
+    return key
 
 
 def _batches(chunks: list[list[int]], tokens_per_batch: int) -> Iterator[list[list[int]]]:
@@ -227,9 +258,14 @@ def collect_second_moments(model, tok, module_names: Sequence[str], chunks: list
     """Accumulate E[k kᵀ] of each named module's input over ``chunks`` in one forward per batch,
     stopping after the deepest module. ``start``/``init`` resume from a checkpoint;
     ``checkpoint(stats, next_batch_index)`` is called every ``checkpoint_every`` batches."""
+    if not chunks:
+        raise ValueError("no corpus chunks to collect statistics from (every document was shorter than 8 "
+                         "tokens, or the corpus is empty); use a larger corpus")
     dev = model_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = list(_batches(chunks, tokens_per_batch))
+    if not 0 <= start <= len(batches):
+        raise ValueError(f"start={start} is outside the {len(batches)} batches of this run")
     acc: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {n: 0 for n in module_names}
     if init:
@@ -274,11 +310,13 @@ def collect_second_moments(model, tok, module_names: Sequence[str], chunks: list
 def layer_covariances(model, tok, layers: Sequence[int], *, kind: str = "ffn", corpus: str | Corpus = "default",
                       n_tokens: int = 100_000, seq_len: int = 256, dtype: str = "float32",
                       use_cache: bool = True, progress: bool = True, seed: int = 0,
-                      tokens_per_batch: int = 4096) -> dict[int, SecondMoment]:
+                      tokens_per_batch: int = 4096, checkpoint_every: int = 20) -> dict[int, SecondMoment]:
     """E[k kᵀ] for the FFN keys (``kind="ffn"``) or MHSA-projection inputs (``kind="attn"``) of
     ``layers``: cached per layer; the missing ones computed together in one pass.
 
     Returns ``{layer: SecondMoment}``; ``.mom2`` is the (d, d) matrix C_l of method.md §2 step 4.
+    With ``use_cache``, a checkpoint is written every ``checkpoint_every`` batches and an
+    interrupted run resumes from it.
     """
     if kind not in ("ffn", "attn"):
         raise ValueError(f"kind must be 'ffn' or 'attn', got {kind!r}")
@@ -289,7 +327,9 @@ def layer_covariances(model, tok, layers: Sequence[int], *, kind: str = "ffn", c
     tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     fps = _layer_fingerprints(model, adapter)
     names = {l: adapter.ffn_out_name(l) if kind == "ffn" else adapter.attn_out_name(l) for l in layers}
-    keys = {l: stats_key(model, names[l], fps[l], corp, n_tokens, seq_len, dtype) for l in layers}
+    tok_id = tokenizer_identity(tok)
+    keys = {l: stats_key(model, names[l], fps[l], corp, n_tokens, seq_len, dtype, tokenizer=tok_id, seed=seed)
+            for l in layers}
     folder = cache_dir("stats", type(model).__name__)
     paths = {l: folder / f"{kind}-L{l:03d}-{stable_hash(keys[l])}.safetensors" for l in layers}
     out: dict[int, SecondMoment] = {}
@@ -305,32 +345,42 @@ def layer_covariances(model, tok, layers: Sequence[int], *, kind: str = "ffn", c
     if not missing:
         return out
     chunks = tokenize_corpus(tok, corp, n_tokens, seq_len, model=model, seed=seed)
-    run_key = {"layers": missing, "keys": [keys[l] for l in missing]}
+    n_batches = sum(1 for _ in _batches(chunks, tokens_per_batch))
+    # the batch plan (tokens_per_batch) is part of the key: a checkpoint's batch index means
+    # nothing under another plan
+    run_key = {"layers": missing, "keys": [keys[l] for l in missing], "tokens_per_batch": int(tokens_per_batch),
+               "n_batches": n_batches}
     ckpt = folder / f"partial-{kind}-{stable_hash(run_key)}"
     start, init = 0, None
     if use_cache and (ckpt / "progress.json").is_file():
         try:
             import json
             prog = json.loads((ckpt / "progress.json").read_text())
+            if prog.get("run_key") != stable_hash(run_key, 32):
+                raise ValueError("the checkpoint belongs to another run")
             init = {names[l]: SecondMoment.load(ckpt / f"L{l}.safetensors", keys[l]) for l in missing}
             start = int(prog["next_batch"])
-            logger.info("resuming covariance collection at batch %d from %s", start, ckpt)
-        except (ValueError, KeyError, OSError) as exc:
+            if not 0 < start <= n_batches:
+                raise ValueError(f"next_batch {start} outside 1..{n_batches}")
+            logger.info("resuming covariance collection at batch %d of %d from %s", start, n_batches, ckpt)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
             logger.warning("ignoring unusable checkpoint %s (%s)", ckpt, exc)
             start, init = 0, None
 
     def checkpoint(stats: dict[str, SecondMoment], next_batch: int) -> None:
         if not use_cache:
             return
-        ckpt.mkdir(parents=True, exist_ok=True)
-        for l in missing:
-            SecondMoment(stats[names[l]].sum, stats[names[l]].count, keys[l]).save(ckpt / f"L{l}.safetensors")
-        from .cache import atomic_write_json
-        atomic_write_json(ckpt / "progress.json", {"next_batch": next_batch})
+        # the statistics and the batch index are replaced together (one directory rename), so an
+        # interruption while writing can never pair new sums with an old index
+        with atomic_path(ckpt, is_dir=True) as tmp:
+            for l in missing:
+                SecondMoment(stats[names[l]].sum, stats[names[l]].count, keys[l]).save(tmp / f"L{l}.safetensors")
+            (tmp / "progress.json").write_text(_json({"next_batch": next_batch,
+                                                       "run_key": stable_hash(run_key, 32)}))
 
     res = collect_second_moments(model, tok, [names[l] for l in missing], chunks, dtype=tdtype,
                                  tokens_per_batch=tokens_per_batch, start=start, init=init,
-                                 checkpoint=checkpoint, progress=progress)
+                                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress)
     for l in missing:
         sm = SecondMoment(res[names[l]].sum, res[names[l]].count, keys[l])
         if use_cache:

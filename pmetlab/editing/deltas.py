@@ -29,6 +29,19 @@ __all__ = ["Deltas", "apply_deltas_", "restore_", "edited", "param_fingerprint",
 FORMAT = 1
 
 
+def _tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(tensors):
+        t = tensors[k].detach().to("cpu").contiguous()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.numel():
+            h.update(memoryview(t.numpy()).cast("B"))
+    return h.hexdigest()
+
+
 class EditMismatchError(ValueError):
     """The deltas were computed for another model (or the model is already edited)."""
 
@@ -75,11 +88,11 @@ class Deltas:
     def save(self, path: str | Path) -> Path:
         """Write a safetensors file (tensors) with the metadata as JSON in its header; atomic."""
         path = Path(path)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         meta = {"pmetlab_format": str(FORMAT), "meta": json.dumps(self.meta, default=str),
-                "trace": json.dumps(self.trace)}
+                "trace": json.dumps(self.trace), "checksum": _tensors_checksum(tensors)}
         with atomic_path(path) as tmp:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}, str(tmp),
-                      metadata=meta)
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod
@@ -96,7 +109,17 @@ class Deltas:
         if header.get("pmetlab_format") != str(FORMAT):
             raise ValueError(f"{path} is not a pmetlab edit file of format {FORMAT} "
                              f"(found {header.get('pmetlab_format')!r})")
-        return cls(tensors, json.loads(header["meta"]), json.loads(header.get("trace", "[]")))
+        # flipped bytes in the tensor data would otherwise load silently as a different edit
+        if "checksum" in header and header["checksum"] != _tensors_checksum(tensors):
+            raise ValueError(f"{path} is damaged: its tensors do not match the stored checksum")
+        try:
+            meta = json.loads(header["meta"])
+            trace = json.loads(header.get("trace", "[]"))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path} has a damaged header ({type(exc).__name__}: {exc})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path} has a damaged header (meta is a {type(meta).__name__})")
+        return cls(tensors, meta, trace)
 
     def check_compatible(self, model: torch.nn.Module) -> None:
         """Raise :class:`EditMismatchError` unless ``model`` is the unedited model these deltas

@@ -12,6 +12,7 @@ import torch
 
 from ..cache import atomic_write_json, cache_dir, stable_hash, weights_fingerprint
 from ..devices import model_device
+from ..tokens import encode_batch, tokenizer_identity
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +34,8 @@ def generate_prefixes(model, tok, starts: tuple[str, ...], n: int, length: int, 
     dev = model_device(model)
     g = torch.Generator(device="cpu").manual_seed(seed)
     texts = [starts[i % len(starts)] for i in range(n)]
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(texts, return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
-    ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+    enc = encode_batch(tok, texts, dev, side="left")  # works without a pad token (GPT-2's tokenizer)
+    ids, mask = enc.input_ids, enc.attention_mask
     n_start = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
     new_tokens = max(1, length - min(n_start))
     out = []
@@ -61,12 +57,13 @@ def generate_prefixes(model, tok, starts: tuple[str, ...], n: int, length: int, 
 def context_templates(model, tok, hp, *, use_cache: bool = True) -> list[str]:
     """``["{}"] + [prefix + ". {}" for each prefix]`` for the hyperparameters ``hp``.
 
-    Cached under the cache dir, keyed by the model's weights, the tokenizer and the settings.
+    Cached under the cache dir, keyed by the model's weights, the tokenizer (vocabulary and
+    normalisation, :func:`~pmetlab.tokens.tokenizer_identity`) and the settings.
     """
     settings = {"starts": list(hp.prefix_starts), "n": hp.n_prefixes, "length": hp.prefix_tokens,
                 "seed": hp.seed, "format": FORMAT}
     key = {"model": type(model).__name__, "weights": weights_fingerprint(model),
-           "vocab": len(tok), **settings}
+           "vocab": len(tok), "tokenizer": tokenizer_identity(tok), **settings}
     path = cache_dir("prefixes") / f"{stable_hash(key)}.json"
     prefixes = None
     if use_cache and path.is_file():

@@ -15,7 +15,7 @@ import torch
 from ..devices import model_device
 from ..models.adapters import ModelAdapter
 from ..requests import EditRequest
-from ..tokens import subject_last_index
+from ..tokens import encode_batch, subject_last_index
 from ..tracing import TraceDict, hidden_of
 
 logger = logging.getLogger(__name__)
@@ -103,22 +103,18 @@ def keys_and_outputs(model, tok, adapter: ModelAdapter, requests: Sequence[EditR
     names = list(dict.fromkeys(list(key_modules) + list(out_modules)))
     ins = {n: [] for n in key_modules}
     outs = {n: [] for n in out_modules}
-    side = tok.padding_side
-    tok.padding_side = "right"
-    try:
-        for b in range(0, len(texts), batch_size):
-            enc = tok(texts[b:b + batch_size], return_tensors="pt", padding=True).to(dev)
-            look = torch.tensor(looks[b:b + batch_size], device=dev)
-            ar = torch.arange(len(look), device=dev)
-            with TraceDict(model, names, retain_input=bool(key_modules), retain_output=True, stop=True) as td:
-                model(**enc, use_cache=False)
-            B = len(look)
-            for n in key_modules:
-                ins[n].append(adapter.unflatten(td[n].input, B)[ar, look].float())
-            for n in out_modules:
-                outs[n].append(adapter.unflatten(hidden_of(td[n].output), B)[ar, look].float())
-    finally:
-        tok.padding_side = side
+    for b in range(0, len(texts), batch_size):
+        # right padding: the lookup indices of the unpadded texts stay valid
+        enc = encode_batch(tok, texts[b:b + batch_size], dev, side="right")
+        look = torch.tensor(looks[b:b + batch_size], device=dev)
+        ar = torch.arange(len(look), device=dev)
+        with TraceDict(model, names, retain_input=bool(key_modules), retain_output=True, stop=True) as td:
+            model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False)
+        B = len(look)
+        for n in key_modules:
+            ins[n].append(adapter.unflatten(td[n].input, B)[ar, look].float())
+        for n in out_modules:
+            outs[n].append(adapter.unflatten(hidden_of(td[n].output), B)[ar, look].float())
     req_t = torch.tensor(req, device=dev)
     bare_t = torch.tensor(is_bare, device=dev)
     N = len(requests)

@@ -26,7 +26,7 @@ from ..devices import model_device
 from ..hparams import EditHyperParams, PMETHyperParams
 from ..models.adapters import ModelAdapter, get_adapter
 from ..requests import EditRequest
-from ..tokens import subject_last_index, target_ids
+from ..tokens import subject_last_index, target_ids, tokenizer_identity
 from ..tracing import Trace, TraceDict, get_module, hidden_of, replace_hidden
 
 logger = logging.getLogger(__name__)
@@ -177,18 +177,146 @@ def _initial_pass(model, adapter: ModelAdapter, rows: Rows, L: int, dev) -> tupl
     return td[names[0]].input.detach(), out, as_tuple
 
 
+def _kv_of(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values) of a transformers cache (v5 ``layers`` or the older lists)."""
+    if hasattr(cache, "layers"):
+        return [(ly.keys, ly.values) for ly in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def _cache_kwarg(model) -> str:
+    import inspect
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@dataclass
+class _Group:
+    """Rows sharing a split column ``s``: positions < s never see δ (causal attention, δ sits
+    at the subject's last token >= s), so their keys/values are computed once and reused."""
+
+    rows: torch.Tensor
+    split: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+class _Stepper:
+    """One forward of the optimisation for a set of rows; three exact strategies:
+    "reference" (whole model, full logits), "replay" (layers >= L only, logits where read),
+    "prefix" (replay + cached keys/values of the positions before each group's split)."""
+
+    def __init__(self, model, adapter: ModelAdapter, rows: Rows, L: int, h_in: torch.Tensor, as_tuple: bool,
+                 names: dict[str, str], mode: str, dev) -> None:
+        self.model, self.adapter, self.rows, self.L, self.h_in = model, adapter, rows, L, h_in
+        self.as_tuple, self.names, self.mode, self.dev = as_tuple, names, mode, dev
+        self.groups = [_Group(torch.arange(len(rows.req)), 0)]
+        if mode == "prefix":
+            self.groups = self._make_groups()
+
+    def _make_groups(self) -> list[_Group]:
+        rows = self.rows
+        groups = []
+        for kinds in ((1,), (0, 2)):  # prefixed rewrite prompts; bare + KL prompts
+            idx = torch.isin(rows.kind, torch.tensor(kinds)).nonzero().squeeze(1)
+            if len(idx) == 0:
+                continue
+            split = int(rows.lookup[idx].min())
+            g = _Group(idx, split)
+            if split > 0:
+                with torch.no_grad():
+                    out = self.model(input_ids=rows.input_ids[idx, :split].to(self.dev),
+                                     attention_mask=rows.attention_mask[idx, :split].to(self.dev), use_cache=True)
+                cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+                g.kv = [(k.detach(), v.detach()) for k, v in _kv_of(cache)]
+            groups.append(g)
+        return groups
+
+    def _cache_for(self, g: _Group, sel: torch.Tensor):
+        from transformers import DynamicCache
+        cache = DynamicCache(config=self.model.config)
+        for li, (k, v) in enumerate(g.kv):
+            cache.update(k[sel], v[sel], li)
+        return cache
+
+    def run(self, deltas: dict[str, torch.Tensor], active_rows: torch.Tensor):
+        """Returns, over the active rows: target entry indices (into rows.t_*), their logits,
+        the KL rows (global indices) and their logits at the subject's last token."""
+        rows, dev = self.rows, self.dev
+        t_idx_all, t_logits_all, k_rows_all, k_logits_all = [], [], [], []
+        for g in self.groups:
+            sel = torch.isin(g.rows, active_rows).nonzero().squeeze(1)
+            if len(sel) == 0:
+                continue
+            r_glob = g.rows[sel]
+            T = int(rows.attention_mask[r_glob].sum(1).max())
+            s = g.split
+            ids = rows.input_ids[r_glob, s:T].to(dev)
+            mask = rows.attention_mask[r_glob, :T].to(dev)
+            B = len(r_glob)
+            ar = torch.arange(B, device=dev)
+            look = (rows.lookup[r_glob] - s).to(dev)
+            req_dev = rows.req[r_glob].to(dev)
+            # target entries of these rows, positions relative to the split
+            t_sel = torch.isin(rows.t_row, r_glob).nonzero().squeeze(1)
+            local = torch.full((len(rows.req),), -1, dtype=torch.long)
+            local[r_glob] = torch.arange(B)
+            t_r = local[rows.t_row[t_sel]].to(dev)
+            t_p = (rows.t_pos[t_sel] - s).to(dev)
+            kl_local = (rows.kind[r_glob] == 2).nonzero().squeeze(1)
+
+            def add_delta(output, name):
+                h = hidden_of(output)
+                h3 = self.adapter.unflatten(h, B)  # OPT's FFN works on (batch·seq, d)
+                for sp, n in self.names.items():
+                    if n == name:
+                        h3 = h3.index_put((ar, look), deltas[sp][req_dev].to(h.dtype), accumulate=True)
+                return replace_hidden(output, h3.reshape(h.shape))
+
+            kwargs: dict = {"attention_mask": mask, "use_cache": False}
+            if s > 0:
+                kwargs[_cache_kwarg(self.model)] = self._cache_for(g, sel)
+                kwargs["use_cache"] = True
+                kwargs["position_ids"] = torch.arange(s, T, device=dev)[None].expand(B, -1)
+            with ExitStack() as stack:
+                if self.mode != "reference":
+                    stack.enter_context(_replay_from_layer(self.adapter, self.L, self.h_in[r_glob.to(dev), s:T],
+                                                           self.as_tuple))
+                stack.enter_context(TraceDict(self.model, list(self.names.values()), retain_output=False,
+                                              edit_output=add_delta))
+                if self.mode == "reference":
+                    logits = self.model(input_ids=ids, **kwargs).logits
+                    t_logits = logits[t_r, t_p]
+                    k_logits = logits[kl_local.to(dev), look[kl_local.to(dev)]]
+                else:
+                    with Trace(self.model, self.adapter.final_norm_name, retain_output=True, stop=True) as tr:
+                        self.model(input_ids=ids, **kwargs)  # stops right after the final norm
+                    hn = hidden_of(tr.output)
+                    kd = kl_local.to(dev)
+                    lg = self.adapter.logits_from_normed(torch.cat([hn[t_r, t_p], hn[kd, look[kd]]]))
+                    t_logits, k_logits = lg[: len(t_r)], lg[len(t_r):]
+            t_idx_all.append(t_sel)
+            t_logits_all.append(t_logits)
+            k_rows_all.append(r_glob[kl_local])
+            k_logits_all.append(k_logits)
+        return (torch.cat(t_idx_all), torch.cat(t_logits_all), torch.cat(k_rows_all), torch.cat(k_logits_all))
+
+
 def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperParams, templates: Sequence[str],
-                     *, reference: bool = False, progress: bool = True) -> TargetResult:
+                     *, reference: bool = False, strategy: str = "auto", progress: bool = True) -> TargetResult:
     """Optimise the targets of ``requests`` at layer L = hp.layers[-1] (method.md §2 step 1).
 
     Args:
         templates: context templates (``"{}"`` first), from :func:`context_templates`.
         reference: full recompute of every layer and full logits each step (slow; for tests
             and benchmarks). Results agree with the fast path up to float rounding.
+        strategy: "auto" (= "prefix" when the model's cache reproduces the uncached logits,
+            else "replay"), "prefix" or "replay"; ignored when ``reference``.
 
     Returns:
         :class:`TargetResult` with (N, d_model) values, inits and deltas per optimised space.
     """
+    if strategy not in ("auto", "prefix", "replay"):
+        raise ValueError(f"strategy must be 'auto', 'prefix' or 'replay', got {strategy!r}")
     adapter = get_adapter(model)
     L = hp.layers[-1]
     adapter.layer_name(L)
@@ -202,6 +330,14 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperP
     inits = {k: init_all[k][bare.to(dev)].clone() for k in ("layer", "attn", "ffn")}
     pdtype = torch.float32
     deltas = {s: torch.zeros(N, inits[s].shape[1], device=dev, dtype=pdtype, requires_grad=True) for s in spaces}
+    names = {s: _module_for(adapter, s, L) for s in spaces}
+    mode = "reference" if reference else ("replay" if strategy == "replay" else "prefix")
+    stepper = _Stepper(model, adapter, rows, L, h_in, as_tuple, names, mode, dev)
+    if mode == "prefix" and strategy == "auto" and not _prefix_matches(stepper, model, adapter, rows, L, h_in,
+                                                                        as_tuple, names, deltas, dev):
+        logger.info("cached-prefix optimisation does not reproduce the uncached logits for %s; using replay",
+                    type(model).__name__)
+        stepper = _Stepper(model, adapter, rows, L, h_in, as_tuple, names, "replay", dev)
     opt = torch.optim.Adam(list(deltas.values()), lr=hp.v_lr)
     init_norm = {s: inits[s].norm(dim=1).to(pdtype) for s in spaces}
     active = torch.ones(N, dtype=torch.bool)
@@ -209,65 +345,32 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperP
     n_steps = [0] * N
     kl_init: torch.Tensor | None = None
     trace: list[dict] = []
-    final_norm = adapter.final_norm_name
-    names = {s: _module_for(adapter, s, L) for s in spaces}
+    R_all = len(rows.req)
+    rw_all = (rows.kind != 2).to(dev)
+    req_all = rows.req.to(dev)
+    n_rw = torch.zeros(N, device=dev).index_add(0, req_all, rw_all.float())
     bar = tqdm(range(hp.v_num_grad_steps), disable=not progress, desc=f"{hp.method} targets (N={N})")
-    cur = None
     for it in bar:
         act_idx = active.nonzero().squeeze(1)
-        row_sel = torch.isin(rows.req, act_idx).nonzero().squeeze(1)
-        sub = rows.subset(row_sel) if cur is None or len(row_sel) != len(cur[0]) else cur[1]
-        cur = (row_sel, sub)
-        ids, mask = sub.input_ids.to(dev), sub.attention_mask.to(dev)
-        R = len(sub.req)
-        ar = torch.arange(R, device=dev)
-        look = sub.lookup.to(dev)
-        req_dev = sub.req.to(dev)
-
-        def add_delta(output, name):
-            h = hidden_of(output)
-            h3 = adapter.unflatten(h, R)  # OPT's FFN works on (batch·seq, d)
-            for s, n in names.items():
-                if n == name:
-                    d = deltas[s][req_dev].to(h.dtype)
-                    h3 = h3.index_put((ar, look), d, accumulate=True)
-            return replace_hidden(output, h3.reshape(h.shape))
-
-        with torch.enable_grad(), ExitStack() as stack:
-            if not reference:
-                stack.enter_context(_replay_from_layer(adapter, L, h_in[row_sel.to(dev), : ids.shape[1]], as_tuple))
-            stack.enter_context(TraceDict(model, list(names.values()), retain_output=False, edit_output=add_delta))
-            if reference:
-                logits_full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                t_logits = logits_full[sub.t_row.to(dev), sub.t_pos.to(dev)]
-                kl_rows = (sub.kind == 2).nonzero().squeeze(1).to(dev)
-                k_logits = logits_full[kl_rows, look[kl_rows]]
-            else:
-                with Trace(model, final_norm, retain_output=True, stop=True) as tr:
-                    model(input_ids=ids, attention_mask=mask, use_cache=False)  # stops after the norm
-                hn = hidden_of(tr.output)
-                kl_rows = (sub.kind == 2).nonzero().squeeze(1).to(dev)
-                sel = torch.cat([hn[sub.t_row.to(dev), sub.t_pos.to(dev)], hn[kl_rows, look[kl_rows]]])
-                lg = adapter.logits_from_normed(sel)
-                t_logits, k_logits = lg[: len(sub.t_row)], lg[len(sub.t_row):]
+        with torch.enable_grad():
+            act_rows = torch.isin(rows.req, act_idx).nonzero().squeeze(1)
+            t_idx, t_logits, k_rows, k_logits = stepper.run(deltas, act_rows)
+            t_row = rows.t_row[t_idx].to(dev)
+            t_tok = rows.t_tok[t_idx].to(dev)
             t_logp = torch.log_softmax(t_logits.float(), -1)
-            tok_lp = t_logp.gather(1, sub.t_tok.to(dev)[:, None]).squeeze(1)
-            argmax_ok = (t_logp.argmax(-1) == sub.t_tok.to(dev)).float()
+            tok_lp = t_logp.gather(1, t_tok[:, None]).squeeze(1)
+            argmax_ok = (t_logp.argmax(-1) == t_tok).float()
             # per-row mean NLL over target tokens, then mean over the request's rewrite rows
-            t_row = sub.t_row.to(dev)
-            row_nll = torch.zeros(R, device=dev).index_add(0, t_row, -tok_lp)
-            row_cnt = torch.zeros(R, device=dev).index_add(0, t_row, torch.ones_like(tok_lp))
-            row_ok = torch.zeros(R, device=dev).index_add(0, t_row, argmax_ok)
-            rw = sub.kind.to(dev) != 2
-            row_nll = torch.where(rw, row_nll / row_cnt.clamp(min=1), torch.zeros_like(row_nll))
-            nll = torch.zeros(N, device=dev).index_add(0, req_dev, row_nll)
-            n_rw = torch.zeros(N, device=dev).index_add(0, req_dev, rw.float())
-            nll = nll / n_rw.clamp(min=1)
-            p_target = torch.zeros(N, device=dev).index_add(0, req_dev, torch.where(rw, torch.exp(-row_nll), 0.0))
-            p_target = p_target / n_rw.clamp(min=1)
-            wrong = torch.zeros(N, device=dev).index_add(0, req_dev, torch.where(rw, row_cnt - row_ok, 0.0))
+            row_nll = torch.zeros(R_all, device=dev).index_add(0, t_row, -tok_lp)
+            row_cnt = torch.zeros(R_all, device=dev).index_add(0, t_row, torch.ones_like(tok_lp))
+            row_ok = torch.zeros(R_all, device=dev).index_add(0, t_row, argmax_ok)
+            row_nll = torch.where(rw_all, row_nll / row_cnt.clamp(min=1), torch.zeros_like(row_nll))
+            nll = torch.zeros(N, device=dev).index_add(0, req_all, row_nll) / n_rw.clamp(min=1)
+            p_target = torch.zeros(N, device=dev).index_add(
+                0, req_all, torch.where(rw_all & (row_cnt > 0), torch.exp(-row_nll), 0.0)) / n_rw.clamp(min=1)
+            wrong = torch.zeros(N, device=dev).index_add(0, req_all, torch.where(rw_all, row_cnt - row_ok, 0.0))
             k_logp = torch.log_softmax(k_logits.float(), -1)
-            kl_req = sub.req[(sub.kind == 2)].to(dev)
+            kl_req = rows.req[k_rows].to(dev)
             if kl_init is None:
                 kl_init = torch.zeros(N, k_logp.shape[1], device=dev)
                 kl_init[kl_req] = k_logp.detach()
@@ -305,8 +408,10 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperP
             if not active.any() or it == hp.v_num_grad_steps - 1:
                 break
             frozen = {s: deltas[s].detach()[~active.to(dev)].clone() for s in spaces}
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            params = list(deltas.values())
+            # autograd.grad, not backward(): no .grad is left on model weights that require grad
+            for p_, g_ in zip(params, torch.autograd.grad(loss, params)):
+                p_.grad = g_
             opt.step()
         nll_weight = new_weight
         with torch.no_grad():
@@ -328,6 +433,25 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperP
     values = {k: (inits[k] + out_deltas[k].to(inits[k].dtype)) for k in keep}
     return TargetResult(layer=L, values=values, inits={k: inits[k] for k in keep}, deltas=out_deltas,
                         n_steps=[s + 1 for s in n_steps], trace=trace, seconds=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _prefix_matches(stepper: "_Stepper", model, adapter, rows, L, h_in, as_tuple, names, deltas, dev,
+                    atol: float = 1e-3) -> bool:
+    """Check once that the cached-prefix forward reproduces the replay forward (δ = 0)."""
+    try:
+        all_rows = torch.arange(len(rows.req))
+        a = stepper.run(deltas, all_rows)
+        b = _Stepper(model, adapter, rows, L, h_in, as_tuple, names, "replay", dev).run(deltas, all_rows)
+    except Exception as exc:  # a model whose cache API differs: fall back to replay
+        logger.info("cached-prefix forward failed (%s: %s)", type(exc).__name__, exc)
+        return False
+    oa, ob = torch.argsort(a[0]), torch.argsort(b[0])
+    la = torch.log_softmax(a[1][oa].float(), -1)
+    lb = torch.log_softmax(b[1][ob].float(), -1)
+    ka = torch.log_softmax(a[3][torch.argsort(a[2])].float(), -1)
+    kb = torch.log_softmax(b[3][torch.argsort(b[2])].float(), -1)
+    return bool(torch.allclose(la, lb, atol=atol) and torch.allclose(ka, kb, atol=atol))
 
 
 TARGET_CACHE_FORMAT = 1
@@ -356,7 +480,7 @@ def optimize_targets_cached(model, tok, requests: Sequence[EditRequest], hp: Edi
     from ..cache import atomic_path, cache_dir, stable_hash, weights_fingerprint
 
     base = {"format": TARGET_CACHE_FORMAT, "method": hp.method, "layer": hp.layers[-1], "reference": reference,
-            "weights": weights_fingerprint(model), "model_class": type(model).__name__, "vocab": len(tok),
+            "weights": weights_fingerprint(model), "model_class": type(model).__name__, "tokenizer": tokenizer_identity(tok),
             "templates": list(templates), **{f: getattr(hp, f) for f in _TARGET_FIELDS}}
     folder = cache_dir("targets", type(model).__name__)
     keys = [{**base, "request": {k: v for k, v in r.to_dict().items() if k != "case_id"}} for r in requests]

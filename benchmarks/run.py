@@ -1,0 +1,231 @@
+"""pmetlab benchmark suite: each hot path next to its reference, measured in the same run.
+
+    make bench                      # real SmolLM2-135M (default)
+    python -m benchmarks.run --quick   # a tiny random LLaMA, seconds
+
+Prints a table and writes ``benchmarks/results/latest.json``: rows
+``{"name", "unit", "pmetlab", "reference", "ratio", "limit"}`` where ratio = how many times
+better pmetlab is than the reference, and limit is the best achievable figure where one is
+defined (a plain forward pass of the same work).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("benchmarks")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _row(name, unit, pmetlab, reference, higher_is_better, limit=None, **extra) -> dict:
+    ratio = None
+    if pmetlab and reference:
+        ratio = (pmetlab / reference) if higher_is_better else (reference / pmetlab)
+    return {"name": name, "unit": unit, "pmetlab": pmetlab, "reference": reference,
+            "ratio": None if ratio is None else round(ratio, 3), "limit": limit, **extra}
+
+
+def _model(quick: bool):
+    if quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
+        return make_tiny_model("llama"), make_tiny_tokenizer()
+    import pmetlab
+    return pmetlab.load_model("smollm2-135m")
+
+
+def _records(n: int, quick: bool) -> list[dict]:
+    from pmetlab.datasets import load_counterfact
+    return list(load_counterfact())[:n]
+
+
+def bench_targets(model, tok, records, hp) -> list[dict]:
+    """Target optimisation: batched fast path vs one request at a time with full recompute."""
+    from pmetlab import EditRequest
+    from pmetlab.editing.prefixes import context_templates
+    from pmetlab.editing.targets import optimize_targets
+    from pmetlab.evaluation.scoring import score_pairs
+
+    reqs = [EditRequest.from_counterfact(r) for r in records]
+    templates = context_templates(model, tok, hp)
+    t0 = time.perf_counter()
+    fast = optimize_targets(model, tok, reqs, hp, templates, progress=False)
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = [optimize_targets(model, tok, [r], hp, templates, reference=True, progress=False) for r in reqs]
+    t_ref = time.perf_counter() - t0
+    p_fast = sum(fast.trace[i]["p_target"] for i in _last(fast.trace, len(reqs))) / len(reqs)
+    p_ref = sum(r.trace[-1]["p_target"] for r in ref) / len(reqs)
+    dv = max(float((fast.values["ffn"][i] - r.values["ffn"][0]).norm() / r.values["ffn"][0].norm())
+             for i, r in enumerate(ref))
+    return [_row("z_opt_seconds_per_edit", "s/edit", round(t_fast / len(reqs), 3), round(t_ref / len(reqs), 3),
+                 False, None, n_requests=len(reqs), steps=hp.v_num_grad_steps,
+                 final_p_target_pmetlab=round(p_fast, 4), final_p_target_reference=round(p_ref, 4),
+                 max_rel_diff_v=round(dv, 6))]
+
+
+def _last(trace, n):
+    last = {}
+    for i, row in enumerate(trace):
+        last[row["request"]] = i
+    return [last[i] for i in range(n)]
+
+
+def bench_keys_solve(model, tok, records, hp) -> list[dict]:
+    """Keys + float64 solve for all critical layers, batch of requests (targets cached)."""
+    from pmetlab import EditRequest, compute_deltas
+    reqs = [EditRequest.from_counterfact(r) for r in records]
+    d = compute_deltas(model, tok, reqs, hp, progress=False)  # fills the target cache
+    t0 = time.perf_counter()
+    d = compute_deltas(model, tok, reqs, hp, progress=False)
+    total = time.perf_counter() - t0
+    return [_row("keys_solve_seconds_per_batch", "s", round(d.meta["timings"]["keys_solve"], 3), None, False, None,
+                 n_requests=len(reqs), n_layers=len(hp.layers), compute_deltas_cached_targets_s=round(total, 3))]
+
+
+@torch.no_grad()
+def bench_covariance(model, tok, hp, n_tokens: int) -> list[dict]:
+    """One pass for all critical layers vs one pass per layer (reference) vs a plain forward to
+    the same depth on the same batches (limit)."""
+    from pmetlab.corpus import resolve_corpus
+    from pmetlab.models import get_adapter
+    from pmetlab.stats import _batches, collect_second_moments, tokenize_corpus
+    from pmetlab.tracing import Trace
+
+    adapter = get_adapter(model)
+    chunks = tokenize_corpus(tok, resolve_corpus(hp.cov_corpus), n_tokens, hp.cov_seq_len)
+    ntok = sum(len(c) for c in chunks)
+    names = [adapter.ffn_out_name(l) for l in hp.layers]
+    t0 = time.perf_counter()
+    collect_second_moments(model, tok, names, chunks, progress=False)
+    t_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for n in names:
+        collect_second_moments(model, tok, [n], chunks, progress=False)
+    t_each = time.perf_counter() - t0
+    # limit: plain forward to the deepest critical layer's FFN projection, same batches
+    pad = tok.pad_token_id or 0
+    t0 = time.perf_counter()
+    for batch in _batches(chunks, 4096):
+        T = max(len(c) for c in batch)
+        ids = torch.full((len(batch), T), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, c in enumerate(batch):
+            ids[r, : len(c)] = torch.tensor(c)
+            mask[r, : len(c)] = 1
+        with Trace(model, names[-1], retain_output=False, stop=True):
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    t_fwd = time.perf_counter() - t0
+    return [_row("covariance_tokens_per_s", "tok/s", round(ntok / t_one, 1), round(ntok / t_each, 1), True,
+                 round(ntok / t_fwd, 1), tokens=ntok, layers=list(hp.layers),
+                 fraction_of_limit=round(t_fwd / t_one, 3))]
+
+
+def bench_eval(model, tok, records, n_gen_tokens: int) -> list[dict]:
+    """CounterFact scoring: batched vs record-at-a-time, without and with generation."""
+    from pmetlab.evaluation import evaluate_counterfact
+    from pmetlab.evaluation.counterfact import counterfact_prompt_sets
+    n_prompts = sum(len(v) for r in records for v in counterfact_prompt_sets(r).values()) * 2  # both candidates
+    rows = []
+    for gen in (False, True):
+        t0 = time.perf_counter()
+        evaluate_counterfact(model, tok, records, generation=gen, n_gen_tokens=n_gen_tokens, progress=False)
+        t_b = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        evaluate_counterfact(model, tok, records, generation=gen, n_gen_tokens=n_gen_tokens, batched=False,
+                             progress=False)
+        t_r = time.perf_counter() - t0
+        suffix = "_with_generation" if gen else ""
+        rows.append(_row(f"eval_prompts_per_s{suffix}", "prompts/s", round(n_prompts / t_b, 2),
+                         round(n_prompts / t_r, 2), True, None, records=len(records),
+                         records_per_s_pmetlab=round(len(records) / t_b, 3),
+                         records_per_s_reference=round(len(records) / t_r, 3)))
+    rows[0]["name"] = "eval_prompts_per_s"
+    return rows
+
+
+def bench_rss(n_edits: int, quick: bool) -> list[dict]:
+    """Peak RSS of a fresh process computing and applying an n-edit PMET batch (no caches)."""
+    cmd = [sys.executable, "-m", "benchmarks.rss_probe", "--n", str(n_edits)] + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    if out.returncode != 0:
+        raise RuntimeError(f"rss probe failed: {out.stderr[-2000:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return [_row("peak_rss_mb", "MB", res["peak_rss_mb"], None, False, 2000.0, n_edits=n_edits,
+                 seconds=res["seconds"], efficacy_p_gt_true=res.get("efficacy"))]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny random LLaMA instead of SmolLM2 (seconds)")
+    ap.add_argument("--n-requests", type=int, default=None, help="requests for the target benchmark (default 8)")
+    ap.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the preset's)")
+    ap.add_argument("--cov-tokens", type=int, default=None, help="tokens for the covariance benchmark")
+    ap.add_argument("--eval-records", type=int, default=None, help="CounterFact records for the eval benchmark")
+    ap.add_argument("--rss-edits", type=int, default=None, help="edits in the peak-RSS probe (default 100)")
+    ap.add_argument("--only", action="append", help="run only these benchmarks (targets, keys, covariance, eval, rss)")
+    ap.add_argument("--out", default=str(RESULTS / "latest.json"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    q = args.quick
+    n_req = args.n_requests or (3 if q else 8)
+    cov_tokens = args.cov_tokens or (3000 if q else 30000)
+    n_eval = args.eval_records or (4 if q else 20)
+    rss_edits = args.rss_edits or (4 if q else 100)
+    only = set(args.only or ["targets", "keys", "covariance", "eval", "rss"])
+    torch.manual_seed(0)
+    model, tok = _model(q)
+    from pmetlab import PMETHyperParams
+    hp = PMETHyperParams.preset("smollm2-135m")
+    if q:
+        hp = hp.replace(layers=(0, 1), cov_tokens=cov_tokens, v_num_grad_steps=5)
+    if args.steps:
+        hp = hp.replace(v_num_grad_steps=args.steps)
+    records = _records(max(n_req, n_eval), q)
+    info = {"device": "cpu", "threads": torch.get_num_threads(), "model": type(model).__name__, "quick": q,
+            "hparams": hp.to_dict()}
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    if "targets" in only:
+        rows += bench_targets(model, tok, records[:n_req], hp)
+    if "keys" in only:
+        rows += bench_keys_solve(model, tok, records[:n_req], hp)
+    if "covariance" in only:
+        rows += bench_covariance(model, tok, hp, cov_tokens)
+    if "eval" in only:
+        rows += bench_eval(model, tok, records[:n_eval], 20 if q else 50)
+    if "rss" in only:
+        del model
+        gc.collect()
+        rows += bench_rss(rss_edits, q)
+    from pmetlab.versions import versions
+    out = {"rows": rows, "info": info, "versions": versions(), "seconds": round(time.perf_counter() - t0, 1),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+    Path(args.out).with_suffix(".full.json").write_text(json.dumps(out, indent=2))
+    _print_table(rows)
+    return 0
+
+
+def _print_table(rows: list[dict]) -> None:
+    cols = ["name", "unit", "pmetlab", "reference", "ratio", "limit"]
+    w = [max(len(c), *(len(str(r.get(c))) for r in rows)) for c in cols]
+    line = "  ".join(c.ljust(x) for c, x in zip(cols, w))
+    sys.stdout.write(line + "\n" + "-" * len(line) + "\n")
+    for r in rows:
+        sys.stdout.write("  ".join(str(r.get(c)).ljust(x) for c, x in zip(cols, w)) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,6 @@
+"""``python -m pmetlab``: the ``pmetlab`` command line."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

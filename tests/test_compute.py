@@ -1,0 +1,320 @@
+"""compute_deltas end to end on tiny models: the model is never changed, the right weights are
+edited, the ablation switches do what they say, the edit raises p(target), failures restore,
+and the fast target optimisation agrees with the reference one."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import pmetlab.editing.compute as compute_mod
+from pmetlab import (EditRequest, MEMITHyperParams, PMETHyperParams, compute_deltas, edited, get_adapter,
+                     layer_covariances)
+from pmetlab.editing.prefixes import context_templates
+from pmetlab.editing.targets import optimize_targets
+from pmetlab.tokens import target_ids
+from tests.tiny_models import _TOKENIZER_WORDS, assert_no_hooks, make_tiny_model, make_tiny_tokenizer
+
+FAMILIES = ["LlamaForCausalLM", "GPTJForCausalLM", "GPT2LMHeadModel"]  # sequential, parallel, Conv1D
+REQUESTS = [EditRequest(prompt="{} plays the sport of", subject="danny miles", target_new="jazz"),
+            EditRequest(prompt="the capital of {} is", subject="france", target_new="rome"),
+            EditRequest(prompt="{} was born in the city of", subject="miles davis", target_new="new tokyo")]
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("PMETLAB_CACHE_DIR", str(tmp_path / "cache"))
+    rng = random.Random(0)
+    words = [w for w in _TOKENIZER_WORDS if w.isalpha()]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"<doc>\n{' '.join(rng.choice(words) for _ in range(60))}\n</doc>\n"
+                              for _ in range(12)))
+    return {"corpus": str(corpus), "tmp": tmp_path}
+
+
+def _hp(env, cls=PMETHyperParams, **kw):
+    base = dict(layers=(0, 1), cov_corpus=env["corpus"], cov_tokens=600, cov_seq_len=32, n_prefixes=2,
+                prefix_tokens=4, v_num_grad_steps=5, clamp_norm_factor=4.0, mom2_update_weight=1.0)
+    return cls(**{**base, **kw})
+
+
+def _model(family: str, **kw):
+    # initializer_range 0.2: the default 0.02 gives near-uniform logits that no edit can move
+    return make_tiny_model(family, initializer_range=0.2, **kw)
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model, state) -> None:
+    now = model.state_dict()
+    changed = [k for k in state if not torch.equal(now[k], state[k])]
+    assert not changed, f"compute_deltas changed {changed}"
+    assert_no_hooks(model)
+    adapter = get_adapter(model)
+    assert all(type(l).__name__ != "_PassThrough" for l in adapter.layers())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cls", [PMETHyperParams, MEMITHyperParams], ids=["pmet", "memit"])
+def test_model_is_left_bit_identical_and_only_critical_ffn_edited(env, family, cls):
+    model, tok = _model(family), make_tiny_tokenizer()
+    adapter = get_adapter(model)
+    state = _state(model)
+    d = compute_deltas(model, tok, REQUESTS[:2], _hp(env, cls), progress=False)
+    _assert_untouched(model, state)
+    want = sorted(adapter.weight_param_name(adapter.ffn_out_name(l)) for l in (0, 1))
+    assert d.param_names() == want
+    for n, t in d.tensors.items():  # stored in the parameter's own layout (transposed for Conv1D)
+        assert t.shape == model.get_parameter(n).shape
+        assert torch.isfinite(t).all() and t.abs().sum() > 0
+    assert d.method == cls.method
+    assert [x["layer"] for x in d.meta["diagnostics"]] == [0, 1]
+
+
+def test_compute_leaves_no_gradients_on_the_model(env):
+    model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
+    compute_deltas(model, tok, REQUESTS[:1], _hp(env), progress=False)
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_update_attn_weights_edits_mhsa_and_ffn_of_critical_layers_only(env, family):
+    model, tok = _model(family), make_tiny_tokenizer()
+    adapter = get_adapter(model)
+    state = _state(model)
+    d = compute_deltas(model, tok, REQUESTS[:2], _hp(env, update_attn_weights=True), progress=False)
+    _assert_untouched(model, state)
+    want = sorted(adapter.weight_param_name(m) for l in (0, 1)
+                  for m in (adapter.ffn_out_name(l), adapter.attn_out_name(l)))
+    assert d.param_names() == want
+    for n, t in d.tensors.items():
+        assert t.shape == model.get_parameter(n).shape and t.abs().sum() > 0
+    comps = [(x["layer"], x["component"]) for x in d.meta["diagnostics"]]
+    assert comps == [(0, "ffn"), (0, "attn"), (1, "ffn"), (1, "attn")]
+
+
+def test_critical_layers_beyond_the_model_are_refused(env):
+    model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
+    with pytest.raises(ValueError, match="exceed"):
+        compute_deltas(model, tok, REQUESTS[:1], _hp(env, layers=(1, 3)), progress=False)
+    with pytest.raises(TypeError, match="hparams"):
+        compute_deltas(model, tok, REQUESTS[:1], {"layers": [0, 1]}, progress=False)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", ["LlamaForCausalLM", "GPTJForCausalLM"])
+def test_without_delta_a_the_attention_target_stays_zero(env, family):
+    model, tok = _model(family), make_tiny_tokenizer()
+    hp = _hp(env, optimize_attn=False, v_num_grad_steps=6)
+    res = optimize_targets(model, tok, REQUESTS, hp, context_templates(model, tok, hp), progress=False)
+    assert torch.equal(res.deltas["attn"], torch.zeros_like(res.deltas["attn"]))
+    assert torch.equal(res.values["attn"], res.inits["attn"])
+    assert res.deltas["ffn"].abs().sum() > 0
+    with_a = optimize_targets(model, tok, REQUESTS, hp.replace(optimize_attn=True),
+                              context_templates(model, tok, hp), progress=False)
+    assert with_a.deltas["attn"].abs().sum() > 0
+    assert res.values["ffn"].shape == (len(REQUESTS), get_adapter(model).d_model)
+
+
+def test_memit_optimises_the_layer_output(env):
+    model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
+    hp = _hp(env, MEMITHyperParams)
+    res = optimize_targets(model, tok, REQUESTS[:2], hp, context_templates(model, tok, hp), progress=False)
+    assert set(res.values) == {"layer"} and res.deltas["layer"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls", [PMETHyperParams, MEMITHyperParams], ids=["pmet", "memit"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_targets_equal_reference_targets(env, family, cls):
+    model, tok = _model(family), make_tiny_tokenizer()
+    hp = _hp(env, cls, v_num_grad_steps=8, kl_factor=0.5)
+    templates = context_templates(model, tok, hp)
+    fast = optimize_targets(model, tok, REQUESTS, hp, templates, progress=False)
+    ref = optimize_targets(model, tok, REQUESTS, hp, templates, progress=False, reference=True)
+    assert fast.n_steps == ref.n_steps
+    for k in ref.values:
+        torch.testing.assert_close(fast.inits[k], ref.inits[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.values[k], ref.values[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast.deltas[k], ref.deltas[k], rtol=1e-4, atol=1e-5)
+    for a, b in zip(fast.trace, ref.trace):
+        assert a["request"] == b["request"] and a["step"] == b["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+def _p_target(model, tok, r: EditRequest) -> float:
+    ids = tok(r.text, return_tensors="pt")["input_ids"]
+    t = target_ids(tok, r.target_new)[0]
+    with torch.no_grad():
+        return float(torch.softmax(model(input_ids=ids).logits[0, -1], -1)[t])
+
+
+@pytest.mark.parametrize("family, cls", [("LlamaForCausalLM", PMETHyperParams), ("LlamaForCausalLM", MEMITHyperParams),
+                                         ("GPTJForCausalLM", PMETHyperParams), ("GPT2LMHeadModel", PMETHyperParams)])
+def test_edit_raises_p_target_on_the_rewrite_prompt(env, family, cls):
+    """Behaviour: after applying the edit the model prefers the new target more than before."""
+    model, tok = _model(family), make_tiny_tokenizer()
+    r = REQUESTS[0]
+    hp = _hp(env, cls, v_num_grad_steps=20, v_lr=0.5, clamp_norm_factor=10.0, kl_factor=0.0, v_weight_decay=0.0,
+             mom2_update_weight=0.01)
+    before = _p_target(model, tok, r)
+    d = compute_deltas(model, tok, [r], hp, progress=False)
+    with edited(model, d):
+        after = _p_target(model, tok, r)
+    assert _p_target(model, tok, r) == before  # restored
+    assert after > 2 * before, (before, after)
+    assert d.meta["targets"]["final_p_target"][0] > before
+    for x in d.meta["diagnostics"]:  # with a small λ each layer writes (almost) its whole share
+        assert x["residual_norm_after"] < 0.05 * x["residual_norm_before"]
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_spread_exponent_sets_each_layers_share(env, p):
+    model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
+    hp = _hp(env, layers=(0, 1, 2), spread_exponent=p)
+    d = compute_deltas(model, tok, REQUESTS[:2], hp, progress=False)
+    n = 3
+    for i, x in enumerate(d.meta["diagnostics"]):
+        assert x["layer"] == i
+        share = x["residual_norm_before"] / x["target_residual_norm"]
+        assert share == pytest.approx(1 / (n - i) ** p, rel=1e-5)
+
+
+def test_precomputed_covariances_are_used(env, monkeypatch):
+    model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
+    hp = _hp(env)
+    covs = layer_covariances(model, tok, hp.layers, corpus=env["corpus"], n_tokens=600, seq_len=32, progress=False)
+    ref = compute_deltas(model, tok, REQUESTS[:1], hp, progress=False)
+    monkeypatch.setattr(compute_mod, "layer_covariances",
+                        lambda *a, **k: pytest.fail("layer_covariances called despite covariances="))
+    got = compute_deltas(model, tok, REQUESTS[:1], hp, progress=False, covariances=covs)
+    for n in ref.tensors:
+        torch.testing.assert_close(got.tensors[n], ref.tensors[n], rtol=1e-5, atol=1e-7)
+    with pytest.raises(KeyError, match="critical layer 1"):
+        compute_deltas(model, tok, REQUESTS[:1], hp, progress=False, covariances={0: covs[0]})
+
+
+# --- failures in the middle of an edit restore the model ---------------------------------------
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+def test_failure_in_second_layer_solve_restores_the_model(env, monkeypatch, exc):
+    """The first layer's update is applied temporarily when the second solve fails."""
+    model, tok = _model("GPT2LMHeadModel"), make_tiny_tokenizer()
+    state = _state(model)
+    real = compute_mod.solve_update
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise exc("injected")
+        return real(*a, **k)
+
+    monkeypatch.setattr(compute_mod, "solve_update", flaky)
+    with pytest.raises(exc):
+        compute_deltas(model, tok, REQUESTS[:2], _hp(env), progress=False)
+    assert len(calls) == 2
+    _assert_untouched(model, state)
+
+
+def test_interrupt_in_key_reading_restores_the_model(env, monkeypatch):
+    model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
+    state = _state(model)
+    real = compute_mod.keys_and_outputs
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # layer 0 is already (temporarily) updated
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(compute_mod, "keys_and_outputs", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        compute_deltas(model, tok, REQUESTS[:2], _hp(env, update_attn_weights=True), progress=False)
+    _assert_untouched(model, state)
+
+
+@pytest.mark.parametrize("family", ["LlamaForCausalLM", "GPTJForCausalLM"])
+def test_interrupt_during_target_optimisation_restores_the_model(env, family):
+    """A KeyboardInterrupt from inside an optimisation forward pass (our own hook on the final
+    norm, in the second forward that runs with gradients, i.e. after one Adam step, while the
+    lower layers may be swapped out): layers, hooks and weights are all back."""
+    model, tok = _model(family), make_tiny_tokenizer()
+    adapter = get_adapter(model)
+    hp = _hp(env, v_num_grad_steps=10)
+    context_templates(model, tok, hp)  # prefixes generated (and cached) before the hook counts
+    layer_covariances(model, tok, hp.layers, corpus=env["corpus"], n_tokens=600, seq_len=32, progress=False)
+    state = _state(model)
+    seen = []
+
+    def hook(mod, args, out):
+        if torch.is_grad_enabled():
+            seen.append(1)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+
+    h = adapter.module(adapter.final_norm_name).register_forward_hook(hook)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            compute_deltas(model, tok, REQUESTS[:2], hp, progress=False, cache_targets=False)
+    finally:
+        h.remove()
+    assert len(seen) == 2
+    _assert_untouched(model, state)
+    d = compute_deltas(model, tok, REQUESTS[:2], hp, progress=False)  # and it still works afterwards
+    assert d.param_names()
+
+
+def test_tokenizer_without_pad_token(env):
+    """Stock GPT-2/GPT-J/LLaMA tokenizers define no pad token; batching must not depend on one."""
+    model = _model("GPT2LMHeadModel")
+    state = _state(model)
+    hp = _hp(env)
+    with_pad = compute_deltas(model, make_tiny_tokenizer(), REQUESTS[:2], hp, progress=False, use_cache=False)
+    no_pad_tok = make_tiny_tokenizer(pad=False)
+    assert no_pad_tok.pad_token_id is None
+    no_pad = compute_deltas(model, no_pad_tok, REQUESTS[:2], hp, progress=False, use_cache=False)
+    _assert_untouched(model, state)
+    assert no_pad_tok.pad_token_id is None  # not modified behind the caller's back
+    for n in with_pad.tensors:
+        torch.testing.assert_close(no_pad.tensors[n], with_pad.tensors[n], rtol=1e-4, atol=1e-6)
+
+
+def test_context_prefixes_are_seeded_cached_and_well_formed(env, monkeypatch):
+    import pmetlab.editing.prefixes as prefixes_mod
+
+    model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
+    hp = _hp(env, n_prefixes=4, prefix_tokens=5)
+    first = context_templates(model, tok, hp)
+    assert first[0] == "{}" and len(first) == 5
+    assert all(t.endswith(". {}") and t.count("{}") == 1 for t in first[1:])
+    assert context_templates(model, tok, hp, use_cache=False) == first  # same seed, same prefixes
+    with monkeypatch.context() as mp:
+        mp.setattr(prefixes_mod, "generate_prefixes", lambda *a, **k: pytest.fail("cache not used"))
+        assert context_templates(model, tok, hp) == first
+    assert context_templates(model, tok, hp.replace(seed=1)) != first
+    assert context_templates(model, tok, hp.replace(n_prefixes=0)) == ["{}"]
+
+
+def test_prefix_cache_is_keyed_by_the_tokenizer(env, monkeypatch):
+    import pmetlab.editing.prefixes as prefixes_mod
+    from tokenizers import normalizers
+
+    model = _model("LlamaForCausalLM")
+    hp = _hp(env, n_prefixes=3, prefix_tokens=5)
+    a = context_templates(model, make_tiny_tokenizer(), hp)
+    tok2 = make_tiny_tokenizer()
+    tok2.backend_tokenizer.normalizer = normalizers.Sequence([])  # same vocabulary size, not lower-cased
+    calls = []
+    real = prefixes_mod.generate_prefixes
+    with monkeypatch.context() as mp:
+        mp.setattr(prefixes_mod, "generate_prefixes", lambda *x, **k: calls.append(1) or real(*x, **k))
+        context_templates(model, tok2, hp)
+    assert calls == [1]  # not served from the first tokenizer's cache entry
+    assert context_templates(model, make_tiny_tokenizer(), hp) == a

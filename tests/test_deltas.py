@@ -1,0 +1,218 @@
+"""Reversible, saveable edits: apply/restore, the context manager, save/load, refusals."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pmetlab import (Deltas, EditMismatchError, EditRequest, PMETHyperParams, apply_deltas_, compute_deltas,
+                     edited, restore_)
+from tests.tiny_models import _TOKENIZER_WORDS, make_tiny_model, make_tiny_tokenizer
+
+REQUESTS = [EditRequest(prompt="{} plays the sport of", subject="danny miles", target_new="jazz"),
+            EditRequest(prompt="the capital of {} is", subject="france", target_new="rome")]
+
+
+def _corpus(path: Path) -> str:
+    rng = random.Random(0)
+    words = [w for w in _TOKENIZER_WORDS if w.isalpha()]
+    path.write_text("".join(f"<doc>\n{' '.join(rng.choice(words) for _ in range(60))}\n</doc>\n"
+                            for _ in range(12)))
+    return str(path)
+
+
+def _hp(corpus: str, **kw) -> PMETHyperParams:
+    base = dict(layers=(0, 1), cov_corpus=corpus, cov_tokens=600, cov_seq_len=32, n_prefixes=2, prefix_tokens=4,
+                v_num_grad_steps=6, clamp_norm_factor=4.0, mom2_update_weight=1.0)
+    return PMETHyperParams(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def edit(tmp_path_factory):
+    """(model factory, tokenizer, deltas) for the tiny LLaMA; computed once for the module."""
+    tmp = tmp_path_factory.mktemp("deltas")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PMETLAB_CACHE_DIR", str(tmp / "cache"))
+        tok = make_tiny_tokenizer()
+        model = make_tiny_model("LlamaForCausalLM", initializer_range=0.2)
+        d = compute_deltas(model, tok, REQUESTS, _hp(_corpus(tmp / "corpus.txt")), progress=False)
+    return (lambda: make_tiny_model("LlamaForCausalLM", initializer_range=0.2)), tok, d
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(model, state) -> None:
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    changed = [k for k in state if not torch.equal(now[k], state[k])]
+    assert not changed, f"parameters changed: {changed}"
+
+
+def _logits(model, tok) -> torch.Tensor:
+    ids = tok([r.text for r in REQUESTS], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def test_deltas_cover_only_critical_ffn_weights(edit):
+    make, _, d = edit
+    model = make()
+    assert d.param_names() == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    for n, t in d.tensors.items():
+        assert t.shape == model.get_parameter(n).shape and t.dtype == torch.float32
+    assert all(v > 0 for v in d.norms().values())
+    assert d.method == "pmet" and d.meta["layers"] == [0, 1]
+    assert [r["subject"] for r in d.meta["requests"]] == ["danny miles", "france"]
+
+
+def test_apply_then_restore_is_bit_exact(edit):
+    make, tok, d = edit
+    model = make()
+    state = _state(model)
+    clean = _logits(model, tok)
+    undo = apply_deltas_(model, d)
+    assert not torch.equal(_logits(model, tok), clean)  # the edit does something
+    for n, t in d.tensors.items():
+        torch.testing.assert_close(model.get_parameter(n), state[n] + t, rtol=0, atol=1e-6)
+    restore_(model, undo)
+    _assert_same_state(model, state)
+    assert torch.equal(_logits(model, tok), clean)
+
+
+def test_edited_restores_on_exit_and_on_exceptions(edit):
+    make, tok, d = edit
+    model = make()
+    state = _state(model)
+    with edited(model, d) as m:
+        assert m is model
+        inside = _logits(model, tok)
+    _assert_same_state(model, state)
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with edited(model, d):
+            assert torch.equal(_logits(model, tok), inside)
+            raise Boom
+    _assert_same_state(model, state)
+    with pytest.raises(KeyboardInterrupt):
+        with edited(model, d):
+            raise KeyboardInterrupt
+    _assert_same_state(model, state)
+
+
+def test_save_load_round_trip_is_exact(edit, tmp_path):
+    make, tok, d = edit
+    path = d.save(tmp_path / "edit.safetensors")
+    back = Deltas.load(path)
+    assert back.tensors.keys() == d.tensors.keys()
+    assert all(torch.equal(back.tensors[k], d.tensors[k]) for k in d.tensors)
+    assert back.meta == d.meta and back.trace == d.trace
+    assert back.meta["base_fingerprint"] == d.meta["base_fingerprint"]
+    model = make()
+    with edited(model, d):
+        want = _logits(model, tok)
+    with edited(model, back):
+        got = _logits(model, tok)
+    assert torch.equal(got, want)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temporary behind
+
+
+@pytest.mark.parametrize("other", ["GPTJForCausalLM", "GPT2LMHeadModel", "seed", "ir"])
+def test_loading_into_another_model_is_refused(edit, tmp_path, other):
+    make, _, d = edit
+    back = Deltas.load(d.save(tmp_path / "edit.safetensors"))
+    if other == "seed":
+        model = make_tiny_model("LlamaForCausalLM", seed=1, initializer_range=0.2)
+    elif other == "ir":
+        model = make_tiny_model("LlamaForCausalLM")  # same class and shapes, other values
+    else:
+        model = make_tiny_model(other)
+    state = _state(model)
+    with pytest.raises(EditMismatchError):
+        apply_deltas_(model, back)
+    with pytest.raises(EditMismatchError):
+        with edited(model, back):
+            pass
+    _assert_same_state(model, state)
+
+
+def test_mismatch_messages_say_why(edit):
+    make, _, d = edit
+    with pytest.raises(EditMismatchError, match="LlamaForCausalLM"):
+        apply_deltas_(make_tiny_model("GPTJForCausalLM"), d)
+    with pytest.raises(EditMismatchError, match="already edited|different model"):
+        apply_deltas_(make_tiny_model("LlamaForCausalLM", seed=3), d)
+
+
+def test_applying_twice_is_refused(edit):
+    make, tok, d = edit
+    model = make()
+    state = _state(model)
+    undo = apply_deltas_(model, d)
+    once = _state(model)
+    with pytest.raises(EditMismatchError, match="already edited"):
+        apply_deltas_(model, d)
+    _assert_same_state(model, once)  # the refused second application changed nothing
+    restore_(model, undo)
+    _assert_same_state(model, state)
+    undo = apply_deltas_(model, d)  # after restoring, it applies again
+    restore_(model, undo)
+    _assert_same_state(model, state)
+
+
+def test_check_false_applies_anyway(edit):
+    make, _, d = edit
+    model = make_tiny_model("LlamaForCausalLM", seed=5)
+    state = _state(model)
+    undo = apply_deltas_(model, d, check=False)
+    n = d.param_names()[0]
+    torch.testing.assert_close(model.get_parameter(n), state[n] + d.tensors[n], rtol=0, atol=1e-6)
+    restore_(model, undo)
+    _assert_same_state(model, state)
+
+
+def test_non_finite_deltas_are_refused(edit):
+    make, _, d = edit
+    model = make()
+    state = _state(model)
+    bad = Deltas({k: v.clone() for k, v in d.tensors.items()}, dict(d.meta))
+    bad.tensors[bad.param_names()[-1]][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        apply_deltas_(model, bad)
+    _assert_same_state(model, state)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble-data", "garble-header", "empty", "foreign"])
+def test_damaged_file_gives_clear_valueerror(edit, tmp_path, damage):
+    _, _, d = edit
+    path = d.save(tmp_path / "edit.safetensors")
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        path.write_bytes(bytes(raw[: len(raw) // 2]))
+    elif damage == "garble-data":
+        for i in range(len(raw) - 64, len(raw) - 32):  # inside a tensor, header intact
+            raw[i] ^= 0x21
+        path.write_bytes(bytes(raw))
+    elif damage == "garble-header":
+        for i in range(10, 60):
+            raw[i] = ord("%")
+        path.write_bytes(bytes(raw))
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:  # a valid safetensors file that is not a pmetlab edit
+        save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="edit.safetensors") as ei:
+        Deltas.load(path)
+    assert not isinstance(ei.value, EditMismatchError)
+
+
+def test_missing_file_is_filenotfound(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no saved edit"):
+        Deltas.load(tmp_path / "nope.safetensors")

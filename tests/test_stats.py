@@ -1,0 +1,367 @@
+"""Covariance statistics: the accumulator, one-pass collection, the disk cache and its keys,
+damaged files, merging partial results, and resuming an interrupted run."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import pmetlab.stats as stats
+from pmetlab import get_adapter
+from pmetlab.corpus import resolve_corpus
+from pmetlab.stats import (SecondMoment, collect_second_moments, layer_covariances, stats_key,
+                           symmetric_accumulate_, symmetrize, tokenize_corpus, tokenizer_identity)
+from pmetlab.tracing import TraceDict
+from tests.tiny_models import _TOKENIZER_WORDS, make_tiny_model, make_tiny_tokenizer
+
+WORDS = [w for w in _TOKENIZER_WORDS if w.isalpha()]
+
+
+def write_corpus(path: Path, n_docs: int = 24, seed: int = 0) -> Path:
+    """``<doc>``-separated documents of 20-70 known words (varied lengths -> padded batches)."""
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 70))) for _ in range(n_docs)]
+    path.write_text("".join(f"<doc id={i}>\n{d}\n</doc>\n" for i, d in enumerate(docs)))
+    return path
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PMETLAB_CACHE_DIR", str(cache))
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    return {"cache": cache, "corpus": str(corpus), "tmp": tmp_path}
+
+
+COV_KW = dict(n_tokens=600, seq_len=32, progress=False, tokens_per_batch=128)
+
+
+def _cache_files(cache: Path) -> list[Path]:
+    return sorted(cache.rglob("*.safetensors"))
+
+
+# --- the accumulator ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("d, block", [(10, 3), (7, 256), (16, 4)])
+def test_symmetric_accumulate_equals_gram(d, block):
+    g = torch.Generator().manual_seed(0)
+    acc = torch.zeros(d, d, dtype=torch.float64)
+    xs = [torch.randn(n, d, generator=g, dtype=torch.float64) for n in (5, 9, 1)]
+    for x in xs:
+        symmetric_accumulate_(acc, x, block=block)
+    full = symmetrize(acc)
+    want = sum(x.T @ x for x in xs)
+    torch.testing.assert_close(full, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(full, full.T)
+
+
+def test_second_moment_mom2_and_merge():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    key = {"module": "m", "tokens": 40}
+    whole = SecondMoment(x.T @ x, 40, key)
+    a = SecondMoment(x[:15].T @ x[:15], 15, {**key, "tokens": 15, "shard": 0})
+    b = SecondMoment(x[15:].T @ x[15:], 25, {**key, "tokens": 25, "shard": 1})
+    merged = a.merge(b)
+    assert merged.count == 40
+    torch.testing.assert_close(merged.sum, whole.sum, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(merged.mom2, x.T @ x / 40, rtol=1e-12, atol=1e-12)
+    other = SecondMoment(b.sum, b.count, {**key, "module": "other"})
+    with pytest.raises(ValueError, match="different keys"):
+        a.merge(other)
+    with pytest.raises(ValueError, match="no tokens"):
+        SecondMoment(torch.zeros(2, 2), 0).mom2
+
+
+# --- collection -----------------------------------------------------------------------------
+
+def _setup(family: str = "LlamaForCausalLM", corpus: str | None = None, n_tokens: int = 600):
+    model = make_tiny_model(family)
+    tok = make_tiny_tokenizer()
+    chunks = tokenize_corpus(tok, resolve_corpus(corpus), n_tokens, 32) if corpus else None
+    return model, tok, get_adapter(model), chunks
+
+
+def test_collect_matches_brute_force_and_skips_padding(env):
+    model, tok, adapter, chunks = _setup(corpus=env["corpus"])
+    assert len({len(c) for c in chunks}) > 1  # padded batches are exercised
+    names = [adapter.ffn_out_name(1)]
+    got = collect_second_moments(model, tok, names, chunks, dtype=torch.float64, tokens_per_batch=128,
+                                 progress=False)[names[0]]
+    xs = []
+    for c in chunks:  # one unpadded sequence at a time
+        with torch.no_grad(), TraceDict(model, names, retain_input=True, stop=True) as td:
+            model(input_ids=torch.tensor([c]))
+        xs.append(td[names[0]].input[0].double())
+    x = torch.cat(xs)
+    assert got.count == len(x) == sum(len(c) for c in chunks)
+    # the model runs in float32: batched and single-sequence activations differ in the last bits
+    torch.testing.assert_close(got.mom2, x.T @ x / len(x), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("family", ["LlamaForCausalLM", "GPT2LMHeadModel", "GPTJForCausalLM"])
+def test_collect_all_layers_in_one_pass_equals_each_alone(env, family):
+    model, tok, adapter, chunks = _setup(family, env["corpus"])
+    names = [adapter.ffn_out_name(l) for l in range(3)] + [adapter.attn_out_name(1)]
+    together = collect_second_moments(model, tok, names, chunks, tokens_per_batch=128, progress=False)
+    for n in names:
+        alone = collect_second_moments(model, tok, [n], chunks, tokens_per_batch=128, progress=False)[n]
+        assert together[n].count == alone.count
+        assert torch.equal(together[n].sum, alone.sum)
+    assert together[names[0]].sum.shape == (adapter.d_ff, adapter.d_ff)
+    assert together[names[-1]].sum.shape == (adapter.d_attn, adapter.d_attn)
+
+
+def test_collect_resume_from_checkpoint_equals_uninterrupted(env):
+    model, tok, adapter, chunks = _setup(corpus=env["corpus"])
+    names = [adapter.ffn_out_name(0), adapter.ffn_out_name(2)]
+    full = collect_second_moments(model, tok, names, chunks, tokens_per_batch=64, progress=False)
+    saved: list = []
+
+    class Interrupted(Exception):
+        pass
+
+    def checkpoint(st, next_batch):
+        saved.append((st, next_batch))
+        raise Interrupted  # the process dies right after its first checkpoint
+
+    with pytest.raises(Interrupted):
+        collect_second_moments(model, tok, names, chunks, tokens_per_batch=64, progress=False,
+                               checkpoint=checkpoint, checkpoint_every=2)
+    st, nb = saved[0]
+    assert nb == 2
+    resumed = collect_second_moments(model, tok, names, chunks, tokens_per_batch=64, progress=False,
+                                     start=nb, init=st)
+    for n in names:
+        assert resumed[n].count == full[n].count
+        assert torch.equal(resumed[n].sum, full[n].sum)
+
+
+def test_collect_refuses_empty_chunks():
+    model, tok, adapter, _ = _setup()
+    with pytest.raises(ValueError, match="no corpus chunks"):
+        collect_second_moments(model, tok, [adapter.ffn_out_name(0)], [], progress=False)
+
+
+# --- layer_covariances: cache, keys, damage, resume ------------------------------------------
+
+def _forbid_collect(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("collect_second_moments ran although the cache should have answered")
+    monkeypatch.setattr(stats, "collect_second_moments", fail)
+
+
+def test_second_call_hits_the_cache(env, monkeypatch):
+    model, tok, _, _ = _setup()
+    first = layer_covariances(model, tok, [0, 2], corpus=env["corpus"], **COV_KW)
+    assert len(_cache_files(env["cache"])) == 2
+    _forbid_collect(monkeypatch)
+    second = layer_covariances(model, tok, [0, 2], corpus=env["corpus"], **COV_KW)
+    for l in (0, 2):
+        assert torch.equal(first[l].sum, second[l].sum) and first[l].count == second[l].count
+        assert first[l].key == second[l].key
+    sub = layer_covariances(model, tok, [2], corpus=env["corpus"], **COV_KW)  # a subset is cached too
+    assert torch.equal(sub[2].sum, first[2].sum)
+
+
+def test_only_missing_layers_are_computed_in_one_pass(env, monkeypatch):
+    model, tok, adapter, _ = _setup()
+    layer_covariances(model, tok, [1], corpus=env["corpus"], **COV_KW)
+    calls = []
+    real = stats.collect_second_moments
+
+    def spy(model_, tok_, names, *a, **k):
+        calls.append(list(names))
+        return real(model_, tok_, names, *a, **k)
+
+    monkeypatch.setattr(stats, "collect_second_moments", spy)
+    out = layer_covariances(model, tok, [0, 1, 2], corpus=env["corpus"], **COV_KW)
+    assert calls == [[adapter.ffn_out_name(0), adapter.ffn_out_name(2)]]
+    assert sorted(out) == [0, 1, 2]
+    assert out[0].mom2.shape == (adapter.d_ff, adapter.d_ff)
+
+
+def test_attn_kind_has_its_own_cache(env):
+    model, tok, adapter, _ = _setup()
+    ffn = layer_covariances(model, tok, [1], kind="ffn", corpus=env["corpus"], **COV_KW)
+    attn = layer_covariances(model, tok, [1], kind="attn", corpus=env["corpus"], **COV_KW)
+    assert attn[1].sum.shape == (adapter.d_attn, adapter.d_attn)
+    assert ffn[1].key["module"] != attn[1].key["module"]
+    assert len(_cache_files(env["cache"])) == 2
+    with pytest.raises(ValueError, match="kind"):
+        layer_covariances(model, tok, [1], kind="mlp", corpus=env["corpus"], **COV_KW)
+    with pytest.raises(ValueError, match="out of range"):
+        layer_covariances(model, tok, [5], corpus=env["corpus"], **COV_KW)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble-data", "garble-header", "empty"])
+def test_damaged_cache_file_is_detected_and_recomputed(env, monkeypatch, damage, caplog):
+    model, tok, _, _ = _setup()
+    first = layer_covariances(model, tok, [1], corpus=env["corpus"], **COV_KW)[1]
+    (path,) = _cache_files(env["cache"])
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "garble-data":
+        for i in range(len(raw) - 40, len(raw) - 20):  # inside the float data, header intact
+            raw[i] ^= 0x15
+    elif damage == "garble-header":
+        for i in range(12, 40):
+            raw[i] = ord("#")
+    else:
+        raw = bytearray()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=str(path.name)):
+        SecondMoment.load(path, first.key)
+    calls = []
+    real = stats.collect_second_moments
+    monkeypatch.setattr(stats, "collect_second_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = layer_covariances(model, tok, [1], corpus=env["corpus"], **COV_KW)[1]
+    assert calls == [1]
+    assert "recomputing" in caplog.text
+    assert torch.equal(again.sum, first.sum) and again.count == first.count
+    assert torch.equal(SecondMoment.load(path, first.key).sum, first.sum)  # the file was rewritten
+
+
+def test_file_with_another_key_is_rejected(env):
+    model, tok, _, _ = _setup()
+    sm = layer_covariances(model, tok, [1], corpus=env["corpus"], **COV_KW)[1]
+    (path,) = _cache_files(env["cache"])
+    with pytest.raises(ValueError, match="different setting"):
+        SecondMoment.load(path, {**sm.key, "tokens": 1})
+    loaded = SecondMoment.load(path)
+    assert loaded.key == sm.key and torch.equal(loaded.sum, sm.sum)
+
+
+def _key(env, model, tok, layer=1, **changes):
+    kw = {**COV_KW, "corpus": env["corpus"], **changes}
+    return layer_covariances(model, tok, [layer], **kw)[layer].key
+
+
+def test_cache_key_changes_with_every_input(env, monkeypatch):
+    model, tok, adapter, _ = _setup()
+    base = _key(env, model, tok)
+    other_corpus = str(write_corpus(env["tmp"] / "other.txt", seed=1))
+    variants = {
+        "corpus": _key(env, model, tok, corpus=other_corpus),
+        "tokens": _key(env, model, tok, n_tokens=500),
+        "dtype": _key(env, model, tok, dtype="float64"),
+        "seq_len": _key(env, model, tok, seq_len=24),
+    }
+    for what, k in variants.items():
+        assert k != base, what
+    # a changed corpus file (same name) is a different corpus
+    Path(env["corpus"]).write_text(Path(env["corpus"]).read_text() + "<doc>\nthe king of france\n</doc>\n")
+    assert _key(env, model, tok) != base
+    files = _cache_files(env["cache"])
+    assert len(files) == 6  # every variant got its own file
+
+
+def test_cache_key_follows_the_weights_the_statistic_depends_on(env):
+    model, tok, adapter, _ = _setup()
+    keys = {l: _key(env, model, tok, layer=l) for l in range(3)}
+    with torch.no_grad():  # a later layer, the final norm and the head do not change layer 0's keys
+        adapter.module(adapter.ffn_out_name(2)).weight.add_(1.0)
+        adapter.module(adapter.final_norm_name).weight.mul_(2.0)
+        adapter.module(adapter.unembed_name).weight.mul_(2.0)
+    assert _key(env, model, tok, layer=0) == keys[0]
+    assert _key(env, model, tok, layer=1) == keys[1]
+    assert _key(env, model, tok, layer=2) != keys[2]
+    with torch.no_grad():  # the embedding changes every layer's input
+        model.get_input_embeddings().weight.mul_(1.5)
+    for l in range(3):
+        assert _key(env, model, tok, layer=l) != keys[l]
+    seed1 = make_tiny_model("LlamaForCausalLM", seed=1)
+    assert _key(env, seed1, tok, layer=0) != keys[0]
+
+
+def test_cache_key_includes_the_tokenizer_and_model_sampling_seed(env):
+    from tokenizers import normalizers
+
+    model, tok, _, _ = _setup()
+    tok2 = make_tiny_tokenizer()
+    tok2.backend_tokenizer.normalizer = normalizers.Sequence([])  # not lower-cased: other tokens
+    assert tokenizer_identity(tok2) != tokenizer_identity(tok)
+    assert tokenizer_identity(make_tiny_tokenizer()) == tokenizer_identity(tok)
+    assert _key(env, model, tok2) != _key(env, model, tok)
+    corp = resolve_corpus("model:2")
+    k0 = stats_key(model, "m", "fp", corp, 10, 32, "float32", seed=0)
+    k1 = stats_key(model, "m", "fp", corp, 10, 32, "float32", seed=1)
+    assert k0 != k1
+    file_corp = resolve_corpus(env["corpus"])  # a file corpus does not depend on the seed
+    assert stats_key(model, "m", "fp", file_corp, 10, 32, "float32", seed=0) == \
+        stats_key(model, "m", "fp", file_corp, 10, 32, "float32", seed=1)
+
+
+def test_layer_covariances_resumes_an_interrupted_run(env, monkeypatch, tmp_path):
+    model, tok, _, _ = _setup()
+    kw = dict(COV_KW, tokens_per_batch=64, checkpoint_every=1)
+    # the uninterrupted result, in a separate cache
+    monkeypatch.setenv("PMETLAB_CACHE_DIR", str(tmp_path / "clean"))
+    clean = layer_covariances(model, tok, [0, 2], corpus=env["corpus"], **kw)
+    monkeypatch.setenv("PMETLAB_CACHE_DIR", str(env["cache"]))
+
+    class Interrupted(Exception):
+        pass
+
+    real = stats.collect_second_moments
+    starts: list[int] = []
+
+    def interrupted_after_first_checkpoint(*a, checkpoint=None, **k):
+        starts.append(k["start"])
+
+        def ckpt(st, nb):
+            checkpoint(st, nb)
+            if nb == 2:
+                raise Interrupted
+        return real(*a, checkpoint=ckpt, **k)
+
+    monkeypatch.setattr(stats, "collect_second_moments", interrupted_after_first_checkpoint)
+    with pytest.raises(Interrupted):
+        layer_covariances(model, tok, [0, 2], corpus=env["corpus"], **kw)
+    partial = [p for p in env["cache"].rglob("partial-*") if p.is_dir()]
+    assert len(partial) == 1 and (partial[0] / "progress.json").is_file()
+    assert not [p for p in _cache_files(env["cache"]) if not p.parent.name.startswith("partial-")]
+    resumed = layer_covariances(model, tok, [0, 2], corpus=env["corpus"], **kw)
+    assert starts == [0, 2]  # the second run started where the first one stopped
+    for l in (0, 2):
+        assert resumed[l].count == clean[l].count
+        assert torch.equal(resumed[l].sum, clean[l].sum)
+    assert not [p for p in env["cache"].rglob("partial-*")]  # checkpoint removed when done
+
+
+def test_checkpoint_of_another_batch_plan_is_not_reused(env, monkeypatch):
+    model, tok, _, _ = _setup()
+
+    class Interrupted(Exception):
+        pass
+
+    real = stats.collect_second_moments
+
+    def die(*a, checkpoint=None, **k):
+        def ckpt(st, nb):
+            checkpoint(st, nb)
+            raise Interrupted
+        return real(*a, checkpoint=ckpt, **k)
+
+    monkeypatch.setattr(stats, "collect_second_moments", die)
+    with pytest.raises(Interrupted):
+        layer_covariances(model, tok, [1], corpus=env["corpus"], **dict(COV_KW, tokens_per_batch=64,
+                                                                          checkpoint_every=1))
+    starts = []
+    monkeypatch.setattr(stats, "collect_second_moments",
+                        lambda *a, **k: starts.append(k["start"]) or real(*a, **k))
+    got = layer_covariances(model, tok, [1], corpus=env["corpus"], **dict(COV_KW, tokens_per_batch=256))
+    assert starts == [0]
+    monkeypatch.setenv("PMETLAB_CACHE_DIR", str(env["tmp"] / "clean"))
+    clean = layer_covariances(model, tok, [1], corpus=env["corpus"], **dict(COV_KW, tokens_per_batch=256))
+    assert got[1].count == clean[1].count
+    torch.testing.assert_close(got[1].sum, clean[1].sum)
+
+
+def test_use_cache_false_writes_nothing(env):
+    model, tok, _, _ = _setup()
+    layer_covariances(model, tok, [0], corpus=env["corpus"], use_cache=False, **COV_KW)
+    assert _cache_files(env["cache"]) == []
