@@ -59,8 +59,9 @@ NB01 = [
     and 95% interval over prompts) and `01_similarity_by_depth.csv` (means over early / middle / late
     thirds of the layers).
 
-    **Takes** about 3–5 min with the defaults (200 prompts, SmolLM2-135M in float32 on 2 CPU cores;
-    mostly the logit lens over the 49k-token vocabulary), and about 30 s with `SMOKE = True`.
+    **Takes** about 1 min with the defaults (200 prompts; SmolLM2-135M in float32 on a CPU, one
+    thread: on a machine shared with other jobs `OMP_NUM_THREADS=1` is several times faster than
+    oversubscribed threads), and about 30 s with `SMOKE = True`.
     """),
     params("""
     MODEL = "smollm2-135m"  # embedded model name or a local model directory
@@ -141,9 +142,9 @@ NB02 = [
     neighbourhood prompt), `02_record_metrics.csv` (the record's CounterFact metrics),
     `02_generations.csv` (greedy continuations) and `02_checks.csv`.
 
-    **Takes** about 3–5 min with the defaults (SmolLM2-135M in float32 on 2 CPU cores; first run: the
-    covariance statistics are computed once and cached, the optimised targets are cached per
-    request), and well under a minute with `SMOKE = True`.
+    **Takes** about 1–2 min with the defaults (SmolLM2-135M in float32 on a CPU, one thread,
+    `OMP_NUM_THREADS=1`; the first run on a machine also computes the covariance statistics, a few
+    minutes, which are cached like the optimised targets), and under a minute with `SMOKE = True`.
     """),
     params("""
     MODEL = "smollm2-135m"  # embedded model name or a local model directory
@@ -261,9 +262,12 @@ NB02 = [
     gives the same tensors and the same prediction.
     """),
     code("""
-    pmet, p_unedited = deltas["PMET"], predictions.query("model == 'unedited'")["p_new"].iloc[0]
+    def p_new():  # P(new object) after the rewrite prompt, scored alone
+        return score_pairs(model, tok, [request.text], [request.target_new]).prob[0]
+
+    pmet, p_unedited = deltas["PMET"], p_new()
     undo = pmetlab.apply_deltas_(model, pmet)
-    p_edited = score_pairs(model, tok, [request.text], [request.target_new]).prob[0]
+    p_edited = p_new()
     try:
         pmet.check_compatible(model)
         edit_detected = False
@@ -271,7 +275,7 @@ NB02 = [
         edit_detected = True
     pmetlab.restore_(model, undo)
     bit_exact = all(bool((model.get_parameter(n) == w).all()) for n, w in undo.items())
-    p_restored = score_pairs(model, tok, [request.text], [request.target_new]).prob[0]
+    p_restored = p_new()
     """),
     code("""
     path = pmet.save(f"{OUTPUT_DIR}/02_edit_pmet.safetensors")
@@ -280,7 +284,7 @@ NB02 = [
     same_tensors = loaded.tensors.keys() == pmet.tensors.keys() and all(
         bool((loaded.tensors[n] == t).all()) for n, t in pmet.tensors.items())
     with pmetlab.edited(model, loaded):
-        p_reloaded = score_pairs(model, tok, [request.text], [request.target_new]).prob[0]
+        p_reloaded = p_new()
     """),
     code("""
     checks = pd.DataFrame([
@@ -317,19 +321,20 @@ NB03 = [
     (every run's summary, before and after); each run's directory (run.json, per-record metrics,
     the weight updates) under `RUNS_DIR`.
 
-    **Takes** about 8–10 min with the defaults (n ∈ {1, 2, 8}, generation off; SmolLM2-135M in
-    float32 on 2 CPU cores; mostly the target optimisation, which is cached per request, so
-    notebook 04 and later runs reuse it), and about a minute with `SMOKE = True`.
+    **Takes** about 8 min with the defaults (n ∈ {1, 4, 16}, generation off; SmolLM2-135M in
+    float32 on a CPU, one thread, `OMP_NUM_THREADS=1`): mostly the target optimisation, about 15 s per
+    fact and method, cached per request so that notebook 04 and later runs reuse it. About a minute
+    with `SMOKE = True`.
     """),
     params("""
     MODEL = "smollm2-135m"   # embedded model name or a local model directory
     DEVICE = "auto"          # "auto" (accelerator when present), "cpu", "cuda", ...
-    SEED = 0                 # seeds the context prefixes (and the subset when SUBSET = "sample")
+    SEED = 0                 # seeds the context prefixes (and the subset when SUBSET is "sample")
     SMOKE = False            # tiny sizes: a quick end-to-end check that writes every file
     OUTPUT_DIR = "figures"   # figures (PNG, PDF, CSV) and tables go here
     RUNS_DIR = "runs"        # run directories go under here (relative to the working directory)
     DATASET = "counterfact"  # "counterfact", "multi_counterfact" (no conflicting edits) or "zsre"
-    N_EDITS_MAX = 8          # largest batch; the sweep edits 1, N_EDITS_MAX // 4 and N_EDITS_MAX facts
+    N_EDITS_MAX = 16         # largest batch; the sweep edits 1, N_EDITS_MAX // 4 and N_EDITS_MAX facts
     SUBSET = "first"         # the first n records, or a seeded "sample"
     GENERATION = False       # CounterFact fluency/consistency: generates text, slow on a CPU
     N_GEN_TOKENS = 100       # tokens per generation prompt when GENERATION
@@ -406,12 +411,12 @@ NB04 = [
     params("""
     MODEL = "smollm2-135m"   # embedded model name or a local model directory
     DEVICE = "auto"          # "auto" (accelerator when present), "cpu", "cuda", ...
-    SEED = 0                 # seeds the context prefixes (and the subset when SUBSET = "sample")
+    SEED = 0                 # seeds the context prefixes (and the subset when SUBSET is "sample")
     SMOKE = False            # tiny sizes: a quick end-to-end check that writes every file
     OUTPUT_DIR = "figures"   # figures (PNG, PDF, CSV) and tables go here
     RUNS_DIR = "runs"        # run directories go under here (relative to the working directory)
     DATASET = "counterfact"  # "counterfact", "multi_counterfact" (no conflicting edits) or "zsre"
-    N_EDITS = 8              # facts edited in one batch by every variant
+    N_EDITS = 16             # facts edited in one batch by every variant
     SUBSET = "first"         # the first N_EDITS records, or a seeded "sample"
     RESUME = False           # reuse finished runs of the same parameters in RUNS_DIR
     """),
@@ -436,7 +441,7 @@ NB04 = [
     "w/o δ^a", whose optimisation differs.
     """),
     code("""
-    lambdas = [base.mom2_update_weight * f for f in (1 / 3, 10 / 3, 10)]
+    lambdas = [base.mom2_update_weight * f for f in ((1 / 3,) if SMOKE else (1 / 3, 10 / 3, 10))]
     variants = {"PMET": {}, "no spread (p=0)": {"spread_exponent": 0.0},
                 "even spread (p=1)": {"spread_exponent": 1.0}, "w/o δ^a": {"optimize_attn": False},
                 "+ MHSA update": {"update_attn_weights": True},

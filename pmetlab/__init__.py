@@ -11,6 +11,7 @@ from .evaluation import evaluate_counterfact, evaluate_zsre, relative_specificit
 from .experiments import ExperimentResult, load_run, run_experiment, run_sweep, summarize_runs
 from .hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams, hparams_from_dict
 from .models import get_adapter, load_model, model_identity, supported_architectures
+from .notebooks import list_notebooks, run_notebooks
 from .requests import EditRequest
 from .stats import layer_covariances
 from .tracing import Trace, TraceDict
@@ -25,4 +26,5 @@ __all__ = ["__version__", "load_model", "get_adapter", "model_identity", "suppor
            "DatasetInfo", "load_counterfact", "load_multi_counterfact", "load_zsre", "load_known_facts", "select",
            "drop_conflicting", "counterfact_requests", "zsre_requests",
            "evaluate_counterfact", "evaluate_zsre", "summarize", "relative_specificity",
-           "ExperimentResult", "run_experiment", "run_sweep", "load_run", "summarize_runs"]
+           "ExperimentResult", "run_experiment", "run_sweep", "load_run", "summarize_runs",
+           "run_notebooks", "list_notebooks"]

@@ -285,6 +285,9 @@ def _search_dirs() -> list[tuple[str, Path]]:
     if env:
         dirs.append(("env", Path(env).expanduser()))
     dirs.append(("project", _PROJECT_DATA_DIR))
+    shared = _PROJECT_DATA_DIR.parent.parent / "shared" / "data"  # a checkout beside ../shared
+    if shared.is_dir():
+        dirs.append(("shared", shared))
     return dirs
 
 

@@ -76,7 +76,6 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_RUNS_DIR = Path("runs")
 _HP_CLASSES: dict[str, type[EditHyperParams]] = {"pmet": PMETHyperParams, "memit": MEMITHyperParams}
 _LIST_COLUMNS = ("neighborhood_prefers_true", "neighborhood_pred", "gen_texts")
-_SUMMARY_INFO = ("label", "model", "method", "dataset", "n_edits", "mode", "batch_size", "seed")
 
 
 class RunMismatchError(ValueError):

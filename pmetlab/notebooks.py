@@ -18,16 +18,16 @@ import logging
 import os
 import platform
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from .cache import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXPECTED_OUTPUTS", "NOTEBOOKS_DIR", "list_notebooks", "notebooks_dir", "notebook_parameters",
-           "run_notebooks"]
+__all__ = ["EXPECTED_OUTPUTS", "NOTEBOOKS_DIR", "list_notebooks", "notebook_parameters", "run_notebooks"]
 
 #: ``<repo>/notebooks`` (the package is installed editable, so the repo is its parent).
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -62,7 +62,7 @@ _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", ""}
 
 
-def notebooks_dir(path: str | os.PathLike | None = None) -> Path:
+def _locate_dir(path: str | os.PathLike | None = None) -> Path:
     """The folder holding the notebooks: ``path`` when given, else ``<repo>/notebooks``."""
     d = Path(path).expanduser() if path is not None else NOTEBOOKS_DIR
     if not d.is_dir():
@@ -78,7 +78,7 @@ def list_notebooks(notebooks_dir: str | os.PathLike | None = None) -> list[str]:
     Every ``*.ipynb`` of the folder except hidden files, names starting with ``_`` and
     checkpoint copies.
     """
-    d = globals()["notebooks_dir"](notebooks_dir)
+    d = _locate_dir(notebooks_dir)
     return sorted(p.stem for p in d.glob("*.ipynb")
                   if not p.name.startswith((".", "_")) and not p.stem.endswith("-checkpoint"))
 
@@ -170,7 +170,7 @@ def _error_of(exc: BaseException) -> tuple[str, int | None]:
 def run_notebooks(out_dir: str | os.PathLike, names: Sequence[str] | None = None,
                   parameters: Mapping[str, Any] | None = None, smoke: bool = False,
                   notebooks_dir: str | os.PathLike | None = None, timeout: int | None = None, *,
-                  kernel_name: str | None = None) -> list[dict]:
+                  kernel_name: str | None = None, threads: int | None = None) -> list[dict]:
     """Execute notebooks with papermill, one at a time, each in a fresh kernel.
 
     Args:
@@ -187,11 +187,14 @@ def run_notebooks(out_dir: str | os.PathLike, names: Sequence[str] | None = None
         notebooks_dir: folder of the notebooks (default ``<repo>/notebooks``).
         timeout: per-cell time limit in seconds (papermill's ``execution_timeout``); None: no limit.
         kernel_name: Jupyter kernel (default: the one each notebook names, ``python3``).
+        threads: CPU threads of the kernels' torch/BLAS (sets ``OMP_NUM_THREADS`` and
+            ``MKL_NUM_THREADS`` for them); None keeps the environment's setting. On a CPU shared
+            with other jobs, 1 is often several times faster than oversubscribed threads.
 
     Returns:
         One dict per notebook, in run order: ``name``, ``status`` ("ok" or "failed"),
-        ``seconds``, ``error`` (one line, None when ok), ``cell`` (index of the failing cell or
-        None), ``notebook`` (the executed copy), ``outputs`` (files written or updated during the
+        ``seconds``, ``error`` (one line, None when ok), ``cell`` (index of the failing cell in
+        the executed copy, or None), ``notebook`` (the executed copy), ``outputs`` (files written or updated during the
         run, relative to ``out_dir``), ``missing`` (expected files of :data:`EXPECTED_OUTPUTS`
         not written, or empty). A notebook that ran without error but left an expected file
         missing counts as failed.
@@ -205,7 +208,7 @@ def run_notebooks(out_dir: str | os.PathLike, names: Sequence[str] | None = None
     except ImportError as exc:
         raise ImportError("running notebooks needs papermill and ipykernel: pip install -e '.[notebooks]'") from exc
 
-    src_dir = globals()["notebooks_dir"](notebooks_dir)
+    src_dir = _locate_dir(notebooks_dir)
     selected = _resolve_names(names, list_notebooks(src_dir))
     if not selected:
         raise ValueError(f"no notebooks to run in {src_dir}")
@@ -216,6 +219,8 @@ def run_notebooks(out_dir: str | os.PathLike, names: Sequence[str] | None = None
         given["SMOKE"] = bool(smoke)
     given["OUTPUT_DIR"] = str(out)
 
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
     declared = {n: notebook_parameters(src_dir / f"{n}.ipynb") for n in selected}
     unknown = sorted(k for k in given if k not in {"SMOKE", "OUTPUT_DIR"}
                      and not any(k in d for d in declared.values()))
@@ -235,8 +240,32 @@ def run_notebooks(out_dir: str | os.PathLike, names: Sequence[str] | None = None
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "out_dir": str(out), "notebooks_dir": str(src_dir), "smoke": bool(given["SMOKE"]),
         "parameters": {k: v for k, v in given.items()}, "host": platform.node(),
+        "threads": threads if threads is not None else os.environ.get("OMP_NUM_THREADS"),
         "notebooks": [],
     }
+    with _thread_env(threads):
+        return _run_all(papermill, src_dir, selected, plans, out, timeout, kernel_name, report)
+
+
+@contextmanager
+def _thread_env(threads: int | None) -> Iterator[None]:
+    """Set the thread variables the kernels inherit, and put the old values back."""
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    old = {k: os.environ.get(k) for k in keys}
+    try:
+        if threads is not None:
+            os.environ.update({k: str(threads) for k in keys})
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_all(papermill, src_dir: Path, selected: list[str], plans: dict[str, dict], out: Path,
+             timeout: int | None, kernel_name: str | None, report: dict) -> list[dict]:
     results: list[dict] = []
     for i, name in enumerate(selected, 1):
         executed = out / f"{name}.ipynb"

@@ -81,6 +81,9 @@ def test_one_parameters_cell_second_with_scalars_only(name):
     defaults = {s.targets[0].id: s.value.value for s in tree.body if isinstance(s.value, ast.Constant)}
     assert defaults["SMOKE"] is False and defaults["OUTPUT_DIR"] == "figures" and defaults["SEED"] == 0
     assert defaults["MODEL"] == "smollm2-135m"
+    papermill = pytest.importorskip("papermill")
+    assert list(papermill.inspect_notebook(str(NOTEBOOKS_DIR / f"{name}.ipynb"))) == names, \
+        "papermill parses every parameter (a comment containing '=' hides one from it)"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -147,8 +150,9 @@ def tiny_notebooks(tmp_path):
     params = 'SMOKE = False\nOUTPUT_DIR = "out"\nN = 1'
     _write_nb(d / "01_bad.ipynb", params, "x = 1", 'raise ValueError("boom: the second line")')
     _write_nb(d / "02_good.ipynb", params,
-              'import json, pathlib\n'
-              'pathlib.Path(OUTPUT_DIR, "good.json").write_text(json.dumps({"N": N, "SMOKE": SMOKE}))')
+              'import json, os, pathlib\n'
+              'pathlib.Path(OUTPUT_DIR, "good.json").write_text(json.dumps(\n'
+              '    {"N": N, "SMOKE": SMOKE, "threads": os.environ.get("OMP_NUM_THREADS")}))')
     _write_nb(d / "_helper.ipynb", params)  # not listed: leading underscore
     return d
 
@@ -157,9 +161,10 @@ def tiny_notebooks(tmp_path):
 def test_run_notebooks_reports_a_failure_and_runs_the_rest(tiny_notebooks, tmp_path, caplog):
     out = tmp_path / "out"
     assert list_notebooks(tiny_notebooks) == ["01_bad", "02_good"]
+    threads_before = os.environ.get("OMP_NUM_THREADS")
     with caplog.at_level("ERROR", logger="pmetlab.notebooks"):
         res = run_notebooks(str(out), parameters={"N": "3"}, smoke=True, notebooks_dir=str(tiny_notebooks),
-                            timeout=120)
+                            timeout=120, threads=1)
     assert [r["name"] for r in res] == ["01_bad", "02_good"]
     bad, good = res
     assert bad["status"] == "failed" and bad["error"] == "ValueError: boom: the second line"
@@ -167,10 +172,12 @@ def test_run_notebooks_reports_a_failure_and_runs_the_rest(tiny_notebooks, tmp_p
     assert (out / "01_bad.ipynb").is_file(), "the executed copy shows where it failed"
     assert "01_bad" in caplog.text and "boom" in caplog.text
     assert good["status"] == "ok" and good["error"] is None and good["outputs"] == ["good.json"]
-    assert json.loads((out / "good.json").read_text()) == {"N": 3, "SMOKE": True}, "parameters typed and passed"
+    assert json.loads((out / "good.json").read_text()) == {"N": 3, "SMOKE": True, "threads": "1"}, \
+        "parameters typed and passed, the thread count set for the kernel"
     report = json.loads((out / "report.json").read_text())
     assert [r["status"] for r in report["notebooks"]] == ["failed", "ok"] and report["smoke"] is True
     assert all(r["seconds"] > 0 for r in res)
+    assert os.environ.get("OMP_NUM_THREADS") == threads_before, "the caller's environment is restored"
 
 
 @pytest.mark.notebooks
@@ -211,7 +218,10 @@ def _shared_data() -> Path | None:
 def test_notebook_runs_in_smoke_mode(name, tmp_path, monkeypatch):
     monkeypatch.setenv("PMETLAB_DATA_DIR", str(_shared_data()))  # inherited by the kernel
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    (res,) = run_notebooks(str(tmp_path), names=[name], smoke=True, timeout=600)
+    # one thread, as conftest sets for the suite: on a busy 2-core machine two spin-waiting threads
+    # per kernel make the model several times slower
+    threads = int(os.environ.get("PMETLAB_TEST_THREADS", "1"))
+    (res,) = run_notebooks(str(tmp_path), names=[name], smoke=True, timeout=600, threads=threads)
     assert res["status"] == "ok", f"{name} failed in cell {res['cell']}: {res['error']} (see {res['notebook']})"
     for f in EXPECTED_OUTPUTS[name]:
         p = tmp_path / f
