@@ -213,13 +213,33 @@ class _Stepper:
         if mode == "prefix":
             self.groups = self._make_groups()
 
-    def _make_groups(self) -> list[_Group]:
+    def _make_groups(self, overhead_tokens: int = 48) -> list[_Group]:
+        """Bucket rows by the column of their subject's last token: each group recomputes only
+        positions >= its split. Adjacent buckets (in split order) merge while one forward of the
+        union costs less than two (``overhead_tokens`` stands for a forward's fixed cost)."""
         rows = self.rows
+        length = rows.attention_mask.sum(1)
+        order = torch.argsort(rows.lookup, stable=True).tolist()
+        buckets: list[list[int]] = []
+        for r in order:
+            if buckets and int(rows.lookup[buckets[-1][0]]) == int(rows.lookup[r]):
+                buckets[-1].append(r)
+            else:
+                buckets.append([r])
+
+        def cost(b: list[int]) -> int:
+            split = min(int(rows.lookup[r]) for r in b)
+            return len(b) * (max(int(length[r]) for r in b) - split) + overhead_tokens
+
+        merged: list[list[int]] = []
+        for b in buckets:
+            if merged and cost(merged[-1] + b) <= cost(merged[-1]) + cost(b):
+                merged[-1] = merged[-1] + b
+            else:
+                merged.append(b)
         groups = []
-        for kinds in ((1,), (0, 2)):  # prefixed rewrite prompts; bare + KL prompts
-            idx = torch.isin(rows.kind, torch.tensor(kinds)).nonzero().squeeze(1)
-            if len(idx) == 0:
-                continue
+        for b in merged:
+            idx = torch.tensor(sorted(b))
             split = int(rows.lookup[idx].min())
             g = _Group(idx, split)
             if split > 0:
