@@ -21,7 +21,7 @@ def main() -> None:
     if a.quick:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
-        model, tok = make_tiny_model("llama"), make_tiny_tokenizer()
+        model, tok = make_tiny_model("LlamaForCausalLM", initializer_range=0.2), make_tiny_tokenizer()
         hp = PMETHyperParams.preset("smollm2-135m").replace(layers=(0, 1), v_num_grad_steps=5, cov_tokens=3000)
     else:
         model, tok = pmetlab.load_model("smollm2-135m")

@@ -39,7 +39,7 @@ def _model(quick: bool):
     if quick:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
-        return make_tiny_model("llama"), make_tiny_tokenizer()
+        return make_tiny_model("LlamaForCausalLM", initializer_range=0.2), make_tiny_tokenizer()
     import pmetlab
     return pmetlab.load_model("smollm2-135m")
 

@@ -143,6 +143,22 @@ def test_fast_targets_equal_reference_targets(env, family, cls):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("strategy", ["replay", "prefix"])
+def test_chunked_and_strategies_match_one_batch(env, strategy):
+    """Requests do not interact: chunks of one request (and each exact strategy) give the targets
+    of one batch."""
+    from pmetlab.editing.targets import optimize_targets_chunked
+    model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
+    hp = _hp(env, PMETHyperParams, v_num_grad_steps=6)
+    templates = context_templates(model, tok, hp)
+    one = optimize_targets(model, tok, REQUESTS, hp, templates, progress=False, strategy=strategy)
+    chunked = optimize_targets_chunked(model, tok, REQUESTS, hp, templates, chunk_size=1, progress=False)
+    assert chunked.n_steps == one.n_steps
+    assert sorted({r["request"] for r in chunked.trace}) == list(range(len(REQUESTS)))
+    for k in one.values:
+        torch.testing.assert_close(chunked.values[k], one.values[k], rtol=1e-4, atol=1e-5)
+
+
 def _p_target(model, tok, r: EditRequest) -> float:
     ids = tok(r.text, return_tensors="pt")["input_ids"]
     t = target_ids(tok, r.target_new)[0]

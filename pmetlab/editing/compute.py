@@ -58,7 +58,7 @@ def compute_deltas(model, tok, requests: Sequence[EditRequest], hparams: EditHyp
                    progress: bool = True, use_cache: bool = True, reference: bool = False,
                    diagnostics: bool = True, covariances: Mapping[int, SecondMoment] | None = None,
                    attn_covariances: Mapping[int, SecondMoment] | None = None,
-                   cache_targets: bool = True) -> Deltas:
+                   cache_targets: bool = True, chunk_size: int = 16) -> Deltas:
     """Compute the weight updates that write ``requests`` into ``model``; the model is left
     bit-identical (the updates are applied temporarily while later layers' keys are read).
 
@@ -67,6 +67,8 @@ def compute_deltas(model, tok, requests: Sequence[EditRequest], hparams: EditHyp
         use_cache: reuse cached covariance statistics, context prefixes and (with
             ``cache_targets``) optimised targets of identical requests.
         reference: run the slow full-recompute target optimisation (for tests/benchmarks).
+        chunk_size: requests optimised together (they do not interact; this bounds the memory
+            of the target optimisation's backward pass).
         covariances / attn_covariances: precomputed statistics per layer (e.g. those of the
             unedited model, for sequential editing); by default computed or read from the cache.
 
@@ -113,7 +115,8 @@ def compute_deltas(model, tok, requests: Sequence[EditRequest], hparams: EditHyp
     try:
         t0 = time.perf_counter()
         targets = optimize_targets_cached(model, tok, requests, hp, templates, reference=reference,
-                                          progress=progress, use_cache=use_cache and cache_targets)
+                                          progress=progress, use_cache=use_cache and cache_targets,
+                                          chunk_size=chunk_size)
         timings["targets"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         L = hp.layers[-1]

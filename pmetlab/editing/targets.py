@@ -474,6 +474,27 @@ def _prefix_matches(stepper: "_Stepper", model, adapter, rows, L, h_in, as_tuple
     return bool(torch.allclose(la, lb, atol=atol) and torch.allclose(ka, kb, atol=atol))
 
 
+def optimize_targets_chunked(model, tok, requests: Sequence[EditRequest], hp: EditHyperParams,
+                             templates: Sequence[str], *, chunk_size: int = 16, reference: bool = False,
+                             progress: bool = True) -> TargetResult:
+    """:func:`optimize_targets` over chunks of at most ``chunk_size`` requests (requests do not
+    interact, so this only bounds the memory of the backward pass; chunks run one after another)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    parts = [optimize_targets(model, tok, requests[i:i + chunk_size], hp, templates, reference=reference,
+                              progress=progress) for i in range(0, len(requests), chunk_size)]
+    if len(parts) == 1:
+        return parts[0]
+    offsets = [0]
+    for p in parts[:-1]:
+        offsets.append(offsets[-1] + len(p.n_steps))
+    cat = lambda key: {k: torch.cat([getattr(p, key)[k] for p in parts]) for k in getattr(parts[0], key)}
+    trace = [{**row, "request": row["request"] + off} for p, off in zip(parts, offsets) for row in p.trace]
+    return TargetResult(layer=parts[0].layer, values=cat("values"), inits=cat("inits"), deltas=cat("deltas"),
+                        n_steps=[n for p in parts for n in p.n_steps], trace=trace,
+                        seconds=sum(p.seconds for p in parts))
+
+
 TARGET_CACHE_FORMAT = 1
 _TARGET_FIELDS = ("v_lr", "v_num_grad_steps", "clamp_norm_factor", "kl_factor", "v_weight_decay", "optimize_attn",
                   "loss_stop", "kl_stop", "argmax_nll_scale")
@@ -481,7 +502,7 @@ _TARGET_FIELDS = ("v_lr", "v_num_grad_steps", "clamp_norm_factor", "kl_factor", 
 
 def optimize_targets_cached(model, tok, requests: Sequence[EditRequest], hp: EditHyperParams,
                             templates: Sequence[str], *, reference: bool = False, progress: bool = True,
-                            use_cache: bool = True) -> TargetResult:
+                            use_cache: bool = True, chunk_size: int = 16) -> TargetResult:
     """:func:`optimize_targets` with a per-request disk cache.
 
     Each request's targets depend only on the model, the request, the templates and the
@@ -491,7 +512,8 @@ def optimize_targets_cached(model, tok, requests: Sequence[EditRequest], hp: Edi
     differ from a fresh batch in the last float bits (batch padding changes the rounding).
     """
     if not use_cache:
-        return optimize_targets(model, tok, requests, hp, templates, reference=reference, progress=progress)
+        return optimize_targets_chunked(model, tok, requests, hp, templates, chunk_size=chunk_size,
+                                        reference=reference, progress=progress)
     import json
 
     from safetensors import safe_open
@@ -520,8 +542,8 @@ def optimize_targets_cached(model, tok, requests: Sequence[EditRequest], hp: Edi
             logger.warning("ignoring target cache entry %s (%s)", p, exc)
     missing = [i for i in range(len(requests)) if i not in found]
     if missing:
-        fresh = optimize_targets(model, tok, [requests[i] for i in missing], hp, templates, reference=reference,
-                                 progress=progress)
+        fresh = optimize_targets_chunked(model, tok, [requests[i] for i in missing], hp, templates,
+                                         chunk_size=chunk_size, reference=reference, progress=progress)
         for j, i in enumerate(missing):
             tensors = {}
             for group, d in (("values", fresh.values), ("inits", fresh.inits), ("deltas", fresh.deltas)):
