@@ -323,8 +323,8 @@ NB03 = [
 
     **Takes** about 8 min with the defaults (n ∈ {1, 4, 16}, generation off; SmolLM2-135M in
     float32 on a CPU, one thread, `OMP_NUM_THREADS=1`): mostly the target optimisation, about 15 s per
-    fact and method, cached per request so that notebook 04 and later runs reuse it. About a minute
-    with `SMOKE = True`.
+    fact and method, cached per request so that notebook 04 and later runs reuse it (n up to 32:
+    about 18 min). About a minute with `SMOKE = True`.
     """),
     params("""
     MODEL = "smollm2-135m"   # embedded model name or a local model directory
@@ -396,7 +396,8 @@ NB04 = [
     batch of CounterFact edits: the spread of the residual over the critical layers, R / (n − i)^p
     with p = 0 (none), 0.5 (PMET's square root) and 1 (MEMIT's even spread); PMET **without δ^a**
     (only the FFN hidden state optimised); PMET **also updating the MHSA output weights**; and the
-    covariance weight λ (`mom2_update_weight`) at 1/3, 1, 10/3 and 10 times the preset. The paper
+    covariance weight λ (`mom2_update_weight`) at 0.1, 0.3, 1 and 3 times the preset (100, 300, 1000
+    and 3000 for SmolLM2's preset λ = 1000). The paper
     reports that the square-root spread raises reliability at some cost in specificity, that dropping
     δ^a hurts, and that updating the MHSA weights as well helps only slightly.
 
@@ -404,9 +405,10 @@ NB04 = [
     `04_spread_sweep.{png,pdf,csv}`, `04_lambda_sweep.{png,pdf,csv}` and `04_ablations.csv` (every
     run's summary, before and after); the run directories under `RUNS_DIR`.
 
-    **Takes** about 6–8 min with the defaults (8 edits; SmolLM2-135M in float32 on 2 CPU cores;
-    after notebook 03 the PMET targets come from the cache, the w/o-δ^a targets and the MHSA
-    covariance are new), and about a minute with `SMOKE = True`.
+    **Takes** about 8 min with the defaults (8 edits, 8 variants; SmolLM2-135M in float32 on a CPU,
+    one thread, `OMP_NUM_THREADS=1`; after notebook 03 the PMET targets come from the cache, the
+    w/o-δ^a targets and the MHSA covariance are new; 16 edits take about 15 min), and about 1.5 min
+    with `SMOKE = True`.
     """),
     params("""
     MODEL = "smollm2-135m"   # embedded model name or a local model directory
@@ -416,7 +418,7 @@ NB04 = [
     OUTPUT_DIR = "figures"   # figures (PNG, PDF, CSV) and tables go here
     RUNS_DIR = "runs"        # run directories go under here (relative to the working directory)
     DATASET = "counterfact"  # "counterfact", "multi_counterfact" (no conflicting edits) or "zsre"
-    N_EDITS = 16             # facts edited in one batch by every variant
+    N_EDITS = 8              # facts edited in one batch by every variant
     SUBSET = "first"         # the first N_EDITS records, or a seeded "sample"
     RESUME = False           # reuse finished runs of the same parameters in RUNS_DIR
     """),
@@ -441,11 +443,11 @@ NB04 = [
     "w/o δ^a", whose optimisation differs.
     """),
     code("""
-    lambdas = [base.mom2_update_weight * f for f in ((1 / 3,) if SMOKE else (1 / 3, 10 / 3, 10))]
+    lambdas = [base.mom2_update_weight * f for f in ((0.3,) if SMOKE else (0.1, 0.3, 3))]
     variants = {"PMET": {}, "no spread (p=0)": {"spread_exponent": 0.0},
                 "even spread (p=1)": {"spread_exponent": 1.0}, "w/o δ^a": {"optimize_attn": False},
                 "+ MHSA update": {"update_attn_weights": True},
-                **{f"λ={lam:g}": {"mom2_update_weight": lam} for lam in lambdas}}
+                **{f"λ={lam:,.0f}": {"mom2_update_weight": lam} for lam in lambdas}}
     grid = [{"label": name, "hparams": hp} for name, hp in variants.items()]
     pd.DataFrame({"variant": list(variants), "overrides": [str(hp) for hp in variants.values()]})
     """),

@@ -187,9 +187,11 @@ def run_notebooks(out_dir: str | os.PathLike, names: Sequence[str] | None = None
         notebooks_dir: folder of the notebooks (default ``<repo>/notebooks``).
         timeout: per-cell time limit in seconds (papermill's ``execution_timeout``); None: no limit.
         kernel_name: Jupyter kernel (default: the one each notebook names, ``python3``).
-        threads: CPU threads of the kernels' torch/BLAS (sets ``OMP_NUM_THREADS`` and
-            ``MKL_NUM_THREADS`` for them); None keeps the environment's setting. On a CPU shared
-            with other jobs, 1 is often several times faster than oversubscribed threads.
+        threads: CPU threads of each kernel's torch/BLAS (``OMP_NUM_THREADS`` and
+            ``MKL_NUM_THREADS`` for the kernels). None: ``$OMP_NUM_THREADS`` when set, else 1 —
+            on a 2-core machine shared with other jobs, two spin-waiting threads per process made
+            the model ~5x slower than one (the test suite runs single-threaded for the same
+            reason). 0: leave it to torch (all cores).
 
     Returns:
         One dict per notebook, in run order: ``name``, ``status`` ("ok" or "failed"),
@@ -219,8 +221,10 @@ def run_notebooks(out_dir: str | os.PathLike, names: Sequence[str] | None = None
         given["SMOKE"] = bool(smoke)
     given["OUTPUT_DIR"] = str(out)
 
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise ValueError(f"threads must be a non-negative integer (0: torch's default) or None, got {threads!r}")
+    if threads is None:
+        threads = None if os.environ.get("OMP_NUM_THREADS") else 1
     declared = {n: notebook_parameters(src_dir / f"{n}.ipynb") for n in selected}
     unknown = sorted(k for k in given if k not in {"SMOKE", "OUTPUT_DIR"}
                      and not any(k in d for d in declared.values()))
@@ -240,7 +244,7 @@ def run_notebooks(out_dir: str | os.PathLike, names: Sequence[str] | None = None
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "out_dir": str(out), "notebooks_dir": str(src_dir), "smoke": bool(given["SMOKE"]),
         "parameters": {k: v for k, v in given.items()}, "host": platform.node(),
-        "threads": threads if threads is not None else os.environ.get("OMP_NUM_THREADS"),
+        "threads": threads if threads is not None else os.environ.get("OMP_NUM_THREADS"),  # 0: torch's default
         "notebooks": [],
     }
     with _thread_env(threads):
@@ -253,7 +257,10 @@ def _thread_env(threads: int | None) -> Iterator[None]:
     keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
     old = {k: os.environ.get(k) for k in keys}
     try:
-        if threads is not None:
+        if threads == 0:
+            for k in keys:
+                os.environ.pop(k, None)
+        elif threads is not None:
             os.environ.update({k: str(threads) for k in keys})
         yield
     finally:
