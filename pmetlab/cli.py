@@ -3,6 +3,7 @@ notebooks, and a one-edit demo.
 
     pmetlab run --method pmet --dataset counterfact --n-edits 10 --hparams v_num_grad_steps=20
     pmetlab stats --model smollm2-135m --layers 3-8 --tokens 100000
+    torchrun --nproc-per-node 2 -m pmetlab stats --model smollm2-135m   # sharded over 2 workers
     pmetlab summarize runs/*            # or a sweep directory
     pmetlab notebooks --out figures --smoke
     pmetlab demo
@@ -233,12 +234,28 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from .models.loading import load_model
     from .stats import layer_covariances
 
+    import os
+
+    import torch
+
+    from .devices import resolve_device
+    from .distributed import init_from_env
+
     hp = resolve_hparams(args.model, "pmet")
     layers = args.layers if args.layers is not None else list(hp.layers)
-    model, tok = load_model(args.model, device=args.device)
+    device = resolve_device(args.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ and args.device in ("auto", "cuda"):
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per worker
+    shard = init_from_env(device)  # torchrun / accelerate launch: shard the corpus across workers
+    model, tok = load_model(args.model, device=device)
     covs = layer_covariances(model, tok, layers, kind=args.kind, corpus=args.corpus or hp.cov_corpus,
                              n_tokens=args.tokens or hp.cov_tokens, seq_len=args.seq_len or hp.cov_seq_len,
-                             dtype=args.dtype or hp.cov_dtype, progress=not args.no_progress, seed=hp.seed)
+                             dtype=args.dtype or hp.cov_dtype, progress=not args.no_progress, seed=hp.seed,
+                             shard=shard)
+    if not shard.is_main:
+        return 0
+    if shard.world > 1:
+        _echo(f"merged the statistics of {shard.world} workers")
     folder = cache_dir("stats", type(model).__name__)
     for l, sm in covs.items():
         path = folder / f"{args.kind}-L{l:03d}-{stable_hash(sm.key)}.safetensors"

@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from .cache import atomic_path, cache_dir, stable_hash
 from .corpus import Corpus, resolve_corpus
 from .devices import model_device
+from .distributed import Shard, all_reduce_moments, barrier, consensus, current_shard
 from .models.adapters import get_adapter
 from .tokens import tokenizer_identity
-from .tracing import TraceDict
+from .tracing import TraceDict, get_module
 
 logger = logging.getLogger(__name__)
 
@@ -253,17 +254,21 @@ def _batches(chunks: list[list[int]], tokens_per_batch: int) -> Iterator[list[li
 def collect_second_moments(model, tok, module_names: Sequence[str], chunks: list[list[int]], *,
                            dtype: torch.dtype = torch.float32, tokens_per_batch: int = 4096,
                            start: int = 0, init: dict[str, SecondMoment] | None = None,
-                           checkpoint=None, checkpoint_every: int = 20, progress: bool = True
-                           ) -> dict[str, SecondMoment]:
+                           checkpoint=None, checkpoint_every: int = 20, progress: bool = True,
+                           shard: Shard | None = None) -> dict[str, SecondMoment]:
     """Accumulate E[k kᵀ] of each named module's input over ``chunks`` in one forward per batch,
     stopping after the deepest module. ``start``/``init`` resume from a checkpoint;
-    ``checkpoint(stats, next_batch_index)`` is called every ``checkpoint_every`` batches."""
+    ``checkpoint(stats, next_batch_index)`` is called every ``checkpoint_every`` batches.
+
+    With ``shard`` only this worker's batches are run (indices refer to them) and the result
+    is a partial sum: merge the workers' results with :func:`pmetlab.distributed.all_reduce_moments`
+    or :meth:`SecondMoment.merge`."""
     if not chunks:
         raise ValueError("no corpus chunks to collect statistics from (every document was shorter than 8 "
                          "tokens, or the corpus is empty); use a larger corpus")
     dev = model_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = list(_batches(chunks, tokens_per_batch))
+    batches = (shard or Shard()).take(list(_batches(chunks, tokens_per_batch)))
     if not 0 <= start <= len(batches):
         raise ValueError(f"start={start} is outside the {len(batches)} batches of this run")
     acc: dict[str, torch.Tensor] = {}
@@ -290,10 +295,12 @@ def collect_second_moments(model, tok, module_names: Sequence[str], chunks: list
             with TraceDict(model, module_names, retain_output=False, retain_input=True, stop=True) as td:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
             for n in module_names:
-                x = td[n].input
-                x = x.reshape(-1, x.shape[-1])[keep].to(dtype)
+                x = td[n].input  # on this module's device (layers may be spread over devices)
+                x = x.reshape(-1, x.shape[-1])[keep.to(x.device)].to(dtype)
                 if n not in acc:
-                    acc[n] = torch.zeros(x.shape[1], x.shape[1], dtype=dtype, device=dev)
+                    acc[n] = torch.zeros(x.shape[1], x.shape[1], dtype=dtype, device=x.device)
+                elif acc[n].device != x.device:
+                    acc[n] = acc[n].to(x.device)
                 symmetric_accumulate_(acc[n], x)
                 counts[n] += x.shape[0]
             ntok = int(keep.sum())
@@ -304,19 +311,37 @@ def collect_second_moments(model, tok, module_names: Sequence[str], chunks: list
                 checkpoint({n: SecondMoment(symmetrize(acc[n]).cpu(), counts[n]) for n in module_names}, bi + 1)
     finally:
         bar.close()
+    for n in module_names:  # a worker whose shard is empty contributes zeros
+        if n not in acc:
+            d = _input_dim(model, n)
+            acc[n] = torch.zeros(d, d, dtype=dtype, device=dev)
     return {n: SecondMoment(symmetrize(acc[n]).cpu(), counts[n]) for n in module_names}
+
+
+def _input_dim(model, name: str) -> int:
+    """Input width of a projection module (nn.Linear ``in_features``, GPT-2 Conv1D ``nx``)."""
+    mod = get_module(model, name)
+    for attr in ("in_features", "nx"):
+        if isinstance(getattr(mod, attr, None), int):
+            return getattr(mod, attr)
+    raise TypeError(f"cannot tell the input width of {name} ({type(mod).__name__})")
 
 
 def layer_covariances(model, tok, layers: Sequence[int], *, kind: str = "ffn", corpus: str | Corpus = "default",
                       n_tokens: int = 100_000, seq_len: int = 256, dtype: str = "float32",
                       use_cache: bool = True, progress: bool = True, seed: int = 0,
-                      tokens_per_batch: int = 4096, checkpoint_every: int = 20) -> dict[int, SecondMoment]:
+                      tokens_per_batch: int = 4096, checkpoint_every: int = 20,
+                      shard: Shard | None = None) -> dict[int, SecondMoment]:
     """E[k kᵀ] for the FFN keys (``kind="ffn"``) or MHSA-projection inputs (``kind="attn"``) of
     ``layers``: cached per layer; the missing ones computed together in one pass.
 
     Returns ``{layer: SecondMoment}``; ``.mom2`` is the (d, d) matrix C_l of method.md §2 step 4.
     With ``use_cache``, a checkpoint is written every ``checkpoint_every`` batches and an
     interrupted run resumes from it.
+
+    Under ``torch.distributed`` (``shard`` defaults to this process's rank and world size),
+    every worker runs its share of the batches, the sums and counts are all-reduced, the main
+    worker writes the cache and all workers return the same merged statistics.
     """
     if kind not in ("ffn", "attn"):
         raise ValueError(f"kind must be 'ffn' or 'attn', got {kind!r}")
@@ -333,6 +358,7 @@ def layer_covariances(model, tok, layers: Sequence[int], *, kind: str = "ffn", c
     folder = cache_dir("stats", type(model).__name__)
     paths = {l: folder / f"{kind}-L{l:03d}-{stable_hash(keys[l])}.safetensors" for l in layers}
     out: dict[int, SecondMoment] = {}
+    shard = shard if shard is not None else current_shard()
     if use_cache:
         for l in layers:
             if paths[l].is_file():
@@ -341,6 +367,9 @@ def layer_covariances(model, tok, layers: Sequence[int], *, kind: str = "ffn", c
                     logger.info("covariance for %s loaded from cache %s", names[l], paths[l])
                 except ValueError as exc:
                     logger.warning("%s; recomputing", exc)
+    # every worker must agree on what to compute (their caches may differ)
+    agreed = consensus([l in out for l in layers])
+    out = {l: out[l] for l, ok in zip(layers, agreed) if ok}
     missing = [l for l in layers if l not in out]
     if not missing:
         return out
@@ -349,7 +378,8 @@ def layer_covariances(model, tok, layers: Sequence[int], *, kind: str = "ffn", c
     # the batch plan (tokens_per_batch) is part of the key: a checkpoint's batch index means
     # nothing under another plan
     run_key = {"layers": missing, "keys": [keys[l] for l in missing], "tokens_per_batch": int(tokens_per_batch),
-               "n_batches": n_batches}
+               "n_batches": n_batches, **({"shard": [shard.rank, shard.world]} if shard.world > 1 else {})}
+    n_batches = len(shard.take(list(range(n_batches))))
     ckpt = folder / f"partial-{kind}-{stable_hash(run_key)}"
     start, init = 0, None
     if use_cache and (ckpt / "progress.json").is_file():
@@ -380,12 +410,15 @@ def layer_covariances(model, tok, layers: Sequence[int], *, kind: str = "ffn", c
 
     res = collect_second_moments(model, tok, [names[l] for l in missing], chunks, dtype=tdtype,
                                  tokens_per_batch=tokens_per_batch, start=start, init=init,
-                                 checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress)
+                                 checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                                 progress=progress and shard.is_main, shard=shard)
+    sums, counts = all_reduce_moments({n: r.sum for n, r in res.items()}, {n: r.count for n, r in res.items()})
     for l in missing:
-        sm = SecondMoment(res[names[l]].sum, res[names[l]].count, keys[l])
-        if use_cache:
+        sm = SecondMoment(sums[names[l]], counts[names[l]], keys[l])
+        if use_cache and shard.is_main:
             sm.save(paths[l])
         out[l] = sm
+    barrier()  # the main worker's files exist before anyone returns
     if ckpt.is_dir():
         import shutil
         shutil.rmtree(ckpt, ignore_errors=True)

@@ -14,7 +14,7 @@ from pmetlab import (EditRequest, MEMITHyperParams, PMETHyperParams, compute_del
 from pmetlab.editing.prefixes import context_templates
 from pmetlab.editing.targets import optimize_targets
 from pmetlab.tokens import target_ids
-from tests.tiny_models import _TOKENIZER_WORDS, assert_no_hooks, make_tiny_model, make_tiny_tokenizer
+from tests.tiny_models import TINY_FAMILIES, _TOKENIZER_WORDS, assert_no_hooks, make_tiny_model, make_tiny_tokenizer
 
 FAMILIES = ["LlamaForCausalLM", "GPTJForCausalLM", "GPT2LMHeadModel"]  # sequential, parallel, Conv1D
 REQUESTS = [EditRequest(prompt="{} plays the sport of", subject="danny miles", target_new="jazz"),
@@ -41,7 +41,8 @@ def _hp(env, cls=PMETHyperParams, **kw):
 
 def _model(family: str, **kw):
     # initializer_range 0.2: the default 0.02 gives near-uniform logits that no edit can move
-    return make_tiny_model(family, initializer_range=0.2, **kw)
+    init = "init_std" if family == "OPTForCausalLM" else "initializer_range"
+    return make_tiny_model(family, **{init: 0.2}, **kw)
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -141,6 +142,45 @@ def test_fast_targets_equal_reference_targets(env, family, cls):
     for a, b in zip(fast.trace, ref.trace):
         assert a["request"] == b["request"] and a["step"] == b["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_auto_strategy_matches_reference_on_every_family(env, family, caplog):
+    """The cached-prefix path (one forward per step, per-row splits) reproduces the reference
+    on every architecture; where it cannot (tiny Gemma 3: a sliding window of 4 tokens, shorter
+    than the prompts), the one-time check falls back to replay and results still agree."""
+    model, tok = _model(family), make_tiny_tokenizer()
+    hp = _hp(env, PMETHyperParams, v_num_grad_steps=4, kl_factor=0.5)
+    templates = context_templates(model, tok, hp)
+    with caplog.at_level("INFO", logger="pmetlab.editing.targets"):
+        fast = optimize_targets(model, tok, REQUESTS, hp, templates, progress=False)
+    ref = optimize_targets(model, tok, REQUESTS, hp, templates, progress=False, reference=True)
+    fell_back = "using replay" in caplog.text
+    window = getattr(model.config, "sliding_window", None)
+    assert fell_back == bool(window and window < 8), caplog.text
+    assert fast.n_steps == ref.n_steps
+    for k in ref.values:
+        torch.testing.assert_close(fast.values[k], ref.values[k], rtol=1e-4, atol=1e-5)
+
+
+def test_kl_rows_end_at_the_subject(env):
+    """KL rows are cut after the subject's last token; the logits read there are those of the
+    full "{subject} is a" prompt (causal attention)."""
+    from pmetlab.editing.targets import KL_TEMPLATE, build_rows
+    model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
+    rows = build_rows(tok, REQUESTS, ["{}"])
+    for r, req in enumerate(rows.req.tolist()):
+        if int(rows.kind[r]) != 2:
+            continue
+        n = int(rows.attention_mask[r].sum())
+        look = int(rows.lookup[r])
+        assert n == look + 1
+        full = tok(KL_TEMPLATE.format(REQUESTS[req].subject), return_tensors="pt")["input_ids"]
+        assert full.shape[1] > n and torch.equal(full[0, :n], rows.input_ids[r, :n])
+        with torch.no_grad():
+            a = model(input_ids=full).logits[0, look]
+            b = model(input_ids=rows.input_ids[r:r + 1, :n]).logits[0, look]
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # different shapes: float rounding only
 
 
 @pytest.mark.parametrize("strategy", ["replay", "prefix"])

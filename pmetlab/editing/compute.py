@@ -23,7 +23,7 @@ from ..tracing import get_parameter
 from .deltas import Deltas, deltas_meta, param_fingerprint
 from .prefixes import context_templates
 from .solve import keys_and_outputs, solve_update, spread_residual
-from .targets import optimize_targets_cached
+from .targets import CHUNK_SIZE, optimize_targets_cached
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def compute_deltas(model, tok, requests: Sequence[EditRequest], hparams: EditHyp
                    progress: bool = True, use_cache: bool = True, reference: bool = False,
                    diagnostics: bool = True, covariances: Mapping[int, SecondMoment] | None = None,
                    attn_covariances: Mapping[int, SecondMoment] | None = None,
-                   cache_targets: bool = True, chunk_size: int = 16) -> Deltas:
+                   cache_targets: bool = True, chunk_size: int = CHUNK_SIZE) -> Deltas:
     """Compute the weight updates that write ``requests`` into ``model``; the model is left
     bit-identical (the updates are applied temporarily while later layers' keys are read).
 

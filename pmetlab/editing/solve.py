@@ -111,22 +111,28 @@ def keys_and_outputs(model, tok, adapter: ModelAdapter, requests: Sequence[EditR
         with TraceDict(model, names, retain_input=bool(key_modules), retain_output=True, stop=True) as td:
             model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False)
         B = len(look)
+        # each module's rows stay on that module's device (layers may live on different devices)
         for n in key_modules:
-            ins[n].append(adapter.unflatten(td[n].input, B)[ar, look].float())
+            x = adapter.unflatten(td[n].input, B)
+            ins[n].append(x[ar.to(x.device), look.to(x.device)].float())
         for n in out_modules:
-            outs[n].append(adapter.unflatten(hidden_of(td[n].output), B)[ar, look].float())
-    req_t = torch.tensor(req, device=dev)
-    bare_t = torch.tensor(is_bare, device=dev)
+            x = adapter.unflatten(hidden_of(td[n].output), B)
+            outs[n].append(x[ar.to(x.device), look.to(x.device)].float())
     N = len(requests)
     n_pref = max(len(templates) - 1, 0)
     keys = {}
     for n, parts in ins.items():
         x = torch.cat(parts)
-        bare = torch.zeros(N, x.shape[1], device=dev).index_add(0, req_t[bare_t], x[bare_t])
+        req_t = torch.tensor(req, device=x.device)
+        bare_t = torch.tensor(is_bare, device=x.device)
+        bare = torch.zeros(N, x.shape[1], device=x.device).index_add(0, req_t[bare_t], x[bare_t])
         if n_pref:
-            pref = torch.zeros(N, x.shape[1], device=dev).index_add(0, req_t[~bare_t], x[~bare_t]) / n_pref
+            pref = torch.zeros(N, x.shape[1], device=x.device).index_add(0, req_t[~bare_t], x[~bare_t]) / n_pref
             keys[n] = 0.5 * bare + 0.5 * pref
         else:
             keys[n] = bare
-    bare_out = {n: torch.cat(parts)[bare_t] for n, parts in outs.items()}
+    bare_out = {}
+    for n, parts in outs.items():
+        x = torch.cat(parts)
+        bare_out[n] = x[torch.tensor(is_bare, device=x.device)]
     return keys, bare_out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -31,9 +32,13 @@ from ..tracing import Trace, TraceDict, get_module, hidden_of, replace_hidden
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TargetResult", "optimize_targets", "build_rows", "Rows"]
+__all__ = ["TargetResult", "optimize_targets", "optimize_targets_chunked", "optimize_targets_cached", "build_rows",
+           "Rows", "CHUNK_SIZE"]
 
 KL_TEMPLATE = "{} is a"
+# requests optimised together: ~60 MB of activations each on SmolLM2-135M (keeps a 100-edit
+# run under 2 GB on the CPU); larger chunks are only slightly faster per request
+CHUNK_SIZE = 8
 
 
 @dataclass
@@ -81,9 +86,10 @@ def build_rows(tok, requests: Sequence[EditRequest], templates: Sequence[str]) -
             req.append(i), lookup.append(look), kind.append(0 if j == 0 else 1)
             for k, t in enumerate(tgt):
                 t_row.append(row), t_pos.append(len(ids) - 1 + k), t_tok.append(t)
-        ids = list(tok(KL_TEMPLATE.format(r.subject))["input_ids"])
-        seqs.append(ids)
-        req.append(i), lookup.append(subject_last_index(tok, KL_TEMPLATE, r.subject)), kind.append(2)
+        # the KL logits are read at the subject's last token: later tokens cannot change them
+        look = subject_last_index(tok, KL_TEMPLATE, r.subject)
+        seqs.append(list(tok(KL_TEMPLATE.format(r.subject))["input_ids"])[: look + 1])
+        req.append(i), lookup.append(look), kind.append(2)
     T = max(len(s) for s in seqs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     input_ids = torch.full((len(seqs), T), pad, dtype=torch.long)
@@ -169,10 +175,10 @@ def _initial_pass(model, adapter: ModelAdapter, rows: Rows, L: int, dev) -> tupl
     with TraceDict(model, names, retain_input=True, retain_output=True, stop=True) as td:
         model(input_ids=rows.input_ids.to(dev), attention_mask=rows.attention_mask.to(dev), use_cache=False)
     B = len(rows.req)
-    ar = torch.arange(B, device=dev)
-    look = rows.lookup.to(dev)
-    out = {k: adapter.unflatten(hidden_of(td[n].output), B)[ar, look].detach()
-           for k, n in zip(("layer", "attn", "ffn"), names)}
+    out = {}
+    for k, n in zip(("layer", "attn", "ffn"), names):
+        x = adapter.unflatten(hidden_of(td[n].output), B)  # on layer L's device
+        out[k] = x[torch.arange(B, device=x.device), rows.lookup.to(x.device)].detach()
     as_tuple = isinstance(td[names[0]].output, tuple)
     return td[names[0]].input.detach(), out, as_tuple
 
@@ -192,70 +198,85 @@ def _cache_kwarg(model) -> str:
 
 @dataclass
 class _Group:
-    """Rows sharing a split column ``s``: positions < s never see δ (causal attention, δ sits
-    at the subject's last token >= s), so their keys/values are computed once and reused."""
+    """Rows run in one forward. Row r recomputes only its positions >= ``splits[r]``: in
+    "prefix" mode the split is the subject's last token (causal attention: earlier positions
+    never see δ), and their keys/values (``kv``, right-padded to the longest split, masked
+    by ``prefix_mask``) are computed once and reused every step."""
 
     rows: torch.Tensor
-    split: int
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    splits: torch.Tensor
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+    prefix_mask: torch.Tensor | None = None
 
 
 class _Stepper:
     """One forward of the optimisation for a set of rows; three exact strategies:
     "reference" (whole model, full logits), "replay" (layers >= L only, logits where read),
-    "prefix" (replay + cached keys/values of the positions before each group's split)."""
+    "prefix" (replay of positions after each row's subject only, earlier keys/values cached).
+
+    ``overhead_tokens`` is the fixed cost of one extra forward in token-equivalents (each
+    matrix multiply reads all its weights, so on a CPU a forward of few tokens is not cheap):
+    rows are grouped by the number of positions they recompute, and adjacent groups merge
+    while one forward of the union costs less than two."""
 
     def __init__(self, model, adapter: ModelAdapter, rows: Rows, L: int, h_in: torch.Tensor, as_tuple: bool,
-                 names: dict[str, str], mode: str, dev) -> None:
+                 names: dict[str, str], mode: str, dev, overhead_tokens: int = 32) -> None:
         self.model, self.adapter, self.rows, self.L, self.h_in = model, adapter, rows, L, h_in
         self.as_tuple, self.names, self.mode, self.dev = as_tuple, names, mode, dev
-        self.groups = [_Group(torch.arange(len(rows.req)), 0)]
+        self.length = rows.attention_mask.sum(1)
+        self.pad = int(rows.input_ids[rows.attention_mask == 0][0]) if bool((rows.attention_mask == 0).any()) else 0
+        n = len(rows.req)
         if mode == "prefix":
-            self.groups = self._make_groups()
+            self.groups = self._make_groups(rows.lookup.clone(), overhead_tokens)
+        else:
+            self.groups = [_Group(torch.arange(n), torch.zeros(n, dtype=torch.long))]
 
-    def _make_groups(self, overhead_tokens: int = 48) -> list[_Group]:
-        """Bucket rows by the column of their subject's last token: each group recomputes only
-        positions >= its split. Adjacent buckets (in split order) merge while one forward of the
-        union costs less than two (``overhead_tokens`` stands for a forward's fixed cost)."""
-        rows = self.rows
-        length = rows.attention_mask.sum(1)
-        order = torch.argsort(rows.lookup, stable=True).tolist()
-        buckets: list[list[int]] = []
-        for r in order:
-            if buckets and int(rows.lookup[buckets[-1][0]]) == int(rows.lookup[r]):
-                buckets[-1].append(r)
-            else:
-                buckets.append([r])
-
-        def cost(b: list[int]) -> int:
-            split = min(int(rows.lookup[r]) for r in b)
-            return len(b) * (max(int(length[r]) for r in b) - split) + overhead_tokens
-
+    def _make_groups(self, splits: torch.Tensor, overhead_tokens: int) -> list[_Group]:
+        work = self.length - splits
+        order = torch.argsort(work, stable=True).tolist()
         merged: list[list[int]] = []
-        for b in buckets:
-            if merged and cost(merged[-1] + b) <= cost(merged[-1]) + cost(b):
-                merged[-1] = merged[-1] + b
+        cost = lambda b: len(b) * max(int(work[r]) for r in b) + overhead_tokens
+        for r in order:
+            if merged and cost(merged[-1] + [r]) <= cost(merged[-1]) + cost([r]):
+                merged[-1].append(r)
             else:
-                merged.append(b)
+                merged.append([r])
         groups = []
         for b in merged:
             idx = torch.tensor(sorted(b))
-            split = int(rows.lookup[idx].min())
-            g = _Group(idx, split)
-            if split > 0:
-                with torch.no_grad():
-                    out = self.model(input_ids=rows.input_ids[idx, :split].to(self.dev),
-                                     attention_mask=rows.attention_mask[idx, :split].to(self.dev), use_cache=True)
-                cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-                g.kv = [(k.detach(), v.detach()) for k, v in _kv_of(cache)]
+            g = _Group(idx, splits[idx])
+            if int(g.splits.max()) > 0:
+                g.prefix_mask, g.kv = self._prefix_kv(idx, g.splits)
             groups.append(g)
         return groups
+
+    @torch.no_grad()
+    def _prefix_kv(self, idx: torch.Tensor, splits: torch.Tensor):
+        """Keys/values of the positions before each row's split at layers >= L (the layers
+        below L are replayed from ``h_in``; the forward stops at the final norm). Entries of
+        layers < L are None (those layers are pass-throughs)."""
+        from transformers import DynamicCache
+        S = int(splits.max())
+        mask = (torch.arange(S)[None] < splits[:, None]).long()
+        cache = DynamicCache(config=self.model.config)
+        kwargs = {_cache_kwarg(self.model): cache}
+        with _replay_from_layer(self.adapter, self.L, self.h_in[idx.to(self.dev), :S], self.as_tuple), \
+                Trace(self.model, self.adapter.final_norm_name, retain_output=False, stop=True):
+            self.model(input_ids=self.rows.input_ids[idx, :S].to(self.dev), attention_mask=mask.to(self.dev),
+                       use_cache=True, **kwargs)
+        kv = [None if li < self.L else (k.detach(), v.detach()) for li, (k, v) in enumerate(_kv_of(cache))]
+        return mask, kv
 
     def _cache_for(self, g: _Group, sel: torch.Tensor):
         from transformers import DynamicCache
         cache = DynamicCache(config=self.model.config)
-        for li, (k, v) in enumerate(g.kv):
-            cache.update(k[sel], v[sel], li)
+        ref = next(kv[0] for kv in g.kv if kv is not None)
+        for li, kv in enumerate(g.kv):
+            if kv is None:  # a pass-through layer: only the cached length is read (masks, positions)
+                z = ref.new_zeros(len(sel), 1, ref.shape[-2], 1)
+                cache.update(z, z, li)
+            else:
+                cache.update(kv[0][sel], kv[1][sel], li)
         return cache
 
     def run(self, deltas: dict[str, torch.Tensor], active_rows: torch.Tensor):
@@ -268,51 +289,56 @@ class _Stepper:
             if len(sel) == 0:
                 continue
             r_glob = g.rows[sel]
-            T = int(rows.attention_mask[r_glob].sum(1).max())
-            s = g.split
-            ids = rows.input_ids[r_glob, s:T].to(dev)
-            mask = rows.attention_mask[r_glob, :T].to(dev)
+            split = g.splits[sel]
             B = len(r_glob)
-            ar = torch.arange(B, device=dev)
-            look = (rows.lookup[r_glob] - s).to(dev)
-            req_dev = rows.req[r_glob].to(dev)
-            # target entries of these rows, positions relative to the split
-            t_sel = torch.isin(rows.t_row, r_glob).nonzero().squeeze(1)
+            Tq = int((self.length[r_glob] - split).max())
+            pos = split[:, None] + torch.arange(Tq)[None]                    # (B, Tq) absolute positions
+            valid = pos < self.length[r_glob][:, None]
+            pos_c = pos.clamp(max=rows.input_ids.shape[1] - 1)
+            ids = torch.where(valid, rows.input_ids[r_glob[:, None], pos_c], self.pad).to(dev)
+            look = rows.lookup[r_glob] - split
+            req = rows.req[r_glob]
+            t_sel = torch.isin(rows.t_row, r_glob).nonzero().squeeze(1)      # target entries of these rows
             local = torch.full((len(rows.req),), -1, dtype=torch.long)
             local[r_glob] = torch.arange(B)
-            t_r = local[rows.t_row[t_sel]].to(dev)
-            t_p = (rows.t_pos[t_sel] - s).to(dev)
+            t_r = local[rows.t_row[t_sel]]
+            t_p = rows.t_pos[t_sel] - split[t_r]
             kl_local = (rows.kind[r_glob] == 2).nonzero().squeeze(1)
 
             def add_delta(output, name):
                 h = hidden_of(output)
                 h3 = self.adapter.unflatten(h, B)  # OPT's FFN works on (batch·seq, d)
+                at = (torch.arange(B, device=h.device), look.to(h.device))
                 for sp, n in self.names.items():
                     if n == name:
-                        h3 = h3.index_put((ar, look), deltas[sp][req_dev].to(h.dtype), accumulate=True)
+                        d = deltas[sp][req.to(deltas[sp].device)].to(h.device, h.dtype)
+                        h3 = h3.index_put(at, d, accumulate=True)
                 return replace_hidden(output, h3.reshape(h.shape))
 
-            kwargs: dict = {"attention_mask": mask, "use_cache": False}
-            if s > 0:
+            kwargs: dict = {"attention_mask": valid.long().to(dev), "use_cache": False}
+            if g.kv is not None:
                 kwargs[_cache_kwarg(self.model)] = self._cache_for(g, sel)
+                kwargs["attention_mask"] = torch.cat([g.prefix_mask[sel], valid.long()], 1).to(dev)
                 kwargs["use_cache"] = True
-                kwargs["position_ids"] = torch.arange(s, T, device=dev)[None].expand(B, -1)
+                kwargs["position_ids"] = pos.to(dev)
             with ExitStack() as stack:
                 if self.mode != "reference":
-                    stack.enter_context(_replay_from_layer(self.adapter, self.L, self.h_in[r_glob.to(dev), s:T],
-                                                           self.as_tuple))
+                    h_in = self.h_in[r_glob[:, None].to(self.h_in.device), pos_c.to(self.h_in.device)]
+                    stack.enter_context(_replay_from_layer(self.adapter, self.L, h_in, self.as_tuple))
                 stack.enter_context(TraceDict(self.model, list(self.names.values()), retain_output=False,
                                               edit_output=add_delta))
                 if self.mode == "reference":
                     logits = self.model(input_ids=ids, **kwargs).logits
-                    t_logits = logits[t_r, t_p]
-                    k_logits = logits[kl_local.to(dev), look[kl_local.to(dev)]]
+                    ld = logits.device
+                    t_logits = logits[t_r.to(ld), t_p.to(ld)]
+                    k_logits = logits[kl_local.to(ld), look[kl_local].to(ld)]
                 else:
                     with Trace(self.model, self.adapter.final_norm_name, retain_output=True, stop=True) as tr:
                         self.model(input_ids=ids, **kwargs)  # stops right after the final norm
                     hn = hidden_of(tr.output)
-                    kd = kl_local.to(dev)
-                    lg = self.adapter.logits_from_normed(torch.cat([hn[t_r, t_p], hn[kd, look[kd]]]))
+                    hd = hn.device
+                    lg = self.adapter.logits_from_normed(torch.cat([hn[t_r.to(hd), t_p.to(hd)],
+                                                                    hn[kl_local.to(hd), look[kl_local].to(hd)]]))
                     t_logits, k_logits = lg[: len(t_r)], lg[len(t_r):]
             t_idx_all.append(t_sel)
             t_logits_all.append(t_logits)
@@ -347,60 +373,62 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperP
     spaces = _spaces(hp)
     h_in, init_all, as_tuple = _initial_pass(model, adapter, rows, L, dev)
     bare = (rows.kind == 0).nonzero().squeeze(1)  # one bare row per request, in request order
-    inits = {k: init_all[k][bare.to(dev)].clone() for k in ("layer", "attn", "ffn")}
+    inits = {k: init_all[k][bare.to(init_all[k].device)].clone() for k in ("layer", "attn", "ffn")}
     pdtype = torch.float32
-    deltas = {s: torch.zeros(N, inits[s].shape[1], device=dev, dtype=pdtype, requires_grad=True) for s in spaces}
+    # δ lives on layer L's device; the loss is computed where the logits are (devices may differ
+    # when the model is spread with device_map)
+    pdev = inits[spaces[0]].device
+    ldev = adapter.unembed_weight.device
+    deltas = {s: torch.zeros(N, inits[s].shape[1], device=pdev, dtype=pdtype, requires_grad=True) for s in spaces}
     names = {s: _module_for(adapter, s, L) for s in spaces}
     mode = "reference" if reference else ("replay" if strategy == "replay" else "prefix")
+    if mode == "prefix" and strategy == "auto" and not _prefix_ok(model, adapter, rows, L, h_in, as_tuple, names,
+                                                                   deltas, dev):
+        mode = "replay"
     stepper = _Stepper(model, adapter, rows, L, h_in, as_tuple, names, mode, dev)
-    if mode == "prefix" and strategy == "auto" and not _prefix_matches(stepper, model, adapter, rows, L, h_in,
-                                                                        as_tuple, names, deltas, dev):
-        logger.info("cached-prefix optimisation does not reproduce the uncached logits for %s; using replay",
-                    type(model).__name__)
-        stepper = _Stepper(model, adapter, rows, L, h_in, as_tuple, names, "replay", dev)
     opt = torch.optim.Adam(list(deltas.values()), lr=hp.v_lr)
     init_norm = {s: inits[s].norm(dim=1).to(pdtype) for s in spaces}
     active = torch.ones(N, dtype=torch.bool)
-    nll_weight = torch.ones(N, device=dev)
+    nll_weight = torch.ones(N, device=ldev)
     n_steps = [0] * N
     kl_init: torch.Tensor | None = None
     trace: list[dict] = []
     R_all = len(rows.req)
-    rw_all = (rows.kind != 2).to(dev)
-    req_all = rows.req.to(dev)
-    n_rw = torch.zeros(N, device=dev).index_add(0, req_all, rw_all.float())
+    rw_all = (rows.kind != 2).to(ldev)
+    req_all = rows.req.to(ldev)
+    n_rw = torch.zeros(N, device=ldev).index_add(0, req_all, rw_all.float())
     bar = tqdm(range(hp.v_num_grad_steps), disable=not progress, desc=f"{hp.method} targets (N={N})")
     for it in bar:
         act_idx = active.nonzero().squeeze(1)
         with torch.enable_grad():
             act_rows = torch.isin(rows.req, act_idx).nonzero().squeeze(1)
             t_idx, t_logits, k_rows, k_logits = stepper.run(deltas, act_rows)
-            t_row = rows.t_row[t_idx].to(dev)
-            t_tok = rows.t_tok[t_idx].to(dev)
+            t_row = rows.t_row[t_idx].to(ldev)
+            t_tok = rows.t_tok[t_idx].to(ldev)
             t_logp = torch.log_softmax(t_logits.float(), -1)
             tok_lp = t_logp.gather(1, t_tok[:, None]).squeeze(1)
             argmax_ok = (t_logp.argmax(-1) == t_tok).float()
             # per-row mean NLL over target tokens, then mean over the request's rewrite rows
-            row_nll = torch.zeros(R_all, device=dev).index_add(0, t_row, -tok_lp)
-            row_cnt = torch.zeros(R_all, device=dev).index_add(0, t_row, torch.ones_like(tok_lp))
-            row_ok = torch.zeros(R_all, device=dev).index_add(0, t_row, argmax_ok)
+            row_nll = torch.zeros(R_all, device=ldev).index_add(0, t_row, -tok_lp)
+            row_cnt = torch.zeros(R_all, device=ldev).index_add(0, t_row, torch.ones_like(tok_lp))
+            row_ok = torch.zeros(R_all, device=ldev).index_add(0, t_row, argmax_ok)
             row_nll = torch.where(rw_all, row_nll / row_cnt.clamp(min=1), torch.zeros_like(row_nll))
-            nll = torch.zeros(N, device=dev).index_add(0, req_all, row_nll) / n_rw.clamp(min=1)
-            p_target = torch.zeros(N, device=dev).index_add(
+            nll = torch.zeros(N, device=ldev).index_add(0, req_all, row_nll) / n_rw.clamp(min=1)
+            p_target = torch.zeros(N, device=ldev).index_add(
                 0, req_all, torch.where(rw_all & (row_cnt > 0), torch.exp(-row_nll), 0.0)) / n_rw.clamp(min=1)
-            wrong = torch.zeros(N, device=dev).index_add(0, req_all, torch.where(rw_all, row_cnt - row_ok, 0.0))
+            wrong = torch.zeros(N, device=ldev).index_add(0, req_all, torch.where(rw_all, row_cnt - row_ok, 0.0))
             k_logp = torch.log_softmax(k_logits.float(), -1)
-            kl_req = rows.req[k_rows].to(dev)
+            kl_req = rows.req[k_rows].to(ldev)
             if kl_init is None:
-                kl_init = torch.zeros(N, k_logp.shape[1], device=dev)
+                kl_init = torch.zeros(N, k_logp.shape[1], device=ldev)
                 kl_init[kl_req] = k_logp.detach()
             kl_each = (k_logp.exp() * (k_logp - kl_init[kl_req])).sum(-1)
-            kl = torch.zeros(N, device=dev).index_add(0, kl_req, kl_each) * hp.kl_factor
-            wd = torch.zeros(N, device=dev)
+            kl = torch.zeros(N, device=ldev).index_add(0, kl_req, kl_each) * hp.kl_factor
+            wd = torch.zeros(N, device=ldev)
             for s in spaces:
-                wd = wd + hp.v_weight_decay * deltas[s].norm(dim=1) / init_norm[s] ** 2
+                wd = wd + (hp.v_weight_decay * deltas[s].norm(dim=1) / init_norm[s] ** 2).to(ldev)
             loss_each = nll_weight * nll + kl + wd
-            act_dev = active.clone().to(dev)
+            act_dev = active.clone().to(ldev)
             loss = loss_each[act_dev].sum()
             stats = torch.stack([loss_each, nll, kl, wd, p_target, wrong]).detach().cpu().tolist()
             new_weight = nll_weight.clone()
@@ -427,7 +455,7 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperP
             active &= ~stop_now
             if not active.any() or it == hp.v_num_grad_steps - 1:
                 break
-            frozen = {s: deltas[s].detach()[~active.to(dev)].clone() for s in spaces}
+            frozen = {s: deltas[s].detach()[~active.to(pdev)].clone() for s in spaces}
             params = list(deltas.values())
             # autograd.grad, not backward(): no .grad is left on model weights that require grad
             for p_, g_ in zip(params, torch.autograd.grad(loss, params)):
@@ -435,7 +463,7 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperP
             opt.step()
         nll_weight = new_weight
         with torch.no_grad():
-            inact = ~active.to(dev)
+            inact = ~active.to(pdev)
             for s in spaces:
                 d = deltas[s]
                 d[inact] = frozen[s]
@@ -455,13 +483,33 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperP
                         n_steps=[s + 1 for s in n_steps], trace=trace, seconds=time.perf_counter() - t0)
 
 
+_PREFIX_OK: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]]" = weakref.WeakKeyDictionary()
+
+
+def _prefix_ok(model, adapter, rows: Rows, L: int, h_in, as_tuple, names, deltas, dev) -> bool:
+    """Whether the cached-prefix forward reproduces the replay forward for this model (checked
+    once per model, attention implementation, dtype and layer, on the first request's rows)."""
+    key = (getattr(model.config, "_attn_implementation", None), str(next(model.parameters()).dtype), L,
+           tuple(sorted(names.items())))
+    memo = _PREFIX_OK.setdefault(model, {})
+    if key not in memo:
+        first = (rows.req == 0).nonzero().squeeze(1)
+        sub = rows.subset(first)
+        sub_deltas = {s: d[:1] for s, d in deltas.items()}
+        sub_h = h_in[first.to(h_in.device), : sub.input_ids.shape[1]]
+        memo[key] = _prefix_matches(model, adapter, sub, L, sub_h, as_tuple, names, sub_deltas, dev)
+        if not memo[key]:
+            logger.info("cached-prefix optimisation does not reproduce the uncached logits for %s; using replay",
+                        type(model).__name__)
+    return memo[key]
+
+
 @torch.no_grad()
-def _prefix_matches(stepper: "_Stepper", model, adapter, rows, L, h_in, as_tuple, names, deltas, dev,
-                    atol: float = 1e-3) -> bool:
-    """Check once that the cached-prefix forward reproduces the replay forward (δ = 0)."""
+def _prefix_matches(model, adapter, rows: Rows, L, h_in, as_tuple, names, deltas, dev, atol: float = 1e-3) -> bool:
+    """Compare the cached-prefix forward with the replay forward once (δ = 0)."""
     try:
         all_rows = torch.arange(len(rows.req))
-        a = stepper.run(deltas, all_rows)
+        a = _Stepper(model, adapter, rows, L, h_in, as_tuple, names, "prefix", dev).run(deltas, all_rows)
         b = _Stepper(model, adapter, rows, L, h_in, as_tuple, names, "replay", dev).run(deltas, all_rows)
     except Exception as exc:  # a model whose cache API differs: fall back to replay
         logger.info("cached-prefix forward failed (%s: %s)", type(exc).__name__, exc)
@@ -475,7 +523,7 @@ def _prefix_matches(stepper: "_Stepper", model, adapter, rows, L, h_in, as_tuple
 
 
 def optimize_targets_chunked(model, tok, requests: Sequence[EditRequest], hp: EditHyperParams,
-                             templates: Sequence[str], *, chunk_size: int = 16, reference: bool = False,
+                             templates: Sequence[str], *, chunk_size: int = CHUNK_SIZE, reference: bool = False,
                              progress: bool = True) -> TargetResult:
     """:func:`optimize_targets` over chunks of at most ``chunk_size`` requests (requests do not
     interact, so this only bounds the memory of the backward pass; chunks run one after another)."""
@@ -502,7 +550,7 @@ _TARGET_FIELDS = ("v_lr", "v_num_grad_steps", "clamp_norm_factor", "kl_factor", 
 
 def optimize_targets_cached(model, tok, requests: Sequence[EditRequest], hp: EditHyperParams,
                             templates: Sequence[str], *, reference: bool = False, progress: bool = True,
-                            use_cache: bool = True, chunk_size: int = 16) -> TargetResult:
+                            use_cache: bool = True, chunk_size: int = CHUNK_SIZE) -> TargetResult:
     """:func:`optimize_targets` with a per-request disk cache.
 
     Each request's targets depend only on the model, the request, the templates and the

@@ -111,10 +111,10 @@ def _logits_at(model, adapter, input_ids: torch.Tensor, attention_mask: torch.Te
         out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=False)
         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return adapter.logits_from_normed(h[rows, cols])
+        return adapter.logits_from_normed(h[rows.to(h.device), cols.to(h.device)])
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    return logits[rows, cols]
+    return logits[rows.to(logits.device), cols.to(logits.device)]
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

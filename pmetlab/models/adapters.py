@@ -267,7 +267,8 @@ class ModelAdapter:
     def logits_from_normed(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from final-normed hidden states ``(..., d_model) -> (..., vocab)``, exactly as
         the model's LM head computes them (bias and soft-capping included)."""
-        logits = torch.nn.functional.linear(h, self.unembed_weight, self.unembed_bias)
+        w = self.unembed_weight
+        logits = torch.nn.functional.linear(h.to(w.device), w, self.unembed_bias)
         cap = self.logit_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -136,8 +136,8 @@ def _is_bidirectional_encoder(model: torch.nn.Module) -> bool:
 
 
 def load_model(name_or_path: str, device: str | torch.device | None = "auto",
-               dtype: str | torch.dtype | None = None, *, check_adapter: bool = True,
-               **from_pretrained_kwargs):
+               dtype: str | torch.dtype | None = None, *, device_map: str | dict | None = None,
+               check_adapter: bool = True, **from_pretrained_kwargs):
     """Load a causal LM and its tokenizer, ready for editing.
 
     Args:
@@ -145,6 +145,9 @@ def load_model(name_or_path: str, device: str | torch.device | None = "auto",
             directory, or a Hugging Face hub id (needs network access).
         device: ``"auto"`` picks an accelerator when present, else the CPU.
         dtype: ``None``/"auto" (float32 on the CPU), or a torch dtype / its name.
+        device_map: spread a large model over devices with accelerate (``"auto"``, or a dict of
+            module name -> device, as transformers takes it); ``device`` then only picks the
+            dtype. Editing, statistics and evaluation follow each module's device.
         check_adapter: fail early when pmetlab has no adapter for the model's class.
 
     Returns:
@@ -156,6 +159,8 @@ def load_model(name_or_path: str, device: str | torch.device | None = "auto",
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
         raise ModelLoadError(f"name_or_path must be a non-empty string, got {name_or_path!r}")
     name = str(name_or_path)
+    if device_map is not None:
+        from_pretrained_kwargs["device_map"] = device_map
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source = name
@@ -191,6 +196,8 @@ def load_model(name_or_path: str, device: str | torch.device | None = "auto",
                              f"not a causal language model; pmetlab edits decoder-only causal LMs")
     if "device_map" not in from_pretrained_kwargs:
         model.to(dev)
+    else:
+        dev = sorted({str(p.device) for p in model.parameters()})  # for the log line
     model.eval()
     model.requires_grad_(False)
     if check_adapter:
