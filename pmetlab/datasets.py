@@ -172,6 +172,16 @@ def validate_counterfact_record(rec: Any, index: int = 0, source: str | None = N
     return rec  # type: ignore[return-value]
 
 
+def validate_records(records: Any, validate: Callable[[Any, int], Any]) -> list:
+    """A non-empty list of records, each checked by ``validate(record, index)``."""
+    records = list(records)
+    if not records:
+        raise ValueError("no records to evaluate")
+    for i, rec in enumerate(records):
+        validate(rec, i)
+    return records
+
+
 _ZSRE_EXPECTED = "subject, src, rephrase, answers[], loc ('nq question: ...'), loc_ans (alt, pred, cond optional)"
 
 

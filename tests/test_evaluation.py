@@ -233,7 +233,9 @@ def test_summarize_means_score_and_normal_ci():
     assert s.loc[0, "score"] == pytest.approx(100 * 3 / (1 / .75 + 1 / .5 + 1 / .75))
     half = NormalDist().inv_cdf(0.975) * 0.5 / 2 * 100  # sd of (1, 1, 0, 1) is 0.5
     assert s.loc[0, "efficacy_score_ci_low"] == pytest.approx(75 - half)
-    assert s.loc[0, "efficacy_score_ci_high"] == pytest.approx(75 + half)
+    assert 75 + half > 100 and s.loc[0, "efficacy_score_ci_high"] == 100.0  # a rate's interval stays in [0, 100]
+    f_half = NormalDist().inv_cdf(0.975) * float(np.std([6.0, 6.2, 5.8, 6.0], ddof=1)) / 2 * 100
+    assert s.loc[0, "fluency_ci_low"] == pytest.approx(600 - f_half)  # not a rate: no clipping
     assert s.loc[0, "score_ci_low"] <= s.loc[0, "score"] <= s.loc[0, "score_ci_high"]
     # no reference files: consistency stays missing, never 0
     assert np.isnan(s.loc[0, "consistency"]) and np.isnan(s.loc[0, "consistency_ci_low"])

@@ -39,7 +39,8 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..datasets import ConsistencyReference, load_consistency_reference, validate_counterfact_record
+from ..datasets import (ConsistencyReference, load_consistency_reference, validate_counterfact_record,
+                        validate_records)
 from .generation import derive_seed, generate_texts
 from .scoring import PairScores, score_pairs, score_pairs_reference
 from .text import mean_text_entropy, tfidf_cosine
@@ -182,15 +183,6 @@ def _frame(rows: list[dict[str, Any]], generation: bool) -> pd.DataFrame:
     return df[lead + rest + other]
 
 
-def _validated(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    records = list(records)
-    if not records:
-        raise ValueError("no records to evaluate")
-    for i, rec in enumerate(records):
-        validate_counterfact_record(rec, i)
-    return records
-
-
 def evaluate_counterfact(model, tok, records: Sequence[Mapping[str, Any]], *, generation: bool = True,
                          n_gen_tokens: int = 100, batch_size: int = 32, gen_batch_size: int | None = None,
                          seed: int = 0, reference: ConsistencyReference | Literal["auto"] | None = None,
@@ -218,7 +210,7 @@ def evaluate_counterfact(model, tok, records: Sequence[Mapping[str, Any]], *, ge
         return evaluate_counterfact_reference(model, tok, records, generation=generation,
                                               n_gen_tokens=n_gen_tokens, seed=seed, reference=reference,
                                               keep_texts=keep_texts, progress=progress)
-    records = _validated(records)
+    records = validate_records(records, validate_counterfact_record)
     reference = _resolve_reference(reference) if generation else None
     prompts, cands, index = _pairs(records)
     scores = score_pairs(model, tok, prompts, cands, batch_size=batch_size, progress=progress,
@@ -238,7 +230,7 @@ def evaluate_counterfact_reference(model, tok, records: Sequence[Mapping[str, An
     """Record-at-a-time version of :func:`evaluate_counterfact`: each (prompt, candidate) pair in its own
     unpadded forward pass, each generation prompt alone. Same metrics (up to float round-off); the
     baseline the batched path is tested and benchmarked against."""
-    records = _validated(records)
+    records = validate_records(records, validate_counterfact_record)
     reference = _resolve_reference(reference) if generation else None
     all_rows: list[dict[str, Any]] = []
     from tqdm.auto import tqdm

@@ -59,7 +59,10 @@ def _mean_ci(x: np.ndarray, ci: str, level: float, n_boot: int, rng: np.random.G
         return m, float("nan"), float("nan")
     if ci == "normal":
         half = NormalDist().inv_cdf(0.5 + level / 2) * float(x.std(ddof=1)) / np.sqrt(x.size)
-        return m, m - half, m + half
+        lo, hi = m - half, m + half
+        if x.min() >= 0 and x.max() <= 1:  # a rate: its mean cannot leave [0, 1]
+            lo, hi = max(lo, 0.0), min(hi, 1.0)
+        return m, lo, hi
     means = _boot_means(x[:, None], n_boot, rng)[:, 0]
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return m, float(lo), float(hi)

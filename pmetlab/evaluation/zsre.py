@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from ..datasets import validate_zsre_record
+from ..datasets import validate_records, validate_zsre_record
 from .scoring import PairScores, score_pairs, score_pairs_reference
 
 logger = logging.getLogger(__name__)
@@ -33,15 +33,6 @@ def zsre_pairs(record: Mapping[str, Any], loc_suffix: str = "?") -> dict[str, tu
     return {"efficacy": (record["src"], record["answers"][0]),
             "paraphrase": (record["rephrase"], record["answers"][0]),
             "neighborhood": (record["loc"] + loc_suffix, record["loc_ans"])}
-
-
-def _validated(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    records = list(records)
-    if not records:
-        raise ValueError("no records to evaluate")
-    for i, rec in enumerate(records):
-        validate_zsre_record(rec, i)
-    return records
 
 
 def _rows(records, scores: PairScores) -> pd.DataFrame:
@@ -80,7 +71,7 @@ def evaluate_zsre(model, tok, records: Sequence[Mapping[str, Any]], *, batch_siz
         DataFrame with ``case_id``, ``efficacy_token_acc``, ``paraphrase_token_acc``,
         ``neighborhood_token_acc`` and ``neighborhood_pred``; the caller adds ``phase``.
     """
-    records = _validated(records)
+    records = validate_records(records, validate_zsre_record)
     prompts, cands = _flat(records, loc_suffix)
     if batched:
         scores = score_pairs(model, tok, prompts, cands, batch_size=batch_size, progress=progress,
