@@ -106,26 +106,35 @@ def bench_covariance(model, tok, hp, n_tokens: int) -> list[dict]:
     chunks = tokenize_corpus(tok, resolve_corpus(hp.cov_corpus), n_tokens, hp.cov_seq_len)
     ntok = sum(len(c) for c in chunks)
     names = [adapter.ffn_out_name(l) for l in hp.layers]
-    t0 = time.perf_counter()
-    collect_second_moments(model, tok, names, chunks, progress=False)
-    t_one = time.perf_counter() - t0
+    pad = tok.pad_token_id or 0
+
+    def one_pass() -> float:
+        t0 = time.perf_counter()
+        collect_second_moments(model, tok, names, chunks, progress=False)
+        return time.perf_counter() - t0
+
+    def plain_forward() -> float:  # the limit: a forward to the deepest critical layer, same batches
+        t0 = time.perf_counter()
+        for batch in _batches(chunks, 4096):
+            T = max(len(c) for c in batch)
+            ids = torch.full((len(batch), T), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, c in enumerate(batch):
+                ids[r, : len(c)] = torch.tensor(c)
+                mask[r, : len(c)] = 1
+            with Trace(model, names[-1], retain_output=False, stop=True):
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+        return time.perf_counter() - t0
+
+    # alternate the two and keep each one's best, so machine noise does not favour either
+    t_one, t_fwd = float("inf"), float("inf")
+    for _ in range(2):
+        t_one = min(t_one, one_pass())
+        t_fwd = min(t_fwd, plain_forward())
     t0 = time.perf_counter()
     for n in names:
         collect_second_moments(model, tok, [n], chunks, progress=False)
     t_each = time.perf_counter() - t0
-    # limit: plain forward to the deepest critical layer's FFN projection, same batches
-    pad = tok.pad_token_id or 0
-    t0 = time.perf_counter()
-    for batch in _batches(chunks, 4096):
-        T = max(len(c) for c in batch)
-        ids = torch.full((len(batch), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, c in enumerate(batch):
-            ids[r, : len(c)] = torch.tensor(c)
-            mask[r, : len(c)] = 1
-        with Trace(model, names[-1], retain_output=False, stop=True):
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-    t_fwd = time.perf_counter() - t0
     return [_row("covariance_tokens_per_s", "tok/s", round(ntok / t_one, 1), round(ntok / t_each, 1), True,
                  round(ntok / t_fwd, 1), tokens=ntok, layers=list(hp.layers),
                  fraction_of_limit=round(t_fwd / t_one, 3))]

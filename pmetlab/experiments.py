@@ -640,14 +640,15 @@ def _run(*, model, method, dataset, n_edits, batch_size, mode, hparams, seed, su
 
     reference_box: dict[str, Any] = {}
 
-    def evaluate(mdl, tk, phase: str) -> pd.DataFrame:
+    def evaluate(mdl, tk, phase: str, recs: list | None = None) -> pd.DataFrame:
+        recs = sel.records if recs is None else recs
         _seed_all(a.seed)
         if a.dataset == "zsre":
-            df = evaluate_zsre(mdl, tk, sel.records, batch_size=a.eval_batch_size, progress=progress)
+            df = evaluate_zsre(mdl, tk, recs, batch_size=a.eval_batch_size, progress=progress)
         else:
             if a.generation and "ref" not in reference_box:
                 reference_box["ref"] = load_consistency_reference(download=False)
-            df = evaluate_counterfact(mdl, tk, sel.records, generation=a.generation, n_gen_tokens=a.n_gen_tokens,
+            df = evaluate_counterfact(mdl, tk, recs, generation=a.generation, n_gen_tokens=a.n_gen_tokens,
                                       batch_size=a.eval_batch_size, seed=a.seed,
                                       reference=reference_box.get("ref"), progress=progress)
         df.insert(0, "phase", phase)
@@ -692,11 +693,14 @@ def _run(*, model, method, dataset, n_edits, batch_size, mode, hparams, seed, su
         if not (st.done("eval_pre") and have_pre):
             mdl, tk = get_model()
             t0 = time.perf_counter()
-            pre = evaluate(mdl, tk, "pre")
+            if a.dataset != "zsre" and a.generation and "ref" not in reference_box:
+                reference_box["ref"] = load_consistency_reference(download=False)
+            pre, n_reused = _pre_eval_cached(mdl, tk, a, sel.records, reference_box.get("ref") is not None,
+                                             lambda recs: evaluate(mdl, tk, "pre", recs))
             records = pre
             st.data["outputs"]["records"] = _write_records(run_dir, records).name
             _write_csv(run_dir / "summary.csv", _summary(records, a))
-            st.finish("eval_pre", time.perf_counter() - t0)
+            st.finish("eval_pre", time.perf_counter() - t0, reused_records=n_reused)
         pre = records[records["phase"] == "pre"].drop(columns="relative_specificity", errors="ignore")
         pre = pre.reset_index(drop=True)
 
@@ -778,6 +782,53 @@ def _grid_columns(entry: Mapping[str, Any], taken: set[str]) -> dict[str, Any]:
         else:
             cols[k] = v
     return cols
+
+
+PRE_EVAL_CACHE_FORMAT = 1
+REUSE_PRE_EVAL = True  # set False to always re-evaluate the unedited model
+
+
+def _pre_eval_cached(mdl, tk, a: "_Args", recs: list, has_reference: bool,
+                     evaluate: Callable[[list], pd.DataFrame]) -> tuple[pd.DataFrame, int]:
+    """The unedited model's per-record metrics, reused across runs (e.g. the points of a sweep
+    over the number of edits) that share the model weights, tokenizer, dataset and evaluation
+    settings; only records not seen before are evaluated. Generation is seeded per record, so
+    a record's metrics do not depend on the others. Returns the rows and how many were reused."""
+    from . import __version__
+    from .cache import cache_dir, weights_fingerprint
+    from .tokens import tokenizer_identity
+
+    if not REUSE_PRE_EVAL:
+        return evaluate(recs), 0
+    setting = {"format": PRE_EVAL_CACHE_FORMAT, "pmetlab": __version__, "model_class": type(mdl).__name__,
+               "weights": weights_fingerprint(mdl), "tokenizer": tokenizer_identity(tk), "dataset": a.dataset,
+               "generation": bool(a.generation), "n_gen_tokens": a.n_gen_tokens, "seed": a.seed,
+               "eval_batch_size": a.eval_batch_size, "consistency_reference": has_reference}
+    folder = cache_dir("evals", type(mdl).__name__) / stable_hash(setting)
+    keys = [stable_hash(dict(r)) for r in recs]
+    cached = pd.DataFrame()
+    try:
+        cached = _read_records(folder)
+        if not cached.empty and ("record_key" not in cached or (cached["phase"] != "pre").any()):
+            raise ValueError("unexpected columns")
+    except Exception as exc:  # a damaged cache is ignored and rewritten
+        logger.warning("ignoring the pre-edit evaluation cache in %s (%s)", folder, exc)
+        cached = pd.DataFrame()
+    have = set() if cached.empty else set(cached["record_key"])
+    missing = sorted({i for i, k in enumerate(keys) if k not in have})
+    missing = [i for i in missing if keys.index(keys[i]) == i]  # each distinct record once
+    union = cached
+    if missing:
+        new = evaluate([recs[i] for i in missing])
+        new["record_key"] = [keys[i] for i in missing]
+        union = new if cached.empty else pd.concat([cached, new], ignore_index=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_records(folder, union)
+    n_reused = sum(1 for k in keys if k in have)
+    if n_reused:
+        logger.info("pre-edit metrics of %d of %d records reused from %s", n_reused, len(keys), folder)
+    out = union.drop_duplicates("record_key").set_index("record_key").loc[keys].reset_index(drop=True)
+    return out, n_reused
 
 
 def run_sweep(grid: Sequence[Mapping], *, out_dir: str | Path, **common) -> pd.DataFrame:

@@ -437,3 +437,26 @@ def test_cli_run_on_smollm2(tmp_path, monkeypatch, capsys):
     pre, post = res.summary.set_index("phase").loc["pre"], res.summary.set_index("phase").loc["post"]
     # three steps already move probability towards the new targets
     assert post["efficacy_magnitude"] > pre["efficacy_magnitude"]
+
+
+def test_pre_edit_metrics_are_reused_across_runs(tiny_env, tiny_mt, tmp_path, monkeypatch):
+    """A second run on more records of the same data evaluates only the new records before the
+    edit; its pre rows equal a fresh evaluation. Other settings (seed) are not reused."""
+    calls = Counter(experiments.evaluate_counterfact)
+    monkeypatch.setattr(experiments, "evaluate_counterfact", calls)
+    _run(tiny_env, tiny_mt, tmp_path / "a", n_edits=2)
+    assert calls.calls == 2  # pre + post
+    res = _run(tiny_env, tiny_mt, tmp_path / "b", n_edits=3)
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run["phases"]["eval_pre"]["reused_records"] == 2
+    pre = res.records[res.records.phase == "pre"].reset_index(drop=True)
+    monkeypatch.setattr(experiments, "REUSE_PRE_EVAL", False)
+    fresh = _run(tiny_env, tiny_mt, tmp_path / "c", n_edits=3)
+    fresh_pre = fresh.records[fresh.records.phase == "pre"].reset_index(drop=True)
+    assert list(pre.columns) == list(fresh_pre.columns)
+    num = [c for c in pre.columns if pd.api.types.is_numeric_dtype(pre[c])]
+    np.testing.assert_allclose(pre[num].to_numpy(float), fresh_pre[num].to_numpy(float), rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(experiments, "REUSE_PRE_EVAL", True)
+    _run(tiny_env, tiny_mt, tmp_path / "d", n_edits=3, seed=1)
+    run = json.loads((tmp_path / "d" / "run.json").read_text())
+    assert run["phases"]["eval_pre"]["reused_records"] == 0
