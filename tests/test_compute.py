@@ -374,3 +374,45 @@ def test_prefix_cache_is_keyed_by_the_tokenizer(env, monkeypatch):
         context_templates(model, tok2, hp)
     assert calls == [1]  # not served from the first tokenizer's cache entry
     assert context_templates(model, make_tiny_tokenizer(), hp) == a
+
+
+def _counting(monkeypatch, fail_on: int | None = None) -> list:
+    """Patch the per-chunk optimiser of the target cache; returns the list of chunk sizes run."""
+    import pmetlab.editing.targets as targets_mod
+    real, calls = optimize_targets, []  # the unpatched function (imported at the top)
+
+    def wrapped(model, tok, requests, *a, **k):
+        calls.append(len(requests))
+        if fail_on is not None and len(calls) >= fail_on:
+            raise KeyboardInterrupt("injected")
+        return real(model, tok, requests, *a, **k)
+    monkeypatch.setattr(targets_mod, "optimize_targets", wrapped)
+    return calls
+
+
+def test_target_cache_hits_resumes_after_an_interrupt_and_follows_the_hparams(env, monkeypatch):
+    from pmetlab.editing.targets import optimize_targets_cached
+    model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
+    hp = _hp(env, PMETHyperParams, v_num_grad_steps=3)
+    templates = context_templates(model, tok, hp)
+    calls = _counting(monkeypatch, fail_on=2)
+    with pytest.raises(KeyboardInterrupt):  # interrupted in the second chunk
+        optimize_targets_cached(model, tok, REQUESTS, hp, templates, progress=False, chunk_size=1)
+    calls = _counting(monkeypatch)
+    first = optimize_targets_cached(model, tok, REQUESTS, hp, templates, progress=False, chunk_size=1)
+    assert calls == [1, 1]  # the first chunk's targets were kept
+    calls = _counting(monkeypatch)
+    again = optimize_targets_cached(model, tok, REQUESTS, hp, templates, progress=False, chunk_size=1)
+    assert calls == []
+    for k in first.values:
+        assert torch.equal(first.values[k], again.values[k])
+    assert first.n_steps == again.n_steps
+    files = sorted((env["tmp"] / "cache" / "targets" / "LlamaForCausalLM").glob("*.safetensors"))
+    assert len(files) == len(REQUESTS)
+    files[0].write_bytes(b"not a safetensors file")  # damaged: recomputed, not trusted
+    calls = _counting(monkeypatch)
+    optimize_targets_cached(model, tok, REQUESTS, hp, templates, progress=False, chunk_size=8)
+    assert calls == [1]
+    calls = _counting(monkeypatch)
+    optimize_targets_cached(model, tok, REQUESTS, hp.replace(v_lr=hp.v_lr / 2), templates, progress=False)
+    assert calls == [len(REQUESTS)]  # another setting: a miss

@@ -589,10 +589,17 @@ def optimize_targets_cached(model, tok, requests: Sequence[EditRequest], hp: Edi
         except Exception as exc:  # a damaged file is recomputed
             logger.warning("ignoring target cache entry %s (%s)", p, exc)
     missing = [i for i in range(len(requests)) if i not in found]
-    if missing:
-        fresh = optimize_targets_chunked(model, tok, [requests[i] for i in missing], hp, templates,
-                                         chunk_size=chunk_size, reference=reference, progress=progress)
-        for j, i in enumerate(missing):
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    # chunk by chunk, each chunk's entries written as soon as it is done: an interrupted run
+    # resumes after the last finished chunk
+    for c0 in range(0, len(missing), chunk_size):
+        part = missing[c0:c0 + chunk_size]
+        fresh = optimize_targets(model, tok, [requests[i] for i in part], hp, templates, reference=reference,
+                                 progress=progress)
+        logger.info("targets of requests %d-%d of %d optimised in %.1fs", c0 + 1, c0 + len(part), len(missing),
+                    fresh.seconds)
+        for j, i in enumerate(part):
             tensors = {}
             for group, d in (("values", fresh.values), ("inits", fresh.inits), ("deltas", fresh.deltas)):
                 for s, t in d.items():
