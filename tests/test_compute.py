@@ -416,3 +416,19 @@ def test_target_cache_hits_resumes_after_an_interrupt_and_follows_the_hparams(en
     calls = _counting(monkeypatch)
     optimize_targets_cached(model, tok, REQUESTS, hp.replace(v_lr=hp.v_lr / 2), templates, progress=False)
     assert calls == [len(REQUESTS)]  # another setting: a miss
+
+
+def test_plan_chunks_bounds_requests_and_recomputed_positions(env):
+    from pmetlab.editing.targets import build_rows, plan_chunks
+    tok = make_tiny_tokenizer()
+    reqs = REQUESTS * 3
+    sizes = [int((r.attention_mask.sum(1) - r.lookup).sum()) for r in (build_rows(tok, [q], ["{}"]) for q in reqs)]
+    for chunk_size, max_tokens in [(8, 10_000), (2, 10_000), (8, max(sizes)), (8, 1)]:
+        chunks = plan_chunks(tok, reqs, ["{}"], chunk_size=chunk_size, max_tokens=max_tokens)
+        assert [i for c in chunks for i in c] == list(range(len(reqs)))  # consecutive, each once
+        for c in chunks:
+            assert len(c) <= chunk_size
+            assert len(c) == 1 or sum(sizes[i] for i in c) <= max_tokens
+    assert len(plan_chunks(tok, reqs, ["{}"], chunk_size=8, max_tokens=1)) == len(reqs)
+    with pytest.raises(ValueError, match="chunk_size and max_tokens"):
+        plan_chunks(tok, reqs, ["{}"], chunk_size=0)

@@ -33,12 +33,15 @@ from ..tracing import Trace, TraceDict, get_module, hidden_of, replace_hidden
 logger = logging.getLogger(__name__)
 
 __all__ = ["TargetResult", "optimize_targets", "optimize_targets_chunked", "optimize_targets_cached", "build_rows",
-           "Rows", "CHUNK_SIZE"]
+           "plan_chunks", "Rows", "CHUNK_SIZE", "CHUNK_TOKENS"]
 
 KL_TEMPLATE = "{} is a"
-# requests optimised together: ~60 MB of activations each on SmolLM2-135M (keeps a 100-edit
-# run under 2 GB on the CPU); larger chunks are only slightly faster per request
+# Requests optimised together. Memory grows with the positions recomputed per step (about
+# 1 MB each on SmolLM2-135M, activations kept for the backward pass, plus the logits where
+# the loss reads them): a chunk holds at most CHUNK_SIZE requests and CHUNK_TOKENS positions,
+# which keeps a 100-edit run under 2 GB on the CPU; larger chunks are only slightly faster.
 CHUNK_SIZE = 8
+CHUNK_TOKENS = 256
 
 
 @dataclass
@@ -522,15 +525,35 @@ def _prefix_matches(model, adapter, rows: Rows, L, h_in, as_tuple, names, deltas
     return bool(torch.allclose(la, lb, atol=atol) and torch.allclose(ka, kb, atol=atol))
 
 
+def plan_chunks(tok, requests: Sequence[EditRequest], templates: Sequence[str], *, chunk_size: int = CHUNK_SIZE,
+                max_tokens: int = CHUNK_TOKENS) -> list[range]:
+    """Consecutive chunks of at most ``chunk_size`` requests whose rows recompute at most
+    ``max_tokens`` positions per step (a single longer request gets a chunk of its own)."""
+    if chunk_size < 1 or max_tokens < 1:
+        raise ValueError(f"chunk_size and max_tokens must be >= 1, got {chunk_size} and {max_tokens}")
+    sizes = []
+    for r in requests:
+        rows = build_rows(tok, [r], templates)
+        sizes.append(int((rows.attention_mask.sum(1) - rows.lookup).sum()))
+    chunks, start, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and (i - start >= chunk_size or total + n > max_tokens):
+            chunks.append(range(start, i))
+            start, total = i, 0
+        total += n
+    if sizes:
+        chunks.append(range(start, len(sizes)))
+    return chunks
+
+
 def optimize_targets_chunked(model, tok, requests: Sequence[EditRequest], hp: EditHyperParams,
                              templates: Sequence[str], *, chunk_size: int = CHUNK_SIZE, reference: bool = False,
                              progress: bool = True) -> TargetResult:
-    """:func:`optimize_targets` over chunks of at most ``chunk_size`` requests (requests do not
+    """:func:`optimize_targets` over the chunks of :func:`plan_chunks` (requests do not
     interact, so this only bounds the memory of the backward pass; chunks run one after another)."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    parts = [optimize_targets(model, tok, requests[i:i + chunk_size], hp, templates, reference=reference,
-                              progress=progress) for i in range(0, len(requests), chunk_size)]
+    requests = list(requests)
+    parts = [optimize_targets(model, tok, [requests[i] for i in c], hp, templates, reference=reference,
+                              progress=progress) for c in plan_chunks(tok, requests, templates, chunk_size=chunk_size)]
     if len(parts) == 1:
         return parts[0]
     offsets = [0]
@@ -589,12 +612,11 @@ def optimize_targets_cached(model, tok, requests: Sequence[EditRequest], hp: Edi
         except Exception as exc:  # a damaged file is recomputed
             logger.warning("ignoring target cache entry %s (%s)", p, exc)
     missing = [i for i in range(len(requests)) if i not in found]
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     # chunk by chunk, each chunk's entries written as soon as it is done: an interrupted run
     # resumes after the last finished chunk
-    for c0 in range(0, len(missing), chunk_size):
-        part = missing[c0:c0 + chunk_size]
+    for chunk in plan_chunks(tok, [requests[i] for i in missing], templates, chunk_size=chunk_size):
+        part = [missing[j] for j in chunk]
+        c0 = chunk.start
         fresh = optimize_targets(model, tok, [requests[i] for i in part], hp, templates, reference=reference,
                                  progress=progress)
         logger.info("targets of requests %d-%d of %d optimised in %.1fs", c0 + 1, c0 + len(part), len(missing),
