@@ -234,18 +234,12 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from .models.loading import load_model
     from .stats import layer_covariances
 
-    import os
-
-    import torch
-
-    from .devices import resolve_device
+    from .devices import worker_device
     from .distributed import init_from_env
 
     hp = resolve_hparams(args.model, "pmet")
     layers = args.layers if args.layers is not None else list(hp.layers)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ and args.device in ("auto", "cuda"):
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per worker
+    device = worker_device(args.device)  # under a launcher: one accelerator per worker
     shard = init_from_env(device)  # torchrun / accelerate launch: shard the corpus across workers
     model, tok = load_model(args.model, device=device)
     covs = layer_covariances(model, tok, layers, kind=args.kind, corpus=args.corpus or hp.cov_corpus,

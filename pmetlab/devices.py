@@ -1,9 +1,11 @@
 """The one place where a default device and dtype are chosen ("auto")."""
 from __future__ import annotations
 
+import os
+
 import torch
 
-__all__ = ["resolve_device", "resolve_dtype", "model_device", "model_dtype"]
+__all__ = ["resolve_device", "worker_device", "collective_backend", "resolve_dtype", "model_device", "model_dtype"]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -27,6 +29,22 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device={device!r} is not a valid torch device; expected 'auto', 'cpu' "
                          f"or an accelerator name such as 'cuda:0'") from exc
+
+
+def worker_device(device: str | torch.device | None = "auto") -> torch.device:
+    """:func:`resolve_device` for one worker of a multi-process launch (torchrun, accelerate
+    launch): an accelerator named without an index gets the worker's ``LOCAL_RANK``."""
+    dev = resolve_device(device)
+    rank = os.environ.get("LOCAL_RANK")
+    named_index = device not in (None, "auto") and torch.device(device).index is not None
+    if rank is not None and dev.type != "cpu" and not named_index:
+        dev = torch.device(dev.type, int(rank))
+    return dev
+
+
+def collective_backend(device: torch.device | None) -> str:
+    """The torch.distributed backend for tensors on ``device``: nccl on CUDA, gloo otherwise."""
+    return "nccl" if device is not None and device.type == "cuda" else "gloo"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

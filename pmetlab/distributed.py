@@ -4,7 +4,7 @@ Second moments are sums and counts, so partial statistics merge exactly: each wo
 batches ``rank, rank + world, ...`` of the same deterministic batch plan, then one all-reduce
 adds the sums and counts. Launch with ``torchrun`` (or ``accelerate launch``), which sets
 ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``; :func:`init_from_env` joins the group (gloo on the
-CPU, nccl on CUDA).
+CPU, nccl on CUDA; chosen by :func:`pmetlab.devices.collective_backend`).
 
     torchrun --nproc-per-node 2 -m pmetlab stats --model smollm2-135m --layers 3-8
 """
@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from .devices import collective_backend, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +64,23 @@ def init_from_env(device: torch.device | None = None) -> Shard:
         return current_shard()
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
-    backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    backend = collective_backend(device)
     dist.init_process_group(backend=backend)
+    _COMM["device"] = device if backend != "gloo" else torch.device("cpu")
     shard = current_shard()
     logger.info("joined %s process group: rank %d of %d", backend, shard.rank, shard.world)
     return shard
 
 
-def _comm_device(t: torch.Tensor) -> torch.device:
+_COMM: dict[str, torch.device] = {}
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors live: the CPU for gloo, else this worker's accelerator."""
     dist = _dist()
-    if dist is not None and dist.get_backend() == "nccl":
-        return t.device if t.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    if dist is None or dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    return _COMM.get("device") or resolve_device("auto")
 
 
 def all_reduce_moments(sums: dict[str, torch.Tensor], counts: dict[str, int]
@@ -86,10 +93,10 @@ def all_reduce_moments(sums: dict[str, torch.Tensor], counts: dict[str, int]
     names = sorted(sums)
     out_s: dict[str, torch.Tensor] = {}
     for n in names:
-        t = sums[n].to(_comm_device(sums[n]), torch.float64).contiguous()
+        t = sums[n].to(_comm_device(), torch.float64).contiguous()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         out_s[n] = t.to(sums[n].device, sums[n].dtype)
-    c = torch.tensor([counts[n] for n in names], dtype=torch.float64, device=_comm_device(sums[names[0]]))
+    c = torch.tensor([counts[n] for n in names], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(c, op=dist.ReduceOp.SUM)
     return out_s, {n: int(v) for n, v in zip(names, c.tolist())}
 
@@ -99,9 +106,7 @@ def consensus(flags: list[bool]) -> list[bool]:
     dist = _dist()
     if dist is None or dist.get_world_size() == 1 or not flags:
         return list(flags)
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return [bool(v) for v in t.cpu().tolist()]
 

@@ -101,3 +101,15 @@ def test_pmetlab_stats_under_torchrun(tmp_path):
     assert res.stdout.count("layer ") == 2  # printed once, by the main worker
     files = list((tmp_path / "cache" / "stats" / "LlamaForCausalLM").glob("ffn-*.safetensors"))
     assert len(files) == 2
+
+
+def test_worker_device_and_backend(monkeypatch):
+    from pmetlab.devices import collective_backend, resolve_device, worker_device
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert worker_device("cpu") == torch.device("cpu")  # the CPU has no per-worker index
+    assert worker_device("auto") == (resolve_device("auto") if resolve_device("auto").type == "cpu"
+                                     else torch.device(resolve_device("auto").type, 1))
+    monkeypatch.delenv("LOCAL_RANK")
+    assert worker_device("auto") == resolve_device("auto")
+    assert collective_backend(torch.device("cpu")) == "gloo" and collective_backend(None) == "gloo"
+    assert collective_backend(torch.device("cuda", 0)) == "nccl"
