@@ -20,6 +20,10 @@ from typing import Any, ClassVar, Mapping
 __all__ = ["EditHyperParams", "PMETHyperParams", "MEMITHyperParams", "hparams_from_dict", "list_presets"]
 
 DEFAULT_PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
+#: Early-stopping rules of the target optimisation (method.md §2).
+STOP_RULES = ("loss", "pmet")
+#: Orders of the MHSA and FFN updates at a critical layer when both are updated (method.md §3).
+ATTN_UPDATE_ORDERS = ("attn_first", "simultaneous")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,9 @@ class EditHyperParams:
     """Fields shared by every locate-then-edit method in pmetlab."""
 
     method: ClassVar[str] = "base"
+    #: Space of the hidden state whose target drives the weight update and where the residual
+    #: R = V - M is measured (method.md §2 step 3): "layer" (h^L, MEMIT) or "ffn" (m^L, PMET).
+    residual_space: ClassVar[str] = "layer"
     #: Critical layers R = (l_0, ..., l_{n-1}); the target is optimised at the last one.
     layers: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
     #: Adam learning rate of the target optimisation.
@@ -53,12 +60,19 @@ class EditHyperParams:
     prefix_tokens: int = 10
     #: First words the prefixes are generated from (cycled).
     prefix_starts: tuple[str, ...] = DEFAULT_PREFIX_STARTS
-    #: Stop a request's optimisation when its total loss falls below this.
+    #: Early stopping of the target optimisation: "loss" (MEMIT's released rule: stop when the loss
+    #: < loss_stop, else run to v_num_grad_steps) or "pmet" (PMET's: also, once o* is the arg-max
+    #: everywhere, scale the NLL by argmax_nll_scale and stop when the KL term <= kl_stop).
+    stop_rule: str = "loss"
+    #: Stop a request's optimisation when its total loss falls below this (both rules).
     loss_stop: float = 0.05
-    #: When the target is the arg-max everywhere, stop if the KL term is at most this...
+    #: "pmet" rule: when the target is the arg-max everywhere, stop if the KL term is at most this...
     kl_stop: float = 0.01
     #: ...else multiply the NLL weight by this for the next step.
     argmax_nll_scale: float = 0.1
+    #: With update_attn_weights, per critical layer: "attn_first" (released PMET code: update W_O, then
+    #: read the FFN keys and residual on that model) or "simultaneous" (both read before either update).
+    attn_update_order: str = "attn_first"
     #: Covariance statistics: corpus ("default" = the English text in the data dir), token budget,
     #: sequence length of the chunks and accumulation dtype.
     cov_corpus: str = "default"
@@ -88,6 +102,9 @@ class EditHyperParams:
         if self.n_prefixes < 0 or self.prefix_tokens < 1:
             raise ValueError(f"need n_prefixes >= 0 and prefix_tokens >= 1, got {self.n_prefixes}, "
                              f"{self.prefix_tokens}")
+        for name, allowed in (("stop_rule", STOP_RULES), ("attn_update_order", ATTN_UPDATE_ORDERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.cov_dtype not in ("float32", "float64"):
             raise ValueError(f"cov_dtype must be 'float32' or 'float64', got {self.cov_dtype!r}")
         if self.cov_tokens < 1:
@@ -181,6 +198,16 @@ class EditHyperParams:
     def uses_attn(self) -> bool:
         return False
 
+    @property
+    def optimized_spaces(self) -> tuple[str, ...]:
+        """Hidden states at layer L that get a free δ (method.md §2 step 1)."""
+        return (self.residual_space,)
+
+    @property
+    def value_spaces(self) -> tuple[str, ...]:
+        """Hidden states whose targets v = init + δ the solver may read (δ = 0 where not optimised)."""
+        return (self.residual_space,)
+
 
 @dataclass(frozen=True)
 class PMETHyperParams(EditHyperParams):
@@ -188,6 +215,8 @@ class PMETHyperParams(EditHyperParams):
     square-root spread. Defaults: the released GPT-J values."""
 
     method: ClassVar[str] = "pmet"
+    residual_space: ClassVar[str] = "ffn"
+    stop_rule: str = "pmet"
     v_lr: float = 0.2
     v_num_grad_steps: int = 30
     clamp_norm_factor: float = 0.75
@@ -207,6 +236,14 @@ class PMETHyperParams(EditHyperParams):
     @property
     def uses_attn(self) -> bool:
         return self.optimize_attn or self.update_attn_weights
+
+    @property
+    def optimized_spaces(self) -> tuple[str, ...]:
+        return ("ffn", "attn") if self.optimize_attn else ("ffn",)
+
+    @property
+    def value_spaces(self) -> tuple[str, ...]:
+        return ("ffn", "attn")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pandas as pd
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ import pmetlab.editing.compute as compute_mod
 from pmetlab import (EditRequest, MEMITHyperParams, PMETHyperParams, compute_deltas, edited, get_adapter,
                      layer_covariances)
 from pmetlab.editing.prefixes import context_templates
-from pmetlab.editing.targets import optimize_targets
+from pmetlab.editing.targets import optimize_targets, stop_decision
 from pmetlab.tokens import target_ids
 from tests.tiny_models import TINY_FAMILIES, _TOKENIZER_WORDS, assert_no_hooks, make_tiny_model, make_tiny_tokenizer
 
@@ -94,7 +95,44 @@ def test_update_attn_weights_edits_mhsa_and_ffn_of_critical_layers_only(env, fam
     for n, t in d.tensors.items():
         assert t.shape == model.get_parameter(n).shape and t.abs().sum() > 0
     comps = [(x["layer"], x["component"]) for x in d.meta["diagnostics"]]
-    assert comps == [(0, "ffn"), (0, "attn"), (1, "ffn"), (1, "attn")]
+    assert comps == [(0, "attn"), (0, "ffn"), (1, "attn"), (1, "ffn")]  # the released order
+
+
+def _ffn_residual_norm(model, tok, hp, attn_update: torch.Tensor | None) -> float:
+    """‖v^m − m^L‖ with m^L read on the model (optionally with W_O of layer L updated)."""
+    from pmetlab.editing.solve import keys_and_outputs
+    from pmetlab.editing.targets import optimize_targets_cached
+    adapter, L = get_adapter(model), hp.layers[-1]
+    templates = context_templates(model, tok, hp)
+    v = optimize_targets_cached(model, tok, REQUESTS[:2], hp, templates, progress=False).values["ffn"]
+    w = model.get_parameter(adapter.weight_param_name(adapter.attn_out_name(L)))
+    saved = w.detach().clone()
+    with torch.no_grad():
+        if attn_update is not None:
+            w.add_(attn_update)
+        _, cur = keys_and_outputs(model, tok, adapter, REQUESTS[:2], templates, [adapter.ffn_out_name(L)],
+                                  [adapter.ffn_out_name(L)])
+        w.copy_(saved)
+    return float((v - cur[adapter.ffn_out_name(L)]).norm())
+
+
+def test_attn_update_order_released_reads_the_ffn_residual_after_the_attention_update(env):
+    model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
+    adapter = get_adapter(model)
+    hp = _hp(env, layers=(1,), update_attn_weights=True)
+    attn_param = adapter.weight_param_name(adapter.attn_out_name(1))
+    ffn_param = adapter.weight_param_name(adapter.ffn_out_name(1))
+    runs = {o: compute_deltas(model, tok, REQUESTS[:2], hp.replace(attn_update_order=o), progress=False)
+            for o in ("attn_first", "simultaneous")}
+    ffn_resid = {o: next(x["target_residual_norm"] for x in d.meta["diagnostics"] if x["component"] == "ffn")
+                 for o, d in runs.items()}
+    # the attention updates agree (both read the unedited model); the FFN ones do not
+    torch.testing.assert_close(runs["attn_first"].tensors[attn_param], runs["simultaneous"].tensors[attn_param])
+    assert not torch.allclose(runs["attn_first"].tensors[ffn_param], runs["simultaneous"].tensors[ffn_param])
+    assert ffn_resid["simultaneous"] == pytest.approx(_ffn_residual_norm(model, tok, hp, None), rel=1e-5)
+    after = _ffn_residual_norm(model, tok, hp, runs["attn_first"].tensors[attn_param])
+    assert ffn_resid["attn_first"] == pytest.approx(after, rel=1e-5)
+    assert ffn_resid["attn_first"] != pytest.approx(ffn_resid["simultaneous"], rel=1e-3)
 
 
 def test_critical_layers_beyond_the_model_are_refused(env):
@@ -126,11 +164,12 @@ def test_memit_optimises_the_layer_output(env):
     assert set(res.values) == {"layer"} and res.deltas["layer"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("stop_rule", ["pmet", "loss"])
 @pytest.mark.parametrize("cls", [PMETHyperParams, MEMITHyperParams], ids=["pmet", "memit"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fast_targets_equal_reference_targets(env, family, cls):
+def test_fast_targets_equal_reference_targets(env, family, cls, stop_rule):
     model, tok = _model(family), make_tiny_tokenizer()
-    hp = _hp(env, cls, v_num_grad_steps=8, kl_factor=0.5)
+    hp = _hp(env, cls, v_num_grad_steps=8, kl_factor=0.5, stop_rule=stop_rule)
     templates = context_templates(model, tok, hp)
     fast = optimize_targets(model, tok, REQUESTS, hp, templates, progress=False)
     ref = optimize_targets(model, tok, REQUESTS, hp, templates, progress=False, reference=True)
@@ -142,6 +181,68 @@ def test_fast_targets_equal_reference_targets(env, family, cls):
     for a, b in zip(fast.trace, ref.trace):
         assert a["request"] == b["request"] and a["step"] == b["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_method_defaults_set_the_stop_rule():
+    assert PMETHyperParams().stop_rule == "pmet" and MEMITHyperParams().stop_rule == "loss"
+    assert PMETHyperParams.preset("smollm2-135m").stop_rule == "pmet"
+    assert MEMITHyperParams.preset("smollm2-135m").stop_rule == "loss"
+    with pytest.raises(ValueError, match=r"stop_rule must be one of \['loss', 'pmet'\], got 'early'"):
+        PMETHyperParams(stop_rule="early")
+
+
+@pytest.mark.parametrize("rule,loss,kl,wrong,expected", [
+    ("loss", 0.01, 9.0, 3, (True, 1.0)),     # both rules: loss < loss_stop
+    ("pmet", 0.01, 9.0, 3, (True, 1.0)),
+    ("loss", 1.0, 0.0, 0, (False, 1.0)),     # MEMIT: arg-max everywhere changes nothing
+    ("pmet", 1.0, 0.005, 0, (True, 1.0)),    # PMET: arg-max + KL <= kl_stop stops
+    ("pmet", 1.0, 0.5, 0, (False, 0.1)),     # PMET: arg-max, KL too large: NLL scaled by 0.1
+    ("pmet", 1.0, 0.0, 2, (False, 1.0)),     # PMET: not yet the arg-max
+])
+def test_stop_decision_follows_each_released_rule(rule, loss, kl, wrong, expected):
+    hp = PMETHyperParams(stop_rule=rule)
+    assert stop_decision(hp, loss, kl, wrong) == expected
+
+
+# the subject ends each prompt: a δ at its last token moves the next-token logits directly, so
+# tiny random models reach the arg-max within a few steps
+ARGMAX_REQUESTS = [EditRequest(prompt="the capital of {}", subject="france", target_new="rome"),
+                   EditRequest(prompt="the sport of {}", subject="danny miles", target_new="jazz")]
+
+
+def _argmax_run(env, rule: str, **kw):
+    model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
+    hp = _hp(env, MEMITHyperParams, **{"v_num_grad_steps": 12, "v_lr": 1.0, "loss_stop": 0.0, "kl_factor": 0.0,
+                                       "stop_rule": rule, **kw})
+    res = optimize_targets(model, tok, ARGMAX_REQUESTS, hp, context_templates(model, tok, hp), progress=False)
+    return res, pd.DataFrame(res.trace).sort_values(["request", "step"], ignore_index=True)
+
+
+def test_loss_rule_keeps_optimising_after_the_target_is_the_argmax(env):
+    res, tr = _argmax_run(env, "loss")
+    assert tr.groupby("request")["argmax"].any().all(), "test setup: every target must become the arg-max"
+    assert res.n_steps == [12] * len(ARGMAX_REQUESTS)  # no early stop: loss_stop=0 and no arg-max rule
+    assert (tr["nll_weight"] == 1.0).all()
+    first = tr[tr["argmax"]].groupby("request")["step"].min()
+    assert (first < 11).all()  # it went on after the target became the arg-max
+    p = tr.set_index(["request", "step"])["p_target"]
+    assert all(p[(r, 11)] > p[(r, s)] for r, s in first.items())
+
+
+def test_pmet_rule_stops_at_the_first_argmax_step_when_the_kl_test_passes(env):
+    res, tr = _argmax_run(env, "pmet")  # kl_factor = 0: the KL term is 0 <= kl_stop
+    first = tr[tr["argmax"]].groupby("request")["step"].min()
+    assert len(first) == len(ARGMAX_REQUESTS)
+    assert [res.n_steps[r] for r in first.index] == [s + 1 for s in first]
+
+
+def test_pmet_rule_scales_the_nll_after_an_argmax_step_while_the_kl_test_fails(env):
+    res, tr = _argmax_run(env, "pmet", kl_factor=0.5, kl_stop=0.0, argmax_nll_scale=0.1)
+    prev = tr.groupby("request")[["argmax", "kl"]].shift(1)
+    scaled = prev["argmax"].fillna(False).astype(bool) & (prev["kl"] > 0.0)
+    assert scaled.any(), "test setup: some request must reach the arg-max with KL > 0"
+    assert tr.loc[scaled, "nll_weight"].tolist() == pytest.approx([0.1] * int(scaled.sum()))
+    assert (tr.loc[~scaled, "nll_weight"] == 1.0).all()
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

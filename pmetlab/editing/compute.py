@@ -18,7 +18,7 @@ from ..hparams import EditHyperParams
 from ..models.adapters import get_adapter
 from ..requests import EditRequest
 from ..stats import SecondMoment, layer_covariances
-from ..tokens import subject_last_index, target_ids
+from ..tokens import encode_prompt_target, subject_last_index
 from ..tracing import get_parameter
 from .deltas import Deltas, deltas_meta, param_fingerprint
 from .prefixes import context_templates
@@ -43,7 +43,7 @@ def validate_requests(tok, requests: Sequence[EditRequest]) -> list[EditRequest]
                             f"(build one with EditRequest(prompt=..., subject=..., target_new=...))")
         try:
             subject_last_index(tok, r.prompt, r.subject)
-            target_ids(tok, r.target_new)
+            encode_prompt_target(tok, r.prompt.format(r.subject), r.target_new)
         except ValueError as exc:
             raise ValueError(f"request {i} ({r.subject!r} -> {r.target_new!r}): {exc}") from None
     return requests
@@ -119,35 +119,15 @@ def compute_deltas(model, tok, requests: Sequence[EditRequest], hparams: EditHyp
                                           chunk_size=chunk_size)
         timings["targets"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        L = hp.layers[-1]
-        space = "layer" if hp.method == "memit" else "ffn"
-        out_name = adapter.layer_name(L) if space == "layer" else adapter.ffn_out_name(L)
         n = len(hp.layers)
-        for i, l in enumerate(tqdm(hp.layers, disable=not progress, desc="keys + solve")):
-            key_mods = [adapter.ffn_out_name(l)] + ([adapter.attn_out_name(l)] if hp.update_attn_weights else [])
-            out_mods = [out_name] + ([adapter.attn_out_name(L)] if hp.update_attn_weights else [])
-            keys, cur = keys_and_outputs(model, tok, adapter, requests, templates, key_mods, out_mods)
-            jobs = [("ffn", adapter.ffn_out_name(l), keys[key_mods[0]], targets.values[space] - cur[out_name],
-                     covs[l])]
-            if hp.update_attn_weights:
-                jobs.append(("attn", adapter.attn_out_name(l), keys[key_mods[1]],
-                             targets.values["attn"] - cur[adapter.attn_out_name(L)], attn_covs[l]))
-            updates = []
-            for kind, module, K, resid, cov in jobs:
-                res = solve_update(K, spread_residual(resid, i, n, hp.spread_exponent), cov.mom2,
-                                   hp.mom2_update_weight, diagnostics=diagnostics)
-                if not torch.isfinite(res.delta).all():
-                    raise FloatingPointError(f"non-finite update at layer {l} ({kind}); check λ and the covariance")
-                pname = adapter.weight_param_name(module)
-                updates.append((pname, _delta_in_param_layout(adapter, res.delta)))
-                layer_diag.append({"layer": l, "component": kind, "condition_number": res.condition_number,
-                                   "residual_norm_before": res.residual_norm_before,
-                                   "residual_norm_after": res.residual_norm_after,
-                                   "target_residual_norm": float(resid.norm()), "update_norm": res.update_norm})
-            with torch.no_grad():  # W_l <- W_l + ΔW_l now, so the next layer's keys see it
-                for pname, d in updates:
-                    params[pname].add_(d.to(params[pname].dtype))
-                    out[pname] = out.get(pname, 0) + d.float().cpu()
+        for i in tqdm(range(n), disable=not progress, desc="keys + solve"):
+            for stage in _layer_stages(hp):
+                updates = [_solve_component(model, tok, adapter, requests, templates, hp, targets, covs, attn_covs,
+                                            kind, i, n, diagnostics, layer_diag) for kind in stage]
+                with torch.no_grad():  # W_l <- W_l + ΔW_l now, so what is read next sees it
+                    for pname, d in updates:
+                        params[pname].add_(d.to(params[pname].dtype))
+                        out[pname] = out.get(pname, 0) + d.float().cpu()
         timings["keys_solve"] = time.perf_counter() - t0
     finally:
         with torch.no_grad():
@@ -164,6 +144,42 @@ def compute_deltas(model, tok, requests: Sequence[EditRequest], hparams: EditHyp
     logger.info("%s: %d requests, targets %.1fs, keys+solve %.1fs", hp.method, len(requests),
                 timings["targets"], timings["keys_solve"])
     return Deltas(out, meta, targets.trace)
+
+
+def _layer_stages(hp: EditHyperParams) -> list[tuple[str, ...]]:
+    """Components updated at each critical layer, in order; the components of one stage read
+    their keys and residuals on the same model (method.md §3: the released code updates W_O
+    first and reads the FFN residual on that model)."""
+    if not hp.update_attn_weights:
+        return [("ffn",)]
+    if hp.attn_update_order == "attn_first":
+        return [("attn",), ("ffn",)]
+    return [("attn", "ffn")]
+
+
+def _solve_component(model, tok, adapter, requests, templates, hp: EditHyperParams, targets, covs, attn_covs,
+                     kind: str, i: int, n: int, diagnostics: bool, layer_diag: list[dict]) -> tuple[str, torch.Tensor]:
+    """Keys at the i-th critical layer l and residual at layer L, read on the model as it is now,
+    for one component ("ffn": W_out from v^m or v; "attn": W_O from v^a); returns the parameter
+    name and ΔW_l in the stored layout, and appends the solve's diagnostics to ``layer_diag``."""
+    l, L = hp.layers[i], hp.layers[-1]
+    if kind == "ffn":
+        space, module, cov = hp.residual_space, adapter.ffn_out_name(l), covs[l]
+        out_mod = adapter.layer_name(L) if space == "layer" else adapter.ffn_out_name(L)
+    else:
+        space, module, cov = "attn", adapter.attn_out_name(l), attn_covs[l]
+        out_mod = adapter.attn_out_name(L)
+    keys, cur = keys_and_outputs(model, tok, adapter, requests, templates, [module], [out_mod])
+    resid = targets.values[space] - cur[out_mod]
+    res = solve_update(keys[module], spread_residual(resid, i, n, hp.spread_exponent), cov.mom2,
+                       hp.mom2_update_weight, diagnostics=diagnostics)
+    if not torch.isfinite(res.delta).all():
+        raise FloatingPointError(f"non-finite update at layer {l} ({kind}); check λ and the covariance")
+    layer_diag.append({"layer": l, "component": kind, "condition_number": res.condition_number,
+                       "residual_norm_before": res.residual_norm_before,
+                       "residual_norm_after": res.residual_norm_after,
+                       "target_residual_norm": float(resid.norm()), "update_norm": res.update_norm})
+    return adapter.weight_param_name(module), _delta_in_param_layout(adapter, res.delta)
 
 
 def _final_p(trace: list[dict], n: int) -> list[float]:

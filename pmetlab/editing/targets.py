@@ -27,7 +27,7 @@ from ..devices import model_device
 from ..hparams import EditHyperParams, PMETHyperParams
 from ..models.adapters import ModelAdapter, get_adapter
 from ..requests import EditRequest
-from ..tokens import subject_last_index, target_ids, tokenizer_identity
+from ..tokens import encode_prompt_targets, subject_last_index, tokenizer_identity
 from ..tracing import Trace, TraceDict, get_module, hidden_of, replace_hidden
 
 logger = logging.getLogger(__name__)
@@ -75,15 +75,23 @@ class Rows:
 
 def build_rows(tok, requests: Sequence[EditRequest], templates: Sequence[str]) -> Rows:
     """Token-level assembly: prompt ids + target ids[:-1] (teacher forcing), one row per
-    (request, template), then one KL row per request."""
+    (request, template), then one KL row per request.
+
+    Prompt and target ids come from :func:`pmetlab.tokens.encode_prompt_targets`, so each row is
+    the joined text's encoding ``ids(prompt + " " + target)`` without its last token.
+    """
+    prompts = [ctx.format(r.prompt).format(r.subject) for r in requests for ctx in templates]
+    encoded = iter(encode_prompt_targets(tok, prompts, [r.target_new for r in requests for _ in templates]))
     seqs: list[list[int]] = []
     req, lookup, kind, t_row, t_pos, t_tok = [], [], [], [], [], []
     for i, r in enumerate(requests):
-        tgt = target_ids(tok, r.target_new)
         for j, ctx in enumerate(templates):
             template = ctx.format(r.prompt)
-            ids = list(tok(template.format(r.subject))["input_ids"])
+            ids, tgt = next(encoded)
             look = subject_last_index(tok, template, r.subject)
+            if look >= len(ids):
+                raise ValueError(f"the subject {r.subject!r} of {template!r} merges with the target "
+                                 f"{r.target_new!r} when joined; end the prompt with text after the subject")
             row = len(seqs)
             seqs.append(ids + tgt[:-1])
             req.append(i), lookup.append(look), kind.append(0 if j == 0 else 1)
@@ -110,7 +118,8 @@ class TargetResult:
 
     ``values[k]`` = ``inits[k] + deltas[k]``, each (N, d_model), for k in the optimised spaces:
     "ffn" (v^m) and "attn" (v^a) for PMET, "layer" (v) for MEMIT. ``trace`` holds one dict per
-    (request, step): loss terms and p(target).
+    (request, step): loss terms, p(target), the NLL weight
+    used at that step and whether o* was the arg-max at every target position ("argmax").
     """
 
     layer: int
@@ -162,9 +171,24 @@ def _replay_from_layer(adapter: ModelAdapter, L: int, h_in: torch.Tensor, as_tup
 
 
 def _spaces(hp: EditHyperParams) -> list[str]:
-    if hp.method == "memit":
-        return ["layer"]
-    return ["ffn", "attn"] if hp.optimize_attn else ["ffn"]
+    return list(hp.optimized_spaces)
+
+
+def stop_decision(hp: EditHyperParams, loss: float, kl: float, n_wrong: float) -> tuple[bool, float]:
+    """Early stopping of one request after a step (method.md §2): ``(stop, next NLL weight)``.
+
+    Both rules stop when the total loss < ``loss_stop``. MEMIT's released rule ("loss") does
+    nothing else. PMET's ("pmet"): once o* is the arg-max at every target position of every
+    prompt (``n_wrong == 0``), stop if the kl_factor-weighted KL term <= ``kl_stop``, else scale
+    the NLL by ``argmax_nll_scale`` for the next step; otherwise the NLL weight is back to 1.
+    """
+    if loss < hp.loss_stop:
+        return True, 1.0
+    if hp.stop_rule == "loss" or n_wrong > 0:
+        return False, 1.0
+    if kl <= hp.kl_stop:
+        return True, 1.0
+    return False, hp.argmax_nll_scale
 
 
 def _module_for(adapter: ModelAdapter, space: str, L: int) -> str:
@@ -439,18 +463,9 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperP
             for i in act_idx.tolist():
                 l_i, nll_i, kl_i, wd_i, p_i, wrong_i = (col[i] for col in stats)
                 trace.append({"request": i, "step": it, "loss": l_i, "nll": nll_i, "kl": kl_i, "decay": wd_i,
-                              "p_target": p_i})
+                              "p_target": p_i, "nll_weight": float(nll_weight[i]), "argmax": wrong_i == 0})
                 n_steps[i] = it
-                # early stopping, per request (method.md §2)
-                if l_i < hp.loss_stop:
-                    stop_now[i] = True
-                elif wrong_i == 0:
-                    if kl_i <= hp.kl_stop:
-                        stop_now[i] = True
-                    else:
-                        new_weight[i] = hp.argmax_nll_scale
-                else:
-                    new_weight[i] = 1.0
+                stop_now[i], new_weight[i] = stop_decision(hp, l_i, kl_i, wrong_i)
             if progress:
                 a = act_idx.tolist()
                 bar.set_postfix(loss=f"{sum(stats[0][i] for i in a) / len(a):.3f}",
@@ -477,10 +492,8 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperP
                 if not torch.isfinite(d).all():
                     raise FloatingPointError(f"non-finite δ in space {s!r} at step {it}; lower v_lr")
     bar.close()
-    out_deltas = {s: deltas[s].detach().clone() for s in spaces}
-    if hp.method == "pmet" and "attn" not in out_deltas:
-        out_deltas["attn"] = torch.zeros_like(inits["attn"])
-    keep = ["layer"] if hp.method == "memit" else ["ffn", "attn"]
+    keep = list(hp.value_spaces)
+    out_deltas = {s: deltas[s].detach().clone() if s in deltas else torch.zeros_like(inits[s]) for s in keep}
     values = {k: (inits[k] + out_deltas[k].to(inits[k].dtype)) for k in keep}
     return TargetResult(layer=L, values=values, inits={k: inits[k] for k in keep}, deltas=out_deltas,
                         n_steps=[s + 1 for s in n_steps], trace=trace, seconds=time.perf_counter() - t0)
@@ -566,9 +579,9 @@ def optimize_targets_chunked(model, tok, requests: Sequence[EditRequest], hp: Ed
                         seconds=sum(p.seconds for p in parts))
 
 
-TARGET_CACHE_FORMAT = 1
+TARGET_CACHE_FORMAT = 2
 _TARGET_FIELDS = ("v_lr", "v_num_grad_steps", "clamp_norm_factor", "kl_factor", "v_weight_decay", "optimize_attn",
-                  "loss_stop", "kl_stop", "argmax_nll_scale")
+                  "stop_rule", "loss_stop", "kl_stop", "argmax_nll_scale")
 
 
 def optimize_targets_cached(model, tok, requests: Sequence[EditRequest], hp: EditHyperParams,
