@@ -1,27 +1,137 @@
 """Tokenisation helpers shared by the solver and the evaluation.
 
-Targets are tokenised without special tokens and with the leading space the prompt expects;
-the subject's last token is found from the tokenizer's character offsets (method.md §8).
+Prompt + target sequences come from one function, :func:`encode_prompt_target`, for every
+tokenizer: ``prompt_ids ⊕ target_ids == ids(prompt + " " + target)`` (method.md §8), so
+legacy SentencePiece tokenizers (LLaMA-1/2, Mistral) never make a lone "▁" a target token.
+The subject's last token is found from the tokenizer's character offsets (method.md §8).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from .cache import stable_hash
 
-__all__ = ["target_ids", "subject_last_index", "encode_batch", "pad_token_id", "tokenizer_identity", "Batch"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["encode_prompt_target", "encode_prompt_targets", "target_ids", "subject_last_index", "encode_batch",
+           "pad_token_id", "tokenizer_identity", "Batch"]
 
 
 def target_ids(tok, target: str) -> list[int]:
-    """Token ids of `` target`` (leading space, no BOS/EOS)."""
+    """Token ids of `` target`` encoded alone (leading space, no BOS/EOS).
+
+    Only for callers that need the target on its own. Never append these to a prompt's ids:
+    legacy SentencePiece tokenizers encode `` Paris`` alone as ``["▁", "▁Paris"]``; use
+    :func:`encode_prompt_target` for a prompt + target sequence.
+    """
     t = target if target.startswith(" ") else " " + target
     ids = tok(t, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"target {target!r} tokenizes to nothing")
     return list(ids)
+
+
+def _joined(prompt: str, target: str) -> str:
+    """``prompt + " " + target``; a target given with its leading space is joined the same way."""
+    return prompt + " " + (target[1:] if target.startswith(" ") else target)
+
+
+def _encode_many(tok, texts: Sequence[str], special: bool) -> list[list[int]]:
+    """Token ids of each text; one batched call for a transformers tokenizer."""
+    if isinstance(tok, PreTrainedTokenizerBase):
+        return [list(x) for x in tok(list(texts), add_special_tokens=special)["input_ids"]]
+    return [list(tok(t, add_special_tokens=special)["input_ids"]) for t in texts]
+
+
+def _n_appended(full: Sequence[int], plain: Sequence[int]) -> int:
+    """How many special tokens (e.g. EOS) the tokenizer appends after the text's own tokens."""
+    n = len(plain)
+    if n == 0:
+        return 0
+    for i in range(len(full) - n + 1):
+        if list(full[i:i + n]) == list(plain):
+            return len(full) - i - n
+    return 0
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def _split_joined(prompt: str, target: str, p_ids: list[int], suffix: list[int],
+                  joined: list[int]) -> tuple[list[int], list[int]]:
+    """Split the joined encoding (appended special tokens removed) into prompt and target ids."""
+    if suffix and joined[len(joined) - len(suffix):] == suffix:
+        joined = joined[:len(joined) - len(suffix)]
+    k = _common_prefix(p_ids, joined)
+    if k == 0:
+        raise ValueError(f"prompt {prompt!r} keeps no token of its own when joined with target {target!r}; "
+                         f"nothing would predict the target's first token")
+    if k < len(p_ids):
+        logger.warning("the last tokens of prompt %r merge with target %r when joined (ids %s alone, %s "
+                       "joined); the re-tokenised prompt tail is scored and written as part of the target",
+                       prompt, target, p_ids[k:], joined[k:])
+    if k == len(joined):
+        raise ValueError(f"target {target!r} tokenizes to nothing after prompt {prompt!r}")
+    return joined[:k], joined[k:]
+
+
+def encode_prompt_targets(tok, prompts: Sequence[str], targets: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_prompt_target` of each pair, in input order.
+
+    Each distinct prompt and each distinct pair is tokenised once (a transformers tokenizer in
+    one batched call per kind of text), so scoring many candidates after many prompts stays cheap.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"prompts and targets must have the same length, got {len(prompts)} and {len(targets)}")
+    for x in (*prompts, *targets):
+        if not isinstance(x, str):
+            raise TypeError(f"prompts and targets must be strings, got {type(x).__name__}: {x!r}")
+    pairs = list(dict.fromkeys(zip(prompts, targets)))
+    if not pairs:
+        return []
+    uniq_p = list(dict.fromkeys(p for p, _ in pairs))
+    full = dict(zip(uniq_p, _encode_many(tok, uniq_p, True)))
+    plain = dict(zip(uniq_p, _encode_many(tok, uniq_p, False)))
+    frame: dict[str, tuple[list[int], list[int]]] = {}
+    for p in uniq_p:
+        n = _n_appended(full[p], plain[p])
+        frame[p] = (full[p][:len(full[p]) - n], full[p][len(full[p]) - n:])
+        if not frame[p][0]:
+            raise ValueError(f"prompt {p!r} tokenizes to nothing; a target needs at least one token before it")
+    joined = _encode_many(tok, [_joined(p, t) for p, t in pairs], True)
+    out = {pt: _split_joined(*pt, *frame[pt[0]], j) for pt, j in zip(pairs, joined)}
+    return [out[pt] for pt in zip(prompts, targets)]
+
+
+def encode_prompt_target(tok, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """Prompt ids and target ids for teacher forcing, the one way the solver and the evaluator
+    build a prompt + target sequence (method.md §8).
+
+    Contract: ``prompt_ids + target_ids == ids(prompt + " " + target)``, the joined text encoded
+    with the special tokens the tokenizer adds to a prompt, minus any it appends (EOS): BOS (where
+    the tokenizer adds one) at position 0 only, no special token inside or after the target, and
+    no lone "▁" that the joined text itself does not have (a legacy SentencePiece tokenizer
+    encodes `` Paris`` alone as ``["▁", "▁Paris"]`` but ``is Paris`` as ``["▁is", "▁Paris"]``).
+    ``prompt_ids`` are the prompt's own ids (appended special tokens removed) and ``target_ids``
+    the joined encoding's tail, which differs from :func:`target_ids` where the target encoded
+    alone does. A target given with a leading space is treated as one without.
+
+    If the prompt's last tokens change under joining (a token merging across the boundary, e.g.
+    a prompt ending in a space under a SentencePiece tokenizer), a warning names the pair and the
+    split is made where the two encodings part: ``prompt_ids`` is the unchanged head and the
+    re-tokenised tail counts as target, so the contract above still holds and solver and
+    evaluator agree. A ValueError is raised when nothing of the prompt or of the target is left.
+    """
+    return encode_prompt_targets(tok, [prompt], [target])[0]
 
 
 def _char_span(template: str, subject: str) -> tuple[int, int]:

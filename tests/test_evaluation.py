@@ -324,9 +324,9 @@ def test_scoring_padding_side_batch_size_and_reference_agree(tiny):
     dup = score_pairs(model, tok, [PROMPTS[0]] * 3, ["Paris", "Rome", "Paris"])
     assert dup.nll[0] == dup.nll[2] and dup.nll[0] != dup.nll[1]
     # the correctness flags are the model's top-1 against the candidate's tokens
-    for pred, corr, c in zip(ref.token_pred, ref.token_correct, cands):
-        from pmetlab.tokens import target_ids
-        assert corr.tolist() == [p == t for p, t in zip(pred.tolist(), target_ids(tok, c))]
+    from pmetlab.tokens import encode_prompt_target
+    for pred, corr, p, c in zip(ref.token_pred, ref.token_correct, prompts, cands):
+        assert corr.tolist() == [x == t for x, t in zip(pred.tolist(), encode_prompt_target(tok, p, c)[1])]
 
 
 def test_generation_independent_of_batching_and_global_rng(tiny):

@@ -1,10 +1,10 @@
 """Batched teacher-forced scoring of (prompt, candidate) pairs (method.md §6).
 
-For a prompt and a candidate ``o`` the score is the mean per-token NLL of `` o`` (leading space,
-no special tokens, :func:`pmetlab.tokens.target_ids`) after the prompt (tokenised as the tokenizer
-does by default, so with BOS where the model expects one). The candidate tokens are appended to
-the prompt's ids, never re-tokenised together with it, so every method in pmetlab scores exactly
-the tokens it writes.
+For a prompt and a candidate ``o`` the score is the mean per-token NLL of the candidate's tokens
+after the prompt's. Both come from :func:`pmetlab.tokens.encode_prompt_targets`, the function the
+solver's rows are built with: the prompt's ids (with BOS where the tokenizer adds one) followed by
+the candidate's are the ids of the joined text ``prompt + " " + o`` (no lone "▁" from legacy
+SentencePiece tokenizers), so every method in pmetlab scores exactly the tokens it writes.
 
 Many pairs (prompts of many records, both candidates) go through one forward pass; rows are
 padded on either side with position ids taken from the attention mask, so padding changes no
@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..devices import model_device
-from ..tokens import target_ids
+from ..tokens import encode_prompt_targets
 
 logger = logging.getLogger(__name__)
 
@@ -159,15 +159,7 @@ def score_pairs(model, tok, prompts: Sequence[str], candidates: Sequence[str], *
         return PairScores(np.zeros(0), np.zeros(0, dtype=np.int64), [], [], [])
     uniq: dict[tuple[str, str], int] = {}
     where = [uniq.setdefault((p, c), len(uniq)) for p, c in zip(prompts, candidates)]
-    p_cache: dict[str, list[int]] = {}
-    c_cache: dict[str, list[int]] = {}
-    enc: list[tuple[list[int], list[int]]] = []
-    for p, c in uniq:
-        if p not in p_cache:
-            p_cache[p] = encode_prompt(tok, p)
-        if c not in c_cache:
-            c_cache[c] = target_ids(tok, c)
-        enc.append((p_cache[p], c_cache[c]))
+    enc = encode_prompt_targets(tok, [p for p, _ in uniq], [c for _, c in uniq])
     order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + len(enc[i][1])))
     device = model_device(model)
     adapter = _adapter_or_none(model)
@@ -225,8 +217,8 @@ def score_pairs_reference(model, tok, prompts: Sequence[str], candidates: Sequen
     device = model_device(model)
     res_nll, res_pred, cands = [], [], []
     with torch.no_grad():
-        for p, c in tqdm(list(zip(prompts, candidates)), desc=desc, disable=not progress, leave=False):
-            p_ids, c_ids = encode_prompt(tok, p), target_ids(tok, c)
+        for p_ids, c_ids in tqdm(encode_prompt_targets(tok, prompts, candidates), desc=desc,
+                                 disable=not progress, leave=False):
             ids = torch.tensor([p_ids + c_ids], device=device)
             out = model(input_ids=ids)
             logits = (out.logits if hasattr(out, "logits") else out[0])[0].float()
