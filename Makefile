@@ -1,6 +1,7 @@
 # pmetlab: two commands do all the set-up on a fresh machine.
 #   make figures   run every notebook with its defaults, figures and tables into $(FIGURES_DIR)
 #   make test      run the test suite (creates .venv when missing)
+#   make readme    regenerate the README's tables from the committed results
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -17,7 +18,7 @@ endif
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv test test-fast figures bench demo clean-venv
+.PHONY: venv test test-fast figures bench demo readme clean-venv
 
 venv: $(STAMP)
 
@@ -42,6 +43,10 @@ test-fast: $(STAMP)
 
 figures: $(STAMP)
 	$(VENV)/bin/pmetlab notebooks --out $(FIGURES_DIR)
+
+# README tables and findings, regenerated from docs/results and benchmarks/results
+readme: $(STAMP)
+	$(PY) docs/build_readme.py
 
 demo: $(STAMP)
 	$(VENV)/bin/pmetlab demo

@@ -56,7 +56,7 @@ from .datasets import (DatasetNotFoundError, Records, counterfact_requests, drop
 from .editing.compute import compute_deltas
 from .editing.deltas import Deltas, apply_deltas_, restore_
 from .evaluation import evaluate_counterfact, evaluate_zsre, relative_specificity, summarize
-from .hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams
+from .hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams, hparams_from_dict
 from .models.loading import load_model, model_identity
 from .stats import layer_covariances
 from .versions import versions
@@ -468,6 +468,25 @@ def _combine(parts: list[Deltas], mode: str) -> Deltas:
     return Deltas(tensors, meta, trace)
 
 
+def target_summary(deltas: Deltas, hp) -> dict[str, float]:
+    """How far the target optimisation got, over all requests of an edit (every batch): mean final
+    p(o*) (mean over the rewrite prompts), mean steps, the share that ran to ``v_num_grad_steps``
+    and the share whose δ ended on the norm-ball boundary (clamp_norm_factor · ‖init‖)."""
+    parts = deltas.meta.get("batches") or [{"targets": deltas.meta.get("targets")}]
+    p, steps, clamped = [], [], []
+    for part in parts:
+        t = part.get("targets") or {}
+        p += list(t.get("final_p_target", []))
+        steps += list(t.get("n_steps", []))
+        for space, norms in (t.get("delta_norms") or {}).items():
+            inits = t.get("init_norms", {}).get(space, [])
+            clamped += [d >= hp.clamp_norm_factor * i * (1 - 1e-4) for d, i in zip(norms, inits) if i > 0 and d > 0]
+    mean = lambda x: float(np.mean(x)) if len(x) else float("nan")
+    return {"n_requests": len(p), "p_target_final_mean": mean(p), "steps_mean": mean(steps),
+            "share_at_step_cap": mean([s >= hp.v_num_grad_steps for s in steps]),
+            "share_delta_at_clamp": mean(clamped)}
+
+
 def _edit(model, tok, requests, a: _Args, st: _State, covs, attn_covs, progress: bool) -> Deltas:
     bs = a.batches_of
     batches = [requests[i:i + bs] for i in range(0, len(requests), bs)]
@@ -682,6 +701,7 @@ def _run(*, model, method, dataset, n_edits, batch_size, mode, hparams, seed, su
             st.data["deltas"] = {"file": deltas_path.name, "content": "sum of all batches", "mode": a.mode,
                                  "n_batches": int(deltas.meta.get("n_batches", 1)), "batch_size": a.batches_of,
                                  "norms": deltas.norms()}
+            st.data["targets"] = target_summary(deltas, a.hp)
             st.finish("edit", time.perf_counter() - t0)
             if (run_dir / "deltas_batches").is_dir():
                 shutil.rmtree(run_dir / "deltas_batches")
@@ -784,7 +804,7 @@ def _grid_columns(entry: Mapping[str, Any], taken: set[str]) -> dict[str, Any]:
     return cols
 
 
-PRE_EVAL_CACHE_FORMAT = 1
+PRE_EVAL_CACHE_FORMAT = 2
 REUSE_PRE_EVAL = True  # set False to always re-evaluate the unedited model
 
 
@@ -941,7 +961,37 @@ def summarize_runs(run_dirs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     ``run.json`` whose sub-directories hold runs (a sweep) stands for all of them."""
     frames = []
     for d in _expand_run_dirs(run_dirs):
-        s = load_run(d).summary.copy()
+        res = load_run(d)
+        s = _with_run_columns(res.summary.copy(), res.run, d)
         s["run_dir"] = str(d)
         frames.append(s)
     return pd.concat(frames, ignore_index=True)
+
+
+def _with_run_columns(summary: pd.DataFrame, run: Mapping, run_dir: Path) -> pd.DataFrame:
+    """The summary with the run's resolved hyperparameters (``hp_<field>``; layers as "3-8" or
+    "3,5") and, on post-edit rows, how far its target optimisation got (``target_*``)."""
+    if summary.empty:
+        return summary
+    hp = dict((run.get("params") or {}).get("hparams") or {})
+    hp.pop("method", None)
+    for k, v in hp.items():
+        if isinstance(v, list):
+            v = _layers_text(v) if k == "layers" else ",".join(map(str, v))
+        summary[f"hp_{k}"] = [v] * len(summary)
+    targets = run.get("targets")
+    if targets is None and (run_dir / "deltas.safetensors").is_file() and hp:
+        method = (run.get("params") or {}).get("method")
+        targets = target_summary(Deltas.load(run_dir / "deltas.safetensors"), hparams_from_dict({"method": method, **hp}))
+    post = summary["phase"] == "post" if "phase" in summary else pd.Series(True, index=summary.index)
+    for k, v in (targets or {}).items():
+        if k != "n_requests":
+            summary[f"target_{k}"] = np.where(post, v, np.nan)
+    return summary
+
+
+def _layers_text(layers: Sequence[int]) -> str:
+    ls = list(layers)
+    if ls and ls == list(range(ls[0], ls[-1] + 1)) and len(ls) > 1:
+        return f"{ls[0]}-{ls[-1]}"
+    return ",".join(map(str, ls))

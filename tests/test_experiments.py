@@ -400,6 +400,14 @@ def test_sweep_and_summaries(tiny_env, tiny_mt, tmp_path):
     # a sweep directory stands for its runs
     s = summarize_runs(tmp_path / "sweep")
     assert len(s) == 4 and set(s["run_dir"]) == set(dirs)
+    # every row carries the resolved hyperparameters; post rows also how far the targets got
+    pm = s[s["method"] == "pmet"].set_index("phase")
+    assert pm.loc["post", "hp_spread_exponent"] == 1.0 and pm.loc["post", "hp_layers"] == "0-1"
+    assert pm.loc["pre", "hp_stop_rule"] == "pmet" and pd.isna(pm.loc["pre", "target_p_target_final_mean"])
+    targets = run["targets"]
+    assert pm.loc["post", "target_p_target_final_mean"] == pytest.approx(targets["p_target_final_mean"])
+    assert 0 < targets["p_target_final_mean"] < 1 and targets["n_requests"] == 2
+    assert 1 <= targets["steps_mean"] <= run["params"]["hparams"]["v_num_grad_steps"]
     assert len(summarize_runs(dirs)) == 4
     with pytest.raises(FileNotFoundError, match="does not exist"):
         summarize_runs([tmp_path / "missing"])

@@ -1,0 +1,141 @@
+"""Regenerate the README's tables and findings from the committed results.
+
+    python docs/build_readme.py          # rewrite the generated sections of README.md
+    python docs/build_readme.py --check  # exit 1 when a section differs from what this writes
+
+Every number in a generated section comes from a file under ``docs/results/`` or
+``benchmarks/results/`` (see ``docs/results/README.md`` for the command that produced each);
+nothing is typed by hand. ``tests/test_readme.py`` runs the check.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from pmetlab.reporting import format_ci, markdown_table, render_sections, stale_sections
+
+logger = logging.getLogger("build_readme")
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "docs" / "results"
+README = REPO / "README.md"
+MODELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}
+METHOD_NAMES = {"pmet": "PMET", "memit": "MEMIT", "none": "unedited"}
+
+
+def _ci(row: pd.Series, metric: str) -> str:
+    return format_ci(row[metric], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"])
+
+
+def _score_columns(row: pd.Series) -> dict[str, str]:
+    return {"ES": _ci(row, "efficacy_score"), "PS": _ci(row, "paraphrase_score"),
+            "NS": _ci(row, "neighborhood_score"), "Score": _ci(row, "score")}
+
+
+def _target_columns(row: pd.Series) -> dict[str, str]:
+    p = row.get("target_p_target_final_mean")
+    if p is None or pd.isna(p):
+        return dict.fromkeys(_TARGET_HEADERS, "–")
+    return {"p(o*) reached": f"{p:.2f}", "steps": f"{row['target_steps_mean']:.1f}",
+            "at step cap": f"{100 * row['target_share_at_step_cap']:.0f}%",
+            "δ at norm bound": f"{100 * row['target_share_delta_at_clamp']:.0f}%"}
+
+
+_TARGET_HEADERS = ("p(o*) reached", "steps", "at step cap", "δ at norm bound")
+
+
+def stop_rule_section() -> str:
+    """PMET and MEMIT on 20 CounterFact requests, before and after MEMIT got its own stop rule."""
+    df = pd.read_csv(RESULTS / "smollm2-135m" / "stop_rule_20.csv")
+    rows = []
+    for _, r in df[df["phase"] == "post"].iterrows():
+        rule = r.get("hp_stop_rule")
+        rows.append({"code": r["code"], "method": METHOD_NAMES[r["method"]],
+                     "stop rule": "pmet" if pd.isna(rule) else rule, **_score_columns(r), **_target_columns(r)})
+    pre = df[df["phase"] == "pre"].iloc[0]
+    rows.append({"code": "–", "method": "unedited", "stop rule": "–", **_score_columns(pre),
+                 **dict.fromkeys(_TARGET_HEADERS, "–")})
+    post = df[df["phase"] == "post"].set_index(["code", "method"])
+    mb, ma, pa = post.loc[("before", "memit")], post.loc[("after", "memit")], post.loc[("after", "pmet")]
+    text = (f"With its own rule MEMIT's targets reach p(o*) = {ma['target_p_target_final_mean']:.2f} instead of "
+            f"{mb['target_p_target_final_mean']:.2f}, and its Score moves from {mb['score']:.1f} to "
+            f"{ma['score']:.1f}. PMET is unchanged ({pa['score']:.1f}, bit-identical updates); its targets stop "
+            f"at p(o*) = {pa['target_p_target_final_mean']:.2f} with "
+            f"{100 * pa['target_share_at_step_cap']:.0f}% of the requests at the step cap and "
+            f"{100 * pa['target_share_delta_at_clamp']:.0f}% of the δ vectors on the norm bound "
+            f"(clamp_norm_factor · ‖init‖): on SmolLM2 the clamp and the step cap, not the stopping rule, hold PMET back.")
+    return markdown_table(pd.DataFrame(rows)) + "\n\n" + text
+
+
+def presets_section() -> str:
+    """λ re-check of the SmolLM2 presets (20 CounterFact requests in one batch)."""
+    df = pd.read_csv(RESULTS / "smollm2-135m" / "lambda_check_20.csv")
+    post = df[df["phase"] == "post"].sort_values(["method", "hp_mom2_update_weight"], ascending=[False, True])
+    rows = [{"method": METHOD_NAMES[r["method"]], "λ": f"{r['hp_mom2_update_weight']:g}",
+             "stop rule": r["hp_stop_rule"], **_score_columns(r), **_target_columns(r)} for _, r in post.iterrows()]
+    pre = df[df["phase"] == "pre"].iloc[0]
+    rows.append({"method": "unedited", "λ": "–", "stop rule": "–", **_score_columns(pre),
+                 **dict.fromkeys(_TARGET_HEADERS, "–")})
+    return markdown_table(pd.DataFrame(rows))
+
+
+def _by_depth_table(model: str) -> pd.DataFrame:
+    df = pd.read_csv(RESULTS / model / "01_similarity_by_depth.csv")
+    depth = [c for c in ("early", "middle", "late") if c in df.columns]
+    out = df[["protocol", "metric", "component", *depth]].copy()
+    out.insert(0, "model", MODELS[model])
+    return out
+
+
+def similarity_section() -> str:
+    """Notebook 01's by-depth table under both protocols, and its generated reading, per model."""
+    parts = []
+    for model, name in MODELS.items():
+        folder = RESULTS / model
+        if not (folder / "01_similarity_by_depth.csv").is_file():
+            continue
+        reading = (folder / "01_reading.md").read_text().strip()
+        parts.append(f"**{name}**\n\n{markdown_table(_by_depth_table(model))}\n\n{reading}\n")
+    return "\n".join(parts)
+
+
+def benchmarks_section() -> str:
+    """``benchmarks/results/latest.json`` as a table."""
+    rows = json.loads((REPO / "benchmarks" / "results" / "latest.json").read_text())
+    keys = ("name", "unit", "pmetlab", "reference", "ratio", "limit")
+    table = pd.DataFrame([{k: ("–" if r.get(k) is None else r[k]) for k in keys} for r in rows])
+    table["notes"] = ["; ".join(f"{k} {v}" for k, v in r.items() if k not in keys) for r in rows]
+    return markdown_table(table.astype(str))
+
+
+BUILDERS: dict[str, Callable[[], str]] = {
+    "stop-rule": stop_rule_section,
+    "presets": presets_section,
+    "similarity": similarity_section,
+    "benchmarks": benchmarks_section,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 when README.md is out of date")
+    args = ap.parse_args(argv)
+    text = README.read_text()
+    if args.check:
+        stale = stale_sections(text, BUILDERS)
+        if stale:
+            print(f"README.md sections out of date: {stale}; run `python docs/build_readme.py`", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(render_sections(text, BUILDERS))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
