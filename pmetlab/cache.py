@@ -7,12 +7,12 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
 __all__ = ["cache_dir", "atomic_path", "atomic_write_json", "weights_fingerprint", "stable_hash",
-           "file_sha256"]
+           "file_sha256", "tensor_digest"]
 
 CACHE_ENV = "PMETLAB_CACHE_DIR"
 
@@ -78,25 +78,40 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _tensor_bytes(t: torch.Tensor) -> memoryview | None:
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B") if t.numel() else None
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *,
+                  extra: str = "", digest_size: int = 16) -> str:
+    """The digest of named tensors: names, shapes, dtypes and every byte (in name order for a
+    mapping, in the given order for an iterable of pairs), plus ``extra``. The one tensor digest
+    of pmetlab: cache checksums, weight fingerprints and deltas checksums all use it."""
+    items = sorted(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+    h = hashlib.blake2b(extra.encode(), digest_size=digest_size)
+    for name, t in items:
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        b = _tensor_bytes(t)
+        if b is not None:
+            h.update(b)
+    return h.hexdigest()
+
+
 def weights_fingerprint(model: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> str:
-    """A digest of the model's parameters (names, shapes, dtypes and every byte).
+    """A digest of the model's parameters (names, shapes, dtypes and every byte), by
+    :func:`tensor_digest`.
 
     ``prefixes`` restricts it to parameters whose names start with one of them (e.g. the
     embedding and the layers a statistic depends on). Shared (tied) tensors count once.
     """
-    h = hashlib.blake2b(digest_size=16)
     seen: set[int] = set()
+    pairs = []
     for name, p in model.named_parameters(remove_duplicate=True):
-        if prefixes is not None and not name.startswith(prefixes):
-            continue
-        if p.data_ptr() in seen:
+        if (prefixes is not None and not name.startswith(prefixes)) or p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
-        t = p.detach()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        t = t.to("cpu").contiguous()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        if t.numel():
-            h.update(memoryview(t.numpy()).cast("B"))
-    return h.hexdigest()
+        pairs.append((name, p))
+    return tensor_digest(pairs)
