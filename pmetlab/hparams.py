@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any, ClassVar, Mapping
 
+from .covspec import CovarianceSpec
+
 __all__ = ["EditHyperParams", "PMETHyperParams", "MEMITHyperParams", "hparams_from_dict", "list_presets"]
 
 DEFAULT_PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
@@ -197,6 +199,13 @@ class EditHyperParams:
     @property
     def uses_attn(self) -> bool:
         return False
+
+    @property
+    def covariance(self) -> CovarianceSpec:
+        """The covariance statistics these hyperparameters were set against (the one place the
+        ``cov_*`` fields and the seed are assembled)."""
+        return CovarianceSpec(corpus=self.cov_corpus, n_tokens=self.cov_tokens, seq_len=self.cov_seq_len,
+                              dtype=self.cov_dtype, seed=self.seed)
 
     @property
     def optimized_spaces(self) -> tuple[str, ...]:
