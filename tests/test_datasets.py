@@ -37,7 +37,7 @@ def isolated(tmp_path, monkeypatch):
     for d in (env_dir, proj, cache):
         d.mkdir()
     monkeypatch.setenv(ds.DATA_DIR_ENV, str(env_dir))
-    monkeypatch.setattr(ds, "_PROJECT_DATA_DIR", proj)
+    monkeypatch.setattr(ds.files, "_PROJECT_DATA_DIR", proj)
     monkeypatch.setenv("PMETLAB_CACHE_DIR", str(cache))
     monkeypatch.delenv(ds.OFFLINE_ENV, raising=False)
     calls: list[str] = []

@@ -93,7 +93,7 @@ def tiny_env(tmp_path, monkeypatch):
     monkeypatch.setenv(ds.OFFLINE_ENV, "1")
     data = write_data_dir(tmp_path)
     monkeypatch.setenv(ds.DATA_DIR_ENV, str(data))
-    monkeypatch.setattr(ds, "_PROJECT_DATA_DIR", tmp_path / "no-project-data")
+    monkeypatch.setattr(ds.files, "_PROJECT_DATA_DIR", tmp_path / "no-project-data")
     return data
 
 

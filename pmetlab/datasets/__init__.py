@@ -1,0 +1,42 @@
+"""Evaluation datasets: CounterFact, multi-CounterFact, zsRE and known facts (method.md §6).
+
+Every loader returns a :class:`Records` list of validated dicts in the dataset's original schema,
+with a :class:`DatasetInfo` (name, path, sha256, number of records) attached as ``.info`` for run
+records. A file is looked for, in order:
+
+1. an explicit ``path=`` (an error if it does not exist; nothing else is tried);
+2. ``$PMETLAB_DATA_DIR`` (the shared layout, e.g. ``counterfact/counterfact_filtered.json``, or the
+   canonical file names directly in the directory or in its ``counterfact/``, ``zsre/``,
+   ``knowns/`` sub-directories);
+3. the project's ``data/`` directory (next to the ``pmetlab`` package), same names;
+4. a copy downloaded earlier into ``cache_dir("data")``;
+5. a download of the canonical file from https://rome.baulab.info/data/dsets/ (mirror:
+   memit.baulab.info), verified (JSON parses, record count and schema, sha256 where known) before
+   it is renamed into the cache.
+
+Nothing found and no download possible: one :class:`DatasetNotFoundError` naming the file and every
+place looked. The TF-IDF consistency reference (``attribute_snippets.json``, ``idf.npy``,
+``tfidf_vocab.json``) is looked for in the same places but is never downloaded unless asked
+(926 MB); its loaders return ``None`` when it is not available, never a stand-in.
+"""
+from __future__ import annotations
+
+import urllib.request  # noqa: F401  (tests stub the network through pmetlab.datasets.urllib)
+
+from .files import (DATA_DIR_ENV, OFFLINE_ENV, REMOTE_ROOTS, load_counterfact, load_dataset, load_known_facts,
+                    load_multi_counterfact, load_zsre, locate_dataset_file)
+from .records import (DatasetInfo, DatasetNotFoundError, Records, validate_counterfact_record, validate_known_record,
+                      validate_records, validate_zsre_record)
+from .reference import (ConsistencyReference, load_attribute_snippets, load_consistency_reference, load_idf,
+                        load_tfidf_vocab)
+from .selection import Selection, counterfact_requests, drop_conflicting, select, zsre_requests
+
+__all__ = [
+    "DatasetInfo", "Records", "Selection", "DatasetNotFoundError", "ConsistencyReference",
+    "DATA_DIR_ENV", "OFFLINE_ENV", "REMOTE_ROOTS",
+    "load_counterfact", "load_multi_counterfact", "load_zsre", "load_known_facts", "load_dataset",
+    "locate_dataset_file", "select", "drop_conflicting",
+    "counterfact_requests", "zsre_requests",
+    "validate_counterfact_record", "validate_zsre_record", "validate_known_record", "validate_records",
+    "load_attribute_snippets", "load_idf", "load_tfidf_vocab", "load_consistency_reference",
+]

@@ -1,0 +1,92 @@
+"""Choosing records and turning them into edit requests."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Literal, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from ..cache import stable_hash
+from ..requests import EditRequest
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# subsets and requests
+# ---------------------------------------------------------------------------------------------
+class Selection(NamedTuple):
+    """Records chosen by :func:`select` and a JSON-serialisable description for run records."""
+
+    records: list[dict]
+    description: dict[str, Any]
+
+
+def _id_of(rec: Mapping[str, Any], i: int) -> Any:
+    for k in ("case_id", "known_id"):
+        if k in rec:
+            return rec[k]
+    return i
+
+
+def select(records: Sequence[dict], n: int | None = None, mode: Literal["first", "sample"] = "first",
+           seed: int = 0) -> Selection:
+    """A deterministic subset of ``records``.
+
+    Args:
+        n: how many (None: all).
+        mode: "first" takes the first ``n``; "sample" draws ``n`` without replacement with
+            ``numpy.random.default_rng(seed)`` and keeps them in file order.
+
+    Returns:
+        :class:`Selection` ``(records, description)``; the description holds the dataset info (when
+        ``records`` is a :class:`Records`), ``n_total``, ``n``, ``mode``, ``seed``, the selected ids
+        and a hash of them.
+    """
+    if mode not in ("first", "sample"):
+        raise ValueError(f"mode must be 'first' or 'sample', got {mode!r}")
+    total = len(records)
+    if n is None:
+        n = total
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer or None, got {n!r}")
+    if n > total:
+        raise ValueError(f"cannot select n={n} records from {total}; pass n <= {total} or n=None")
+    if mode == "first":
+        idx = list(range(int(n)))
+    else:
+        idx = sorted(int(i) for i in np.random.default_rng(seed).choice(total, size=int(n), replace=False))
+    chosen = [records[i] for i in idx]
+    ids = [_id_of(r, i) for r, i in zip(chosen, idx)]
+    info = getattr(records, "info", None)
+    desc = {
+        "dataset": info.to_dict() if info is not None else None,
+        "n_total": total, "n": int(n), "mode": mode, "seed": int(seed) if mode == "sample" else None,
+        "ids": ids, "ids_hash": stable_hash(ids),
+    }
+    return Selection(chosen, desc)
+
+
+def drop_conflicting(records: Sequence[dict]) -> list[dict]:
+    """Keep the first CounterFact record for each (subject, relation_id), as multi-CounterFact does,
+    so that a batch of edits never asks for two objects of the same subject and relation."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for r in records:
+        key = (r["requested_rewrite"]["subject"], r["requested_rewrite"]["relation_id"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def counterfact_requests(records: Iterable[Mapping[str, Any]]) -> list[EditRequest]:
+    """One :class:`EditRequest` per CounterFact record (target_new, with target_true kept)."""
+    return [EditRequest.from_counterfact(r) for r in records]
+
+
+def zsre_requests(records: Iterable[Mapping[str, Any]]) -> list[EditRequest]:
+    """One :class:`EditRequest` per zsRE record: the question with ``{}`` for the subject, answers[0]."""
+    return [EditRequest.from_zsre(r) for r in records]
+
+
