@@ -154,8 +154,6 @@ def load_model(name_or_path: str, device: str | torch.device | None = "auto",
         ``(model, tokenizer)``: the model in eval mode with gradients off; the tokenizer has a pad
         token and right padding (pmetlab switches sides itself where needed).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
         raise ModelLoadError(f"name_or_path must be a non-empty string, got {name_or_path!r}")
     name = str(name_or_path)
@@ -163,17 +161,39 @@ def load_model(name_or_path: str, device: str | torch.device | None = "auto",
         from_pretrained_kwargs["device_map"] = device_map
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    source = name
+    source, path = _resolve_source(name)
+    model = _load_causal_lm(name, path, dt, from_pretrained_kwargs)
+    if "device_map" not in from_pretrained_kwargs:
+        model.to(dev)
+    else:
+        dev = sorted({str(p.device) for p in model.parameters()})  # for the log line
+    model.eval()
+    model.requires_grad_(False)
+    if check_adapter:
+        get_adapter(model)
+    tok = _load_tokenizer(name, path)
+    model.pmetlab_source = source  # recorded in run metadata and cache keys
+    logger.info("loaded %s (%s) on %s in %s", source, type(model).__name__, dev, dt)
+    return model, tok
+
+
+def _resolve_source(name: str) -> tuple[str, str]:
+    """(the name recorded for the model, the path or hub id transformers loads it from)."""
     if name.lower() in _EMBEDDED:
-        path = str(_converted_dir(_EMBEDDED[name.lower()]))
-        source = name.lower()
-    elif Path(name).expanduser().exists():
+        return name.lower(), str(_converted_dir(_EMBEDDED[name.lower()]))
+    if Path(name).expanduser().exists():
         path = str(Path(name).expanduser())
         if not (Path(path) / "config.json").is_file():
             raise ModelLoadError(f"{path!r} exists but has no config.json; expected a directory "
                                  f"written by save_pretrained (or an embedded name: {sorted(_EMBEDDED)})")
-    else:
-        path = name
+        return name, path
+    return name, name
+
+
+def _load_causal_lm(name: str, path: str, dt: torch.dtype, kwargs: dict) -> torch.nn.Module:
+    """The model at ``path``; a ModelLoadError when it is missing or not a decoder-only causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -183,7 +203,7 @@ def load_model(name_or_path: str, device: str | torch.device | None = "auto",
             f"{str(exc).splitlines()[0] if str(exc) else ''}). Offline, use an embedded name or a "
             f"local path.") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dt, **from_pretrained_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dt, **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "AutoModelForCausalLM" in str(exc):
             raise ModelLoadError(f"{name!r} (model_type {config.model_type!r}) is not a causal language "
@@ -194,14 +214,13 @@ def load_model(name_or_path: str, device: str | torch.device | None = "auto",
     if _is_bidirectional_encoder(model):
         raise ModelLoadError(f"{name!r} (model_type {model.config.model_type!r}) is a bidirectional encoder, "
                              f"not a causal language model; pmetlab edits decoder-only causal LMs")
-    if "device_map" not in from_pretrained_kwargs:
-        model.to(dev)
-    else:
-        dev = sorted({str(p.device) for p in model.parameters()})  # for the log line
-    model.eval()
-    model.requires_grad_(False)
-    if check_adapter:
-        get_adapter(model)
+    return model
+
+
+def _load_tokenizer(name: str, path: str):
+    """The tokenizer saved with the model, with a pad token and right padding."""
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -212,9 +231,7 @@ def load_model(name_or_path: str, device: str | torch.device | None = "auto",
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    model.pmetlab_source = source  # recorded in run metadata and cache keys
-    logger.info("loaded %s (%s) on %s in %s", source, type(model).__name__, dev, dt)
-    return model, tok
+    return tok
 
 
 def model_identity(model: torch.nn.Module) -> dict:
