@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 
 __all__ = ["cache_dir", "atomic_path", "atomic_write_json", "weights_fingerprint", "stable_hash",
-           "file_sha256", "tensor_digest"]
+           "file_sha256", "tensor_digest", "legacy_names_bytes_digest"]
 
 CACHE_ENV = "PMETLAB_CACHE_DIR"
 
@@ -94,6 +94,19 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torc
     h = hashlib.blake2b(extra.encode(), digest_size=digest_size)
     for name, t in items:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        b = _tensor_bytes(t)
+        if b is not None:
+            h.update(b)
+    return h.hexdigest()
+
+
+def legacy_names_bytes_digest(pairs: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """The parameter fingerprint that deltas files saved before :func:`tensor_digest` replaced it
+    carry: each name and the tensor's bytes, in the given order, without shapes or dtypes.
+    Only for recognising those files (:meth:`pmetlab.Deltas.check_compatible`); never for new data."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in pairs:
+        h.update(name.encode())
         b = _tensor_bytes(t)
         if b is not None:
             h.update(b)

@@ -1,18 +1,23 @@
-"""Text corpora for the covariance statistics: files, JSONL, a hub dataset, or model samples."""
+"""Text corpora for the covariance statistics: files, JSONL, a hub dataset, or model samples,
+and their cutting into token chunks (:func:`tokenize_corpus`)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+import torch
+
+from .cache import file_sha256
+from .devices import model_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Corpus", "resolve_corpus", "data_dir"]
+__all__ = ["Corpus", "resolve_corpus", "data_dir", "tokenize_corpus"]
 
 _TEXT_SUFFIXES = {".txt", ".raw", ".utf8", ".text", ".md"}
 _DOC_TAG = re.compile(r"</?doc[^>]*>")
@@ -45,7 +50,7 @@ class Corpus:
     def identity(self) -> dict:
         if self.files:
             return {"name": self.name, "files": [
-                {"file": p.name, "sha256": _sha256(p)} for p in self.files]}
+                {"file": p.name, "sha256": file_sha256(p)} for p in self.files]}
         return {"name": self.name, "hub_id": self.hub_id, "model_samples": self.model_samples}
 
     def documents(self) -> Iterator[str]:
@@ -73,14 +78,6 @@ class Corpus:
                 part = part.strip()
                 if len(part) > 20:
                     yield part
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hub_documents(hub_id: str) -> Iterator[str]:
@@ -139,3 +136,65 @@ def resolve_corpus(spec: str | os.PathLike) -> Corpus:
     if not files:
         raise FileNotFoundError(f"corpus folder {path} has no .txt/.raw/.utf8/.jsonl files")
     return Corpus(name=s, files=files)
+
+
+def tokenize_corpus(tok: Any, corpus: Corpus, n_tokens: int, seq_len: int, *,
+                    model: torch.nn.Module | None = None, seed: int = 0) -> list[list[int]]:
+    """Chunks of at most ``seq_len`` token ids (documents split, never joined; each chunk starts
+    with the tokenizer's BOS if it adds one; pieces under 8 tokens skipped) totalling ``n_tokens``.
+
+    ``model`` and ``seed`` are only used by ``model:<n>`` corpora, which sample the documents."""
+    bos = _bos_prefix(tok)
+    chunks: list[list[int]] = []
+    total = 0
+    body = seq_len - len(bos)
+    for doc in _documents(corpus, model, tok, seed):
+        ids = tok(doc, add_special_tokens=False)["input_ids"]
+        for i in range(0, len(ids), body):
+            piece = ids[i:i + body]
+            if len(piece) < 8:
+                continue
+            room = n_tokens - total - len(bos)
+            piece = bos + piece[: max(room, 1)]
+            chunks.append(piece)
+            total += len(piece)
+            if total >= n_tokens:
+                return chunks
+    if total < n_tokens:
+        logger.warning("corpus %s has only %d tokens (asked for %d); using all of it", corpus.name, total, n_tokens)
+    return chunks
+
+
+def _bos_prefix(tok: Any) -> list[int]:
+    """The ids the tokenizer puts before a text when it adds special tokens (e.g. [BOS])."""
+    with_sp = tok("a")["input_ids"]
+    without = tok("a", add_special_tokens=False)["input_ids"]
+    if len(with_sp) > len(without) and with_sp[-len(without):] == without:
+        return list(with_sp[: len(with_sp) - len(without)])
+    return []
+
+
+def _documents(corpus: Corpus, model: torch.nn.Module | None, tok: Any, seed: int) -> Iterator[str]:
+    if corpus.model_samples:
+        if model is None:
+            raise ValueError("a 'model:<n>' corpus needs the model to sample from")
+        yield from _sample_documents(model, tok, corpus.model_samples, seed)
+    else:
+        yield from corpus.documents()
+
+
+@torch.no_grad()
+def _sample_documents(model: torch.nn.Module, tok: Any, n: int, seed: int, length: int = 128) -> Iterator[str]:
+    """``n`` texts of ``length`` tokens sampled (top-40, seeded) from the model itself."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dev = model_device(model)
+    starts = ["The", "In", "A", "It", "He", "She", "This", "On"]
+    for i in range(n):
+        ids = tok(starts[i % len(starts)], return_tensors="pt")["input_ids"].to(dev)
+        for _ in range(length):
+            logits = model(input_ids=ids).logits[0, -1].float().cpu()
+            top = torch.topk(logits, 40)
+            probs = torch.softmax(top.values, -1)
+            nxt = top.indices[torch.multinomial(probs, 1, generator=g)]
+            ids = torch.cat([ids, nxt.view(1, 1).to(dev)], 1)
+        yield tok.decode(ids[0], skip_special_tokens=True)

@@ -67,13 +67,20 @@ class KeyedStore:
     def save_tensors(self, key: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
                      meta: Mapping[str, Any] | None = None, *, prefix: str = "") -> Path:
         """Write ``tensors`` (moved to the CPU) with ``key``, ``meta`` and a checksum; atomic."""
+        return self.write_tensors(self.path(key, prefix=prefix), key, tensors, meta)
+
+    @staticmethod
+    def write_tensors(path: str | Path, key: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                      meta: Mapping[str, Any] | None = None) -> Path:
+        """Write one file in the store's format at an explicit ``path`` (the counterpart of
+        :meth:`read_tensors`, for files whose place the caller chooses); atomic."""
         from safetensors.torch import save_file
         cpu = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
         header = {"store_format": str(STORE_FORMAT), "key": stable_hash(dict(key), 32),
                   "key_json": json.dumps(dict(key), sort_keys=True, default=str),
                   "meta": json.dumps(dict(meta or {}), sort_keys=True, default=str),
                   "checksum": tensor_digest(cpu)}
-        path = self.path(key, prefix=prefix)
+        path = Path(path)
         with atomic_path(path) as tmp:
             save_file(cpu, str(tmp), metadata=header)
         return path

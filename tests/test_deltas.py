@@ -1,15 +1,18 @@
 """Reversible, saveable edits: apply/restore, the context manager, save/load, refusals."""
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pmetlab import (Deltas, EditMismatchError, EditRequest, PMETHyperParams, apply_deltas_, compute_deltas,
                      edited, restore_)
+from pmetlab.cache import tensor_digest
 from tests.tiny_models import _TOKENIZER_WORDS, make_tiny_model, make_tiny_tokenizer
 
 REQUESTS = [EditRequest(prompt="{} plays the sport of", subject="danny miles", target_new="jazz"),
@@ -216,3 +219,67 @@ def test_damaged_file_gives_clear_valueerror(edit, tmp_path, damage):
 def test_missing_file_is_filenotfound(tmp_path):
     with pytest.raises(FileNotFoundError, match="no saved edit"):
         Deltas.load(tmp_path / "nope.safetensors")
+
+
+# --- digests: tensor_digest now, the formulas of files saved before still accepted ------------
+
+def _legacy_fingerprint(model, names) -> str:
+    """The base fingerprint deltas carried before tensor_digest: names and bytes only."""
+    h = hashlib.blake2b(digest_size=16)
+    for n in sorted(names):
+        h.update(n.encode())
+        h.update(memoryview(model.get_parameter(n).detach().contiguous().numpy()).cast("B"))
+    return h.hexdigest()
+
+
+def _legacy_checksum(tensors) -> str:
+    """The checksum deltas files carried before tensor_digest (bfloat16 hashed as int16)."""
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        t = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(memoryview(t.numpy()).cast("B"))
+    return h.hexdigest()
+
+
+def test_fingerprint_is_the_tensor_digest_and_legacy_files_still_apply(edit, tmp_path):
+    make, tok, d = edit
+    model = make()
+    assert d.meta["fingerprint_version"] == 2
+    assert d.meta["base_fingerprint"] == tensor_digest({n: model.get_parameter(n) for n in d.tensors})
+    # a file saved before: the legacy fingerprint and no fingerprint_version
+    old_meta = {k: v for k, v in d.meta.items() if k != "fingerprint_version"}
+    old_meta["base_fingerprint"] = _legacy_fingerprint(model, d.tensors)
+    legacy = Deltas.load(Deltas(d.tensors, old_meta, d.trace).save(tmp_path / "old.safetensors"))
+    assert legacy.meta["base_fingerprint"] != d.meta["base_fingerprint"]
+    state = _state(model)
+    with edited(model, d):
+        want = _logits(model, tok)
+    with edited(model, legacy):
+        assert torch.equal(_logits(model, tok), want)
+        with pytest.raises(EditMismatchError, match="already edited"):
+            apply_deltas_(model, legacy)
+    _assert_same_state(model, state)
+    with pytest.raises(EditMismatchError):
+        apply_deltas_(make_tiny_model("LlamaForCausalLM", seed=1, initializer_range=0.2), legacy)
+    # deltas that say they carry the current fingerprint are held to it
+    with pytest.raises(EditMismatchError):
+        apply_deltas_(model, Deltas(d.tensors, {**old_meta, "fingerprint_version": 2}))
+    _assert_same_state(model, state)
+
+
+def test_checksum_is_the_tensor_digest_and_legacy_bfloat16_files_load(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    t = {"b.weight": torch.randn(3, 4, generator=g).to(torch.bfloat16), "a.weight": torch.randn(5, generator=g)}
+    path = Deltas(t, {"method": "pmet"}).save(tmp_path / "new.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    assert header["checksum"] == tensor_digest(t)
+    assert _legacy_checksum({"a.weight": t["a.weight"]}) == tensor_digest({"a.weight": t["a.weight"]})
+    save_file(t, str(path), metadata={**header, "checksum": _legacy_checksum(t)})  # as saved before
+    back = Deltas.load(path)
+    assert all(torch.equal(back.tensors[k], t[k]) for k in t)
+    save_file(t, str(path), metadata={**header, "checksum": "0" * 32})
+    with pytest.raises(ValueError, match="checksum"):
+        Deltas.load(path)

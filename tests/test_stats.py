@@ -1,5 +1,5 @@
 """Covariance statistics: the accumulator, one-pass collection, the disk cache and its keys,
-damaged files, merging partial results, and resuming an interrupted run."""
+damaged files, merging partial results, resuming an interrupted run, and the spec form."""
 from __future__ import annotations
 
 import random
@@ -11,8 +11,10 @@ import torch
 import pmetlab.stats as stats
 from pmetlab import get_adapter
 from pmetlab.corpus import resolve_corpus
-from pmetlab.stats import (SecondMoment, collect_second_moments, layer_covariances, stats_key,
-                           symmetric_accumulate_, symmetrize, tokenize_corpus, tokenizer_identity)
+from pmetlab.covspec import CovarianceSpec
+from pmetlab.stats import (SecondMoment, collect_second_moments, covariance_cache_paths, layer_covariances,
+                           stats_key, symmetric_accumulate_, symmetrize, tokenize_corpus, tokenizer_identity)
+from pmetlab.store import DamagedEntryError, KeyedStore
 from pmetlab.tracing import TraceDict
 from tests.tiny_models import _TOKENIZER_WORDS, make_tiny_model, make_tiny_tokenizer
 
@@ -39,7 +41,12 @@ COV_KW = dict(n_tokens=600, seq_len=32, progress=False, tokens_per_batch=128)
 
 
 def _cache_files(cache: Path) -> list[Path]:
-    return sorted(cache.rglob("*.safetensors"))
+    """The per-layer statistics files (not the partial checkpoints)."""
+    return sorted(p for p in cache.rglob("*.safetensors") if not p.name.startswith("partial-"))
+
+
+def _partial_files(cache: Path) -> list[Path]:
+    return sorted(cache.rglob("partial-*.safetensors"))
 
 
 # --- the accumulator ----------------------------------------------------------------------
@@ -220,7 +227,7 @@ def test_damaged_cache_file_is_detected_and_recomputed(env, monkeypatch, damage,
     monkeypatch.setattr(stats, "collect_second_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = layer_covariances(model, tok, [1], corpus=env["corpus"], **COV_KW)[1]
     assert calls == [1]
-    assert "recomputing" in caplog.text
+    assert "recomputed" in caplog.text and path.name in caplog.text  # the log names the file
     assert torch.equal(again.sum, first.sum) and again.count == first.count
     assert torch.equal(SecondMoment.load(path, first.key).sum, first.sum)  # the file was rewritten
 
@@ -229,7 +236,7 @@ def test_file_with_another_key_is_rejected(env):
     model, tok, _, _ = _setup()
     sm = layer_covariances(model, tok, [1], corpus=env["corpus"], **COV_KW)[1]
     (path,) = _cache_files(env["cache"])
-    with pytest.raises(ValueError, match="different setting"):
+    with pytest.raises(ValueError, match="another key"):
         SecondMoment.load(path, {**sm.key, "tokens": 1})
     loaded = SecondMoment.load(path)
     assert loaded.key == sm.key and torch.equal(loaded.sum, sm.sum)
@@ -287,12 +294,12 @@ def test_cache_key_includes_the_tokenizer_and_model_sampling_seed(env):
     assert tokenizer_identity(make_tiny_tokenizer()) == tokenizer_identity(tok)
     assert _key(env, model, tok2) != _key(env, model, tok)
     corp = resolve_corpus("model:2")
-    k0 = stats_key(model, "m", "fp", corp, 10, 32, "float32", seed=0)
-    k1 = stats_key(model, "m", "fp", corp, 10, 32, "float32", seed=1)
-    assert k0 != k1
-    file_corp = resolve_corpus(env["corpus"])  # a file corpus does not depend on the seed
-    assert stats_key(model, "m", "fp", file_corp, 10, 32, "float32", seed=0) == \
-        stats_key(model, "m", "fp", file_corp, 10, 32, "float32", seed=1)
+    spec = CovarianceSpec(corpus="model:2", n_tokens=10, seq_len=32)
+    k0 = stats_key(model, "m", "fp", spec, corpus=corp)
+    k1 = stats_key(model, "m", "fp", spec.replace(seed=1), corpus=corp)
+    assert k0 != k1 and k0 == stats_key(model, "m", "fp", spec)  # the corpus is resolved from the spec
+    file_spec = spec.replace(corpus=env["corpus"])  # a file corpus does not depend on the seed
+    assert stats_key(model, "m", "fp", file_spec) == stats_key(model, "m", "fp", file_spec.replace(seed=1))
 
 
 def test_layer_covariances_resumes_an_interrupted_run(env, monkeypatch, tmp_path):
@@ -321,9 +328,9 @@ def test_layer_covariances_resumes_an_interrupted_run(env, monkeypatch, tmp_path
     monkeypatch.setattr(stats, "collect_second_moments", interrupted_after_first_checkpoint)
     with pytest.raises(Interrupted):
         layer_covariances(model, tok, [0, 2], corpus=env["corpus"], **kw)
-    partial = [p for p in env["cache"].rglob("partial-*") if p.is_dir()]
-    assert len(partial) == 1 and (partial[0] / "progress.json").is_file()
-    assert not [p for p in _cache_files(env["cache"]) if not p.parent.name.startswith("partial-")]
+    (partial,) = _partial_files(env["cache"])  # sums and batch index: one store entry
+    assert int(KeyedStore.read_tensors(partial).tensors["next_batch"]) == 2
+    assert not _cache_files(env["cache"])
     resumed = layer_covariances(model, tok, [0, 2], corpus=env["corpus"], **kw)
     assert starts == [0, 2]  # the second run started where the first one stopped
     for l in (0, 2):
@@ -365,3 +372,124 @@ def test_use_cache_false_writes_nothing(env):
     model, tok, _, _ = _setup()
     layer_covariances(model, tok, [0], corpus=env["corpus"], use_cache=False, **COV_KW)
     assert _cache_files(env["cache"]) == []
+
+
+# --- the spec form, the keyed store, refusals ----------------------------------------------
+
+def test_spec_form_equals_the_keyword_form(env, monkeypatch):
+    model, tok, _, _ = _setup()
+    spec = CovarianceSpec(corpus=env["corpus"], n_tokens=600, seq_len=32)
+    by_kw = layer_covariances(model, tok, [0, 2], corpus=env["corpus"], **COV_KW)
+    _forbid_collect(monkeypatch)  # the same statistic, so the same cache entries
+    by_spec = layer_covariances(model, tok, [0, 2], spec=spec, progress=False, tokens_per_batch=128)
+    for l in (0, 2):
+        assert by_spec[l].key == by_kw[l].key and torch.equal(by_spec[l].sum, by_kw[l].sum)
+    corpus_obj = layer_covariances(model, tok, [0], corpus=resolve_corpus(env["corpus"]), **COV_KW)
+    assert corpus_obj[0].key == by_kw[0].key
+    with pytest.raises(ValueError, match="either spec= or the keyword settings"):
+        layer_covariances(model, tok, [0], spec=spec, n_tokens=10, progress=False)
+
+
+def test_cache_paths_name_the_files_the_store_holds(env):
+    model, tok, _, _ = _setup()
+    for kind in ("ffn", "attn"):
+        covs = layer_covariances(model, tok, [0, 2], kind=kind, corpus=env["corpus"], **COV_KW)
+        paths = covariance_cache_paths(model, covs, kind=kind)
+        for l, p in paths.items():
+            assert p.is_file() and p.name.startswith(f"{kind}-L{l:03d}-")
+            assert torch.equal(SecondMoment.load(p, covs[l].key).sum, covs[l].sum)
+    assert sorted(_cache_files(env["cache"])) == sorted(
+        p for kind in ("ffn", "attn") for p in covariance_cache_paths(
+            model, layer_covariances(model, tok, [0, 2], kind=kind, corpus=env["corpus"], **COV_KW),
+            kind=kind).values())
+
+
+def test_save_load_round_trip_and_the_count_is_checksummed(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    sm = SecondMoment(x.T @ x, 9, {"module": "m", "format": 2})
+    path = sm.save(tmp_path / "anywhere.safetensors")
+    back = SecondMoment.load(path, sm.key)
+    assert torch.equal(back.sum, sm.sum) and back.count == 9 and back.key == sm.key
+    assert SecondMoment.load(path).key == sm.key
+    entry = KeyedStore.read_tensors(path, sm.key)
+    assert int(entry.tensors["count"]) == 9  # a tensor, so the store's checksum covers it
+    tampered = SecondMoment(sm.sum, 10, sm.key).tensors()
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    save_file(tampered, str(path), metadata=header)  # another count under the old checksum
+    with pytest.raises(DamagedEntryError, match="checksum"):
+        SecondMoment.load(path, sm.key)
+
+
+def test_old_format_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "ffn-L001-old.safetensors"
+    save_file({"sum": torch.eye(3)}, str(path), metadata={"format": "1", "count": "3", "key": "x"})
+    with pytest.raises(ValueError, match="old one"):
+        SecondMoment.load(path)
+
+
+def test_non_finite_cache_entry_is_refused_with_its_path_and_recomputed(env, monkeypatch, caplog):
+    model, tok, _, _ = _setup()
+    first = layer_covariances(model, tok, [1], corpus=env["corpus"], **COV_KW)
+    path = covariance_cache_paths(model, first)[1]
+    bad = first[1].sum.clone()
+    bad[0, 0] = float("inf")
+    SecondMoment(bad, first[1].count, first[1].key).save(path)  # a well-formed file with inf inside
+    with pytest.raises(ValueError, match="non-finite"):
+        SecondMoment.load(path, first[1].key)
+    again = layer_covariances(model, tok, [1], corpus=env["corpus"], **COV_KW)
+    assert "non-finite" in caplog.text and path.name in caplog.text
+    assert torch.equal(again[1].sum, first[1].sum)
+    assert torch.equal(SecondMoment.load(path, first[1].key).sum, first[1].sum)  # rewritten
+
+
+def test_non_finite_statistics_are_not_cached(env, monkeypatch, caplog):
+    model, tok, adapter, _ = _setup()
+    real = stats.collect_second_moments
+
+    def overflowing(*a, **k):
+        out = real(*a, **k)
+        for sm in out.values():
+            sm.sum[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(stats, "collect_second_moments", overflowing)
+    got = layer_covariances(model, tok, [1], corpus=env["corpus"], **COV_KW)
+    assert torch.isnan(got[1].sum[0, 0])
+    assert _cache_files(env["cache"]) == [] and adapter.ffn_out_name(1) in caplog.text
+
+
+def test_damaged_checkpoint_is_ignored_with_its_path(env, monkeypatch, caplog):
+    model, tok, _, _ = _setup()
+    kw = dict(COV_KW, tokens_per_batch=64, checkpoint_every=1)
+
+    class Interrupted(Exception):
+        pass
+
+    real = stats.collect_second_moments
+
+    def die(*a, checkpoint=None, **k):
+        def ckpt(st, nb):
+            checkpoint(st, nb)
+            raise Interrupted
+        return real(*a, checkpoint=ckpt, **k)
+
+    monkeypatch.setattr(stats, "collect_second_moments", die)
+    with pytest.raises(Interrupted):
+        layer_covariances(model, tok, [1], corpus=env["corpus"], **kw)
+    (partial,) = _partial_files(env["cache"])
+    raw = bytearray(partial.read_bytes())
+    for i in range(len(raw) - 40, len(raw) - 20):
+        raw[i] ^= 0x15
+    partial.write_bytes(bytes(raw))
+    starts = []
+    monkeypatch.setattr(stats, "collect_second_moments", lambda *a, **k: starts.append(k["start"]) or real(*a, **k))
+    got = layer_covariances(model, tok, [1], corpus=env["corpus"], **kw)
+    assert starts == [0] and partial.name in caplog.text and not _partial_files(env["cache"])
+    monkeypatch.setenv("PMETLAB_CACHE_DIR", str(env["tmp"] / "clean"))
+    clean = layer_covariances(model, tok, [1], corpus=env["corpus"], **kw)
+    assert torch.equal(got[1].sum, clean[1].sum) and got[1].count == clean[1].count

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..cache import atomic_path, stable_hash
+from ..cache import atomic_path, legacy_names_bytes_digest, tensor_digest
 from ..models.loading import model_identity
 from ..tracing import get_parameter
 from ..versions import versions
@@ -27,19 +27,20 @@ logger = logging.getLogger(__name__)
 __all__ = ["Deltas", "apply_deltas_", "restore_", "edited", "param_fingerprint", "EditMismatchError"]
 
 FORMAT = 1
+#: 2: ``base_fingerprint`` is :func:`param_fingerprint` (by tensor_digest: names, shapes, dtypes,
+#: bytes). Deltas without this marker (saved before) may carry the legacy digest of names and bytes.
+FINGERPRINT_VERSION = 2
 
 
-def _tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    import hashlib
-    h = hashlib.blake2b(digest_size=16)
-    for k in sorted(tensors):
-        t = tensors[k].detach().to("cpu").contiguous()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
-        if t.numel():
-            h.update(memoryview(t.numpy()).cast("B"))
-    return h.hexdigest()
+def _checksum_matches(tensors: dict[str, torch.Tensor], stored: str) -> bool:
+    """Whether ``stored`` is the :func:`tensor_digest` of ``tensors`` (files written before it
+    existed hashed bfloat16 tensors under the name int16, same bytes: accepted too)."""
+    if stored == tensor_digest(tensors):
+        return True
+    if any(t.dtype == torch.bfloat16 for t in tensors.values()):
+        as_int16 = {n: t.view(torch.int16) if t.dtype == torch.bfloat16 else t for n, t in tensors.items()}
+        return stored == tensor_digest(as_int16)
+    return False
 
 
 class EditMismatchError(ValueError):
@@ -47,16 +48,14 @@ class EditMismatchError(ValueError):
 
 
 def param_fingerprint(model: torch.nn.Module, names: list[str]) -> str:
-    """A digest of the named parameters' current values (to recognise the unedited model)."""
-    import hashlib
-    h = hashlib.blake2b(digest_size=16)
-    for n in sorted(names):
-        t = get_parameter(model, n).detach().to("cpu").contiguous()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        h.update(n.encode())
-        h.update(memoryview(t.numpy()).cast("B"))
-    return h.hexdigest()
+    """A digest of the named parameters' current values (to recognise the unedited model), by
+    :func:`pmetlab.cache.tensor_digest`: names, shapes, dtypes and bytes, in name order."""
+    return tensor_digest({n: get_parameter(model, n) for n in names})
+
+
+def _legacy_param_fingerprint(model: torch.nn.Module, names: list[str]) -> str:
+    """The fingerprint deltas saved before :data:`FINGERPRINT_VERSION` 2 carry."""
+    return legacy_names_bytes_digest((n, get_parameter(model, n)) for n in sorted(names))
 
 
 @dataclass
@@ -90,7 +89,7 @@ class Deltas:
         path = Path(path)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         meta = {"pmetlab_format": str(FORMAT), "meta": json.dumps(self.meta, default=str),
-                "trace": json.dumps(self.trace), "checksum": _tensors_checksum(tensors)}
+                "trace": json.dumps(self.trace), "checksum": tensor_digest(tensors)}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         return path
@@ -110,7 +109,7 @@ class Deltas:
             raise ValueError(f"{path} is not a pmetlab edit file of format {FORMAT} "
                              f"(found {header.get('pmetlab_format')!r})")
         # flipped bytes in the tensor data would otherwise load silently as a different edit
-        if "checksum" in header and header["checksum"] != _tensors_checksum(tensors):
+        if "checksum" in header and not _checksum_matches(tensors, header["checksum"]):
             raise ValueError(f"{path} is damaged: its tensors do not match the stored checksum")
         try:
             meta = json.loads(header["meta"])
@@ -137,11 +136,20 @@ class Deltas:
                 raise EditMismatchError(f"parameter {n!r} has shape {tuple(p.shape)} but the delta has "
                                         f"{tuple(t.shape)}: a different model")
         want = self.meta.get("base_fingerprint")
-        if want and param_fingerprint(model, list(self.tensors)) != want:
+        if want and not self._base_matches(model, want):
             raise EditMismatchError(
                 f"the model's edited parameters differ from those the deltas were computed on "
                 f"(model {ident.get('source')!r}); it is a different model or already edited. "
                 f"Restore it first, or pass check=False to apply anyway.")
+
+    def _base_matches(self, model: torch.nn.Module, want: str) -> bool:
+        """Whether the model's edited parameters have the fingerprint ``want``; deltas without the
+        fingerprint version (saved before version 2) may also carry the legacy digest."""
+        names = list(self.tensors)
+        if param_fingerprint(model, names) == want:
+            return True
+        legacy = self.meta.get("fingerprint_version", 1) < FINGERPRINT_VERSION
+        return legacy and _legacy_param_fingerprint(model, names) == want
 
 
 def apply_deltas_(model: torch.nn.Module, deltas: Deltas, *, check: bool = True, scale: float = 1.0
@@ -180,6 +188,10 @@ def edited(model: torch.nn.Module, deltas: Deltas, *, check: bool = True) -> Ite
         restore_(model, undo)
 
 
-def deltas_meta(model, method: str, hparams: dict, requests: list[dict], base_fp: str, **extra) -> dict:
+def deltas_meta(model: torch.nn.Module, method: str, hparams: dict, requests: list[dict], base_fp: str,
+                **extra: Any) -> dict:
+    """The ``meta`` of freshly computed deltas; ``base_fp`` is :func:`param_fingerprint` of the
+    unedited parameters."""
     return {"method": method, "hparams": hparams, "requests": requests, "model": model_identity(model),
-            "base_fingerprint": base_fp, "versions": versions(), "format": FORMAT, **extra}
+            "base_fingerprint": base_fp, "fingerprint_version": FINGERPRINT_VERSION, "versions": versions(),
+            "format": FORMAT, **extra}
