@@ -102,13 +102,13 @@ def _verbosity(p: argparse.ArgumentParser, top: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .experiments import DATASETS, METHODS, MODES, SUBSETS  # light: no model is loaded
+    from .runs.spec import DATASETS, METHODS, MODES, SUBSETS  # light: no model is loaded
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = _Parser(prog=PROG, description="pmetlab: precise model editing (PMET, MEMIT) workbench.",
                      formatter_class=fmt)
     _verbosity(parser, top=True)
-    from . import __version__
+    from ._version import __version__
     parser.add_argument("--version", action="version", version=f"pmetlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -216,7 +216,7 @@ def _table(df, columns: Sequence[str] = _SUMMARY_COLUMNS) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .experiments import run_experiment
+    from .runs import RunDir, run_experiment
 
     res = run_experiment(model=args.model, method=args.method, dataset=args.dataset, n_edits=args.n_edits,
                          batch_size=args.batch_size, mode=args.mode, hparams=_pairs_to_dict(args.hparams),
@@ -225,14 +225,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
                          resume=not args.no_resume, progress=not args.no_progress)
     _echo(_table(res.summary))
     _echo(f"run directory: {res.run_dir}")
+    store = RunDir(res.run_dir)
+    _echo(f"summary: {store.summary_csv}; records: {store.records}; run record: {store.run_json}")
     return 0
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from .cache import cache_dir, stable_hash
     from .experiments import resolve_hparams
     from .models.loading import load_model
-    from .stats import layer_covariances
+    from .stats import covariance_cache_paths, layer_covariances
 
     from .devices import worker_device
     from .distributed import init_from_env
@@ -242,24 +243,23 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     device = worker_device(args.device)  # under a launcher: one accelerator per worker
     shard = init_from_env(device)  # torchrun / accelerate launch: shard the corpus across workers
     model, tok = load_model(args.model, device=device)
-    covs = layer_covariances(model, tok, layers, kind=args.kind, corpus=args.corpus or hp.cov_corpus,
-                             n_tokens=args.tokens or hp.cov_tokens, seq_len=args.seq_len or hp.cov_seq_len,
-                             dtype=args.dtype or hp.cov_dtype, progress=not args.no_progress, seed=hp.seed,
+    # the preset's settings; the options that were given override them
+    spec = hp.covariance.replace(corpus=args.corpus, n_tokens=args.tokens, seq_len=args.seq_len, dtype=args.dtype)
+    covs = layer_covariances(model, tok, layers, kind=args.kind, spec=spec, progress=not args.no_progress,
                              shard=shard)
     if not shard.is_main:
         return 0
     if shard.world > 1:
         _echo(f"merged the statistics of {shard.world} workers")
-    folder = cache_dir("stats", type(model).__name__)
+    paths = covariance_cache_paths(model, covs, kind=args.kind)
     for l, sm in covs.items():
-        path = folder / f"{args.kind}-L{l:03d}-{stable_hash(sm.key)}.safetensors"
-        where = str(path) if path.is_file() else f"{folder} (file not found under the expected name)"
+        where = str(paths[l]) if paths[l].is_file() else f"{paths[l]} (not written: non-finite values, see the log)"
         _echo(f"layer {l:3d} {args.kind}: {tuple(sm.sum.shape)} from {sm.count} tokens -> {where}")
     return 0
 
 
 def _cmd_summarize(args: argparse.Namespace) -> int:
-    from .experiments import summarize_runs
+    from .runs import summarize_runs
 
     df = summarize_runs(args.run_dirs)
     shown = df.copy()
@@ -330,9 +330,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .editing.compute import compute_deltas
     from .editing.deltas import edited
     from .evaluation import score_pairs
-    from .experiments import resolve_hparams
     from .models.loading import load_model
     from .requests import EditRequest
+    from .runs import resolve_hparams
 
     req = EditRequest(prompt=args.prompt, subject=args.subject, target_new=args.target, target_true=args.target_true)
     hp = resolve_hparams(args.model, "pmet", _pairs_to_dict(args.hparams))

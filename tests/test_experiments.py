@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import pmetlab
-from pmetlab import Deltas, edited, experiments
-from pmetlab.experiments import RunMismatchError, load_run, run_experiment, run_sweep, summarize_runs
+from pmetlab import Deltas, edited
+from pmetlab.runs import PHASES, RunMismatchError, load_run, phases, run_experiment, run_sweep, rundir, summarize_runs
 from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,7 +164,7 @@ def test_run_directory_contents_and_schema(tiny_env, tiny_mt, tmp_path):
     assert run["model"]["class"] == "LlamaForCausalLM"
     assert run["dataset"]["info"]["sha256"] and run["dataset"]["selection"]["ids"] == [0, 1, 2]
     assert "torch" in run["versions"]
-    for ph in experiments.PHASES:
+    for ph in PHASES:
         assert run["phases"][ph]["status"] == "done", ph
         assert run["wall_s"][ph] >= 0
 
@@ -206,8 +206,8 @@ def test_resume_skips_finished_phases(tiny_env, tiny_mt, tmp_path, monkeypatch):
     model, tok = tiny_mt
     before = _state(model)
     out = tmp_path / "run"
-    ev = Counter(experiments.evaluate_counterfact, fail_on=2)  # eval_post fails
-    monkeypatch.setattr(experiments, "evaluate_counterfact", ev)
+    ev = Counter(phases.evaluate_counterfact, fail_on=2)  # eval_post fails
+    monkeypatch.setattr(phases, "evaluate_counterfact", ev)
     with pytest.raises(RuntimeError, match="injected"):
         _run(tiny_env, tiny_mt, out)
     _assert_same_state(model, before)  # restored although evaluation failed on the edited model
@@ -219,10 +219,10 @@ def test_resume_skips_finished_phases(tiny_env, tiny_mt, tmp_path, monkeypatch):
     assert set(pre_first["phase"]) == {"pre"}
 
     # resume: the edit and eval_pre are reused, only eval_post runs
-    cd = Counter(experiments.compute_deltas, fail_on=1)
+    cd = Counter(phases.compute_deltas, fail_on=1)
     ev = Counter(pmetlab.evaluation.evaluate_counterfact)
-    monkeypatch.setattr(experiments, "compute_deltas", cd)
-    monkeypatch.setattr(experiments, "evaluate_counterfact", ev)
+    monkeypatch.setattr(phases, "compute_deltas", cd)
+    monkeypatch.setattr(phases, "evaluate_counterfact", ev)
     res = _run(tiny_env, tiny_mt, out)
     assert cd.calls == 0 and ev.calls == 1
     assert res.run["status"] == "complete" and "error" not in res.run
@@ -233,7 +233,7 @@ def test_resume_skips_finished_phases(tiny_env, tiny_mt, tmp_path, monkeypatch):
 
     # everything done: nothing runs, the model is not even loaded
     ev.calls = 0
-    monkeypatch.setattr(experiments, "load_model", Counter(None, fail_on=1))
+    monkeypatch.setattr(phases, "load_model", Counter(None, fail_on=1))
     res2 = run_experiment("tiny", "pmet", "counterfact", 3, hparams=tiny_hparams(tiny_env), n_gen_tokens=3,
                           out_dir=out, progress=False)
     assert ev.calls == 0 and cd.calls == 0
@@ -244,15 +244,15 @@ def test_sequential_resume_at_the_next_batch(tiny_env, tiny_mt, tmp_path, monkey
     model, tok = tiny_mt
     before = _state(model)
     out = tmp_path / "run"
-    cd = Counter(experiments.compute_deltas, fail_on=2)
-    monkeypatch.setattr(experiments, "compute_deltas", cd)
+    cd = Counter(phases.compute_deltas, fail_on=2)
+    monkeypatch.setattr(phases, "compute_deltas", cd)
     with pytest.raises(RuntimeError, match="injected"):
         _run(tiny_env, tiny_mt, out, n_edits=4, batch_size=2, mode="sequential", generation=False)
     _assert_same_state(model, before)  # batch 0 was applied while batch 1 ran; undone
     assert (out / "deltas_batches" / "batch_0000.safetensors").is_file()
     assert json.loads((out / "run.json").read_text())["phases"]["edit"]["batches_done"] == 1
     cd = Counter(pmetlab.compute_deltas)
-    monkeypatch.setattr(experiments, "compute_deltas", cd)
+    monkeypatch.setattr(phases, "compute_deltas", cd)
     res = _run(tiny_env, tiny_mt, out, n_edits=4, batch_size=2, mode="sequential", generation=False)
     assert cd.calls == 1  # only the second batch
     assert res.run["deltas"]["n_batches"] == 2
@@ -283,7 +283,7 @@ def test_bad_arguments_fail_before_any_work(tiny_env, tiny_mt, tmp_path, monkeyp
         raise AssertionError("work started")
 
     for name in ("load_dataset", "load_counterfact", "load_model", "compute_deltas", "layer_covariances"):
-        monkeypatch.setattr(experiments, name, boom)
+        monkeypatch.setattr(phases, name, boom)
     out = tmp_path / "run"
     with pytest.raises(KeyError, match="v_num_grad_stepz"):
         _run(tiny_env, tiny_mt, out, hparams={"v_num_grad_stepz": 2})
@@ -312,10 +312,10 @@ def test_bad_arguments_fail_before_any_work(tiny_env, tiny_mt, tmp_path, monkeyp
 def test_batch_and_sequential_modes(tiny_env, tiny_mt, tmp_path, monkeypatch):
     model, tok = tiny_mt
     before = _state(model)
-    cov = Counter(experiments.layer_covariances)
-    monkeypatch.setattr(experiments, "layer_covariances", cov)
-    cd = Counter(experiments.compute_deltas)
-    monkeypatch.setattr(experiments, "compute_deltas", cd)
+    cov = Counter(phases.layer_covariances)
+    monkeypatch.setattr(phases, "layer_covariances", cov)
+    cd = Counter(phases.compute_deltas)
+    monkeypatch.setattr(phases, "compute_deltas", cd)
     fps = {}
     for mode in ("batch", "sequential"):
         cov.calls, cd.calls, cd.kwargs = 0, 0, []
@@ -341,7 +341,7 @@ def test_method_none_is_a_baseline(tiny_env, tiny_mt, tmp_path, monkeypatch):
     model, _ = tiny_mt
     before = _state(model)
     for name in ("compute_deltas", "layer_covariances"):
-        monkeypatch.setattr(experiments, name, Counter(None, fail_on=1))
+        monkeypatch.setattr(phases, name, Counter(None, fail_on=1))
     res = _run(tiny_env, tiny_mt, tmp_path / "none", method="none", hparams=None)
     _assert_same_state(model, before)
     assert not (tmp_path / "none" / "deltas.safetensors").exists()
@@ -368,7 +368,7 @@ def test_zsre_and_multi_counterfact_fallback(tiny_env, tiny_mt, tmp_path):
 
 
 def test_csv_records_without_pyarrow(tiny_env, tiny_mt, tmp_path, monkeypatch):
-    monkeypatch.setattr(experiments, "_parquet_ok", lambda: False)
+    monkeypatch.setattr(rundir, "parquet_ok", lambda: False)
     out = tmp_path / "run"
     _run(tiny_env, tiny_mt, out, method="none", n_edits=2, generation=False)
     assert (out / "records.csv").is_file() and not (out / "records.parquet").exists()
@@ -450,21 +450,19 @@ def test_cli_run_on_smollm2(tmp_path, monkeypatch, capsys):
 def test_pre_edit_metrics_are_reused_across_runs(tiny_env, tiny_mt, tmp_path, monkeypatch):
     """A second run on more records of the same data evaluates only the new records before the
     edit; its pre rows equal a fresh evaluation. Other settings (seed) are not reused."""
-    calls = Counter(experiments.evaluate_counterfact)
-    monkeypatch.setattr(experiments, "evaluate_counterfact", calls)
+    calls = Counter(phases.evaluate_counterfact)
+    monkeypatch.setattr(phases, "evaluate_counterfact", calls)
     _run(tiny_env, tiny_mt, tmp_path / "a", n_edits=2)
     assert calls.calls == 2  # pre + post
     res = _run(tiny_env, tiny_mt, tmp_path / "b", n_edits=3)
     run = json.loads((tmp_path / "b" / "run.json").read_text())
     assert run["phases"]["eval_pre"]["reused_records"] == 2
     pre = res.records[res.records.phase == "pre"].reset_index(drop=True)
-    monkeypatch.setattr(experiments, "REUSE_PRE_EVAL", False)
-    fresh = _run(tiny_env, tiny_mt, tmp_path / "c", n_edits=3)
+    fresh = _run(tiny_env, tiny_mt, tmp_path / "c", n_edits=3, reuse_pre_eval=False)
     fresh_pre = fresh.records[fresh.records.phase == "pre"].reset_index(drop=True)
     assert list(pre.columns) == list(fresh_pre.columns)
     num = [c for c in pre.columns if pd.api.types.is_numeric_dtype(pre[c])]
     np.testing.assert_allclose(pre[num].to_numpy(float), fresh_pre[num].to_numpy(float), rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(experiments, "REUSE_PRE_EVAL", True)
     _run(tiny_env, tiny_mt, tmp_path / "d", n_edits=3, seed=1)
     run = json.loads((tmp_path / "d" / "run.json").read_text())
     assert run["phases"]["eval_pre"]["reused_records"] == 0

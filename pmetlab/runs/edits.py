@@ -1,0 +1,60 @@
+"""The edit of a run as a whole: the batches' updates combined into one :class:`Deltas`, and how
+far the target optimisation got over all of them."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..editing.deltas import Deltas
+from ..hparams import EditHyperParams
+
+__all__ = ["combine_batches", "target_summary"]
+
+
+def combine_batches(parts: Sequence[Deltas], mode: str) -> Deltas:
+    """One Deltas holding the **sum** of the batches' updates (float32), with ``meta["batches"]``
+    describing each batch and ``meta["mode"]`` how they were computed (see :mod:`pmetlab.runs`)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for d in parts:
+        for n, t in d.tensors.items():
+            tensors[n] = tensors[n] + t.float() if n in tensors else t.float().clone()
+    meta = dict(parts[0].meta)
+    meta["requests"] = [r for d in parts for r in d.meta.get("requests", [])]
+    meta["mode"] = mode
+    meta["n_batches"] = len(parts)
+    meta["batches"] = [{"batch": i, "n_requests": len(d.meta.get("requests", [])),
+                        "base_fingerprint": d.meta.get("base_fingerprint"), "timings": d.meta.get("timings"),
+                        "targets": d.meta.get("targets"), "diagnostics": d.meta.get("diagnostics")}
+                       for i, d in enumerate(parts)]
+    meta["diagnostics"] = [dict(row, batch=i) for i, d in enumerate(parts) for row in d.meta.get("diagnostics", [])]
+    timings: dict[str, float] = {}
+    for d in parts:
+        for k, v in (d.meta.get("timings") or {}).items():
+            timings[k] = timings.get(k, 0.0) + float(v)
+    meta["timings"] = timings
+    trace = [dict(row, batch=i) for i, d in enumerate(parts) for row in d.trace]
+    return Deltas(tensors, meta, trace)
+
+
+def _mean(x: Sequence[float]) -> float:
+    return float(np.mean(x)) if len(x) else float("nan")
+
+
+def target_summary(deltas: Deltas, hp: EditHyperParams) -> dict[str, float]:
+    """How far the target optimisation got, over all requests of an edit (every batch): mean final
+    p(o*) (mean over the rewrite prompts), mean steps, the share that ran to ``v_num_grad_steps``
+    and the share whose δ ended on the norm-ball boundary (clamp_norm_factor · ‖init‖)."""
+    parts = deltas.meta.get("batches") or [{"targets": deltas.meta.get("targets")}]
+    p, steps, clamped = [], [], []
+    for part in parts:
+        t = part.get("targets") or {}
+        p += list(t.get("final_p_target", []))
+        steps += list(t.get("n_steps", []))
+        for space, norms in (t.get("delta_norms") or {}).items():
+            inits = t.get("init_norms", {}).get(space, [])
+            clamped += [d >= hp.clamp_norm_factor * i * (1 - 1e-4) for d, i in zip(norms, inits) if i > 0 and d > 0]
+    return {"n_requests": len(p), "p_target_final_mean": _mean(p), "steps_mean": _mean(steps),
+            "share_at_step_cap": _mean([s >= hp.v_num_grad_steps for s in steps]),
+            "share_delta_at_clamp": _mean(clamped)}

@@ -1,0 +1,389 @@
+"""The phases of a run, each a short function of the :class:`RunSpec` and the :class:`RunContext`,
+and :func:`run_experiment`, which composes them (see :mod:`pmetlab.runs` for the files).
+
+Everything that does heavy work (loading, statistics, editing, evaluation) is called through a
+name of this module, so tests can replace it here.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..datasets import (
+    ConsistencyReference,
+    DatasetNotFoundError,
+    Records,
+    counterfact_requests,
+    drop_conflicting,
+    load_consistency_reference,
+    load_counterfact,
+    load_dataset,
+    select,
+    zsre_requests,
+)
+from ..editing.compute import compute_deltas
+from ..editing.deltas import Deltas, apply_deltas_, restore_
+from ..evaluation import evaluate_counterfact, evaluate_zsre, relative_specificity
+from ..models.loading import load_model, model_identity
+from ..stats import layer_covariances
+from .context import GivenModel, ModelPair, ModelPool, ModelSource, RunContext, check_model_name
+from .edits import combine_batches, target_summary
+from .pre_eval import cached_pre_eval
+from .result import ExperimentResult
+from .rundir import RunDir, RunMismatchError, RunState, now, summary_table
+from .spec import DEFAULT_MODEL, RunSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_experiment", "execute", "default_model_pool", "load_phase", "covariance_phase", "edit_phase",
+           "eval_pre_phase", "eval_post_phase"]
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (each phase seeds before random work)."""
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _load_by_name(name: str) -> ModelPair:
+    return load_model(name)  # looked up at call time, so tests can replace ``load_model`` here
+
+
+def default_model_pool() -> ModelPool:
+    """A pool that loads models by name with :func:`pmetlab.load_model`."""
+    return ModelPool(_load_by_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# load: the dataset now, the model only when a phase needs it
+# ---------------------------------------------------------------------------------------------
+def _dataset_records(dataset: str) -> tuple[Records, str | None]:
+    """The dataset's records and, for a derived set, how it was derived."""
+    if dataset == "multi_counterfact":
+        try:
+            return load_dataset("multi_counterfact"), None
+        except DatasetNotFoundError as exc:
+            cf = load_counterfact()
+            logger.warning("multi_counterfact.json is not available (%s); using CounterFact without "
+                           "conflicting (subject, relation) pairs instead", str(exc).splitlines()[0])
+            return Records(drop_conflicting(cf), cf.info), "drop_conflicting(counterfact)"
+    return load_dataset(dataset), None
+
+
+def load_phase(spec: RunSpec, ctx: RunContext) -> None:
+    """Load the dataset, select the records and refuse a changed dataset file or selection."""
+    t0 = time.perf_counter()
+    records_all, derived = _dataset_records(spec.dataset)
+    sel = select(records_all, spec.n_edits, mode=spec.subset, seed=spec.seed)
+    info = records_all.info.to_dict() if records_all.info is not None else None
+    ds = {"name": spec.dataset, "info": info, "derived": derived,
+          "selection": {k: v for k, v in sel.description.items() if k != "dataset"}}
+    old = ctx.state.data.get("dataset")
+    if old is not None and ((old.get("info") or {}).get("sha256") != (info or {}).get("sha256")
+                            or old["selection"].get("ids_hash") != ds["selection"]["ids_hash"]):
+        raise RunMismatchError(f"{ctx.store.path}: the dataset file or the selected records changed since the run "
+                               f"started ({(old.get('info') or {}).get('path')} -> {(info or {}).get('path')}); "
+                               f"use another out_dir or resume=False")
+    ctx.state.data["dataset"] = ds
+    ctx.selection = sel
+    ctx.requests = zsre_requests(sel.records) if spec.dataset == "zsre" else counterfact_requests(sel.records)
+    ctx.load_s = time.perf_counter() - t0
+    ctx.state.save()
+
+
+def get_model(spec: RunSpec, ctx: RunContext) -> ModelPair:
+    """The run's ``(model, tokenizer)``, obtained on the first call (its time counts as loading);
+    a model of another class or size than the run started with is refused."""
+    if ctx.pair is None:
+        t = time.perf_counter()
+        pair = ctx.models.get(spec.model)
+        check_model_name(pair[0], spec.model)
+        ident = model_identity(pair[0])
+        prev = ctx.state.data.get("model")
+        if prev is not None and (prev.get("class"), prev.get("n_params")) != (ident["class"], ident["n_params"]):
+            raise RunMismatchError(f"{ctx.store.path} was started with model {prev} but this model is {ident}; use "
+                                   f"another out_dir or resume=False")
+        ctx.state.data["model"] = ident
+        ctx.load_s += time.perf_counter() - t
+        ctx.state.save()
+        ctx.pair = pair
+    return ctx.pair
+
+
+def close_load_phase(ctx: RunContext) -> None:
+    """Record the load time of the invocation that loaded the model (else of the first one); saves."""
+    if ctx.model_loaded or not ctx.state.done("load"):
+        ctx.state.data.setdefault("wall_s", {})["load"] = round(ctx.load_s, 3)
+        ctx.state.phase("load").update(status="done", wall_s=round(ctx.load_s, 3), finished_at=now(),
+                                       model_loaded=ctx.model_loaded)
+    ctx.state.save()
+
+
+# ---------------------------------------------------------------------------------------------
+# covariance and edit
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EditStatistics:
+    """E[k kᵀ] of the unedited model per critical layer: FFN keys, and MHSA-projection inputs
+    when the MHSA output projection is updated too (else empty)."""
+
+    ffn: dict
+    attn: dict
+
+
+def edit_needed(spec: RunSpec, ctx: RunContext) -> bool:
+    """Whether the covariance and edit phases have work left (never for method "none")."""
+    return spec.method != "none" and not (ctx.state.done("edit") and ctx.store.deltas.is_file())
+
+
+def skip_edit(ctx: RunContext) -> None:
+    """Method "none": mark the covariance and edit phases done without work."""
+    for p in ("covariance", "edit"):
+        if not ctx.state.done(p):
+            ctx.state.finish(p, 0.0, skipped="method 'none'")
+
+
+def covariance_phase(spec: RunSpec, ctx: RunContext) -> EditStatistics:
+    """The unedited model's key statistics for ``spec.covariance`` (from the statistics cache when present)."""
+    model, tok = get_model(spec, ctx)
+    t0 = time.perf_counter()
+    seed_all(spec.seed)
+    kw = dict(spec=spec.covariance, use_cache=True, progress=ctx.progress)
+    ffn = layer_covariances(model, tok, spec.hp.layers, kind="ffn", **kw)
+    attn = layer_covariances(model, tok, spec.hp.layers, kind="attn", **kw) if spec.hp.update_attn_weights else {}
+    ctx.state.finish("covariance", time.perf_counter() - t0, tokens={str(l): int(c.count) for l, c in ffn.items()})
+    return EditStatistics(ffn, attn)
+
+
+def _edit_batch(spec: RunSpec, ctx: RunContext, i: int, batch: list, n_batches: int, stats: EditStatistics) -> Deltas:
+    """Batch ``i``: reused from its checkpoint when an earlier invocation finished it, else computed
+    (and checkpointed when there are several batches)."""
+    model, tok = get_model(spec, ctx)
+    path = ctx.store.batch_deltas(i)
+    ph = ctx.state.phase("edit")
+    if i < int(ph.get("batches_done", 0)) and path.is_file():
+        logger.info("edit batch %d/%d reused from %s", i + 1, n_batches, path)
+        return Deltas.load(path)
+    seed_all(spec.seed + i)
+    d = compute_deltas(model, tok, batch, spec.hp, progress=ctx.progress, covariances=stats.ffn,
+                       attn_covariances=stats.attn or None)
+    if n_batches > 1:
+        d.save(path)
+        ph["batches_done"] = i + 1
+        ctx.state.save()
+    return d
+
+
+def _edit_batches(spec: RunSpec, ctx: RunContext, stats: EditStatistics) -> Deltas:
+    model, _ = get_model(spec, ctx)
+    bs = spec.batches_of
+    batches = [ctx.requests[i:i + bs] for i in range(0, len(ctx.requests), bs)]
+    parts: list[Deltas] = []
+    undo_stack: list[dict] = []
+    try:
+        with tqdm(total=len(batches), desc=f"{spec.method} {spec.mode} edit", unit="batch",
+                  disable=not ctx.progress or len(batches) == 1) as bar:
+            for i, batch in enumerate(batches):
+                d = _edit_batch(spec, ctx, i, batch, len(batches), stats)
+                parts.append(d)
+                if spec.mode == "sequential" and i + 1 < len(batches):
+                    # the next batch is computed on the model carrying this one (checked: the
+                    # batch's base fingerprint must match the current weights)
+                    undo_stack.append(apply_deltas_(model, d))
+                bar.update(1)
+                bar.set_postfix(edits=sum(len(b) for b in batches[:i + 1]))
+    finally:
+        for undo in reversed(undo_stack):
+            restore_(model, undo)
+    return combine_batches(parts, spec.mode)
+
+
+def edit_phase(spec: RunSpec, ctx: RunContext, stats: EditStatistics) -> Deltas:
+    """Compute the edit batch by batch (resuming at the first unfinished batch), save the sum of
+    the batches' updates and how far the targets got; the model is left unedited."""
+    t0 = time.perf_counter()
+    ctx.state.phase("edit")["status"] = "running"
+    deltas = _edit_batches(spec, ctx, stats)
+    deltas.save(ctx.store.deltas)
+    ctx.state.set_output("deltas", ctx.store.deltas)
+    ctx.state.data["deltas"] = {"file": ctx.store.deltas.name, "content": "sum of all batches", "mode": spec.mode,
+                                "n_batches": int(deltas.meta.get("n_batches", 1)), "batch_size": spec.batches_of,
+                                "norms": deltas.norms()}
+    ctx.state.data["targets"] = target_summary(deltas, spec.hp)
+    ctx.state.finish("edit", time.perf_counter() - t0)
+    ctx.store.remove_batches()
+    return deltas
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------
+def consistency_reference(spec: RunSpec, ctx: RunContext) -> ConsistencyReference | None:
+    """The TF-IDF consistency reference when evaluation generates (loaded once; None when absent)."""
+    if spec.generates and not ctx.reference_loaded:
+        ctx.reference = load_consistency_reference(download=False)
+        ctx.reference_loaded = True
+    return ctx.reference
+
+
+def evaluate_records(spec: RunSpec, ctx: RunContext, model: Any, tok: Any, phase: str,
+                     records: list | None = None) -> pd.DataFrame:
+    """Per-record metrics of ``model`` on ``records`` (default: the selection), with a ``phase`` column."""
+    records = ctx.records if records is None else records
+    seed_all(spec.seed)
+    if spec.dataset == "zsre":
+        df = evaluate_zsre(model, tok, records, batch_size=spec.eval_batch_size, progress=ctx.progress)
+    else:
+        df = evaluate_counterfact(model, tok, records, generation=spec.generation, n_gen_tokens=spec.n_gen_tokens,
+                                  batch_size=spec.eval_batch_size, seed=spec.seed,
+                                  reference=consistency_reference(spec, ctx), progress=ctx.progress)
+    df.insert(0, "phase", phase)
+    return df
+
+
+def eval_pre_phase(spec: RunSpec, ctx: RunContext, records: pd.DataFrame) -> pd.DataFrame:
+    """Evaluate the unedited model unless a finished eval_pre is on disk; returns the records."""
+    have_pre = not records.empty and "phase" in records and (records["phase"] == "pre").any()
+    if ctx.state.done("eval_pre") and have_pre:
+        return records
+    model, tok = get_model(spec, ctx)
+    t0 = time.perf_counter()
+    has_reference = consistency_reference(spec, ctx) is not None
+    evaluate = partial(evaluate_records, spec, ctx, model, tok, "pre")
+    if ctx.reuse_pre_eval:
+        records, n_reused = cached_pre_eval(model, tok, spec, ctx.records, has_reference=has_reference,
+                                            evaluate=evaluate)
+    else:
+        records, n_reused = evaluate(ctx.records), 0
+    ctx.state.set_output("records", ctx.store.write_records(records))
+    ctx.store.write_summary(summary_table(records, spec.summary_columns()))
+    ctx.state.finish("eval_pre", time.perf_counter() - t0, reused_records=n_reused)
+    return records
+
+
+def _evaluate_edited(spec: RunSpec, ctx: RunContext, deltas: Deltas | None) -> pd.DataFrame:
+    model, tok = get_model(spec, ctx)
+    deltas = deltas if deltas is not None else Deltas.load(ctx.store.deltas)
+    undo = apply_deltas_(model, deltas)
+    try:
+        return evaluate_records(spec, ctx, model, tok, "post")
+    finally:
+        restore_(model, undo)
+
+
+def eval_post_phase(spec: RunSpec, ctx: RunContext, records: pd.DataFrame, deltas: Deltas | None) -> None:
+    """Evaluate the edited model (the unedited one carries the deltas only while it runs) unless a
+    finished eval_post is on disk; adds ``relative_specificity`` and writes pre + post records."""
+    pre = records[records["phase"] == "pre"].drop(columns="relative_specificity", errors="ignore")
+    pre = pre.reset_index(drop=True)
+    if ctx.state.done("eval_post") and (records["phase"] == "post").any():
+        return
+    t0 = time.perf_counter()
+    if spec.method == "none":
+        post = pre.assign(phase="post")  # nothing was edited: the same model, the same numbers
+        extra = {"copied_from": "eval_pre"}
+    else:
+        post, extra = _evaluate_edited(spec, ctx, deltas), {}
+    rs = relative_specificity(pre, post)
+    post = post.drop(columns="relative_specificity", errors="ignore").merge(rs, on="case_id", how="left")
+    ctx.state.set_output("records", ctx.store.write_records(pd.concat([pre, post], ignore_index=True)))
+    ctx.state.finish("eval_post", time.perf_counter() - t0, **extra)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+def execute(spec: RunSpec, *, out_dir: str | Path | None, models: ModelSource, resume: bool = True,
+            progress: bool = True, reuse_pre_eval: bool = True) -> ExperimentResult:
+    """Run (or resume) ``spec`` in ``out_dir``: load, covariance, edit, eval_pre, eval_post; a
+    failure marks the run failed in run.json and is raised."""
+    t_run = time.perf_counter()
+    if models.preloaded:
+        check_model_name(models.get(spec.model)[0], spec.model)
+    store = RunDir.for_spec(spec, out_dir)
+    ctx = RunContext(store, RunState.open(store, spec, resume=resume), models, progress=progress,
+                     reuse_pre_eval=reuse_pre_eval)
+    load_phase(spec, ctx)
+    records = store.read_records()
+    try:
+        deltas = None
+        if spec.method == "none":
+            skip_edit(ctx)
+        elif edit_needed(spec, ctx):
+            deltas = edit_phase(spec, ctx, covariance_phase(spec, ctx))
+        else:
+            logger.info("edit reused from %s", store.deltas)
+        records = eval_pre_phase(spec, ctx, records)
+        eval_post_phase(spec, ctx, records, deltas)
+    except BaseException as exc:
+        ctx.state.fail(exc)
+        raise
+    finally:
+        close_load_phase(ctx)
+    records = store.read_records()
+    summary = summary_table(records, spec.summary_columns())
+    ctx.state.set_output("summary", store.write_summary(summary))
+    ctx.state.complete(time.perf_counter() - t_run)
+    logger.info("run %s complete", store.path)
+    return ExperimentResult(store.path, summary, records, ctx.state.data)
+
+
+def run_experiment(model: str = DEFAULT_MODEL, method: str = "pmet", dataset: str = "counterfact",
+                   n_edits: int = 10, *, batch_size: int | None = None, mode: str = "batch",
+                   hparams: dict | None = None, seed: int = 0, subset: str = "first",
+                   out_dir: str | Path | None = None, generation: bool = True, n_gen_tokens: int = 100,
+                   eval_batch_size: int = 32, label: str | None = None, resume: bool = True,
+                   progress: bool = True, model_and_tokenizer=None, reuse_pre_eval: bool = True) -> ExperimentResult:
+    """Edit ``n_edits`` facts of ``dataset`` into ``model`` with ``method`` and evaluate the model
+    before and after, on the same records (method.md §6). See :mod:`pmetlab.runs` for the files.
+
+    Args:
+        model: an embedded model name or a path (what :func:`pmetlab.load_model` takes); also the
+            preset looked up for ``hparams``. With ``model_and_tokenizer`` it names that model.
+        method: "pmet", "memit", or "none" (no edit: post = pre, a baseline row).
+        dataset: "counterfact", "multi_counterfact" (without its file: CounterFact minus conflicting
+            (subject, relation) pairs, recorded in run.json) or "zsre".
+        n_edits: number of records edited and evaluated.
+        batch_size: requests per compute_deltas call (None: all in one batch).
+        mode: "batch": every batch computed on the unedited model, all applied together;
+            "sequential": batch i computed on the model edited by batches < i (covariances are
+            those of the unedited model).
+        hparams: overrides of the method's preset for ``model`` (class defaults when there is none);
+            an unknown key raises KeyError before any work. ``seed`` defaults to the run's seed.
+        seed: seeds the subset ("sample"), the edit (context prefixes) and generation sampling.
+        subset: "first" n_edits records or a seeded "sample".
+        out_dir: the run directory (default ``runs/<model>_<method>_<dataset>_n<n>_..._seed<seed>``).
+        generation: CounterFact fluency/consistency (generates ``n_gen_tokens`` per prompt).
+        eval_batch_size: prompt pairs per forward pass in evaluation.
+        label: a free name carried into the summary (not part of the run's identity).
+        resume: reuse the finished phases of a run with the same parameters in ``out_dir``;
+            False deletes that run and starts over.
+        model_and_tokenizer: an already loaded ``(model, tokenizer)``; it is left unedited.
+        reuse_pre_eval: reuse the unedited model's metrics of records evaluated by earlier runs
+            with the same model and settings (:mod:`pmetlab.runs.pre_eval`); False evaluates all.
+
+    Returns:
+        :class:`ExperimentResult` (run_dir, summary, records, run).
+
+    Raises:
+        KeyError: unknown hyperparameter. ValueError: bad argument. RunMismatchError: ``out_dir``
+        holds a run with other parameters. DatasetNotFoundError: dataset file unavailable.
+    """
+    models = GivenModel(model_and_tokenizer) if model_and_tokenizer is not None else default_model_pool()
+    spec = RunSpec.build(model=model, method=method, dataset=dataset, n_edits=n_edits, batch_size=batch_size,
+                         mode=mode, hparams=hparams, seed=seed, subset=subset, generation=generation,
+                         n_gen_tokens=n_gen_tokens, eval_batch_size=eval_batch_size, label=label)
+    return execute(spec, out_dir=out_dir, models=models, resume=resume, progress=progress,
+                   reuse_pre_eval=reuse_pre_eval)

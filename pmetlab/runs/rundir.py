@@ -1,0 +1,305 @@
+"""The run directory store: where a run's files live, ``run.json`` as a small state machine
+(phases, status, atomic saves), per-record metrics (parquet, or CSV without pyarrow) and
+``summary.csv``. See :mod:`pmetlab.runs` for what each file holds.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..cache import atomic_path, atomic_write_json
+from ..editing.deltas import Deltas
+from ..evaluation import summarize
+from ..versions import versions
+from .spec import RunSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunDir", "RunState", "RunMismatchError", "RUN_FORMAT", "PHASES", "DEFAULT_RUNS_DIR", "LIST_COLUMNS",
+           "read_records", "write_records", "summary_table", "parquet_ok"]
+
+RUN_FORMAT = 1
+PHASES = ("load", "covariance", "edit", "eval_pre", "eval_post")
+DEFAULT_RUNS_DIR = Path("runs")
+#: Record columns holding a tuple per record; stored as lists (parquet) or JSON text (CSV).
+LIST_COLUMNS = ("neighborhood_prefers_true", "neighborhood_pred", "gen_texts")
+
+
+class RunMismatchError(ValueError):
+    """The run directory holds a run with other parameters (or another model/dataset)."""
+
+
+def now() -> str:
+    """The current UTC time, as run.json records it."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# records and summaries
+# ---------------------------------------------------------------------------------------------
+def parquet_ok() -> bool:
+    """Whether records are written as parquet (pyarrow importable) rather than CSV."""
+    try:
+        import pyarrow  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v))
+
+
+def write_records(folder: Path, df: pd.DataFrame) -> Path:
+    """Write per-record metrics to ``folder/records.parquet`` (``records.csv`` without pyarrow),
+    atomically; returns the path."""
+    out = df.copy()
+    if parquet_ok():
+        path = folder / "records.parquet"
+        for c in LIST_COLUMNS:
+            if c in out.columns:
+                out[c] = [None if _is_missing(v) else list(v) for v in out[c]]
+        with atomic_path(path) as tmp:
+            out.to_parquet(tmp, index=False)
+    else:
+        path = folder / "records.csv"
+        for c in LIST_COLUMNS:
+            if c in out.columns:
+                out[c] = [json.dumps([x.item() if hasattr(x, "item") else x for x in v])
+                          if isinstance(v, (list, tuple, np.ndarray)) else None for v in out[c]]
+        with atomic_path(path) as tmp:
+            out.to_csv(tmp, index=False)
+    return path
+
+
+def records_file(folder: Path) -> Path | None:
+    """The records file in ``folder`` (parquet preferred), or None."""
+    for name in ("records.parquet", "records.csv"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def read_records(folder: Path) -> pd.DataFrame:
+    """The per-record metrics in ``folder`` (empty when there are none); list cells are tuples of
+    Python values however they were stored."""
+    path = records_file(folder)
+    if path is None:
+        return pd.DataFrame()
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+    else:
+        df = pd.read_csv(path)
+        for c in LIST_COLUMNS:
+            if c in df.columns:
+                df[c] = [tuple(json.loads(v)) if isinstance(v, str) else None for v in df[c]]
+    for c in LIST_COLUMNS:
+        if c in df.columns:
+            df[c] = [None if _is_missing(v) else tuple(v.tolist() if hasattr(v, "tolist") else v) for v in df[c]]
+    return df
+
+
+def summary_table(records: pd.DataFrame, columns: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per phase (:func:`pmetlab.evaluation.summarize`) with ``columns`` in front."""
+    if records.empty:
+        return pd.DataFrame()
+    s = summarize(records, by=("phase",))
+    for i, (k, v) in enumerate(columns.items()):
+        s.insert(i, k, [v] * len(s))
+    return s
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every differing (nested) key."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the directory
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one run directory; ask it for paths instead of building file names."""
+
+    path: Path
+
+    RUN_FILES = ("run.json", "records.parquet", "records.csv", "summary.csv", "deltas.safetensors")
+
+    @classmethod
+    def for_spec(cls, spec: RunSpec, out_dir: str | Path | None) -> RunDir:
+        """``out_dir``, or ``runs/<spec.default_dir_name()>`` when None."""
+        path = Path(out_dir) if out_dir is not None else DEFAULT_RUNS_DIR / spec.default_dir_name()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"out_dir {str(path)!r} exists and is not a directory")
+        return cls(path)
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def summary_csv(self) -> Path:
+        return self.path / "summary.csv"
+
+    @property
+    def deltas(self) -> Path:
+        return self.path / "deltas.safetensors"
+
+    @property
+    def batches_dir(self) -> Path:
+        """Finished edit batches of an unfinished multi-batch edit phase."""
+        return self.path / "deltas_batches"
+
+    def batch_deltas(self, i: int) -> Path:
+        return self.batches_dir / f"batch_{i:04d}.safetensors"
+
+    @property
+    def records(self) -> Path | None:
+        """The records file (parquet or CSV), or None before the first evaluation."""
+        return records_file(self.path)
+
+    def has_run(self) -> bool:
+        return self.run_json.is_file()
+
+    def read_run(self) -> dict:
+        try:
+            return json.loads(self.run_json.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{self.run_json} is unreadable ({type(exc).__name__}: {exc}); pass resume=False to "
+                             f"start the run over") from None
+
+    def read_records(self) -> pd.DataFrame:
+        return read_records(self.path)
+
+    def write_records(self, df: pd.DataFrame) -> Path:
+        return write_records(self.path, df)
+
+    def read_summary(self) -> pd.DataFrame | None:
+        return pd.read_csv(self.summary_csv) if self.summary_csv.is_file() else None
+
+    def write_summary(self, df: pd.DataFrame) -> Path:
+        _write_csv(self.summary_csv, df)
+        return self.summary_csv
+
+    def load_deltas(self) -> Deltas | None:
+        return Deltas.load(self.deltas) if self.deltas.is_file() else None
+
+    def remove_batches(self) -> None:
+        if self.batches_dir.is_dir():
+            shutil.rmtree(self.batches_dir)
+
+    def clear(self) -> None:
+        """Delete the files a run writes (and nothing else: the directory may hold the user's files)."""
+        for name in self.RUN_FILES:
+            p = self.path / name
+            if p.is_file():
+                p.unlink()
+        self.remove_batches()
+
+
+# ---------------------------------------------------------------------------------------------
+# run.json
+# ---------------------------------------------------------------------------------------------
+class RunState:
+    """``run.json`` in memory: status, phases, outputs; every :meth:`save` is atomic."""
+
+    def __init__(self, store: RunDir, data: dict) -> None:
+        self.store = store
+        self.data = data
+
+    @classmethod
+    def open(cls, store: RunDir, spec: RunSpec, *, resume: bool) -> RunState:
+        """The state of the run in ``store``: resumed when it holds a run with the same params
+        (else :class:`RunMismatchError`), or a new one (``resume=False`` deletes the old run)."""
+        if store.has_run() and resume:
+            return cls._resume(store, spec)
+        if store.has_run():
+            logger.info("resume=False: deleting the previous run in %s", store.path)
+        store.clear()
+        store.path.mkdir(parents=True, exist_ok=True)
+        data = {"format": RUN_FORMAT, "status": "running", "created_at": now(), "params": spec.params,
+                "spec": spec.to_dict(), "label": spec.label, "hparams_overrides": spec.overrides,
+                "hparams_preset": spec.preset, "seed": spec.seed, "versions": versions(), "model": None,
+                "dataset": None, "phases": {p: {"status": "pending"} for p in PHASES}, "wall_s": {}, "outputs": {}}
+        state = cls(store, data)
+        state.save()
+        return state
+
+    @classmethod
+    def _resume(cls, store: RunDir, spec: RunSpec) -> RunState:
+        data = store.read_run()
+        where = store.path
+        if data.get("format") != RUN_FORMAT:
+            raise RunMismatchError(f"{where} holds a run of format {data.get('format')!r}, not {RUN_FORMAT}; "
+                                   f"use another out_dir or resume=False to start over")
+        params = spec.params
+        if data.get("params") != params:
+            changes = diff(data.get("params") or {}, params)
+            raise RunMismatchError(
+                f"{where} already holds a run with other parameters ({'; '.join(changes[:8])}"
+                f"{'; ...' if len(changes) > 8 else ''}); use another out_dir, or resume=False to start over")
+        cur = versions()
+        if data.get("versions") != cur:
+            logger.warning("resuming %s with other package versions than it started with: %s", where,
+                           "; ".join(diff(data.get("versions") or {}, cur)))
+            data.setdefault("resumes", []).append({"at": now(), "versions": cur})
+        data["label"] = spec.label
+        data["spec"] = spec.to_dict()  # the label and the evaluation batch size may differ between invocations
+        logger.info("resuming %s (done: %s)", where,
+                    [p for p, v in data.get("phases", {}).items() if v.get("status") == "done"] or "nothing")
+        return cls(store, data)
+
+    def save(self) -> None:
+        self.data["updated_at"] = now()
+        atomic_write_json(self.store.run_json, self.data)
+
+    def phase(self, name: str) -> dict:
+        return self.data.setdefault("phases", {}).setdefault(name, {"status": "pending"})
+
+    def done(self, name: str) -> bool:
+        return self.phase(name).get("status") == "done"
+
+    def finish(self, name: str, wall_s: float, **extra: Any) -> None:
+        """Mark phase ``name`` done after ``wall_s`` seconds (``extra`` goes into its entry); saves."""
+        self.phase(name).update(status="done", wall_s=round(wall_s, 3), finished_at=now(), **extra)
+        self.data.setdefault("wall_s", {})[name] = round(wall_s, 3)
+        self.save()
+        logger.info("phase %s done in %.1fs", name, wall_s)
+
+    def set_output(self, kind: str, path: Path) -> None:
+        """Record that output ``kind`` ("records", "deltas", "summary") is the file ``path``."""
+        self.data.setdefault("outputs", {})[kind] = path.name
+
+    def fail(self, exc: BaseException) -> None:
+        """Mark the run failed with ``exc`` (not saved: the caller saves once it is done)."""
+        self.data["status"] = "failed"
+        self.data["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+
+    def complete(self, last_invocation_s: float) -> None:
+        """Mark the run complete; saves."""
+        self.data["status"] = "complete"
+        self.data.pop("error", None)
+        self.data.setdefault("wall_s", {})["last_invocation"] = round(last_invocation_s, 3)
+        self.save()
+
