@@ -33,12 +33,13 @@ __all__ = ["EXPECTED_OUTPUTS", "NOTEBOOKS_DIR", "list_notebooks", "notebook_para
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 #: Files each notebook writes into its ``OUTPUT_DIR`` (figures: PNG, PDF and the CSV of the
-#: numbers drawn; tables: CSV). Names carry the notebook's number, so all notebooks can share
-#: one output folder.
+#: numbers drawn; tables: CSV; text: Markdown). Names carry the notebook's number, so all
+#: notebooks can share one output folder.
 EXPECTED_OUTPUTS: dict[str, list[str]] = {
     "01_component_similarity": [
         "01_similarity.png", "01_similarity.pdf", "01_similarity.csv",
-        "01_similarity_by_depth.csv",
+        "01_similarity_residual.png", "01_similarity_residual.pdf", "01_similarity_residual.csv",
+        "01_similarity_by_depth.csv", "01_reading.md",
     ],
     "02_edit_walkthrough": [
         "02_optimization_trace.png", "02_optimization_trace.pdf", "02_optimization_trace.csv",

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from .analysis import COMPONENTS, mean_ci
 from .cache import atomic_path
@@ -183,6 +183,13 @@ def _band(ax, x, mean, lo, hi, color: str, label: str, **line_kw) -> None:
 
 # --- figures -----------------------------------------------------------------------------------
 
+def _similarity_title(metric: str, projection: str | None) -> str:
+    head = _label(metric).split(" (")[0]
+    if metric == "jaccard" and projection:
+        return f"{head} ({projection.replace('_', ' ')})"
+    return head
+
+
 def plot_similarity(df: pd.DataFrame, *, metrics: Sequence[str] | None = None,
                     components: Sequence[str] | None = None, title: str | None = None) -> Figure:
     """Input/output similarity of each component against layer depth (method.md §5).
@@ -190,13 +197,22 @@ def plot_similarity(df: pd.DataFrame, *, metrics: Sequence[str] | None = None,
     Args:
         df: the output of :func:`pmetlab.analysis.component_similarity`: columns ``layer``,
             ``component``, ``metric``, ``mean``, and optionally ``ci_low``/``ci_high`` (drawn as
-            a band); or per-prompt values (``value`` instead of ``mean``).
+            a band); or per-prompt values (``value`` instead of ``mean``). When it has
+            ``protocol``/``projection`` columns they must hold one value each; the Jaccard panel's
+            title names the projection.
         metrics / components: which to draw and in which order (default: all present).
 
     Returns:
         One panel per metric, one line (with its CI band) per component.
     """
     _require(df, ["layer", "component", "metric"], "plot_similarity")
+    how = {}
+    for col in ("protocol", "projection"):
+        if col in df.columns:
+            if df[col].nunique() > 1:
+                raise ValueError(f"plot_similarity: the data mixes {col}s {sorted(df[col].unique())}; "
+                                 f"plot one at a time, e.g. df[df[{col!r}] == {df[col].iloc[0]!r}]")
+            how[col] = str(df[col].iloc[0])
     s = _summarize(df, ["layer", "component", "metric"], "plot_similarity")
     s = s.assign(component=s["component"].astype(str), metric=s["metric"].astype(str))
     metrics = list(metrics) if metrics is not None else _ordered(s["metric"], ("cosine", "jaccard"))
@@ -211,8 +227,9 @@ def plot_similarity(df: pd.DataFrame, *, metrics: Sequence[str] | None = None,
                 _band(ax, g["layer"].to_numpy(), g["mean"], g["ci_low"], g["ci_high"],
                       color_for(comp, comps), comp, marker="o", markersize=3)
             ax.set_xlabel("layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "2.5" layers
             ax.set_ylabel(_label(metric))
-            ax.set_title(_label(metric).split(" (")[0])
+            ax.set_title(_similarity_title(metric, how.get("projection")))
         axes[0].legend(title="component")
         if title:
             fig.suptitle(title)

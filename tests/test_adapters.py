@@ -71,6 +71,16 @@ def test_every_name_resolves(model, adapter, family) -> None:
     assert adapter.layers() is get_module(model, adapter.spec.layers)
 
 
+def test_component_input_modules_resolve(model, adapter, family) -> None:
+    """What each component reads: the first input of attn / mlp, except OPT's inline FFN (fc1)."""
+    for layer in range(adapter.n_layers):
+        assert adapter.attn_input_name(layer) == adapter.attn_name(layer)
+        want_ffn = f"{adapter.layer_name(layer)}.fc1" if family == "OPTForCausalLM" else adapter.mlp_name(layer)
+        assert adapter.ffn_input_name(layer) == want_ffn
+        get_module(model, adapter.ffn_input_name(layer))
+    assert adapter.input_embed_weight is model.get_input_embeddings().weight
+
+
 def test_layer_index_is_checked(adapter) -> None:
     assert adapter.layer_name(-1) == adapter.layer_name(TINY_LAYERS - 1)
     with pytest.raises(ValueError, match=rf"out of range.*{TINY_LAYERS} layers"):

@@ -12,13 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pmetlab.analysis import (COMPONENTS, METRICS, component_similarity, component_similarity_values,
-                              component_states, logit_lens_topk, mean_ci, summarize_similarity, topk_jaccard)
+from pmetlab.analysis import (COMPONENTS, METRICS, component_io_states, component_similarity,
+                              component_similarity_values, component_states, input_embedding_topk,
+                              logit_lens_topk, mean_ci, similarity_by_depth, similarity_reading,
+                              summarize_similarity, topk_jaccard)
 from pmetlab.models import get_adapter
 from tests.tiny_models import TINY_FAMILIES, TINY_LAYERS, make_tiny_model
 
 PROMPTS = ["The Eiffel Tower is in", "Paris", "A much longer prompt about the capital of France is"]
-SUMMARY_COLUMNS = ["layer", "component", "metric", "mean", "ci_low", "ci_high", "n"]
+SUMMARY_COLUMNS = ["protocol", "projection", "layer", "component", "metric", "mean", "ci_low", "ci_high", "n"]
+VALUE_COLUMNS = ["protocol", "projection", "prompt_id", "layer", "component", "metric", "value"]
 
 
 class CharTokenizer:
@@ -68,7 +71,7 @@ def test_states_reconstruct_the_residual_stream(family, caplog):
         st = component_states(model, tok, PROMPTS, batch_size=3)
     assert not [r for r in caplog.records if "residual" in r.getMessage()]
     assert st.mhsa_in.shape == (len(PROMPTS), TINY_LAYERS, model.config.hidden_size)
-    assert st.parallel == adapter.parallel
+    assert st.parallel == adapter.parallel and st.protocol == "residual"
     torch.testing.assert_close(st.ffn_in, st.mhsa_in if st.parallel else st.mhsa_out, rtol=0, atol=0)
     for i, prompt in enumerate(PROMPTS):
         hs = _unpadded_hidden_states(model, tok, prompt)
@@ -85,13 +88,188 @@ def test_parallel_and_sequential_families_are_both_covered():
     assert kinds == {True, False}
 
 
-# --- metrics against a manual computation -------------------------------------------------------------
+# --- the paper protocol: what each component reads and computes ---------------------------------------
+
+def _perturb_norms(model: torch.nn.Module, seed: int = 1) -> None:
+    """Random norm weights/biases: a freshly built norm (weight 1 or Gemma's 1 + 0, bias 0) is
+    idempotent, which would hide a post-norm applied twice or a missing norm."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if "norm" in type(mod).__name__.lower():
+                for prm in mod.parameters(recurse=False):
+                    prm.add_(0.5 * torch.randn(prm.shape, generator=g))
+
+
+def _expected_io(model, family: str, l: int, h, a, m):
+    """``(attn input, ffn input, next residual)`` of layer ``l`` written out by hand from the
+    modeling code, given h = h^{l-1} and the module outputs a^l, m^l (each ``(d,)``)."""
+    if family in ("GPTJForCausalLM", "PhiForCausalLM"):  # parallel, one shared norm
+        layer = model.transformer.h[l] if family == "GPTJForCausalLM" else model.model.layers[l]
+        x = layer.ln_1(h) if family == "GPTJForCausalLM" else layer.input_layernorm(h)
+        return x, x, h + a + m
+    if family == "GPTNeoXForCausalLM":
+        layer = model.gpt_neox.layers[l]
+        ffn_read = h if model.config.use_parallel_residual else h + a
+        return layer.input_layernorm(h), layer.post_attention_layernorm(ffn_read), h + a + m
+    if family == "GPT2LMHeadModel":
+        layer = model.transformer.h[l]
+        return layer.ln_1(h), layer.ln_2(h + a), h + a + m
+    if family == "OPTForCausalLM":
+        layer = model.model.decoder.layers[l]
+        return layer.self_attn_layer_norm(h), layer.final_layer_norm(h + a), h + a + m
+    if family == "Gemma3ForCausalLM":  # a^l, m^l are the modules' outputs, before their post-norms
+        layer = model.model.layers[l]
+        mid = h + layer.post_attention_layernorm(a)
+        nxt = mid + layer.post_feedforward_layernorm(m)
+        return layer.input_layernorm(h), layer.pre_feedforward_layernorm(mid), nxt
+    assert family in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM")
+    layer = model.model.layers[l]
+    return layer.input_layernorm(h), layer.post_attention_layernorm(h + a), h + a + m
+
+
+@pytest.mark.parametrize("family, overrides", [(f, {}) for f in TINY_FAMILIES]
+                         + [("GPTNeoXForCausalLM", {"use_parallel_residual": False})])
+def test_paper_inputs_and_outputs_match_a_manual_forward(family, overrides):
+    """Traced inputs are the normed vectors each module reads and traced outputs are what the
+    module computes: with them the hand-written block reproduces the next layer's input."""
+    model = make_tiny_model(family, seed=0, **overrides)
+    _perturb_norms(model)
+    tok = CharTokenizer(model.config.vocab_size)
+    st = component_io_states(model, tok, PROMPTS, batch_size=3)  # right-padded batch
+    assert st.protocol == "paper" and st.mhsa_in.shape == (len(PROMPTS), TINY_LAYERS, model.config.hidden_size)
+    for i, prompt in enumerate(PROMPTS):
+        hs = _unpadded_hidden_states(model, tok, prompt)
+        for l in range(TINY_LAYERS):
+            with torch.no_grad():
+                attn_in, ffn_in, nxt = _expected_io(model, family, l, hs[l], st.mhsa_out[i, l], st.ffn_out[i, l])
+            torch.testing.assert_close(st.mhsa_in[i, l], attn_in, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(st.ffn_in[i, l], ffn_in, rtol=1e-4, atol=1e-5)
+            if l + 1 < TINY_LAYERS:  # hs[L] is after the final norm
+                torch.testing.assert_close(nxt, hs[l + 1], rtol=1e-4, atol=1e-4)
+
+
+def test_gemma3_outputs_are_taken_before_the_post_norms():
+    """The paper protocol's a^l / m^l are the modules' own outputs; the residual protocol's
+    contributions are the post-normed ones."""
+    model = make_tiny_model("Gemma3ForCausalLM", seed=0)
+    _perturb_norms(model)
+    tok = CharTokenizer(model.config.vocab_size)
+    paper = component_io_states(model, tok, PROMPTS)
+    resid = component_states(model, tok, PROMPTS)
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        torch.testing.assert_close(resid.mhsa_out[:, 1] - resid.mhsa_in[:, 1],
+                                   layer.post_attention_layernorm(paper.mhsa_out[:, 1]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(resid.ffn_out[:, 1] - resid.ffn_in[:, 1],
+                                   layer.post_feedforward_layernorm(paper.ffn_out[:, 1]), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(paper.mhsa_out[:, 1], resid.mhsa_out[:, 1] - resid.mhsa_in[:, 1], atol=1e-3)
+
+
+def test_paper_jaccard_uses_the_input_embeddings():
+    """Untied, different embedding and LM-head weights: the top-k ids are those of x @ E^T, not
+    of the logit lens, and the per-prompt Jaccard is computed from them."""
+    model, tok = _tiny("LlamaForCausalLM")
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb.data_ptr() != head.data_ptr() and not torch.allclose(emb, head)
+    k, layer = 7, 1
+    st = component_io_states(model, tok, PROMPTS)
+    with torch.no_grad():
+        ids = {n: (getattr(st, n) @ emb.T).topk(k).indices for n in ("mhsa_in", "mhsa_out", "ffn_in", "ffn_out")}
+    assert torch.equal(input_embedding_topk(model, st.mhsa_in, k), ids["mhsa_in"])
+    assert not torch.equal(logit_lens_topk(model, st.mhsa_in, k), ids["mhsa_in"])
+    values = component_similarity_values(model, tok, PROMPTS, top_k=k, progress=False)
+    assert list(values.columns) == VALUE_COLUMNS
+    assert set(values["protocol"]) == {"paper"} and set(values["projection"]) == {"input_embeddings"}
+    got = values[(values["layer"] == layer) & (values["metric"] == "jaccard")]
+    got = got.set_index(["prompt_id", "component"])
+    for i in range(len(PROMPTS)):
+        for comp, (a, b) in {"MHSA": ("mhsa_in", "mhsa_out"), "FFN": ("ffn_in", "ffn_out")}.items():
+            sa, sb = set(ids[a][i, layer].tolist()), set(ids[b][i, layer].tolist())
+            assert got.loc[(i, comp), "value"] == pytest.approx(len(sa & sb) / len(sa | sb))
+    lens = component_similarity_values(model, tok, PROMPTS, top_k=k, projection="logit_lens", progress=False)
+    assert set(lens["projection"]) == {"logit_lens"}
+    assert (lens["value"] - values["value"]).abs().max() > 0.01  # the projection matters
+
+
+def test_paper_cosine_and_jaccard_match_a_manual_computation():
+    """Llama layer 1, one unpadded prompt at a time: a^l and m^l from plain forward hooks, the
+    inputs from output_hidden_states and the layer's norms, the top-k from x @ E^T."""
+    model, tok = _tiny("LlamaForCausalLM")
+    _perturb_norms(model)
+    k, layer = 9, 1
+    values = component_similarity_values(model, tok, PROMPTS, top_k=k, batch_size=2, progress=False)
+    got = values[values["layer"] == layer].set_index(["prompt_id", "component", "metric"])["value"]
+    blk, emb = model.model.layers[layer], model.get_input_embeddings().weight
+    for i, prompt in enumerate(PROMPTS):
+        cap = {}
+        hooks = [blk.self_attn.register_forward_hook(lambda mod, args, out: cap.__setitem__("a", out[0][0, -1])),
+                 blk.mlp.register_forward_hook(lambda mod, args, out: cap.__setitem__("m", out[0, -1]))]
+        try:
+            h = _unpadded_hidden_states(model, tok, prompt)[layer]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        with torch.no_grad():
+            pairs = {"MHSA": (blk.input_layernorm(h), cap["a"]),
+                     "FFN": (blk.post_attention_layernorm(h + cap["a"]), cap["m"])}
+            for comp, (x, y) in pairs.items():
+                sx, sy = set((x @ emb.T).topk(k).indices.tolist()), set((y @ emb.T).topk(k).indices.tolist())
+                assert got[(i, comp, "cosine")] == pytest.approx(F.cosine_similarity(x, y, dim=0).item(), abs=1e-5)
+                assert got[(i, comp, "jaccard")] == pytest.approx(len(sx & sy) / len(sx | sy), abs=1e-9)
+
+
+#: Per-(component, metric) means of the residual protocol as computed before the paper protocol
+#: existed (tiny models, seed 0, PROMPTS, top_k=10): protocol="residual" must keep these numbers.
+OLD_RESIDUAL_MEANS = {
+    "GPT2LMHeadModel": (0.995298, 0.83424, 0.987052, 0.686092),
+    "GPTJForCausalLM": (0.947933, 0.566693, 0.878874, 0.480667),
+    "GPTNeoXForCausalLM": (0.946497, 0.668184, 0.876543, 0.531762),
+    "LlamaForCausalLM": (0.945316, 0.571318, 0.997596, 0.861953),
+    "MistralForCausalLM": (0.945316, 0.571318, 0.997596, 0.861953),
+    "Qwen2ForCausalLM": (0.929858, 0.574685, 0.996086, 0.845118),
+    "GemmaForCausalLM": (0.999117, 0.89899, 0.999938, 0.939394),
+    "Gemma3ForCausalLM": (0.639379, 0.226171, 0.863157, 0.399848),
+    "OPTForCausalLM": (0.972287, 0.722352, 0.876843, 0.438441),
+    "PhiForCausalLM": (0.945721, 0.600067, 0.875727, 0.439153),
+}
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_residual_protocol_reproduces_the_old_numbers(family):
+    model, tok = _tiny(family)
+    values = component_similarity_values(model, tok, PROMPTS, protocol="residual", top_k=10, batch_size=2,
+                                         progress=False)
+    assert set(values["protocol"]) == {"residual"} and set(values["projection"]) == {"logit_lens"}
+    means = values.groupby(["component", "metric"], observed=True)["value"].mean()
+    got = [means[(c, m)] for c in COMPONENTS for m in METRICS]
+    assert got == pytest.approx(list(OLD_RESIDUAL_MEANS[family]), abs=2e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"protocol": "Paper"}, r"protocol must be one of \['paper', 'residual'\], got 'Paper'"),
+    ({"protocol": "logit_lens"}, r"protocol must be one of .*got 'logit_lens'"),
+    ({"protocol": None}, r"protocol must be one of .*got None"),
+    ({"projection": "unembedding"},
+     r"projection must be one of \['input_embeddings', 'logit_lens'\].*got 'unembedding'"),
+    ({"protocol": "residual", "projection": "lm_head"}, r"projection must be one of .*got 'lm_head'"),
+])
+def test_bad_protocol_or_projection_is_rejected(kwargs, match):
+    model, tok = _tiny("LlamaForCausalLM")
+    with pytest.raises(ValueError, match=match):
+        component_similarity(model, tok, ["ok"], progress=False, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        component_similarity_values(model, tok, ["ok"], progress=False, **kwargs)
+
+
+# --- the residual protocol against a manual computation -------------------------------------------------
 
 def test_cosine_and_jaccard_match_a_manual_computation():
     """Llama (sequential): a^l from a hand-made hook on o_proj, the rest from output_hidden_states."""
     model, tok = _tiny("LlamaForCausalLM")
     k = 7
-    values = component_similarity_values(model, tok, PROMPTS, top_k=k, batch_size=2, progress=False)
+    values = component_similarity_values(model, tok, PROMPTS, protocol="residual", top_k=k, batch_size=2,
+                                         progress=False)
     layer = 1
     got = values[values["layer"] == layer].set_index(["prompt_id", "component", "metric"])["value"]
     for i, prompt in enumerate(PROMPTS):
@@ -121,11 +299,12 @@ def test_cosine_and_jaccard_match_a_manual_computation():
 
 
 def test_zeroed_ffn_gives_identical_in_and_out():
-    """With W_out of layer 1 set to zero, m^1 = 0: cosine and Jaccard are exactly 1 there."""
+    """Residual protocol: with W_out of layer 1 set to zero, m^1 = 0, so cosine and Jaccard are
+    exactly 1 there."""
     model, tok = _tiny("LlamaForCausalLM")
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.zero_()
-    values = component_similarity_values(model, tok, PROMPTS, top_k=10, progress=False)
+    values = component_similarity_values(model, tok, PROMPTS, protocol="residual", top_k=10, progress=False)
     ffn1 = values[(values["layer"] == 1) & (values["component"] == "FFN")]
     assert len(ffn1) == 2 * len(PROMPTS)
     assert ffn1["value"].tolist() == pytest.approx([1.0] * len(ffn1), abs=1e-12)
@@ -150,11 +329,14 @@ def test_topk_jaccard_and_logit_lens():
 
 # --- results ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["LlamaForCausalLM", "GPTJForCausalLM", "Gemma3ForCausalLM"])
-def test_summary_schema_and_ranges(family):
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("protocol", ["paper", "residual"])
+def test_summary_schema_and_ranges(family, protocol):
     model, tok = _tiny(family)
-    df = component_similarity(model, tok, PROMPTS, top_k=10, batch_size=2, progress=False)
+    df = component_similarity(model, tok, PROMPTS, protocol=protocol, top_k=10, batch_size=2, progress=False)
     assert list(df.columns) == SUMMARY_COLUMNS
+    assert set(df["protocol"]) == {protocol}
+    assert set(df["projection"]) == {"input_embeddings" if protocol == "paper" else "logit_lens"}
     assert len(df) == TINY_LAYERS * len(COMPONENTS) * len(METRICS)
     for (metric, comp), g in df.groupby(["metric", "component"], observed=True):
         assert sorted(g["layer"]) == list(range(TINY_LAYERS)), (metric, comp)
@@ -166,11 +348,12 @@ def test_summary_schema_and_ranges(family):
     assert ((df["ci_low"] <= df["mean"] + 1e-12) & (df["mean"] <= df["ci_high"] + 1e-12)).all()
 
 
-def test_values_are_independent_of_batching():
-    model, tok = _tiny("GPTNeoXForCausalLM")
+@pytest.mark.parametrize("family", ["GPTNeoXForCausalLM", "OPTForCausalLM", "Gemma3ForCausalLM"])
+def test_values_are_independent_of_batching(family):
+    model, tok = _tiny(family)
     one = component_similarity_values(model, tok, PROMPTS, top_k=10, batch_size=1, progress=False)
     all_ = component_similarity_values(model, tok, PROMPTS, top_k=10, batch_size=len(PROMPTS), progress=False)
-    assert list(one.columns) == ["prompt_id", "layer", "component", "metric", "value"]
+    assert list(one.columns) == VALUE_COLUMNS
     assert len(one) == len(PROMPTS) * TINY_LAYERS * 4
     pd.testing.assert_frame_equal(one.drop(columns="value"), all_.drop(columns="value"))
     assert (one["value"] - all_["value"]).abs().max() < 1e-5
@@ -214,6 +397,72 @@ def test_bad_input_is_rejected(prompts, kwargs, match):
         component_similarity(model, tok, prompts, progress=False, **kwargs)
 
 
+# --- depth table and the generated reading --------------------------------------------------------
+
+def _synthetic_summary(ffn, mhsa, half_width: float = 0.02, protocol: str = "paper") -> pd.DataFrame:
+    """A summary with the given per-layer means (same curves for both metrics)."""
+    rows = [dict(protocol=protocol, projection="input_embeddings", layer=l, component=comp, metric=metric,
+                 mean=v, ci_low=v - half_width, ci_high=v + half_width, n=100)
+            for metric in METRICS for comp, curve in (("MHSA", mhsa), ("FFN", ffn)) for l, v in enumerate(curve)]
+    return pd.DataFrame(rows)
+
+
+SETTLING = [min(0.3 + 0.05 * l, 0.8) if l < 8 else 0.8 for l in range(12)]  # rises, flat from layer 8
+ZIGZAG = [0.3 + 0.1 * (-1) ** l for l in range(12)]                         # low and changing
+
+
+def test_reading_holds_when_ffn_settles_high_and_mhsa_keeps_changing():
+    text = similarity_reading(_synthetic_summary(SETTLING, ZIGZAG), model_name="toy")
+    assert text.startswith("On toy (protocol paper, projection input_embeddings; 100 prompts, 12 layers, "
+                           "late third = layers 8–11)")
+    assert "**holds**" in text
+    # late third: FFN 0.8 ± 0.02; MHSA mean of 0.4, 0.2, 0.4, 0.2; steps from layer 7 on
+    assert "FFN averages 0.800 [0.780, 0.820] and MHSA 0.300 [0.280, 0.320], so FFN is higher" in text
+    assert "FFN's curve moves 0.038 per layer against MHSA's 0.200 (flatter)" in text
+    assert "FFN goes from 0.375 in the early third to 0.800 (rises)" in text
+    assert text.count("Cosine:") == 1 and text.count("Jaccard:") == 1
+
+
+def test_reading_does_not_hold_when_mhsa_is_higher_late():
+    text = similarity_reading(_synthetic_summary(ZIGZAG, SETTLING))
+    assert text.startswith("On this model") and "**does not hold**" in text
+    assert "so MHSA is higher (the intervals do not overlap)" in text
+    assert "(not flatter)" in text and "(does not rise)" in text
+
+
+def test_reading_holds_in_part_and_respects_the_intervals():
+    bumpy = [v + (0.3 if l % 2 and l >= 8 else 0) for l, v in enumerate(SETTLING)]  # higher, not flat
+    text = similarity_reading(_synthetic_summary(bumpy, ZIGZAG))
+    assert "**holds only in part**" in text and "(not flatter)" in text
+    # wide intervals: FFN's mean is higher but the intervals overlap, so not "higher"
+    wide = similarity_reading(_synthetic_summary([v - 0.45 for v in SETTLING], ZIGZAG, half_width=0.2))
+    assert "**does not hold**" in wide and "the intervals overlap, so neither is clearly higher" in wide
+
+
+def test_reading_and_depth_table_reject_mixed_or_short_input():
+    both = pd.concat([_synthetic_summary(SETTLING, ZIGZAG),
+                      _synthetic_summary(SETTLING, ZIGZAG, protocol="residual")])
+    with pytest.raises(ValueError, match=r"mixes protocols \['paper', 'residual'\]"):
+        similarity_reading(both)
+    with pytest.raises(ValueError, match="at least 3 layers"):
+        similarity_reading(_synthetic_summary(SETTLING[:2], ZIGZAG[:2]))
+    with pytest.raises(KeyError, match="ci_low"):
+        similarity_reading(_synthetic_summary(SETTLING, ZIGZAG).drop(columns="ci_low"))
+
+
+def test_similarity_by_depth_covers_both_protocols():
+    both = pd.concat([_synthetic_summary(SETTLING, ZIGZAG),
+                      _synthetic_summary(ZIGZAG, SETTLING, protocol="residual")])
+    table = similarity_by_depth(both)
+    assert list(table.columns) == ["protocol", "projection", "metric", "component", "early", "middle", "late"]
+    assert len(table) == 2 * len(METRICS) * len(COMPONENTS)
+    row = table[(table["protocol"] == "paper") & (table["metric"] == "cosine") & (table["component"] == "FFN")]
+    assert row[["early", "middle", "late"]].iloc[0].tolist() == pytest.approx(
+        [sum(SETTLING[:4]) / 4, sum(SETTLING[4:8]) / 4, 0.8])
+    res = table[(table["protocol"] == "residual") & (table["component"] == "MHSA")]
+    assert res["late"].tolist() == pytest.approx([0.8, 0.8])
+
+
 # --- the real model --------------------------------------------------------------------------------
 
 def _known_facts_path() -> Path:
@@ -231,15 +480,19 @@ def test_smollm2_known_facts():
     prompts = [r["prompt"] for r in json.loads(path.read_text())[:8]]
     model, tok = pmetlab.load_model("smollm2-135m", device="cpu")
     n_layers = get_adapter(model).n_layers
-    df = component_similarity(model, tok, prompts, top_k=50, batch_size=4, progress=False)
-    assert list(df.columns) == SUMMARY_COLUMNS
-    assert len(df) == n_layers * 4
-    assert (df["n"] == len(prompts)).all()
-    cos = df[df["metric"] == "cosine"]["mean"]
-    jac = df[df["metric"] == "jaccard"]["mean"]
-    assert cos.between(-1, 1).all() and jac.between(0, 1).all()
-    # A residual update is small next to the residual stream in the middle of the network.
-    mid = df[(df["metric"] == "cosine") & df["layer"].between(5, n_layers - 5)]
+    res = component_similarity(model, tok, prompts, protocol="residual", top_k=50, batch_size=4, progress=False)
+    paper = component_similarity(model, tok, prompts, top_k=50, batch_size=4, progress=False)
+    for df in (res, paper):
+        assert list(df.columns) == SUMMARY_COLUMNS
+        assert len(df) == n_layers * 4
+        assert (df["n"] == len(prompts)).all()
+        assert df[df["metric"] == "cosine"]["mean"].between(-1, 1).all()
+        assert df[df["metric"] == "jaccard"]["mean"].between(0, 1).all()
+    # A residual update is small next to the residual stream in the middle of the network ...
+    mid = res[(res["metric"] == "cosine") & res["layer"].between(5, n_layers - 5)]
     assert mid["mean"].min() > 0.5
     # ... but not nothing: some component changes the top-50 tokens somewhere.
-    assert jac.min() < 0.9
+    assert res[res["metric"] == "jaccard"]["mean"].min() < 0.9
+    # A module's output is not a rescaled copy of its normed input: the paper's cosine is lower.
+    assert paper[paper["metric"] == "cosine"]["mean"].mean() < mid["mean"].mean()
+    assert "**" in similarity_reading(paper, model_name="smollm2-135m")

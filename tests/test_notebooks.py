@@ -121,7 +121,7 @@ def test_files_written_match_expected_outputs(name):
     written = set()
     for stem in re.findall(r"save_figure\([^,]+,\s*OUTPUT_DIR,\s*\"([^\"]+)\"", src):
         written |= {f"{stem}.png", f"{stem}.pdf", f"{stem}.csv"}
-    written |= set(re.findall(r"\{OUTPUT_DIR\}/([^\"]+\.csv)\"", src))
+    written |= set(re.findall(r"\{OUTPUT_DIR\}/([^\"]+\.(?:csv|md))\"", src))
     assert written == set(EXPECTED_OUTPUTS[name])
 
 

@@ -52,6 +52,16 @@ def test_plot_similarity_panels_lines_and_bands():
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["MHSA", "FFN"]
 
 
+def test_plot_similarity_names_the_projection_and_refuses_mixed_protocols():
+    paper = _similarity_summary().assign(protocol="paper", projection="input_embeddings")
+    fig = plot_similarity(paper)
+    assert [ax.get_title() for ax in fig.axes] == ["cosine similarity", "Jaccard of top-k tokens (input embeddings)"]
+    residual = paper.assign(protocol="residual", projection="logit_lens")
+    assert plot_similarity(residual).axes[1].get_title() == "Jaccard of top-k tokens (logit lens)"
+    with pytest.raises(ValueError, match=r"mixes protocols \['paper', 'residual'\]"):
+        plot_similarity(pd.concat([paper, residual]))
+
+
 def test_plot_similarity_from_per_prompt_values_and_subsets():
     values = pd.DataFrame([dict(prompt_id=p, layer=l, component=c, metric=m, value=float(RNG.uniform()))
                            for p in range(6) for l in range(4) for c in ("MHSA", "FFN")

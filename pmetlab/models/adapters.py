@@ -44,6 +44,13 @@ class ArchSpec:
             and outputs are 2-D; :meth:`ModelAdapter.unflatten` gives the (batch, seq, d) view.
         attn_post_norm / ffn_post_norm: norms applied to a component's output before it joins
             the residual stream (Gemma 2/3), or None.
+        attn_input: module inside a layer whose *first input* is what MHSA reads (its normed
+            input); None means ``attn`` itself. Read by the paper protocol of method.md §5, whose
+            MHSA output is the output of ``attn`` (for Gemma 2/3 before ``attn_post_norm``).
+        ffn_input: module inside a layer whose *first input* is what the FFN reads; None means
+            ``mlp`` itself. OPT has no FFN module (``mlp`` is ``fc2``), so its FFN reads the input
+            of ``fc1``. The paper protocol's FFN output is the output of ``mlp`` (OPT: ``fc2``;
+            Gemma 2/3: before ``ffn_post_norm``, i.e. what the module computes).
         n_layers_attr: config attribute(s) holding the number of layers.
     """
 
@@ -62,6 +69,8 @@ class ArchSpec:
     ffn_flat: bool = False
     attn_post_norm: str | None = None
     ffn_post_norm: str | None = None
+    attn_input: str | None = None
+    ffn_input: str | None = None
     n_layers_attr: tuple[str, ...] = ("num_hidden_layers", "n_layer", "num_layers")
 
 
@@ -110,7 +119,7 @@ for _spec in (
              attn_post_norm="post_attention_layernorm", ffn_post_norm="post_feedforward_layernorm"),
     ArchSpec("opt", ("OPTForCausalLM",), layers="model.decoder.layers", attn="self_attn",
              attn_out="self_attn.out_proj", mlp="fc2", ffn_out="fc2",
-             final_norm="model.decoder.final_layer_norm", ffn_flat=True),
+             final_norm="model.decoder.final_layer_norm", ffn_flat=True, ffn_input="fc1"),
     ArchSpec("phi", ("PhiForCausalLM",), layers="model.layers", attn="self_attn", attn_out="self_attn.dense",
              mlp="mlp", ffn_out="mlp.fc2", final_norm="model.final_layernorm", parallel=True),
 ):
@@ -140,7 +149,8 @@ class ModelAdapter:
             if self._n_layers:
                 names += [n for n in (self.attn_name(0), self.attn_out_name(0), self.mlp_name(0),
                                       self.ffn_out_name(0), self.attn_post_norm_name(0),
-                                      self.ffn_post_norm_name(0)) if n is not None]
+                                      self.ffn_post_norm_name(0), self.attn_input_name(0),
+                                      self.ffn_input_name(0)) if n is not None]
             for n in names:
                 get_module(self.model, n)
         except LookupError as exc:
@@ -221,6 +231,14 @@ class ModelAdapter:
         p = self.spec.ffn_post_norm
         return None if p is None else f"{self.layer_name(layer)}.{p}"
 
+    def attn_input_name(self, layer: int) -> str:
+        """Module whose first input is what MHSA reads at ``layer`` (its normed input)."""
+        return f"{self.layer_name(layer)}.{self.spec.attn_input or self.spec.attn}"
+
+    def ffn_input_name(self, layer: int) -> str:
+        """Module whose first input is what the FFN reads at ``layer`` (its normed input)."""
+        return f"{self.layer_name(layer)}.{self.spec.ffn_input or self.spec.mlp}"
+
     @property
     def final_norm_name(self) -> str:
         return self.spec.final_norm
@@ -253,6 +271,14 @@ class ModelAdapter:
     def unembed_weight(self) -> torch.Tensor:
         """The unembedding, (vocab, d_model); tied embeddings are read through the LM head."""
         return _weight_of(self.module(self.unembed_name))
+
+    @property
+    def input_embed_weight(self) -> torch.Tensor:
+        """The input embedding matrix ``get_input_embeddings().weight``, (vocab, d_model)."""
+        emb = self.model.get_input_embeddings()
+        if emb is None:
+            raise UnsupportedArchitectureError(f"{type(self.model).__name__} has no input embeddings")
+        return _weight_of(emb)
 
     @property
     def unembed_bias(self) -> torch.Tensor | None:
