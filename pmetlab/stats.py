@@ -30,6 +30,7 @@ from .models.adapters import get_adapter
 from .moments import SecondMoment, collect_second_moments, plan_batches, symmetric_accumulate_, symmetrize
 from .store import DamagedEntryError, KeyedStore
 from .tokens import tokenizer_identity
+from .types import Model, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def _resolve_spec(spec: CovarianceSpec | None, corpus: str | Corpus | None, **le
     return spec, resolve_corpus(spec.corpus)
 
 
-def layer_covariances(model: torch.nn.Module, tok: Any, layers: Sequence[int], *, kind: str = "ffn",
+def layer_covariances(model: Model, tok: Tokenizer, layers: Sequence[int], *, kind: str = "ffn",
                       spec: CovarianceSpec | None = None, use_cache: bool = True, progress: bool = True,
                       tokens_per_batch: int = 4096, checkpoint_every: int = 20, shard: Shard | None = None,
                       corpus: str | Corpus | None = None, n_tokens: int | None = None, seq_len: int | None = None,

@@ -39,8 +39,8 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..datasets import (ConsistencyReference, load_consistency_reference, validate_counterfact_record,
-                        validate_records)
+from ..datasets import ConsistencyReference, load_consistency_reference, validate_counterfact_record, validate_records
+from ..types import Model, Tokenizer
 from .generation import derive_seed, generate_texts
 from .scoring import PairScores, score_pairs, score_pairs_reference
 from .text import mean_text_entropy, tfidf_cosine
@@ -183,7 +183,7 @@ def _frame(rows: list[dict[str, Any]], generation: bool) -> pd.DataFrame:
     return df[lead + rest + other]
 
 
-def evaluate_counterfact(model, tok, records: Sequence[Mapping[str, Any]], *, generation: bool = True,
+def evaluate_counterfact(model: Model, tok: Tokenizer, records: Sequence[Mapping[str, Any]], *, generation: bool = True,
                          n_gen_tokens: int = 100, batch_size: int = 32, gen_batch_size: int | None = None,
                          seed: int = 0, reference: ConsistencyReference | Literal["auto"] | None = None,
                          keep_texts: bool = False, batched: bool = True, progress: bool = True) -> pd.DataFrame:
@@ -223,7 +223,7 @@ def evaluate_counterfact(model, tok, records: Sequence[Mapping[str, Any]], *, ge
     return _frame(rows, generation)
 
 
-def evaluate_counterfact_reference(model, tok, records: Sequence[Mapping[str, Any]], *,
+def evaluate_counterfact_reference(model: Model, tok: Tokenizer, records: Sequence[Mapping[str, Any]], *,
                                    generation: bool = True, n_gen_tokens: int = 100, seed: int = 0,
                                    reference: ConsistencyReference | Literal["auto"] | None = None,
                                    keep_texts: bool = False, progress: bool = True) -> pd.DataFrame:

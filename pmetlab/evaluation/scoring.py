@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..devices import model_device
 from ..tokens import encode_prompt_targets
+from ..types import Model, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def score_pairs(model, tok, prompts: Sequence[str], candidates: Sequence[str], *, batch_size: int = 32,
+def score_pairs(model: Model, tok: Tokenizer, prompts: Sequence[str], candidates: Sequence[str], *, batch_size: int = 32,
                 padding_side: Literal["right", "left"] = "right", progress: bool = False,
                 desc: str = "scoring") -> PairScores:
     """Teacher-forced NLL and top-1 correctness of `` candidates[i]`` after ``prompts[i]``.
@@ -207,7 +208,7 @@ def _collect(where: Sequence[int], res_nll, res_pred, cand_ids) -> PairScores:
     return PairScores(nll, n_tokens, token_nll, token_pred, token_correct)  # type: ignore[arg-type]
 
 
-def score_pairs_reference(model, tok, prompts: Sequence[str], candidates: Sequence[str], *,
+def score_pairs_reference(model: Model, tok: Tokenizer, prompts: Sequence[str], candidates: Sequence[str], *,
                           progress: bool = False, desc: str = "scoring (reference)") -> PairScores:
     """The same as :func:`score_pairs`, one pair per unpadded forward pass over the full logits.
 

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from ..datasets import validate_records, validate_zsre_record
+from ..types import Model, Tokenizer
 from .scoring import PairScores, score_pairs, score_pairs_reference
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def _flat(records, loc_suffix: str) -> tuple[list[str], list[str]]:
     return prompts, cands
 
 
-def evaluate_zsre(model, tok, records: Sequence[Mapping[str, Any]], *, batch_size: int = 32,
+def evaluate_zsre(model: Model, tok: Tokenizer, records: Sequence[Mapping[str, Any]], *, batch_size: int = 32,
                   loc_suffix: str = "?", batched: bool = True, progress: bool = True) -> pd.DataFrame:
     """zsRE token accuracies of ``model`` on ``records``, one row per record.
 
@@ -81,7 +82,7 @@ def evaluate_zsre(model, tok, records: Sequence[Mapping[str, Any]], *, batch_siz
     return _rows(records, scores)
 
 
-def evaluate_zsre_reference(model, tok, records: Sequence[Mapping[str, Any]], *, loc_suffix: str = "?",
+def evaluate_zsre_reference(model: Model, tok: Tokenizer, records: Sequence[Mapping[str, Any]], *, loc_suffix: str = "?",
                             progress: bool = True) -> pd.DataFrame:
     """Record-at-a-time version of :func:`evaluate_zsre` (one unpadded forward pass per pair)."""
     return evaluate_zsre(model, tok, records, loc_suffix=loc_suffix, batched=False, progress=progress)

@@ -5,7 +5,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from ..cache import atomic_path, cache_dir, file_sha256
 from ..devices import resolve_device, resolve_dtype
+from ..types import Model, Tokenizer
 from .adapters import get_adapter
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def _is_bidirectional_encoder(model: torch.nn.Module) -> bool:
 
 def load_model(name_or_path: str, device: str | torch.device | None = "auto",
                dtype: str | torch.dtype | None = None, *, device_map: str | dict | None = None,
-               check_adapter: bool = True, **from_pretrained_kwargs):
+               check_adapter: bool = True, **from_pretrained_kwargs) -> tuple[Model, Tokenizer]:
     """Load a causal LM and its tokenizer, ready for editing.
 
     Args:
@@ -234,7 +234,7 @@ def _load_tokenizer(name: str, path: str):
     return tok
 
 
-def model_identity(model: torch.nn.Module) -> dict:
+def model_identity(model: Model) -> dict:
     """Name, class and size of a model: what run records and saved edits identify it by."""
     cfg = getattr(model, "config", None)
     return {

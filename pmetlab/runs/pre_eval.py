@@ -22,6 +22,7 @@ from .._version import __version__
 from ..cache import stable_hash, weights_fingerprint
 from ..store import KeyedStore
 from ..tokens import tokenizer_identity
+from ..types import Model, Tokenizer
 from .spec import RunSpec
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ __all__ = ["cached_pre_eval", "pre_eval_setting", "PRE_EVAL_FORMAT"]
 PRE_EVAL_FORMAT = 3
 
 
-def pre_eval_setting(model: Any, tok: Any, spec: RunSpec, *, has_reference: bool) -> dict[str, Any]:
+def pre_eval_setting(model: Model, tok: Tokenizer, spec: RunSpec, *, has_reference: bool) -> dict[str, Any]:
     """Everything but the record that the pre-edit metrics of one record depend on."""
     return {"format": PRE_EVAL_FORMAT, "pmetlab": __version__, "model_class": type(model).__name__,
             "weights": weights_fingerprint(model), "tokenizer": tokenizer_identity(tok), "dataset": spec.dataset,
@@ -110,7 +111,7 @@ def _save(store: KeyedStore, setting: Mapping[str, Any], prefix: str, keys: Sequ
         store.save_json({**setting, "record": k}, row, prefix=prefix)
 
 
-def cached_pre_eval(model: Any, tok: Any, spec: RunSpec, records: Sequence[Mapping[str, Any]], *,
+def cached_pre_eval(model: Model, tok: Tokenizer, spec: RunSpec, records: Sequence[Mapping[str, Any]], *,
                     has_reference: bool, evaluate: Callable[[list], pd.DataFrame],
                     store: KeyedStore | None = None) -> tuple[pd.DataFrame, int]:
     """The unedited model's metrics of ``records`` (one row each, in order), evaluating with
