@@ -99,7 +99,8 @@ def bench_covariance(model, tok, hp, n_tokens: int) -> list[dict]:
     the same depth on the same batches (limit)."""
     from pmetlab.corpus import resolve_corpus
     from pmetlab.models import get_adapter
-    from pmetlab.stats import _batches, collect_second_moments, tokenize_corpus
+    from pmetlab.moments import collect_second_moments, plan_batches
+    from pmetlab.corpus import tokenize_corpus
     from pmetlab.tracing import Trace
 
     adapter = get_adapter(model)
@@ -115,7 +116,7 @@ def bench_covariance(model, tok, hp, n_tokens: int) -> list[dict]:
 
     def plain_forward() -> float:  # the limit: a forward to the deepest critical layer, same batches
         t0 = time.perf_counter()
-        for batch in _batches(chunks, 4096):
+        for batch in plan_batches(chunks, 4096):
             T = max(len(c) for c in batch)
             ids = torch.full((len(batch), T), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)

@@ -89,8 +89,7 @@ def compute_deltas(model, tok, requests: Sequence[EditRequest], hparams: EditHyp
     templates = context_templates(model, tok, hp, use_cache=use_cache)
     timings["prefixes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cov_kw = dict(corpus=hp.cov_corpus, n_tokens=hp.cov_tokens, seq_len=hp.cov_seq_len, dtype=hp.cov_dtype,
-                  use_cache=use_cache, progress=progress, seed=hp.seed)
+    cov_kw = dict(spec=hp.covariance, use_cache=use_cache, progress=progress)
     covs = dict(covariances) if covariances is not None else layer_covariances(model, tok, hp.layers, kind="ffn",
                                                                                 **cov_kw)
     attn_covs: dict = {}

@@ -5,20 +5,21 @@ run with the same settings sees the same prefixes (the released code samples the
 """
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
 
-from ..cache import atomic_write_json, cache_dir, stable_hash, weights_fingerprint
+from ..cache import weights_fingerprint
 from ..devices import model_device
+from ..store import KeyedStore
 from ..tokens import encode_batch, tokenizer_identity
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["context_templates", "generate_prefixes"]
 
-FORMAT = 1
+#: Version of the cached prefixes: 2 = KeyedStore JSON (key and checksum in the file).
+FORMAT = 2
 
 
 @torch.no_grad()
@@ -57,24 +58,19 @@ def generate_prefixes(model, tok, starts: tuple[str, ...], n: int, length: int, 
 def context_templates(model, tok, hp, *, use_cache: bool = True) -> list[str]:
     """``["{}"] + [prefix + ". {}" for each prefix]`` for the hyperparameters ``hp``.
 
-    Cached under the cache dir, keyed by the model's weights, the tokenizer (vocabulary and
-    normalisation, :func:`~pmetlab.tokens.tokenizer_identity`) and the settings.
+    Cached in the "prefixes" :class:`~pmetlab.store.KeyedStore`, keyed by the model's weights, the
+    tokenizer (vocabulary and normalisation, :func:`~pmetlab.tokens.tokenizer_identity`) and the
+    settings; a missing or damaged entry is regenerated.
     """
     settings = {"starts": list(hp.prefix_starts), "n": hp.n_prefixes, "length": hp.prefix_tokens,
                 "seed": hp.seed, "format": FORMAT}
     key = {"model": type(model).__name__, "weights": weights_fingerprint(model),
            "vocab": len(tok), "tokenizer": tokenizer_identity(tok), **settings}
-    path = cache_dir("prefixes") / f"{stable_hash(key)}.json"
-    prefixes = None
-    if use_cache and path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            if data.get("key") == key and isinstance(data.get("prefixes"), list):
-                prefixes = data["prefixes"]
-        except ValueError:
-            logger.warning("ignoring unreadable prefix cache %s", path)
-    if prefixes is None:
+    store = KeyedStore("prefixes")
+    stored = store.load_json(key) if use_cache else None
+    prefixes = stored.get("prefixes") if isinstance(stored, dict) else None
+    if not isinstance(prefixes, list):
         prefixes = generate_prefixes(model, tok, tuple(hp.prefix_starts), hp.n_prefixes, hp.prefix_tokens, hp.seed)
         if use_cache:
-            atomic_write_json(path, {"key": key, "prefixes": prefixes})
+            store.save_json(key, {"prefixes": prefixes})
     return ["{}"] + [p + ". {}" for p in prefixes]

@@ -9,17 +9,17 @@ continuation, decoded together without special tokens, NFKD-normalised, blank li
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 import unicodedata
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..cache import stable_hash
 from ..devices import model_device
+from ..forward import cache_kwarg, cache_of, forward_accepts
 from .scoring import encode_prompt, pad_id_of, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
@@ -47,15 +47,6 @@ def sample_top_k(logits: torch.Tensor, u: torch.Tensor, k: int) -> torch.Tensor:
     cdf = torch.softmax(vals.double().cpu(), dim=-1).cumsum(-1)
     choice = (cdf < u[:, None]).sum(-1).clamp(max=k - 1)
     return idx.gather(1, choice[:, None].to(idx.device))[:, 0]
-
-
-def _cache_of(out):
-    for name in ("cache", "past_key_values"):
-        c = getattr(out, name, None)
-        if c is not None:
-            return c
-    raise TypeError(f"the model's output {type(out).__name__} carries no KV cache (neither `cache` nor "
-                    f"`past_key_values`); generation needs a model that supports use_cache=True")
 
 
 def _clean(text: str) -> str:
@@ -95,13 +86,8 @@ def generate_ids(model, tok, prompts: Sequence[str], *, seeds: Sequence[int], n_
     pad_id = pad_id_of(tok)
     enc = [encode_prompt(tok, p) for p in prompts]
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    keep_last = "logits_to_keep" in params
-    # transformers >= 5.2x names the KV cache argument and output field `cache`, older `past_key_values`
-    cache_kw = "cache" if "cache" in params else "past_key_values"
+    keep_last = forward_accepts(model, "logits_to_keep")
+    cache_kw = cache_kwarg(model)
     out_ids: list[list[int] | None] = [None] * len(enc)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch")
@@ -130,7 +116,7 @@ def generate_ids(model, tok, prompts: Sequence[str], *, seeds: Sequence[int], n_
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 last_pos = last_pos + 1
                 out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                            use_cache=True, **{cache_kw: _cache_of(out)})
+                            use_cache=True, **{cache_kw: cache_of(out)})
             gen = torch.stack(new, dim=1).cpu().tolist()
             for r, i in enumerate(batch):
                 out_ids[i] = gen[r]

@@ -1,0 +1,58 @@
+"""What the target optimisation returns (method.md §2 step 1, "Outputs"), per request or stacked."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["TargetResult", "RESULT_GROUPS"]
+
+#: The tensor groups of a result, each a dict space -> (N, d_model).
+RESULT_GROUPS = ("values", "inits", "deltas")
+
+
+@dataclass
+class TargetResult:
+    """Optimised targets at layer L for N requests.
+
+    ``values[k]`` = ``inits[k] + deltas[k]``, each (N, d_model), for k in ``hp.value_spaces``:
+    "ffn" (v^m) and "attn" (v^a) for PMET, "layer" (v) for MEMIT (δ = 0 where a space was not
+    optimised). ``trace`` holds one dict per (request, step): the loss terms, p(target), the NLL
+    weight used at that step and whether o* was the arg-max at every target position ("argmax").
+    ``n_steps[i]``: steps request i took (its last step included).
+    """
+
+    layer: int
+    values: dict[str, torch.Tensor]
+    inits: dict[str, torch.Tensor]
+    deltas: dict[str, torch.Tensor]
+    n_steps: list[int]
+    trace: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def request(self, j: int) -> TargetResult:
+        """Request ``j`` alone (N = 1, its trace rows renumbered to request 0)."""
+        pick = lambda group: {k: t[j:j + 1] for k, t in getattr(self, group).items()}
+        return TargetResult(self.layer, pick("values"), pick("inits"), pick("deltas"), [self.n_steps[j]],
+                            [{**row, "request": 0} for row in self.trace if row["request"] == j])
+
+    def to(self, device: torch.device | str) -> TargetResult:
+        """The same result with its tensors on ``device``."""
+        move = lambda group: {k: t.to(device) for k, t in getattr(self, group).items()}
+        return TargetResult(self.layer, move("values"), move("inits"), move("deltas"), list(self.n_steps),
+                            list(self.trace), self.seconds)
+
+    @staticmethod
+    def concat(parts: Sequence[TargetResult]) -> TargetResult:
+        """The results of consecutive groups of requests as one (requests renumbered in order)."""
+        if len(parts) == 1:
+            return parts[0]
+        offsets = [0]
+        for p in parts[:-1]:
+            offsets.append(offsets[-1] + len(p.n_steps))
+        cat = lambda group: {k: torch.cat([getattr(p, group)[k] for p in parts]) for k in getattr(parts[0], group)}
+        trace = [{**row, "request": row["request"] + off} for p, off in zip(parts, offsets) for row in p.trace]
+        return TargetResult(layer=parts[0].layer, values=cat("values"), inits=cat("inits"), deltas=cat("deltas"),
+                            n_steps=[n for p in parts for n in p.n_steps], trace=trace,
+                            seconds=sum(p.seconds for p in parts))
