@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -20,6 +21,7 @@ from ..requests import EditRequest
 from ..stats import SecondMoment, layer_covariances
 from ..tokens import encode_prompt_target, subject_last_index
 from ..tracing import get_parameter
+from ..types import Model, Tokenizer
 from .deltas import Deltas, deltas_meta, param_fingerprint
 from .prefixes import context_templates
 from .solve import keys_and_outputs, solve_update, spread_residual
@@ -54,7 +56,7 @@ def _delta_in_param_layout(adapter, delta: torch.Tensor) -> torch.Tensor:
     return delta.T if adapter.spec.transposed else delta
 
 
-def compute_deltas(model, tok, requests: Sequence[EditRequest], hparams: EditHyperParams, *,
+def compute_deltas(model: Model, tok: Tokenizer, requests: Sequence[EditRequest], hparams: EditHyperParams, *,
                    progress: bool = True, use_cache: bool = True, reference: bool = False,
                    diagnostics: bool = True, covariances: Mapping[int, SecondMoment] | None = None,
                    attn_covariances: Mapping[int, SecondMoment] | None = None,
@@ -77,39 +79,18 @@ def compute_deltas(model, tok, requests: Sequence[EditRequest], hparams: EditHyp
         model identity, per-layer diagnostics, timings) and the optimisation trace.
     """
     hp = hparams
-    if not isinstance(hp, EditHyperParams):
-        raise TypeError(f"hparams must be PMETHyperParams or MEMITHyperParams, got {type(hp).__name__}")
-    requests = validate_requests(tok, requests)
-    adapter = get_adapter(model)
-    if hp.layers[-1] >= adapter.n_layers:
-        raise ValueError(f"critical layers {hp.layers} exceed the model's {adapter.n_layers} layers "
-                         f"(valid: 0..{adapter.n_layers - 1})")
+    requests, adapter = _check_inputs(model, tok, requests, hp)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     templates = context_templates(model, tok, hp, use_cache=use_cache)
     timings["prefixes"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cov_kw = dict(spec=hp.covariance, use_cache=use_cache, progress=progress)
-    covs = dict(covariances) if covariances is not None else layer_covariances(model, tok, hp.layers, kind="ffn",
-                                                                                **cov_kw)
-    attn_covs: dict = {}
-    if hp.update_attn_weights:
-        attn_covs = dict(attn_covariances) if attn_covariances is not None else layer_covariances(
-            model, tok, hp.layers, kind="attn", **cov_kw)
-    for l in hp.layers:
-        if l not in covs or (hp.update_attn_weights and l not in attn_covs):
-            raise KeyError(f"no covariance statistics for critical layer {l}; provided layers "
-                           f"{sorted(covs)}")
+    covs, attn_covs = _statistics(model, tok, hp, covariances, attn_covariances, use_cache, progress)
     timings["covariance"] = time.perf_counter() - t0
-
-    edit_modules = [adapter.ffn_out_name(l) for l in hp.layers]
-    if hp.update_attn_weights:
-        edit_modules += [adapter.attn_out_name(l) for l in hp.layers]
-    param_names = [adapter.weight_param_name(m) for m in edit_modules]
+    param_names = [adapter.weight_param_name(m) for m in _edited_modules(adapter, hp)]
     params = {n: get_parameter(model, n) for n in param_names}
     base_fp = param_fingerprint(model, param_names)
     snapshot = {n: p.detach().clone() for n, p in params.items()}
-    out: dict[str, torch.Tensor] = {}
     layer_diag: list[dict] = []
     try:
         t0 = time.perf_counter()
@@ -118,31 +99,77 @@ def compute_deltas(model, tok, requests: Sequence[EditRequest], hparams: EditHyp
                                           chunk_size=chunk_size)
         timings["targets"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        n = len(hp.layers)
-        for i in tqdm(range(n), disable=not progress, desc="keys + solve"):
-            for stage in _layer_stages(hp):
-                updates = [_solve_component(model, tok, adapter, requests, templates, hp, targets, covs, attn_covs,
-                                            kind, i, n, diagnostics, layer_diag) for kind in stage]
-                with torch.no_grad():  # W_l <- W_l + ΔW_l now, so what is read next sees it
-                    for pname, d in updates:
-                        params[pname].add_(d.to(params[pname].dtype))
-                        out[pname] = out.get(pname, 0) + d.float().cpu()
+        solver = _Solver(model, tok, adapter, requests, templates, hp, targets, covs, attn_covs, diagnostics)
+        out = _update_layers(solver, params, layer_diag, progress)
         timings["keys_solve"] = time.perf_counter() - t0
     finally:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(snapshot[name])
-    meta = deltas_meta(
-        model, hp.method, hp.to_dict(), [r.to_dict() for r in requests], base_fp,
-        layers=list(hp.layers), diagnostics=layer_diag, timings=timings,
-        targets={"n_steps": targets.n_steps,
-                 "final_p_target": _final_p(targets.trace, len(requests)),
-                 "delta_norms": {k: v.norm(dim=1).tolist() for k, v in targets.deltas.items()},
-                 "init_norms": {k: v.norm(dim=1).tolist() for k, v in targets.inits.items()}},
-        templates=templates)
+    meta = deltas_meta(model, hp.method, hp.to_dict(), [r.to_dict() for r in requests], base_fp,
+                       layers=list(hp.layers), diagnostics=layer_diag, timings=timings,
+                       targets=_target_meta(targets, len(requests)), templates=templates)
     logger.info("%s: %d requests, targets %.1fs, keys+solve %.1fs", hp.method, len(requests),
                 timings["targets"], timings["keys_solve"])
     return Deltas(out, meta, targets.trace)
+
+
+def _check_inputs(model: Model, tok: Tokenizer, requests, hp) -> tuple[list[EditRequest], Any]:
+    """Validated requests and the model's adapter; clear errors before any work."""
+    if not isinstance(hp, EditHyperParams):
+        raise TypeError(f"hparams must be PMETHyperParams or MEMITHyperParams, got {type(hp).__name__}")
+    requests = validate_requests(tok, requests)
+    adapter = get_adapter(model)
+    if hp.layers[-1] >= adapter.n_layers:
+        raise ValueError(f"critical layers {hp.layers} exceed the model's {adapter.n_layers} layers "
+                         f"(valid: 0..{adapter.n_layers - 1})")
+    return requests, adapter
+
+
+def _statistics(model, tok, hp: EditHyperParams, covariances, attn_covariances, use_cache: bool, progress: bool
+                ) -> tuple[dict, dict]:
+    """C_l for the FFN (and, with update_attn_weights, the MHSA projection) of every critical
+    layer: the ones given, else computed or read from the cache (method.md §2 step 4)."""
+    kw = dict(spec=hp.covariance, use_cache=use_cache, progress=progress)
+    covs = dict(covariances) if covariances is not None else layer_covariances(model, tok, hp.layers, kind="ffn", **kw)
+    attn_covs: dict = {}
+    if hp.update_attn_weights:
+        attn_covs = dict(attn_covariances) if attn_covariances is not None else layer_covariances(
+            model, tok, hp.layers, kind="attn", **kw)
+    for l in hp.layers:
+        if l not in covs or (hp.update_attn_weights and l not in attn_covs):
+            raise KeyError(f"no covariance statistics for critical layer {l}; provided layers "
+                           f"{sorted(covs)}")
+    return covs, attn_covs
+
+
+def _edited_modules(adapter, hp: EditHyperParams) -> list[str]:
+    mods = [adapter.ffn_out_name(l) for l in hp.layers]
+    if hp.update_attn_weights:
+        mods += [adapter.attn_out_name(l) for l in hp.layers]
+    return mods
+
+
+def _update_layers(solver: "_Solver", params: dict[str, torch.Tensor], layer_diag: list[dict],
+                   progress: bool) -> dict[str, torch.Tensor]:
+    """Steps 2-3 over the critical layers in order; each ΔW_l is added to the model at once, so
+    the keys of later layers (and later stages of this layer) see it. Returns the summed updates."""
+    out: dict[str, torch.Tensor] = {}
+    n = len(solver.hp.layers)
+    for i in tqdm(range(n), disable=not progress, desc="keys + solve"):
+        for stage in _layer_stages(solver.hp):
+            updates = [solver.solve(kind, i, layer_diag) for kind in stage]
+            with torch.no_grad():
+                for pname, d in updates:
+                    params[pname].add_(d.to(params[pname].dtype))
+                    out[pname] = out.get(pname, 0) + d.float().cpu()
+    return out
+
+
+def _target_meta(targets, n: int) -> dict:
+    return {"n_steps": targets.n_steps, "final_p_target": _final_p(targets.trace, n),
+            "delta_norms": {k: v.norm(dim=1).tolist() for k, v in targets.deltas.items()},
+            "init_norms": {k: v.norm(dim=1).tolist() for k, v in targets.inits.items()}}
 
 
 def _layer_stages(hp: EditHyperParams) -> list[tuple[str, ...]]:
@@ -156,29 +183,45 @@ def _layer_stages(hp: EditHyperParams) -> list[tuple[str, ...]]:
     return [("attn", "ffn")]
 
 
-def _solve_component(model, tok, adapter, requests, templates, hp: EditHyperParams, targets, covs, attn_covs,
-                     kind: str, i: int, n: int, diagnostics: bool, layer_diag: list[dict]) -> tuple[str, torch.Tensor]:
-    """Keys at the i-th critical layer l and residual at layer L, read on the model as it is now,
-    for one component ("ffn": W_out from v^m or v; "attn": W_O from v^a); returns the parameter
-    name and ΔW_l in the stored layout, and appends the solve's diagnostics to ``layer_diag``."""
-    l, L = hp.layers[i], hp.layers[-1]
-    if kind == "ffn":
-        space, module, cov = hp.residual_space, adapter.ffn_out_name(l), covs[l]
-        out_mod = adapter.layer_name(L) if space == "layer" else adapter.ffn_out_name(L)
-    else:
-        space, module, cov = "attn", adapter.attn_out_name(l), attn_covs[l]
-        out_mod = adapter.attn_out_name(L)
-    keys, cur = keys_and_outputs(model, tok, adapter, requests, templates, [module], [out_mod])
-    resid = targets.values[space] - cur[out_mod]
-    res = solve_update(keys[module], spread_residual(resid, i, n, hp.spread_exponent), cov.mom2,
-                       hp.mom2_update_weight, diagnostics=diagnostics)
-    if not torch.isfinite(res.delta).all():
-        raise FloatingPointError(f"non-finite update at layer {l} ({kind}); check λ and the covariance")
-    layer_diag.append({"layer": l, "component": kind, "condition_number": res.condition_number,
-                       "residual_norm_before": res.residual_norm_before,
-                       "residual_norm_after": res.residual_norm_after,
-                       "target_residual_norm": float(resid.norm()), "update_norm": res.update_norm})
-    return adapter.weight_param_name(module), _delta_in_param_layout(adapter, res.delta)
+@dataclass
+class _Solver:
+    """Everything one call's solves share (the model is read as it is at each call of solve)."""
+
+    model: Any
+    tok: Any
+    adapter: Any
+    requests: Sequence[EditRequest]
+    templates: Sequence[str]
+    hp: EditHyperParams
+    targets: Any
+    covs: Mapping[int, SecondMoment]
+    attn_covs: Mapping[int, SecondMoment]
+    diagnostics: bool
+
+    def solve(self, kind: str, i: int, layer_diag: list[dict]) -> tuple[str, torch.Tensor]:
+        """Keys at the i-th critical layer l and residual at layer L, read on the model as it is
+        now, for one component ("ffn": W_out from v^m or v; "attn": W_O from v^a); returns the
+        parameter name and ΔW_l in the stored layout, and appends the solve's diagnostics."""
+        hp, adapter = self.hp, self.adapter
+        l, L, n = hp.layers[i], hp.layers[-1], len(hp.layers)
+        if kind == "ffn":
+            space, module, cov = hp.residual_space, adapter.ffn_out_name(l), self.covs[l]
+            out_mod = adapter.layer_name(L) if space == "layer" else adapter.ffn_out_name(L)
+        else:
+            space, module, cov = "attn", adapter.attn_out_name(l), self.attn_covs[l]
+            out_mod = adapter.attn_out_name(L)
+        keys, cur = keys_and_outputs(self.model, self.tok, adapter, self.requests, self.templates, [module],
+                                     [out_mod])
+        resid = self.targets.values[space] - cur[out_mod]
+        res = solve_update(keys[module], spread_residual(resid, i, n, hp.spread_exponent), cov.mom2,
+                           hp.mom2_update_weight, diagnostics=self.diagnostics)
+        if not torch.isfinite(res.delta).all():
+            raise FloatingPointError(f"non-finite update at layer {l} ({kind}); check λ and the covariance")
+        layer_diag.append({"layer": l, "component": kind, "condition_number": res.condition_number,
+                           "residual_norm_before": res.residual_norm_before,
+                           "residual_norm_after": res.residual_norm_after,
+                           "target_residual_norm": float(resid.norm()), "update_norm": res.update_norm})
+        return adapter.weight_param_name(module), _delta_in_param_layout(adapter, res.delta)
 
 
 def _final_p(trace: list[dict], n: int) -> list[float]:
