@@ -1,5 +1,11 @@
 """Run the numbered notebooks in ``<repo>/notebooks`` with papermill (``make figures``).
 
+Every notebook is a jupytext pair: ``NN_name.ipynb`` (what JupyterLab opens and papermill runs)
+and ``NN_name.py`` in the percent format (what diffs and reviews read); both carry the jupytext
+metadata ``formats: ipynb,py:percent``, so JupyterLab with jupytext saves both, and
+``jupytext --sync notebooks/*.ipynb`` brings them together from the command line (it takes the
+cells of the more recently modified file).
+
 Every notebook has one cell tagged ``parameters`` (scalars: ``MODEL``, ``SEED``, ``SMOKE``,
 ``OUTPUT_DIR``, ...). :func:`run_notebooks` executes the chosen notebooks one after the other,
 each in a fresh kernel, with ``OUTPUT_DIR`` set to ``out_dir``; the executed copies
@@ -7,27 +13,34 @@ each in a fresh kernel, with ``OUTPUT_DIR`` set to ``out_dir``; the executed cop
 there, with ``report.json`` describing the run. A failing notebook is logged with the cell
 and the error line and does not stop the others.
 
-papermill and ipykernel are optional dependencies (``pip install -e '.[notebooks]'``); they are
-imported only when notebooks are run.
+A pair whose two files disagree (cell sources, types or tags) is never run: which side is right
+is the researcher's call, not a timestamp's, and running the ``.ipynb`` could silently run stale
+code. :func:`run_notebooks` refuses before running anything, with a one-line message naming the
+pair, the first difference, the newer file and the ``jupytext --sync`` command that fixes it.
+Nothing here rewrites a notebook.
+
+papermill, ipykernel and jupytext are optional dependencies (``pip install -e '.[notebooks]'``);
+they are imported only when notebooks are checked or run.
 """
 from __future__ import annotations
 
 import ast
-import json
 import logging
 import os
 import platform
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from .cache import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXPECTED_OUTPUTS", "NOTEBOOKS_DIR", "list_notebooks", "notebook_parameters", "run_notebooks"]
+__all__ = ["EXPECTED_OUTPUTS", "NOTEBOOKS_DIR", "PAIRED_FORMATS", "NotebookPairError", "list_notebooks",
+           "notebook_parameters", "pair_differences", "check_pairs", "run_notebooks"]
 
 #: ``<repo>/notebooks`` (the package is installed editable, so the repo is its parent).
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -57,6 +70,9 @@ EXPECTED_OUTPUTS: dict[str, list[str]] = {
         "04_ablations.csv",
     ],
 }
+
+#: jupytext's ``formats`` metadata of every notebook: the .ipynb paired with a percent-format .py.
+PAIRED_FORMATS = "ipynb,py:percent"
 
 _REPORT = "report.json"
 _TRUE = {"1", "true", "yes", "on", "y", "t"}
@@ -168,6 +184,89 @@ def _error_of(exc: BaseException) -> tuple[str, int | None]:
     return f"{type(exc).__name__}: {lines[-1] if lines else ''}".strip().rstrip(":"), None
 
 
+class NotebookPairError(ValueError):
+    """The ``.py`` and the ``.ipynb`` of a notebook pair disagree, or a ``.py`` has no ``.ipynb``."""
+
+
+def _normalized(source: str) -> str:
+    # Trailing spaces and blank lines at either end mean nothing, and plain Jupyter and jupytext
+    # write them differently: comparing them would flag pairs that jupytext considers in sync.
+    return "\n".join(line.rstrip() for line in source.splitlines()).strip("\n")
+
+
+def _cell_key(cell: Mapping[str, Any]) -> tuple[str, str, list[str]]:
+    return cell["cell_type"], _normalized(cell["source"]), list(cell.get("metadata", {}).get("tags", []))
+
+
+def pair_differences(ipynb: str | os.PathLike, py: str | os.PathLike) -> list[str]:
+    """Where the two files of a jupytext pair disagree, one short phrase each (empty: in sync).
+
+    Compares the cells, the ``py`` read by jupytext in the percent format: their number and, cell
+    by cell, the type, the source (trailing spaces and blank lines at either end ignored) and
+    the tags. Outputs, execution counts, cell ids and notebook metadata are not compared.
+    """
+    import jupytext
+    import nbformat
+
+    a = [_cell_key(c) for c in nbformat.read(str(ipynb), as_version=4).cells]
+    b = [_cell_key(c) for c in jupytext.read(str(py), fmt="py:percent").cells]
+    out = [f"cell {i}: {what}"
+           for i, (x, y) in enumerate(zip(a, b))
+           for what, u, v in zip(("type differs", "source differs", "tags differ"), x, y) if u != v]
+    if len(a) != len(b):
+        out.append(f"{len(b)} cells in the .py, {len(a)} in the .ipynb")
+    return out
+
+
+def _pair_problem(ipynb: Path) -> str | None:
+    """One line saying how ``ipynb`` and its ``.py`` disagree and how to sync them; None when they
+    agree or the notebook has no ``.py`` (an unpaired notebook runs as it is)."""
+    py = ipynb.with_suffix(".py")
+    if not py.is_file():
+        return None
+    diffs = pair_differences(ipynb, py)
+    if not diffs:
+        return None
+    more = f" and {len(diffs) - 1} more" if len(diffs) > 1 else ""
+    t_py, t_nb = py.stat().st_mtime_ns, ipynb.stat().st_mtime_ns
+    sync = f"`jupytext --sync {ipynb}`"
+    if t_py == t_nb:
+        how = f"both have the same time: touch the file that is right, then run {sync}"
+    else:
+        newer, older = (".py", ".ipynb") if t_py > t_nb else (".ipynb", ".py")
+        how = f"the {newer} is newer, and {sync} copies its cells to the {older}"
+    return f"{py} and {ipynb.name} disagree ({diffs[0]}{more}); {how}"
+
+
+def check_pairs(notebooks_dir: str | os.PathLike | None = None, names: Sequence[str] | str | None = None) -> None:
+    """Check that the chosen notebooks (default: all) agree with their jupytext ``.py``.
+
+    With ``names=None`` a notebook source ``NN_name.py`` without its ``.ipynb`` is an error too
+    (it would not run). Nothing is rewritten.
+
+    Raises:
+        NotebookPairError: one line per problem, joined with "; ", naming the file to sync and
+            the command that does it.
+        ValueError: an unknown notebook name.
+        ImportError: a pair is to be compared and jupytext is not installed.
+    """
+    d = _locate_dir(notebooks_dir)
+    available = list_notebooks(d)
+    if any(d.glob("*.py")):
+        try:
+            import jupytext  # noqa: F401 - fail with the install hint before comparing
+        except ImportError as exc:
+            raise ImportError("comparing the notebooks with their .py needs jupytext: "
+                              "pip install -e '.[notebooks]'") from exc
+    problems = [_pair_problem(d / f"{n}.ipynb") for n in _resolve_names(names, available)]
+    if names is None:
+        problems += [f"{p} has no .ipynb: create it with `jupytext --set-formats {PAIRED_FORMATS} {p}`"
+                     for p in sorted(d.glob("*.py")) if not p.name.startswith((".", "_")) and p.stem not in available]
+    problems = [p for p in problems if p]
+    if problems:
+        raise NotebookPairError("; ".join(problems))
+
+
 def run_notebooks(out_dir: str | os.PathLike, names: Sequence[str] | None = None,
                   parameters: Mapping[str, Any] | None = None, smoke: bool = False,
                   notebooks_dir: str | os.PathLike | None = None, timeout: int | None = None, *,
@@ -197,35 +296,70 @@ def run_notebooks(out_dir: str | os.PathLike, names: Sequence[str] | None = None
     Returns:
         One dict per notebook, in run order: ``name``, ``status`` ("ok" or "failed"),
         ``seconds``, ``error`` (one line, None when ok), ``cell`` (index of the failing cell in
-        the executed copy, or None), ``notebook`` (the executed copy), ``outputs`` (files written or updated during the
-        run, relative to ``out_dir``), ``missing`` (expected files of :data:`EXPECTED_OUTPUTS`
-        not written, or empty). A notebook that ran without error but left an expected file
-        missing counts as failed.
+        the executed copy, or None), ``notebook`` (the executed copy), ``outputs`` (files written
+        or updated during the run, relative to ``out_dir``), ``missing`` (expected files of
+        :data:`EXPECTED_OUTPUTS` not written, or empty). A notebook that ran without error but
+        left an expected file missing counts as failed.
 
     Raises:
+        NotebookPairError: a chosen notebook's ``.ipynb`` and ``.py`` disagree (see
+            :func:`check_pairs`; nothing is run or rewritten).
         ValueError: an unknown notebook name or parameter (nothing is run).
-        ImportError: papermill is not installed.
+        ImportError: papermill (or, for paired notebooks, jupytext) is not installed.
     """
-    try:
-        import papermill
-    except ImportError as exc:
-        raise ImportError("running notebooks needs papermill and ipykernel: pip install -e '.[notebooks]'") from exc
-
+    papermill = _import_papermill()
     src_dir = _locate_dir(notebooks_dir)
     selected = _resolve_names(names, list_notebooks(src_dir))
     if not selected:
         raise ValueError(f"no notebooks to run in {src_dir}")
+    threads = _kernel_threads(threads)
+    check_pairs(src_dir, names)
     out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     given = dict(parameters or {})
-    if "SMOKE" not in given:
-        given["SMOKE"] = bool(smoke)
+    given.setdefault("SMOKE", bool(smoke))
     given["OUTPUT_DIR"] = str(out)
+    plans = _plan_parameters(given, src_dir, selected)
+    out.mkdir(parents=True, exist_ok=True)
+    report = _new_report(out, src_dir, given, threads)
+    with _thread_env(threads):
+        return _run_all(papermill, src_dir, selected, plans, out, timeout, kernel_name, report)
 
+
+def _import_papermill():
+    try:
+        import papermill
+    except ImportError as exc:
+        raise ImportError("running notebooks needs papermill and ipykernel: pip install -e '.[notebooks]'") from exc
+    return papermill
+
+
+def _new_report(out: Path, src_dir: Path, given: Mapping[str, Any], threads: int | None) -> dict[str, Any]:
+    """The head of ``report.json``; :func:`_run_all` adds the notebooks as they finish."""
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "out_dir": str(out), "notebooks_dir": str(src_dir), "smoke": bool(given["SMOKE"]),
+        "parameters": dict(given), "host": platform.node(),
+        "threads": threads if threads is not None else os.environ.get("OMP_NUM_THREADS"),  # 0: torch's default
+        "notebooks": [],
+    }
+
+
+def _kernel_threads(threads: int | None) -> int | None:
+    """The kernels' thread count: ``threads`` checked; None -> 1 unless ``$OMP_NUM_THREADS`` is set."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
         raise ValueError(f"threads must be a non-negative integer (0: torch's default) or None, got {threads!r}")
     if threads is None:
-        threads = None if os.environ.get("OMP_NUM_THREADS") else 1
+        return None if os.environ.get("OMP_NUM_THREADS") else 1
+    return threads
+
+
+def _plan_parameters(given: Mapping[str, Any], src_dir: Path, selected: list[str]) -> dict[str, dict]:
+    """The parameters each notebook gets: those of ``given`` it declares, typed as its defaults.
+
+    Raises:
+        ValueError: a name in ``given`` (other than SMOKE and OUTPUT_DIR) that no notebook declares,
+            or a value that does not convert to the declared type.
+    """
     declared = {n: notebook_parameters(src_dir / f"{n}.ipynb") for n in selected}
     unknown = sorted(k for k in given if k not in {"SMOKE", "OUTPUT_DIR"}
                      and not any(k in d for d in declared.values()))
@@ -240,16 +374,7 @@ def run_notebooks(out_dir: str | os.PathLike, names: Sequence[str] | None = None
         if skipped:
             logger.info("%s does not declare %s; not passed to it", n, skipped)
         plans[n] = params
-
-    report: dict[str, Any] = {
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "out_dir": str(out), "notebooks_dir": str(src_dir), "smoke": bool(given["SMOKE"]),
-        "parameters": {k: v for k, v in given.items()}, "host": platform.node(),
-        "threads": threads if threads is not None else os.environ.get("OMP_NUM_THREADS"),  # 0: torch's default
-        "notebooks": [],
-    }
-    with _thread_env(threads):
-        return _run_all(papermill, src_dir, selected, plans, out, timeout, kernel_name, report)
+    return plans
 
 
 @contextmanager
@@ -274,42 +399,55 @@ def _thread_env(threads: int | None) -> Iterator[None]:
 
 def _run_all(papermill, src_dir: Path, selected: list[str], plans: dict[str, dict], out: Path,
              timeout: int | None, kernel_name: str | None, report: dict) -> list[dict]:
+    """Run the notebooks in order; ``report.json`` is rewritten after each one."""
     results: list[dict] = []
+    skip = {f"{n}.ipynb" for n in selected} | {_REPORT}  # not outputs of the notebooks
     for i, name in enumerate(selected, 1):
-        executed = out / f"{name}.ipynb"
-        logger.info("[%d/%d] running %s (parameters %s)", i, len(selected), name, plans[name])
-        before = _files(out)
-        t0 = time.perf_counter()
-        error, cell = None, None
-        try:
-            papermill.execute_notebook(
-                str(src_dir / f"{name}.ipynb"), str(executed), parameters=plans[name],
-                kernel_name=kernel_name, cwd=str(out), execution_timeout=timeout,
-                progress_bar=False, log_output=False, report_mode=False)
-        except Exception as exc:  # noqa: BLE001 - one failing notebook must not stop the others
-            error, cell = _error_of(exc)
-            if type(exc).__name__ == "NoSuchKernel":
-                error += (" (register the kernel: python -m ipykernel install --sys-prefix --name python3)")
-        seconds = time.perf_counter() - t0
-        after = _files(out)
-        skip = {f"{n}.ipynb" for n in selected} | {_REPORT}
-        written = sorted(f for f, st in after.items() if f not in skip and before.get(f) != st)
-        expected = EXPECTED_OUTPUTS.get(name, [])
-        missing = [f for f in expected if f not in written or after[f][1] == 0]
-        if error is None and missing:
-            error = f"missing expected output(s): {', '.join(missing)}"
-        status = "ok" if error is None else "failed"
-        if status == "ok":
-            logger.info("[%d/%d] %s ok in %.1fs (%d files)", i, len(selected), name, seconds, len(written))
+        step = f"[{i}/{len(selected)}]"
+        logger.info("%s running %s (parameters %s)", step, name, plans[name])
+        res = _run_one(papermill, src_dir / f"{name}.ipynb", out, plans[name], timeout, kernel_name, skip)
+        if res["status"] == "ok":
+            logger.info("%s %s ok in %.1fs (%d files)", step, name, res["seconds"], len(res["outputs"]))
         else:
-            where = f" in cell {cell}" if cell is not None else ""
-            logger.error("[%d/%d] %s FAILED%s after %.1fs: %s (executed copy: %s)", i, len(selected), name,
-                         where, seconds, error, executed)
-        res = {"name": name, "status": status, "seconds": round(seconds, 2), "error": error, "cell": cell,
-               "notebook": str(executed) if executed.is_file() else None, "parameters": plans[name],
-               "outputs": written, "missing": missing}
+            where = f" in cell {res['cell']}" if res["cell"] is not None else ""
+            logger.error("%s %s FAILED%s after %.1fs: %s (executed copy: %s)", step, name, where, res["seconds"],
+                         res["error"], out / f"{name}.ipynb")
         results.append(res)
         report["notebooks"] = results
         report["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         atomic_write_json(out / _REPORT, report)  # after each notebook: a partial run leaves a report
     return results
+
+
+def _run_one(papermill, source: Path, out: Path, params: dict, timeout: int | None, kernel_name: str | None,
+             skip: set[str]) -> dict:
+    """Execute one notebook into ``out`` and say what it wrote (the dicts of :func:`run_notebooks`)."""
+    name = source.stem
+    executed = out / f"{name}.ipynb"
+    before = _files(out)
+    t0 = time.perf_counter()
+    error, cell = _execute(papermill, source, executed, params, out, timeout, kernel_name)
+    seconds = time.perf_counter() - t0
+    after = _files(out)
+    written = sorted(f for f, st in after.items() if f not in skip and before.get(f) != st)
+    missing = [f for f in EXPECTED_OUTPUTS.get(name, []) if f not in written or after[f][1] == 0]
+    if error is None and missing:
+        error = f"missing expected output(s): {', '.join(missing)}"
+    return {"name": name, "status": "ok" if error is None else "failed", "seconds": round(seconds, 2),
+            "error": error, "cell": cell, "notebook": str(executed) if executed.is_file() else None,
+            "parameters": params, "outputs": written, "missing": missing}
+
+
+def _execute(papermill, source: Path, executed: Path, params: dict, cwd: Path, timeout: int | None,
+             kernel_name: str | None) -> tuple[str | None, int | None]:
+    """Run ``source`` with papermill into ``executed``: (None, None), or the error line and failing cell."""
+    try:
+        papermill.execute_notebook(
+            str(source), str(executed), parameters=params, kernel_name=kernel_name, cwd=str(cwd),
+            execution_timeout=timeout, progress_bar=False, log_output=False, report_mode=False)
+    except Exception as exc:  # noqa: BLE001 - one failing notebook must not stop the others
+        error, cell = _error_of(exc)
+        if type(exc).__name__ == "NoSuchKernel":
+            error += " (register the kernel: python -m ipykernel install --sys-prefix --name python3)"
+        return error, cell
+    return None, None

@@ -1,25 +1,35 @@
-"""The notebooks: their conventions (fast), run_notebooks' behaviour (a few seconds per kernel),
-and every notebook executed end to end in smoke mode on the real SmolLM2 (slow)."""
+"""The notebooks: jupytext pairs in sync, their conventions and the public API they may use (fast),
+run_notebooks' behaviour (a few seconds per kernel), and every notebook executed end to end in
+smoke mode on the real SmolLM2 (slow)."""
 from __future__ import annotations
 
 import ast
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
+jupytext = pytest.importorskip("jupytext")
 
-from pmetlab.notebooks import EXPECTED_OUTPUTS, NOTEBOOKS_DIR, list_notebooks, run_notebooks  # noqa: E402
+import pmetlab  # noqa: E402
+from pmetlab.notebooks import (  # noqa: E402
+    EXPECTED_OUTPUTS,
+    NOTEBOOKS_DIR,
+    PAIRED_FORMATS,
+    NotebookPairError,
+    check_pairs,
+    list_notebooks,
+    pair_differences,
+    run_notebooks,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["01_component_similarity", "02_edit_walkthrough", "03_reliability_specificity", "04_ablations"]
 REQUIRED_PARAMETERS = {"MODEL", "SEED", "SMOKE", "OUTPUT_DIR"}
-ALLOWED_IMPORTS = ("pmetlab", "pandas", "IPython.display")
+OTHER_IMPORTS = ("pandas", "IPython.display")  # besides pmetlab's exports, all a notebook imports
 MAX_CELL_LINES = 15
 
 
@@ -35,7 +45,46 @@ def _code(nb) -> str:
     return "\n".join(c.source for c in nb.cells if c.cell_type == "code")
 
 
-# --- conventions (fast) ------------------------------------------------------------------------------
+def _api_violations(source: str) -> list[str]:
+    """What a code cell takes from pmetlab other than its exports (``pmetlab.__all__``, each
+    checked to exist with getattr), and imports of anything but pmetlab, pandas and IPython.display."""
+    exported = {n for n in pmetlab.__all__ if getattr(pmetlab, n, None) is not None}
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name == "pmetlab" and a.asname is None:
+                    continue
+                if a.name.split(".")[0] == "pmetlab" or not a.name.startswith(OTHER_IMPORTS):
+                    out.append(f"import {a.name}" + (f" as {a.asname}" if a.asname else ""))
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            if module == "pmetlab":
+                out += [f"from pmetlab import {a.name}" for a in node.names if a.name not in exported]
+            elif module.split(".")[0] == "pmetlab" or not module.startswith(OTHER_IMPORTS):
+                out.append(f"from {module} import {', '.join(a.name for a in node.names)}")
+        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "pmetlab"
+              and node.attr not in exported):
+            out.append(f"pmetlab.{node.attr}")
+    return out
+
+
+def _write_pair(d: Path, name: str = "01_pair") -> tuple[Path, Path]:
+    """A small paired notebook written the way jupytext writes one: (ipynb, py)."""
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+    params = new_code_cell('SMOKE = False\nOUTPUT_DIR = "out"')
+    params.metadata["tags"] = ["parameters"]
+    nb = new_notebook(cells=[new_markdown_cell("# A pair\n\ntakes 1 min"), params, new_code_cell("x = 1\nx")],
+                      metadata={"jupytext": {"formats": PAIRED_FORMATS},
+                                "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    ipynb, py = d / f"{name}.ipynb", d / f"{name}.py"
+    nbformat.write(nb, ipynb)
+    jupytext.write(nb, py, fmt="py:percent")
+    return ipynb, py
+
+
+# --- the pairs (fast) --------------------------------------------------------------------------------
 
 def test_the_four_notebooks_are_listed_and_have_expected_outputs():
     assert list_notebooks() == NAMES
@@ -44,6 +93,92 @@ def test_the_four_notebooks_are_listed_and_have_expected_outputs():
         assert files and len(set(files)) == len(files), name
         assert all(f.startswith(name[:2] + "_") for f in files), f"{name}: outputs carry the notebook's number"
 
+
+def test_the_folder_holds_the_pairs_only():
+    files = sorted(p.name for p in NOTEBOOKS_DIR.iterdir() if p.is_file() and not p.name.startswith("."))
+    assert files == sorted(f"{n}{ext}" for n in NAMES for ext in (".ipynb", ".py"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pair_is_declared_and_in_sync(name):
+    ipynb, py = NOTEBOOKS_DIR / f"{name}.ipynb", NOTEBOOKS_DIR / f"{name}.py"
+    assert _read(name).metadata.get("jupytext", {}).get("formats") == PAIRED_FORMATS, \
+        f"{ipynb.name} declares the pairing: jupytext --set-formats {PAIRED_FORMATS} {ipynb}"
+    text = jupytext.read(py)
+    assert text.metadata.get("jupytext", {}).get("formats") == PAIRED_FORMATS, f"{py.name} declares the pairing"
+    assert text.metadata["jupytext"]["text_representation"]["format_name"] == "percent"
+    assert pair_differences(ipynb, py) == [], f"out of sync: jupytext --sync {ipynb}"
+
+
+def test_check_pairs_accepts_the_repository():
+    check_pairs()
+
+
+def test_pair_differences_name_sources_types_and_tags(tmp_path):
+    ipynb, py = _write_pair(tmp_path)
+    assert pair_differences(ipynb, py) == []
+    text = py.read_text()
+    py.write_text(text.replace("x = 1", "x = 2"))
+    assert pair_differences(ipynb, py) == ["cell 2: source differs"]
+    py.write_text(text.replace('# %% tags=["parameters"]', "# %%"))
+    assert pair_differences(ipynb, py) == ["cell 1: tags differ"]
+    py.write_text(text.replace("# %%\nx = 1", "# %% [markdown]\n# x = 1"))
+    assert pair_differences(ipynb, py)[0] == "cell 2: type differs"
+    py.write_text(text + "\n# %%\ny = 2\n")
+    assert pair_differences(ipynb, py) == ["4 cells in the .py, 3 in the .ipynb"]
+
+
+def test_pair_differences_ignore_what_jupyter_and_jupytext_write_differently(tmp_path):
+    ipynb, py = _write_pair(tmp_path)
+    nb = nbformat.read(ipynb, as_version=4)
+    nb.cells[2].source += "  \n"
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="1\n")]
+    nb.cells[2].execution_count = 3
+    nbformat.write(nb, ipynb)
+    assert pair_differences(ipynb, py) == []
+
+
+def test_check_pairs_says_which_file_is_newer_and_how_to_sync(tmp_path):
+    ipynb, py = _write_pair(tmp_path, "01_pair")
+    _write_pair(tmp_path, "02_other")
+    py.write_text(py.read_text().replace("x = 1", "x = 2"))
+    os.utime(ipynb, ns=(1_000_000_000, 1_000_000_000))
+    with pytest.raises(NotebookPairError) as err:
+        check_pairs(tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and "02_other" not in msg
+    assert f"{py} and 01_pair.ipynb disagree (cell 2: source differs)" in msg
+    assert "the .py is newer" in msg and f"jupytext --sync {ipynb}" in msg
+    check_pairs(tmp_path, ["02"])  # only the chosen notebooks are compared
+    os.utime(py, ns=(1_000_000_000, 1_000_000_000))
+    os.utime(ipynb, ns=(2_000_000_000, 2_000_000_000))
+    with pytest.raises(NotebookPairError, match=r"the \.ipynb is newer"):
+        check_pairs(tmp_path, ["01"])
+
+
+def test_check_pairs_flags_a_source_without_its_notebook(tmp_path):
+    _write_pair(tmp_path, "01_pair")
+    (tmp_path / "02_new.py").write_text("# %%\nx = 1\n")
+    (tmp_path / "_helper.py").write_text("x = 1\n")  # not a notebook: leading underscore
+    with pytest.raises(NotebookPairError, match=r"02_new\.py has no \.ipynb: create it with `jupytext --set-formats "
+                                                r"ipynb,py:percent .*02_new\.py`$"):
+        check_pairs(tmp_path)
+    check_pairs(tmp_path, ["01"])
+
+
+def test_run_notebooks_refuses_an_out_of_sync_pair_before_running(tmp_path):
+    d = tmp_path / "nbs"
+    d.mkdir()
+    _, py = _write_pair(d)
+    py.write_text(py.read_text().replace("x = 1", "x = 2"))
+    out = tmp_path / "never"
+    with pytest.raises(NotebookPairError, match=r"01_pair\.py and 01_pair\.ipynb disagree.*jupytext --sync"):
+        run_notebooks(str(out), notebooks_dir=str(d))
+    assert not out.exists(), "nothing runs and nothing is written"
+    assert "x = 1" in nbformat.read(d / "01_pair.ipynb", as_version=4).cells[2].source, "nothing is rewritten"
+
+
+# --- conventions (fast) ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", NAMES)
 def test_first_cell_is_markdown_saying_what_and_how_long(name):
@@ -87,31 +222,57 @@ def test_one_parameters_cell_second_with_scalars_only(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_cells_are_short_and_committed_without_outputs(name):
+def test_committed_without_outputs(name):
     nb = _read(name)
     for i, c in enumerate(nb.cells):
-        if c.cell_type != "code":
-            continue
-        assert c.get("outputs") == [] and c.get("execution_count") is None, f"cell {i} has outputs"
-        n = len(c.source.splitlines())
-        assert n <= MAX_CELL_LINES, f"cell {i} has {n} lines (at most {MAX_CELL_LINES})"
+        if c.cell_type == "code":
+            assert c.get("outputs") == [] and c.get("execution_count") is None, \
+                f"cell {i} carries outputs or an execution count: jupyter nbconvert --clear-output --inplace"
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_only_the_public_api_is_imported(name):
-    nb = _read(name)
-    for i, c in enumerate(nb.cells):
+def test_cells_are_short(name):
+    for i, c in enumerate(_read(name).cells):
+        n = len(c.source.splitlines())
+        assert c.cell_type != "code" or n <= MAX_CELL_LINES, f"cell {i} has {n} lines (at most {MAX_CELL_LINES})"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_uses_only_what_pmetlab_exports(name):
+    for i, c in enumerate(_read(name).cells):
         if c.cell_type != "code":
             continue
         lines = c.source.splitlines()
         assert not any(l.lstrip().startswith(("!", "%")) for l in lines), f"cell {i}: no shell commands or magics"
         assert "sys.path" not in c.source and "pip install" not in c.source, f"cell {i}"
-        for node in ast.walk(ast.parse(c.source)):
-            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            for m in mods:
-                assert m.startswith(ALLOWED_IMPORTS) and not m.split(".")[-1].startswith("_"), \
-                    f"cell {i} imports {m!r}; notebooks import only pmetlab (plus pandas, IPython.display)"
+        bad = _api_violations(c.source)
+        assert not bad, f"cell {i} reaches past pmetlab's exports: {bad} (use `import pmetlab` / " \
+                        f"`from pmetlab import NAME`; export what is missing in pmetlab/__init__.py)"
+
+
+def test_every_export_exists():
+    missing = [n for n in pmetlab.__all__ if getattr(pmetlab, n, None) is None]
+    assert missing == [] and len(set(pmetlab.__all__)) == len(pmetlab.__all__)
+
+
+def test_the_api_check_catches_what_reaches_past_the_exports():
+    ok = "import pandas as pd\nfrom IPython.display import Markdown\nimport pmetlab\n" \
+         "from pmetlab import save_figure, run_sweep as rs\nm, t = pmetlab.load_model('x')\npmetlab.EditRequest.x"
+    assert _api_violations(ok) == []
+    bad = {"from pmetlab.plots import save_figure": "from pmetlab.plots import save_figure",
+           "from pmetlab.runs import resolve_hparams": "from pmetlab.runs import resolve_hparams",
+           "import pmetlab.analysis": "import pmetlab.analysis",
+           "import pmetlab as pm": "import pmetlab as pm",
+           "from pmetlab import *": "from pmetlab import *",
+           "from pmetlab import with_run_columns": "from pmetlab import with_run_columns",
+           "from pmetlab import datasets": "from pmetlab import datasets",
+           "pmetlab.analysis.component_similarity(m)": "pmetlab.analysis",
+           "f = pmetlab.not_a_name": "pmetlab.not_a_name",
+           "from . import x": "from . import x",
+           "import os": "import os",
+           "from pathlib import Path": "from pathlib import Path"}
+    for source, expected in bad.items():
+        assert _api_violations(source) == [expected], source
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -123,12 +284,6 @@ def test_files_written_match_expected_outputs(name):
         written |= {f"{stem}.png", f"{stem}.pdf", f"{stem}.csv"}
     written |= set(re.findall(r"\{OUTPUT_DIR\}/([^\"]+\.(?:csv|md))\"", src))
     assert written == set(EXPECTED_OUTPUTS[name])
-
-
-def test_notebooks_match_their_generator():
-    res = subprocess.run([sys.executable, str(NOTEBOOKS_DIR / "_build.py"), "--check"], capture_output=True,
-                         text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
 
 
 # --- run_notebooks (a kernel per notebook, no model) ------------------------------------------------
