@@ -18,7 +18,7 @@ endif
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv test test-fast figures bench demo readme clean-venv
+.PHONY: venv lint test test-fast figures bench demo readme clean-venv
 
 venv: $(STAMP)
 
@@ -35,7 +35,13 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
-test: $(STAMP)
+LINT_PATHS := pmetlab tests benchmarks docs notebooks
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -8,14 +8,13 @@ Prints a table and writes ``benchmarks/results/latest.json``: rows
 better pmetlab is than the reference, and limit is the best achievable figure where one is
 defined (a plain forward pass of the same work).
 """
+
 from __future__ import annotations
 
 import argparse
 import gc
 import json
 import logging
-import os
-import resource
 import subprocess
 import sys
 import time
@@ -31,21 +30,31 @@ def _row(name, unit, pmetlab, reference, higher_is_better, limit=None, **extra) 
     ratio = None
     if pmetlab and reference:
         ratio = (pmetlab / reference) if higher_is_better else (reference / pmetlab)
-    return {"name": name, "unit": unit, "pmetlab": pmetlab, "reference": reference,
-            "ratio": None if ratio is None else round(ratio, 3), "limit": limit, **extra}
+    return {
+        "name": name,
+        "unit": unit,
+        "pmetlab": pmetlab,
+        "reference": reference,
+        "ratio": None if ratio is None else round(ratio, 3),
+        "limit": limit,
+        **extra,
+    }
 
 
 def _model(quick: bool):
     if quick:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
+
         return make_tiny_model("LlamaForCausalLM", initializer_range=0.2), make_tiny_tokenizer()
     import pmetlab
+
     return pmetlab.load_model("smollm2-135m")
 
 
 def _records(n: int, quick: bool) -> list[dict]:
     from pmetlab.datasets import load_counterfact
+
     return list(load_counterfact())[:n]
 
 
@@ -54,7 +63,6 @@ def bench_targets(model, tok, records, hp) -> list[dict]:
     from pmetlab import EditRequest
     from pmetlab.editing.prefixes import context_templates
     from pmetlab.editing.targets import optimize_targets
-    from pmetlab.evaluation.scoring import score_pairs
 
     reqs = [EditRequest.from_counterfact(r) for r in records]
     templates = context_templates(model, tok, hp)
@@ -66,12 +74,25 @@ def bench_targets(model, tok, records, hp) -> list[dict]:
     t_ref = time.perf_counter() - t0
     p_fast = sum(fast.trace[i]["p_target"] for i in _last(fast.trace, len(reqs))) / len(reqs)
     p_ref = sum(r.trace[-1]["p_target"] for r in ref) / len(reqs)
-    dv = max(float((fast.values["ffn"][i] - r.values["ffn"][0]).norm() / r.values["ffn"][0].norm())
-             for i, r in enumerate(ref))
-    return [_row("z_opt_seconds_per_edit", "s/edit", round(t_fast / len(reqs), 3), round(t_ref / len(reqs), 3),
-                 False, None, n_requests=len(reqs), steps=hp.v_num_grad_steps,
-                 final_p_target_pmetlab=round(p_fast, 4), final_p_target_reference=round(p_ref, 4),
-                 max_rel_diff_v=round(dv, 6))]
+    dv = max(
+        float((fast.values["ffn"][i] - r.values["ffn"][0]).norm() / r.values["ffn"][0].norm())
+        for i, r in enumerate(ref)
+    )
+    return [
+        _row(
+            "z_opt_seconds_per_edit",
+            "s/edit",
+            round(t_fast / len(reqs), 3),
+            round(t_ref / len(reqs), 3),
+            False,
+            None,
+            n_requests=len(reqs),
+            steps=hp.v_num_grad_steps,
+            final_p_target_pmetlab=round(p_fast, 4),
+            final_p_target_reference=round(p_ref, 4),
+            max_rel_diff_v=round(dv, 6),
+        )
+    ]
 
 
 def _last(trace, n):
@@ -84,23 +105,34 @@ def _last(trace, n):
 def bench_keys_solve(model, tok, records, hp) -> list[dict]:
     """Keys + float64 solve for all critical layers, batch of requests (targets cached)."""
     from pmetlab import EditRequest, compute_deltas
+
     reqs = [EditRequest.from_counterfact(r) for r in records]
     d = compute_deltas(model, tok, reqs, hp, progress=False)  # fills the target cache
     t0 = time.perf_counter()
     d = compute_deltas(model, tok, reqs, hp, progress=False)
     total = time.perf_counter() - t0
-    return [_row("keys_solve_seconds_per_batch", "s", round(d.meta["timings"]["keys_solve"], 3), None, False, None,
-                 n_requests=len(reqs), n_layers=len(hp.layers), compute_deltas_cached_targets_s=round(total, 3))]
+    return [
+        _row(
+            "keys_solve_seconds_per_batch",
+            "s",
+            round(d.meta["timings"]["keys_solve"], 3),
+            None,
+            False,
+            None,
+            n_requests=len(reqs),
+            n_layers=len(hp.layers),
+            compute_deltas_cached_targets_s=round(total, 3),
+        )
+    ]
 
 
 @torch.no_grad()
 def bench_covariance(model, tok, hp, n_tokens: int) -> list[dict]:
     """One pass for all critical layers vs one pass per layer (reference) vs a plain forward to
     the same depth on the same batches (limit)."""
-    from pmetlab.corpus import resolve_corpus
+    from pmetlab.corpus import resolve_corpus, tokenize_corpus
     from pmetlab.models import get_adapter
     from pmetlab.moments import collect_second_moments, plan_batches
-    from pmetlab.corpus import tokenize_corpus
     from pmetlab.tracing import Trace
 
     adapter = get_adapter(model)
@@ -136,15 +168,26 @@ def bench_covariance(model, tok, hp, n_tokens: int) -> list[dict]:
     for n in names:
         collect_second_moments(model, tok, [n], chunks, progress=False)
     t_each = time.perf_counter() - t0
-    return [_row("covariance_tokens_per_s", "tok/s", round(ntok / t_one, 1), round(ntok / t_each, 1), True,
-                 round(ntok / t_fwd, 1), tokens=ntok, layers=list(hp.layers),
-                 fraction_of_limit=round(t_fwd / t_one, 3))]
+    return [
+        _row(
+            "covariance_tokens_per_s",
+            "tok/s",
+            round(ntok / t_one, 1),
+            round(ntok / t_each, 1),
+            True,
+            round(ntok / t_fwd, 1),
+            tokens=ntok,
+            layers=list(hp.layers),
+            fraction_of_limit=round(t_fwd / t_one, 3),
+        )
+    ]
 
 
 def bench_eval(model, tok, records, n_gen_tokens: int) -> list[dict]:
     """CounterFact scoring: batched vs record-at-a-time, without and with generation."""
     from pmetlab.evaluation import evaluate_counterfact
     from pmetlab.evaluation.counterfact import counterfact_prompt_sets
+
     n_prompts = sum(len(v) for r in records for v in counterfact_prompt_sets(r).values()) * 2  # both candidates
     rows = []
     for gen in (False, True):
@@ -152,14 +195,24 @@ def bench_eval(model, tok, records, n_gen_tokens: int) -> list[dict]:
         evaluate_counterfact(model, tok, records, generation=gen, n_gen_tokens=n_gen_tokens, progress=False)
         t_b = time.perf_counter() - t0
         t0 = time.perf_counter()
-        evaluate_counterfact(model, tok, records, generation=gen, n_gen_tokens=n_gen_tokens, batched=False,
-                             progress=False)
+        evaluate_counterfact(
+            model, tok, records, generation=gen, n_gen_tokens=n_gen_tokens, batched=False, progress=False
+        )
         t_r = time.perf_counter() - t0
         suffix = "_with_generation" if gen else ""
-        rows.append(_row(f"eval_prompts_per_s{suffix}", "prompts/s", round(n_prompts / t_b, 2),
-                         round(n_prompts / t_r, 2), True, None, records=len(records),
-                         records_per_s_pmetlab=round(len(records) / t_b, 3),
-                         records_per_s_reference=round(len(records) / t_r, 3)))
+        rows.append(
+            _row(
+                f"eval_prompts_per_s{suffix}",
+                "prompts/s",
+                round(n_prompts / t_b, 2),
+                round(n_prompts / t_r, 2),
+                True,
+                None,
+                records=len(records),
+                records_per_s_pmetlab=round(len(records) / t_b, 3),
+                records_per_s_reference=round(len(records) / t_r, 3),
+            )
+        )
     rows[0]["name"] = "eval_prompts_per_s"
     return rows
 
@@ -171,8 +224,19 @@ def bench_rss(n_edits: int, quick: bool) -> list[dict]:
     if out.returncode != 0:
         raise RuntimeError(f"rss probe failed: {out.stderr[-2000:]}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    return [_row("peak_rss_mb", "MB", res["peak_rss_mb"], None, False, 2000.0, n_edits=n_edits,
-                 seconds=res["seconds"], efficacy_p_gt_true=res.get("efficacy"))]
+    return [
+        _row(
+            "peak_rss_mb",
+            "MB",
+            res["peak_rss_mb"],
+            None,
+            False,
+            2000.0,
+            n_edits=n_edits,
+            seconds=res["seconds"],
+            efficacy_p_gt_true=res.get("efficacy"),
+        )
+    ]
 
 
 def main(argv=None) -> int:
@@ -196,14 +260,20 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model, tok = _model(q)
     from pmetlab import PMETHyperParams
+
     hp = PMETHyperParams.preset("smollm2-135m")
     if q:
         hp = hp.replace(layers=(0, 1), cov_tokens=cov_tokens, v_num_grad_steps=5)
     if args.steps:
         hp = hp.replace(v_num_grad_steps=args.steps)
     records = _records(max(n_req, n_eval), q)
-    info = {"device": "cpu", "threads": torch.get_num_threads(), "model": type(model).__name__, "quick": q,
-            "hparams": hp.to_dict()}
+    info = {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "model": type(model).__name__,
+        "quick": q,
+        "hparams": hp.to_dict(),
+    }
     rows: list[dict] = []
     t0 = time.perf_counter()
     if "targets" in only:
@@ -219,8 +289,14 @@ def main(argv=None) -> int:
         gc.collect()
         rows += bench_rss(rss_edits, q)
     from pmetlab.versions import versions
-    out = {"rows": rows, "info": info, "versions": versions(), "seconds": round(time.perf_counter() - t0, 1),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    out = {
+        "rows": rows,
+        "info": info,
+        "versions": versions(),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
     Path(args.out).with_suffix(".full.json").write_text(json.dumps(out, indent=2))

@@ -7,14 +7,15 @@ Every number in a generated section comes from a file under ``docs/results/`` or
 ``benchmarks/results/`` (see ``docs/results/README.md`` for the command that produced each);
 nothing is typed by hand. ``tests/test_readme.py`` runs the check.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -34,17 +35,24 @@ def _ci(row: pd.Series, metric: str) -> str:
 
 
 def _score_columns(row: pd.Series) -> dict[str, str]:
-    return {"ES": _ci(row, "efficacy_score"), "PS": _ci(row, "paraphrase_score"),
-            "NS": _ci(row, "neighborhood_score"), "Score": _ci(row, "score")}
+    return {
+        "ES": _ci(row, "efficacy_score"),
+        "PS": _ci(row, "paraphrase_score"),
+        "NS": _ci(row, "neighborhood_score"),
+        "Score": _ci(row, "score"),
+    }
 
 
 def _target_columns(row: pd.Series) -> dict[str, str]:
     p = row.get("target_p_target_final_mean")
     if p is None or pd.isna(p):
         return dict.fromkeys(_TARGET_HEADERS, "–")
-    return {"p(o*) reached": f"{p:.2f}", "steps": f"{row['target_steps_mean']:.1f}",
-            "at step cap": f"{100 * row['target_share_at_step_cap']:.0f}%",
-            "δ at norm bound": f"{100 * row['target_share_delta_at_clamp']:.0f}%"}
+    return {
+        "p(o*) reached": f"{p:.2f}",
+        "steps": f"{row['target_steps_mean']:.1f}",
+        "at step cap": f"{100 * row['target_share_at_step_cap']:.0f}%",
+        "δ at norm bound": f"{100 * row['target_share_delta_at_clamp']:.0f}%",
+    }
 
 
 _TARGET_HEADERS = ("p(o*) reached", "steps", "at step cap", "δ at norm bound")
@@ -56,20 +64,36 @@ def stop_rule_section() -> str:
     rows = []
     for _, r in df[df["phase"] == "post"].iterrows():
         rule = r.get("hp_stop_rule")
-        rows.append({"code": r["code"], "method": METHOD_NAMES[r["method"]],
-                     "stop rule": "pmet" if pd.isna(rule) else rule, **_score_columns(r), **_target_columns(r)})
+        rows.append(
+            {
+                "code": r["code"],
+                "method": METHOD_NAMES[r["method"]],
+                "stop rule": "pmet" if pd.isna(rule) else rule,
+                **_score_columns(r),
+                **_target_columns(r),
+            }
+        )
     pre = df[df["phase"] == "pre"].iloc[0]
-    rows.append({"code": "–", "method": "unedited", "stop rule": "–", **_score_columns(pre),
-                 **dict.fromkeys(_TARGET_HEADERS, "–")})
+    rows.append(
+        {
+            "code": "–",
+            "method": "unedited",
+            "stop rule": "–",
+            **_score_columns(pre),
+            **dict.fromkeys(_TARGET_HEADERS, "–"),
+        }
+    )
     post = df[df["phase"] == "post"].set_index(["code", "method"])
     mb, ma, pa = post.loc[("before", "memit")], post.loc[("after", "memit")], post.loc[("after", "pmet")]
-    text = (f"With its own rule MEMIT's targets reach p(o*) = {ma['target_p_target_final_mean']:.2f} instead of "
-            f"{mb['target_p_target_final_mean']:.2f}, and its Score moves from {mb['score']:.1f} to "
-            f"{ma['score']:.1f}. PMET is unchanged ({pa['score']:.1f}, bit-identical updates); its targets stop "
-            f"at p(o*) = {pa['target_p_target_final_mean']:.2f} with "
-            f"{100 * pa['target_share_at_step_cap']:.0f}% of the requests at the step cap and "
-            f"{100 * pa['target_share_delta_at_clamp']:.0f}% of the δ vectors on the norm bound "
-            f"(clamp_norm_factor · ‖init‖): on SmolLM2 the clamp and the step cap, not the stopping rule, hold PMET back.")
+    text = (
+        f"With its own rule MEMIT's targets reach p(o*) = {ma['target_p_target_final_mean']:.2f} instead of "
+        f"{mb['target_p_target_final_mean']:.2f}, and its Score moves from {mb['score']:.1f} to "
+        f"{ma['score']:.1f}. PMET is unchanged ({pa['score']:.1f}, bit-identical updates); its targets stop "
+        f"at p(o*) = {pa['target_p_target_final_mean']:.2f} with "
+        f"{100 * pa['target_share_at_step_cap']:.0f}% of the requests at the step cap and "
+        f"{100 * pa['target_share_delta_at_clamp']:.0f}% of the δ vectors on the norm bound "
+        f"(clamp_norm_factor · ‖init‖): on SmolLM2 the clamp and the step cap, not the stopping rule, hold PMET back."
+    )
     return markdown_table(pd.DataFrame(rows)) + "\n\n" + text
 
 
@@ -77,11 +101,20 @@ def presets_section() -> str:
     """λ re-check of the SmolLM2 presets (20 CounterFact requests in one batch)."""
     df = pd.read_csv(RESULTS / "smollm2-135m" / "lambda_check_20.csv")
     post = df[df["phase"] == "post"].sort_values(["method", "hp_mom2_update_weight"], ascending=[False, True])
-    rows = [{"method": METHOD_NAMES[r["method"]], "λ": f"{r['hp_mom2_update_weight']:g}",
-             "stop rule": r["hp_stop_rule"], **_score_columns(r), **_target_columns(r)} for _, r in post.iterrows()]
+    rows = [
+        {
+            "method": METHOD_NAMES[r["method"]],
+            "λ": f"{r['hp_mom2_update_weight']:g}",
+            "stop rule": r["hp_stop_rule"],
+            **_score_columns(r),
+            **_target_columns(r),
+        }
+        for _, r in post.iterrows()
+    ]
     pre = df[df["phase"] == "pre"].iloc[0]
-    rows.append({"method": "unedited", "λ": "–", "stop rule": "–", **_score_columns(pre),
-                 **dict.fromkeys(_TARGET_HEADERS, "–")})
+    rows.append(
+        {"method": "unedited", "λ": "–", "stop rule": "–", **_score_columns(pre), **dict.fromkeys(_TARGET_HEADERS, "–")}
+    )
     return markdown_table(pd.DataFrame(rows))
 
 

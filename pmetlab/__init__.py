@@ -3,6 +3,7 @@
 Everything a notebook may use is exported here (``__all__``); the notebooks import nothing else
 from pmetlab (``tests/test_notebooks.py`` checks it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,24 +49,63 @@ from .tracing import Trace, TraceDict
 __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["__version__",
-           # models and tracing
-           "load_model", "get_adapter", "model_identity", "supported_architectures", "Trace", "TraceDict",
-           # edits
-           "EditRequest", "EditHyperParams", "PMETHyperParams", "MEMITHyperParams", "hparams_from_dict",
-           "resolve_hparams", "compute_deltas", "Deltas", "EditMismatchError", "apply_deltas_", "restore_",
-           "edited", "layer_covariances",
-           # data
-           "DatasetInfo", "load_counterfact", "load_multi_counterfact", "load_zsre", "load_known_facts", "select",
-           "drop_conflicting", "counterfact_requests", "zsre_requests",
-           # evaluation
-           "evaluate_counterfact", "evaluate_zsre", "summarize", "relative_specificity", "score_pairs",
-           "generate_texts",
-           # runs
-           "ExperimentResult", "run_experiment", "run_sweep", "load_run", "summarize_runs",
-           # analysis and figures
-           "component_similarity", "similarity_by_depth", "similarity_reading",
-           "plot_similarity", "plot_tradeoff", "plot_ablation", "plot_optimization_trace", "plot_update_norms",
-           "save_figure",
-           # notebooks
-           "run_notebooks", "list_notebooks"]
+__all__ = [
+    "__version__",
+    # models and tracing
+    "load_model",
+    "get_adapter",
+    "model_identity",
+    "supported_architectures",
+    "Trace",
+    "TraceDict",
+    # edits
+    "EditRequest",
+    "EditHyperParams",
+    "PMETHyperParams",
+    "MEMITHyperParams",
+    "hparams_from_dict",
+    "resolve_hparams",
+    "compute_deltas",
+    "Deltas",
+    "EditMismatchError",
+    "apply_deltas_",
+    "restore_",
+    "edited",
+    "layer_covariances",
+    # data
+    "DatasetInfo",
+    "load_counterfact",
+    "load_multi_counterfact",
+    "load_zsre",
+    "load_known_facts",
+    "select",
+    "drop_conflicting",
+    "counterfact_requests",
+    "zsre_requests",
+    # evaluation
+    "evaluate_counterfact",
+    "evaluate_zsre",
+    "summarize",
+    "relative_specificity",
+    "score_pairs",
+    "generate_texts",
+    # runs
+    "ExperimentResult",
+    "run_experiment",
+    "run_sweep",
+    "load_run",
+    "summarize_runs",
+    # analysis and figures
+    "component_similarity",
+    "similarity_by_depth",
+    "similarity_reading",
+    "plot_similarity",
+    "plot_tradeoff",
+    "plot_ablation",
+    "plot_optimization_trace",
+    "plot_update_norms",
+    "save_figure",
+    # notebooks
+    "run_notebooks",
+    "list_notebooks",
+]

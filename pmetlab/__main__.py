@@ -1,4 +1,5 @@
 """``python -m pmetlab``: the ``pmetlab`` command line."""
+
 import sys
 
 from .cli import main

@@ -1,18 +1,28 @@
 """On-disk cache helpers: the cache directory, atomic writes, content fingerprints."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["cache_dir", "atomic_path", "atomic_write_json", "weights_fingerprint", "stable_hash",
-           "file_sha256", "tensor_digest", "legacy_names_bytes_digest"]
+__all__ = [
+    "cache_dir",
+    "atomic_path",
+    "atomic_write_json",
+    "weights_fingerprint",
+    "stable_hash",
+    "file_sha256",
+    "tensor_digest",
+    "legacy_names_bytes_digest",
+]
 
 CACHE_ENV = "PMETLAB_CACHE_DIR"
 
@@ -43,6 +53,7 @@ def atomic_path(path: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
         yield tmp
         if is_dir and path.exists():
             import shutil
+
             old = path.with_name(path.name + f".old{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
@@ -53,6 +64,7 @@ def atomic_path(path: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
         if tmp.exists():
             if tmp.is_dir():
                 import shutil
+
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink()
@@ -85,8 +97,9 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview | None:
     return memoryview(t.numpy()).cast("B") if t.numel() else None
 
 
-def tensor_digest(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *,
-                  extra: str = "", digest_size: int = 16) -> str:
+def tensor_digest(
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *, extra: str = "", digest_size: int = 16
+) -> str:
     """The digest of named tensors: names, shapes, dtypes and every byte (in name order for a
     mapping, in the given order for an iterable of pairs), plus ``extra``. The one tensor digest
     of pmetlab: cache checksums, weight fingerprints and deltas checksums all use it."""

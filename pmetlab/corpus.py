@@ -1,14 +1,16 @@
 """Text corpora for the covariance statistics: files, JSONL, a hub dataset, or model samples,
 and their cutting into token chunks (:func:`tokenize_corpus`)."""
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -49,8 +51,7 @@ class Corpus:
     @property
     def identity(self) -> dict:
         if self.files:
-            return {"name": self.name, "files": [
-                {"file": p.name, "sha256": file_sha256(p)} for p in self.files]}
+            return {"name": self.name, "files": [{"file": p.name, "sha256": file_sha256(p)} for p in self.files]}
         return {"name": self.name, "hub_id": self.hub_id, "model_samples": self.model_samples}
 
     def documents(self) -> Iterator[str]:
@@ -66,8 +67,9 @@ class Corpus:
                             try:
                                 yield json.loads(line)["text"]
                             except (ValueError, KeyError, TypeError) as exc:
-                                raise ValueError(f"{p}:{i + 1}: expected a JSON object with a 'text' "
-                                                 f"field ({exc})") from None
+                                raise ValueError(
+                                    f"{p}:{i + 1}: expected a JSON object with a 'text' field ({exc})"
+                                ) from None
                 continue
             text = p.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
             if "<doc" in text:
@@ -84,8 +86,10 @@ def _hub_documents(hub_id: str) -> Iterator[str]:
     try:
         import datasets  # optional; only for users who are online
     except ImportError:
-        raise ValueError(f"corpus 'hf:{hub_id}' needs the optional 'datasets' package (pip install "
-                         f"datasets) and network access; offline, use 'default' or a local path") from None
+        raise ValueError(
+            f"corpus 'hf:{hub_id}' needs the optional 'datasets' package (pip install "
+            f"datasets) and network access; offline, use 'default' or a local path"
+        ) from None
     name, _, config = hub_id.partition(":")
     ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
     for row in ds:
@@ -121,25 +125,27 @@ def resolve_corpus(spec: str | os.PathLike) -> Corpus:
                 "the default covariance corpus is <data dir>/corpus, but no data dir with a corpus/ "
                 f"folder was found (PMETLAB_DATA_DIR={os.environ.get('PMETLAB_DATA_DIR')!r}, project "
                 "data/). Set PMETLAB_DATA_DIR, pass a text file or folder, or use 'hf:wikitext:"
-                "wikitext-103-raw-v1' when online.")
+                "wikitext-103-raw-v1' when online."
+            )
         path = root
     else:
         path = Path(s).expanduser()
     if path.is_file():
         files = (path,)
     elif path.is_dir():
-        files = tuple(sorted(p for p in path.rglob("*") if p.is_file()
-                             and (p.suffix in _TEXT_SUFFIXES or p.suffix == ".jsonl")))
+        files = tuple(
+            sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in _TEXT_SUFFIXES or p.suffix == ".jsonl"))
+        )
     else:
-        raise FileNotFoundError(f"corpus {s!r} is not 'default', 'hf:<id>', 'model:<n>' or an existing "
-                                f"file/folder")
+        raise FileNotFoundError(f"corpus {s!r} is not 'default', 'hf:<id>', 'model:<n>' or an existing file/folder")
     if not files:
         raise FileNotFoundError(f"corpus folder {path} has no .txt/.raw/.utf8/.jsonl files")
     return Corpus(name=s, files=files)
 
 
-def tokenize_corpus(tok: Any, corpus: Corpus, n_tokens: int, seq_len: int, *,
-                    model: torch.nn.Module | None = None, seed: int = 0) -> list[list[int]]:
+def tokenize_corpus(
+    tok: Any, corpus: Corpus, n_tokens: int, seq_len: int, *, model: torch.nn.Module | None = None, seed: int = 0
+) -> list[list[int]]:
     """Chunks of at most ``seq_len`` token ids (documents split, never joined; each chunk starts
     with the tokenizer's BOS if it adds one; pieces under 8 tokens skipped) totalling ``n_tokens``.
 
@@ -151,7 +157,7 @@ def tokenize_corpus(tok: Any, corpus: Corpus, n_tokens: int, seq_len: int, *,
     for doc in _documents(corpus, model, tok, seed):
         ids = tok(doc, add_special_tokens=False)["input_ids"]
         for i in range(0, len(ids), body):
-            piece = ids[i:i + body]
+            piece = ids[i : i + body]
             if len(piece) < 8:
                 continue
             room = n_tokens - total - len(bos)
@@ -169,7 +175,7 @@ def _bos_prefix(tok: Any) -> list[int]:
     """The ids the tokenizer puts before a text when it adds special tokens (e.g. [BOS])."""
     with_sp = tok("a")["input_ids"]
     without = tok("a", add_special_tokens=False)["input_ids"]
-    if len(with_sp) > len(without) and with_sp[-len(without):] == without:
+    if len(with_sp) > len(without) and with_sp[-len(without) :] == without:
         return list(with_sp[: len(with_sp) - len(without)])
     return []
 

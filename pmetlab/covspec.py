@@ -7,6 +7,7 @@ with the C it was tuned against), but they are assembled into a :class:`Covarian
 place, :attr:`pmetlab.EditHyperParams.covariance`; everything that computes or caches statistics
 takes the spec.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +47,7 @@ class CovarianceSpec:
         if self.dtype not in COV_DTYPES:
             raise ValueError(f"dtype must be one of {list(COV_DTYPES)}, got {self.dtype!r}")
 
-    def replace(self, **changes: Any) -> "CovarianceSpec":
+    def replace(self, **changes: Any) -> CovarianceSpec:
         """A copy with ``changes`` (``None`` values are ignored, so CLI options can be passed as is)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 

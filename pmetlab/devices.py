@@ -1,4 +1,5 @@
 """The one place where a default device and dtype are chosen ("auto")."""
+
 from __future__ import annotations
 
 import os
@@ -8,9 +9,13 @@ import torch
 __all__ = ["resolve_device", "worker_device", "collective_backend", "resolve_dtype", "model_device", "model_dtype"]
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
     "float64": torch.float64,
 }
 
@@ -19,16 +24,21 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """Resolve ``"auto"`` (or None) to the best available accelerator, else the CPU."""
     if device is None or device == "auto":
         if torch.cuda.is_available():
-            return torch.device(torch.accelerator.current_accelerator()) if hasattr(torch, "accelerator") \
-                and torch.accelerator.current_accelerator() is not None else torch.device(type="cuda", index=0)
+            return (
+                torch.device(torch.accelerator.current_accelerator())
+                if hasattr(torch, "accelerator") and torch.accelerator.current_accelerator() is not None
+                else torch.device(type="cuda", index=0)
+            )
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device={device!r} is not a valid torch device; expected 'auto', 'cpu' "
-                         f"or an accelerator name such as 'cuda:0'") from exc
+        raise ValueError(
+            f"device={device!r} is not a valid torch device; expected 'auto', 'cpu' "
+            f"or an accelerator name such as 'cuda:0'"
+        ) from exc
 
 
 def worker_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -8,6 +8,7 @@ CPU, nccl on CUDA; chosen by :func:`pmetlab.devices.collective_backend`).
 
     torchrun --nproc-per-node 2 -m pmetlab stats --model smollm2-135m --layers 3-8
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,7 +36,7 @@ class Shard:
             raise ValueError(f"invalid shard rank={self.rank} world={self.world}; expected 0 <= rank < world")
 
     def take(self, items: list) -> list:
-        return items[self.rank::self.world]
+        return items[self.rank :: self.world]
 
     @property
     def is_main(self) -> bool:
@@ -44,6 +45,7 @@ class Shard:
 
 def _dist():
     import torch.distributed as dist
+
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
@@ -59,6 +61,7 @@ def init_from_env(device: torch.device | None = None) -> Shard:
     """Join the process group described by the launcher's environment (``WORLD_SIZE`` > 1);
     a single process (no launcher) returns ``Shard(0, 1)`` and initialises nothing."""
     import torch.distributed as dist
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or _dist() is not None:
         return current_shard()
@@ -83,8 +86,9 @@ def _comm_device() -> torch.device:
     return _COMM.get("device") or resolve_device("auto")
 
 
-def all_reduce_moments(sums: dict[str, torch.Tensor], counts: dict[str, int]
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+def all_reduce_moments(
+    sums: dict[str, torch.Tensor], counts: dict[str, int]
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Add every worker's sums and counts (in float64, so the merge adds no rounding of its
     own); without a process group the inputs are returned unchanged."""
     dist = _dist()

@@ -12,6 +12,7 @@ Two concerns, both independent of any editing method:
   below L become pass-through modules and layer L reads a given input. Used when the
   layers below L cannot change (their output was computed once).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -27,8 +28,15 @@ from .models.adapters import ModelAdapter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["forward_accepts", "cache_kwarg", "cache_of", "new_cache", "cache_layers", "cache_from_layers",
-           "replay_from_layer"]
+__all__ = [
+    "forward_accepts",
+    "cache_kwarg",
+    "cache_of",
+    "new_cache",
+    "cache_layers",
+    "cache_from_layers",
+    "replay_from_layer",
+]
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
@@ -56,13 +64,16 @@ def cache_of(output: Any) -> Any:
         c = getattr(output, name, None)
         if c is not None:
             return c
-    raise TypeError(f"the model's output {type(output).__name__} carries no KV cache (neither `cache` nor "
-                    f"`past_key_values`); this needs a model that supports use_cache=True")
+    raise TypeError(
+        f"the model's output {type(output).__name__} carries no KV cache (neither `cache` nor "
+        f"`past_key_values`); this needs a model that supports use_cache=True"
+    )
 
 
 def new_cache(model: nn.Module) -> Any:
     """An empty dynamic KV cache for ``model`` (built from its config where the class accepts one)."""
     from transformers import DynamicCache
+
     try:
         return DynamicCache(config=model.config)
     except TypeError:  # releases whose DynamicCache takes no config

@@ -7,15 +7,17 @@ The ablations of the PMET paper are fields, not separate methods:
 * ``optimize_attn``: optimise δ^a on the MHSA output as well as δ^m (False = "w/o δ^a");
 * ``update_attn_weights``: also update the MHSA output projection from v^a.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
 import numbers
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from importlib import resources
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from .covspec import CovarianceSpec
 
@@ -102,8 +104,9 @@ class EditHyperParams:
         if self.v_num_grad_steps < 1:
             raise ValueError(f"v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
         if self.n_prefixes < 0 or self.prefix_tokens < 1:
-            raise ValueError(f"need n_prefixes >= 0 and prefix_tokens >= 1, got {self.n_prefixes}, "
-                             f"{self.prefix_tokens}")
+            raise ValueError(
+                f"need n_prefixes >= 0 and prefix_tokens >= 1, got {self.n_prefixes}, {self.prefix_tokens}"
+            )
         for name, allowed in (("stop_rule", STOP_RULES), ("attn_update_order", ATTN_UPDATE_ORDERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -117,12 +120,12 @@ class EditHyperParams:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.n_prefixes > 0 and not self.prefix_starts:
-            raise ValueError(f"n_prefixes={self.n_prefixes} needs at least one prefix start word, got "
-                             f"prefix_starts=()")
+            raise ValueError(f"n_prefixes={self.n_prefixes} needs at least one prefix start word, got prefix_starts=()")
 
     def _check_types(self) -> None:
         """Coerce JSON-ish values (lists, ints for floats) and reject wrong types and non-finite
         numbers with a ValueError naming the field."""
+
         def bad(name: str, expected: str, v: Any) -> ValueError:
             return ValueError(f"{type(self).__name__}.{name} must be {expected}, got {type(v).__name__}: {v!r}")
 
@@ -162,7 +165,7 @@ class EditHyperParams:
 
     # --- construction --------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "EditHyperParams":
+    def from_dict(cls, d: Mapping[str, Any]) -> EditHyperParams:
         names = {f.name for f in fields(cls)}
         d = dict(d)
         method = d.pop("method", cls.method)
@@ -179,20 +182,22 @@ class EditHyperParams:
         d["prefix_starts"] = list(self.prefix_starts)
         return {"method": self.method, **d}
 
-    def replace(self, **changes: Any) -> "EditHyperParams":
+    def replace(self, **changes: Any) -> EditHyperParams:
         unknown = sorted(set(changes) - {f.name for f in fields(self)})
         if unknown:
             raise KeyError(f"unknown {type(self).__name__} keys {unknown}")
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def preset(cls, name: str) -> "EditHyperParams":
+    def preset(cls, name: str) -> EditHyperParams:
         """A preset shipped in ``pmetlab/presets/<method>.json`` (keys: model names)."""
         table = _load_presets(cls.method)
         key = str(name).lower()
         if key not in table:
-            raise KeyError(f"no {cls.method} preset for {name!r}; available: {sorted(table)}. Use "
-                           f"{cls.__name__}(...) or {cls.__name__}.preset(<one of them>).replace(...)")
+            raise KeyError(
+                f"no {cls.method} preset for {name!r}; available: {sorted(table)}. Use "
+                f"{cls.__name__}(...) or {cls.__name__}.preset(<one of them>).replace(...)"
+            )
         entry = {k: v for k, v in table[key].items() if not k.startswith("_")}
         return cls.from_dict(entry)
 
@@ -204,8 +209,13 @@ class EditHyperParams:
     def covariance(self) -> CovarianceSpec:
         """The covariance statistics these hyperparameters were set against (the one place the
         ``cov_*`` fields and the seed are assembled)."""
-        return CovarianceSpec(corpus=self.cov_corpus, n_tokens=self.cov_tokens, seq_len=self.cov_seq_len,
-                              dtype=self.cov_dtype, seed=self.seed)
+        return CovarianceSpec(
+            corpus=self.cov_corpus,
+            n_tokens=self.cov_tokens,
+            seq_len=self.cov_seq_len,
+            dtype=self.cov_dtype,
+            seed=self.seed,
+        )
 
     @property
     def optimized_spaces(self) -> tuple[str, ...]:
@@ -239,8 +249,10 @@ class PMETHyperParams(EditHyperParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.update_attn_weights and not self.optimize_attn:
-            raise ValueError("update_attn_weights=True needs optimize_attn=True: without δ^a the MHSA target v^a "
-                             "is its initial value and the attention update would only undo drift")
+            raise ValueError(
+                "update_attn_weights=True needs optimize_attn=True: without δ^a the MHSA target v^a "
+                "is its initial value and the attention update would only undo drift"
+            )
 
     @property
     def uses_attn(self) -> bool:
@@ -265,8 +277,10 @@ class MEMITHyperParams(EditHyperParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.optimize_attn or self.update_attn_weights:
-            raise ValueError("optimize_attn / update_attn_weights are PMET switches; MEMIT optimises "
-                             "one δ on the layer output. Use PMETHyperParams for these ablations.")
+            raise ValueError(
+                "optimize_attn / update_attn_weights are PMET switches; MEMIT optimises "
+                "one δ on the layer output. Use PMETHyperParams for these ablations."
+            )
 
 
 _METHODS: dict[str, type[EditHyperParams]] = {"pmet": PMETHyperParams, "memit": MEMITHyperParams}

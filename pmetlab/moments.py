@@ -7,6 +7,7 @@ keyed store (:mod:`pmetlab.store`): the key is written into the file and checked
 (sum and count) is checksummed, and non-finite sums are refused. Caching per layer and resuming
 live in :mod:`pmetlab.stats`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,8 +71,10 @@ class SecondMoment:
     def merge(self, other: SecondMoment) -> SecondMoment:
         """Combine partial statistics of the same quantity (e.g. from two workers)."""
         if self.key and other.key and _key_without_budget(self.key) != _key_without_budget(other.key):
-            raise ValueError("cannot merge second moments with different keys: "
-                             f"{_key_without_budget(self.key)} vs {_key_without_budget(other.key)}")
+            raise ValueError(
+                "cannot merge second moments with different keys: "
+                f"{_key_without_budget(self.key)} vs {_key_without_budget(other.key)}"
+            )
         return SecondMoment(self.sum + other.sum.to(self.sum.dtype), self.count + other.count, dict(self.key))
 
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -80,8 +83,9 @@ class SecondMoment:
         return {f"{prefix}sum": self.sum.detach(), f"{prefix}count": torch.tensor(self.count, dtype=torch.int64)}
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], key: dict, *, prefix: str = "",
-                     where: Any = "statistics entry") -> SecondMoment:
+    def from_tensors(
+        cls, tensors: Mapping[str, torch.Tensor], key: dict, *, prefix: str = "", where: Any = "statistics entry"
+    ) -> SecondMoment:
         """Inverse of :meth:`tensors`; raises :class:`~pmetlab.store.DamagedEntryError` naming
         ``where`` when the entry does not hold a square matrix and a count."""
         t, c = tensors.get(f"{prefix}sum"), tensors.get(f"{prefix}count")
@@ -148,8 +152,15 @@ def _pad(batch: list[list[int]], pad: int, dev: torch.device) -> tuple[torch.Ten
     return ids.to(dev), mask.to(dev)
 
 
-def _accumulate_batch(model: torch.nn.Module, module_names: Sequence[str], ids: torch.Tensor, mask: torch.Tensor,
-                      acc: dict[str, torch.Tensor], counts: dict[str, int], dtype: torch.dtype) -> int:
+def _accumulate_batch(
+    model: torch.nn.Module,
+    module_names: Sequence[str],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    acc: dict[str, torch.Tensor],
+    counts: dict[str, int],
+    dtype: torch.dtype,
+) -> int:
     """One forward pass (stopped after the deepest module) adding every module's non-padding
     inputs (n_tokens, d) into ``acc[name]`` (d, d); returns the number of tokens added."""
     keep = mask.reshape(-1).bool()
@@ -168,11 +179,21 @@ def _accumulate_batch(model: torch.nn.Module, module_names: Sequence[str], ids: 
 
 
 @torch.no_grad()
-def collect_second_moments(model: torch.nn.Module, tok: Any, module_names: Sequence[str], chunks: list[list[int]],
-                           *, dtype: torch.dtype = torch.float32, tokens_per_batch: int = 4096,
-                           start: int = 0, init: Mapping[str, SecondMoment] | None = None,
-                           checkpoint: Checkpoint | None = None, checkpoint_every: int = 20,
-                           progress: bool = True, shard: Shard | None = None) -> dict[str, SecondMoment]:
+def collect_second_moments(
+    model: torch.nn.Module,
+    tok: Any,
+    module_names: Sequence[str],
+    chunks: list[list[int]],
+    *,
+    dtype: torch.dtype = torch.float32,
+    tokens_per_batch: int = 4096,
+    start: int = 0,
+    init: Mapping[str, SecondMoment] | None = None,
+    checkpoint: Checkpoint | None = None,
+    checkpoint_every: int = 20,
+    progress: bool = True,
+    shard: Shard | None = None,
+) -> dict[str, SecondMoment]:
     """Accumulate E[k kᵀ] of each named module's input over ``chunks`` (lists of token ids) in
     one forward per batch, stopping after the deepest module. Returns ``{name: SecondMoment}``
     with (d, d) sums on the CPU. ``start``/``init`` resume from a checkpoint;
@@ -182,8 +203,10 @@ def collect_second_moments(model: torch.nn.Module, tok: Any, module_names: Seque
     is a partial sum: merge the workers' results with :func:`pmetlab.distributed.all_reduce_moments`
     or :meth:`SecondMoment.merge`."""
     if not chunks:
-        raise ValueError("no corpus chunks to collect statistics from (every document was shorter than 8 "
-                         "tokens, or the corpus is empty); use a larger corpus")
+        raise ValueError(
+            "no corpus chunks to collect statistics from (every document was shorter than 8 "
+            "tokens, or the corpus is empty); use a larger corpus"
+        )
     dev = model_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = (shard or Shard()).take(plan_batches(chunks, tokens_per_batch))
@@ -195,8 +218,13 @@ def collect_second_moments(model: torch.nn.Module, tok: Any, module_names: Seque
         for n in module_names:
             acc[n] = init[n].sum.to(dev, dtype).clone()
             counts[n] = init[n].count
-    bar = tqdm(total=sum(len(c) for b in batches[start:] for c in b), disable=not progress, desc="covariance",
-               unit="tok", unit_scale=True)
+    bar = tqdm(
+        total=sum(len(c) for b in batches[start:] for c in b),
+        disable=not progress,
+        desc="covariance",
+        unit="tok",
+        unit_scale=True,
+    )
     t0, done = time.perf_counter(), 0
     try:
         for bi in range(start, len(batches)):

@@ -22,6 +22,7 @@ Nothing here rewrites a notebook.
 papermill, ipykernel and jupytext are optional dependencies (``pip install -e '.[notebooks]'``);
 they are imported only when notebooks are checked or run.
 """
+
 from __future__ import annotations
 
 import ast
@@ -39,8 +40,17 @@ from .cache import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXPECTED_OUTPUTS", "NOTEBOOKS_DIR", "PAIRED_FORMATS", "NotebookPairError", "list_notebooks",
-           "notebook_parameters", "pair_differences", "check_pairs", "run_notebooks"]
+__all__ = [
+    "EXPECTED_OUTPUTS",
+    "NOTEBOOKS_DIR",
+    "PAIRED_FORMATS",
+    "NotebookPairError",
+    "list_notebooks",
+    "notebook_parameters",
+    "pair_differences",
+    "check_pairs",
+    "run_notebooks",
+]
 
 #: ``<repo>/notebooks`` (the package is installed editable, so the repo is its parent).
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -50,23 +60,43 @@ NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 #: notebooks can share one output folder.
 EXPECTED_OUTPUTS: dict[str, list[str]] = {
     "01_component_similarity": [
-        "01_similarity.png", "01_similarity.pdf", "01_similarity.csv",
-        "01_similarity_residual.png", "01_similarity_residual.pdf", "01_similarity_residual.csv",
-        "01_similarity_by_depth.csv", "01_reading.md",
+        "01_similarity.png",
+        "01_similarity.pdf",
+        "01_similarity.csv",
+        "01_similarity_residual.png",
+        "01_similarity_residual.pdf",
+        "01_similarity_residual.csv",
+        "01_similarity_by_depth.csv",
+        "01_reading.md",
     ],
     "02_edit_walkthrough": [
-        "02_optimization_trace.png", "02_optimization_trace.pdf", "02_optimization_trace.csv",
-        "02_update_norms.png", "02_update_norms.pdf", "02_update_norms.csv",
-        "02_predictions.csv", "02_record_metrics.csv", "02_generations.csv", "02_checks.csv",
+        "02_optimization_trace.png",
+        "02_optimization_trace.pdf",
+        "02_optimization_trace.csv",
+        "02_update_norms.png",
+        "02_update_norms.pdf",
+        "02_update_norms.csv",
+        "02_predictions.csv",
+        "02_record_metrics.csv",
+        "02_generations.csv",
+        "02_checks.csv",
     ],
     "03_reliability_specificity": [
-        "03_tradeoff.png", "03_tradeoff.pdf", "03_tradeoff.csv",
+        "03_tradeoff.png",
+        "03_tradeoff.pdf",
+        "03_tradeoff.csv",
         "03_reliability_specificity.csv",
     ],
     "04_ablations": [
-        "04_ablation.png", "04_ablation.pdf", "04_ablation.csv",
-        "04_spread_sweep.png", "04_spread_sweep.pdf", "04_spread_sweep.csv",
-        "04_lambda_sweep.png", "04_lambda_sweep.pdf", "04_lambda_sweep.csv",
+        "04_ablation.png",
+        "04_ablation.pdf",
+        "04_ablation.csv",
+        "04_spread_sweep.png",
+        "04_spread_sweep.pdf",
+        "04_spread_sweep.csv",
+        "04_lambda_sweep.png",
+        "04_lambda_sweep.pdf",
+        "04_lambda_sweep.csv",
         "04_ablations.csv",
     ],
 }
@@ -83,8 +113,12 @@ def _locate_dir(path: str | os.PathLike | None = None) -> Path:
     """The folder holding the notebooks: ``path`` when given, else ``<repo>/notebooks``."""
     d = Path(path).expanduser() if path is not None else NOTEBOOKS_DIR
     if not d.is_dir():
-        hint = ("" if path is not None else " (pmetlab must be installed editable from its repository, "
-                "`pip install -e .`, for the notebooks to be found; or pass notebooks_dir=)")
+        hint = (
+            ""
+            if path is not None
+            else " (pmetlab must be installed editable from its repository, "
+            "`pip install -e .`, for the notebooks to be found; or pass notebooks_dir=)"
+        )
         raise FileNotFoundError(f"notebook folder {str(d)!r} does not exist{hint}")
     return d
 
@@ -96,8 +130,9 @@ def list_notebooks(notebooks_dir: str | os.PathLike | None = None) -> list[str]:
     checkpoint copies.
     """
     d = _locate_dir(notebooks_dir)
-    return sorted(p.stem for p in d.glob("*.ipynb")
-                  if not p.name.startswith((".", "_")) and not p.stem.endswith("-checkpoint"))
+    return sorted(
+        p.stem for p in d.glob("*.ipynb") if not p.name.startswith((".", "_")) and not p.stem.endswith("-checkpoint")
+    )
 
 
 def _resolve_names(names: Sequence[str] | str | None, available: list[str]) -> list[str]:
@@ -110,14 +145,16 @@ def _resolve_names(names: Sequence[str] | str | None, available: list[str]) -> l
     out: list[str] = []
     for raw in names:
         name = Path(str(raw)).name
-        name = name[:-len(".ipynb")] if name.endswith(".ipynb") else name
+        name = name[: -len(".ipynb")] if name.endswith(".ipynb") else name
         if name in available:
             hits = [name]
         else:
             number = name.zfill(2) if name.isdigit() else None
-            hits = [a for a in available
-                    if (number is not None and a.split("_", 1)[0] == number)
-                    or (a.split("_", 1)[-1] == name)]
+            hits = [
+                a
+                for a in available
+                if (number is not None and a.split("_", 1)[0] == number) or (a.split("_", 1)[-1] == name)
+            ]
         if len(hits) != 1:
             what = "matches several notebooks: " + ", ".join(hits) if hits else "is not a notebook"
             raise ValueError(f"notebook {raw!r} {what}; available: {', '.join(available) or '(none)'}")
@@ -159,8 +196,10 @@ def _coerce(name: str, value: Any, declared_type: str | None, notebook: str) -> 
         if declared_type == "float":
             return float(v)
     except ValueError:
-        raise ValueError(f"parameter {name}={value!r} for notebook {notebook}: expected type {declared_type} "
-                         f"(the type of its default), got {value!r}") from None
+        raise ValueError(
+            f"parameter {name}={value!r} for notebook {notebook}: expected type {declared_type} "
+            f"(the type of its default), got {value!r}"
+        ) from None
     return value
 
 
@@ -210,9 +249,12 @@ def pair_differences(ipynb: str | os.PathLike, py: str | os.PathLike) -> list[st
 
     a = [_cell_key(c) for c in nbformat.read(str(ipynb), as_version=4).cells]
     b = [_cell_key(c) for c in jupytext.read(str(py), fmt="py:percent").cells]
-    out = [f"cell {i}: {what}"
-           for i, (x, y) in enumerate(zip(a, b))
-           for what, u, v in zip(("type differs", "source differs", "tags differ"), x, y) if u != v]
+    out = [
+        f"cell {i}: {what}"
+        for i, (x, y) in enumerate(zip(a, b))
+        for what, u, v in zip(("type differs", "source differs", "tags differ"), x, y)
+        if u != v
+    ]
     if len(a) != len(b):
         out.append(f"{len(b)} cells in the .py, {len(a)} in the .ipynb")
     return out
@@ -256,21 +298,32 @@ def check_pairs(notebooks_dir: str | os.PathLike | None = None, names: Sequence[
         try:
             import jupytext  # noqa: F401 - fail with the install hint before comparing
         except ImportError as exc:
-            raise ImportError("comparing the notebooks with their .py needs jupytext: "
-                              "pip install -e '.[notebooks]'") from exc
+            raise ImportError(
+                "comparing the notebooks with their .py needs jupytext: pip install -e '.[notebooks]'"
+            ) from exc
     problems = [_pair_problem(d / f"{n}.ipynb") for n in _resolve_names(names, available)]
     if names is None:
-        problems += [f"{p} has no .ipynb: create it with `jupytext --set-formats {PAIRED_FORMATS} {p}`"
-                     for p in sorted(d.glob("*.py")) if not p.name.startswith((".", "_")) and p.stem not in available]
+        problems += [
+            f"{p} has no .ipynb: create it with `jupytext --set-formats {PAIRED_FORMATS} {p}`"
+            for p in sorted(d.glob("*.py"))
+            if not p.name.startswith((".", "_")) and p.stem not in available
+        ]
     problems = [p for p in problems if p]
     if problems:
         raise NotebookPairError("; ".join(problems))
 
 
-def run_notebooks(out_dir: str | os.PathLike, names: Sequence[str] | None = None,
-                  parameters: Mapping[str, Any] | None = None, smoke: bool = False,
-                  notebooks_dir: str | os.PathLike | None = None, timeout: int | None = None, *,
-                  kernel_name: str | None = None, threads: int | None = None) -> list[dict]:
+def run_notebooks(
+    out_dir: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    smoke: bool = False,
+    notebooks_dir: str | os.PathLike | None = None,
+    timeout: int | None = None,
+    *,
+    kernel_name: str | None = None,
+    threads: int | None = None,
+) -> list[dict]:
     """Execute notebooks with papermill, one at a time, each in a fresh kernel.
 
     Args:
@@ -337,8 +390,11 @@ def _new_report(out: Path, src_dir: Path, given: Mapping[str, Any], threads: int
     """The head of ``report.json``; :func:`_run_all` adds the notebooks as they finish."""
     return {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "out_dir": str(out), "notebooks_dir": str(src_dir), "smoke": bool(given["SMOKE"]),
-        "parameters": dict(given), "host": platform.node(),
+        "out_dir": str(out),
+        "notebooks_dir": str(src_dir),
+        "smoke": bool(given["SMOKE"]),
+        "parameters": dict(given),
+        "host": platform.node(),
         "threads": threads if threads is not None else os.environ.get("OMP_NUM_THREADS"),  # 0: torch's default
         "notebooks": [],
     }
@@ -361,12 +417,14 @@ def _plan_parameters(given: Mapping[str, Any], src_dir: Path, selected: list[str
             or a value that does not convert to the declared type.
     """
     declared = {n: notebook_parameters(src_dir / f"{n}.ipynb") for n in selected}
-    unknown = sorted(k for k in given if k not in {"SMOKE", "OUTPUT_DIR"}
-                     and not any(k in d for d in declared.values()))
+    unknown = sorted(
+        k for k in given if k not in {"SMOKE", "OUTPUT_DIR"} and not any(k in d for d in declared.values())
+    )
     if unknown:
         known = sorted(set().union(*(d.keys() for d in declared.values())))
-        raise ValueError(f"parameter(s) {unknown} are declared by none of the notebooks {selected}; "
-                         f"their parameters: {known}")
+        raise ValueError(
+            f"parameter(s) {unknown} are declared by none of the notebooks {selected}; their parameters: {known}"
+        )
     plans = {}
     for n in selected:
         params = {k: _coerce(k, v, declared[n][k]["type"], n) for k, v in given.items() if k in declared[n]}
@@ -397,8 +455,16 @@ def _thread_env(threads: int | None) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _run_all(papermill, src_dir: Path, selected: list[str], plans: dict[str, dict], out: Path,
-             timeout: int | None, kernel_name: str | None, report: dict) -> list[dict]:
+def _run_all(
+    papermill,
+    src_dir: Path,
+    selected: list[str],
+    plans: dict[str, dict],
+    out: Path,
+    timeout: int | None,
+    kernel_name: str | None,
+    report: dict,
+) -> list[dict]:
     """Run the notebooks in order; ``report.json`` is rewritten after each one."""
     results: list[dict] = []
     skip = {f"{n}.ipynb" for n in selected} | {_REPORT}  # not outputs of the notebooks
@@ -410,8 +476,15 @@ def _run_all(papermill, src_dir: Path, selected: list[str], plans: dict[str, dic
             logger.info("%s %s ok in %.1fs (%d files)", step, name, res["seconds"], len(res["outputs"]))
         else:
             where = f" in cell {res['cell']}" if res["cell"] is not None else ""
-            logger.error("%s %s FAILED%s after %.1fs: %s (executed copy: %s)", step, name, where, res["seconds"],
-                         res["error"], out / f"{name}.ipynb")
+            logger.error(
+                "%s %s FAILED%s after %.1fs: %s (executed copy: %s)",
+                step,
+                name,
+                where,
+                res["seconds"],
+                res["error"],
+                out / f"{name}.ipynb",
+            )
         results.append(res)
         report["notebooks"] = results
         report["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -419,8 +492,9 @@ def _run_all(papermill, src_dir: Path, selected: list[str], plans: dict[str, dic
     return results
 
 
-def _run_one(papermill, source: Path, out: Path, params: dict, timeout: int | None, kernel_name: str | None,
-             skip: set[str]) -> dict:
+def _run_one(
+    papermill, source: Path, out: Path, params: dict, timeout: int | None, kernel_name: str | None, skip: set[str]
+) -> dict:
     """Execute one notebook into ``out`` and say what it wrote (the dicts of :func:`run_notebooks`)."""
     name = source.stem
     executed = out / f"{name}.ipynb"
@@ -433,18 +507,35 @@ def _run_one(papermill, source: Path, out: Path, params: dict, timeout: int | No
     missing = [f for f in EXPECTED_OUTPUTS.get(name, []) if f not in written or after[f][1] == 0]
     if error is None and missing:
         error = f"missing expected output(s): {', '.join(missing)}"
-    return {"name": name, "status": "ok" if error is None else "failed", "seconds": round(seconds, 2),
-            "error": error, "cell": cell, "notebook": str(executed) if executed.is_file() else None,
-            "parameters": params, "outputs": written, "missing": missing}
+    return {
+        "name": name,
+        "status": "ok" if error is None else "failed",
+        "seconds": round(seconds, 2),
+        "error": error,
+        "cell": cell,
+        "notebook": str(executed) if executed.is_file() else None,
+        "parameters": params,
+        "outputs": written,
+        "missing": missing,
+    }
 
 
-def _execute(papermill, source: Path, executed: Path, params: dict, cwd: Path, timeout: int | None,
-             kernel_name: str | None) -> tuple[str | None, int | None]:
+def _execute(
+    papermill, source: Path, executed: Path, params: dict, cwd: Path, timeout: int | None, kernel_name: str | None
+) -> tuple[str | None, int | None]:
     """Run ``source`` with papermill into ``executed``: (None, None), or the error line and failing cell."""
     try:
         papermill.execute_notebook(
-            str(source), str(executed), parameters=params, kernel_name=kernel_name, cwd=str(cwd),
-            execution_timeout=timeout, progress_bar=False, log_output=False, report_mode=False)
+            str(source),
+            str(executed),
+            parameters=params,
+            kernel_name=kernel_name,
+            cwd=str(cwd),
+            execution_timeout=timeout,
+            progress_bar=False,
+            log_output=False,
+            report_mode=False,
+        )
     except Exception as exc:  # noqa: BLE001 - one failing notebook must not stop the others
         error, cell = _error_of(exc)
         if type(exc).__name__ == "NoSuchKernel":

@@ -12,12 +12,13 @@ render::
 it, so a README whose tables were typed by hand, or not regenerated after new results were
 committed, fails).
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import re
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pandas as pd
 
@@ -25,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["markdown_table", "format_ci", "render_sections", "stale_sections", "section_names"]
 
-_SECTION = re.compile(r"(<!-- pmetlab:begin (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- pmetlab:end (?P=name) -->)",
-                      re.S)
+_SECTION = re.compile(
+    r"(<!-- pmetlab:begin (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- pmetlab:end (?P=name) -->)", re.S
+)
 
 
 def format_ci(mean: float, low: float, high: float, digits: int = 1) -> str:
@@ -38,7 +40,9 @@ def format_ci(mean: float, low: float, high: float, digits: int = 1) -> str:
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def markdown_table(df: pd.DataFrame, *, floatfmt: str = ".3f", bold: Mapping[tuple[int, str], bool] | None = None) -> str:
+def markdown_table(
+    df: pd.DataFrame, *, floatfmt: str = ".3f", bold: Mapping[tuple[int, str], bool] | None = None
+) -> str:
     """A GitHub Markdown table of ``df`` (columns as headers, index dropped); floats with
     ``floatfmt``, NaN as "–". ``bold[(row, column)]`` marks cells to set in bold."""
     if df.columns.empty:
@@ -67,8 +71,10 @@ def section_names(text: str) -> list[str]:
 def _generate(builders: Mapping[str, Callable[[], str]], names: Sequence[str]) -> dict[str, str]:
     missing = sorted(set(builders) - set(names))
     if missing:
-        raise KeyError(f"the document has no section(s) {missing}; add a '<!-- pmetlab:begin NAME -->' / "
-                       f"'<!-- pmetlab:end NAME -->' pair for each (sections found: {list(names)})")
+        raise KeyError(
+            f"the document has no section(s) {missing}; add a '<!-- pmetlab:begin NAME -->' / "
+            f"'<!-- pmetlab:end NAME -->' pair for each (sections found: {list(names)})"
+        )
     return {n: builders[n]().rstrip("\n") + "\n" for n in builders}
 
 
@@ -84,5 +90,8 @@ def render_sections(text: str, builders: Mapping[str, Callable[[], str]]) -> str
 def stale_sections(text: str, builders: Mapping[str, Callable[[], str]]) -> list[str]:
     """Names of the sections whose body differs from what ``builders`` generate now."""
     bodies = _generate(builders, section_names(text))
-    return [m.group("name") for m in _SECTION.finditer(text)
-            if m.group("name") in bodies and m.group("body") != bodies[m.group("name")]]
+    return [
+        m.group("name")
+        for m in _SECTION.finditer(text)
+        if m.group("name") in bodies and m.group("body") != bodies[m.group("name")]
+    ]

@@ -1,8 +1,10 @@
 """Edit requests: a validated, frozen (subject, relation prompt, new target) triple."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 __all__ = ["EditRequest"]
 
@@ -33,12 +35,16 @@ class EditRequest:
             if not v.strip():
                 raise ValueError(f"EditRequest.{fld} must be non-empty, got {v!r}")
         if self.target_true is not None and not isinstance(self.target_true, str):
-            raise TypeError(f"EditRequest.target_true must be a string or None, got "
-                            f"{type(self.target_true).__name__}: {self.target_true!r}")
+            raise TypeError(
+                f"EditRequest.target_true must be a string or None, got "
+                f"{type(self.target_true).__name__}: {self.target_true!r}"
+            )
         n = self.prompt.count("{}")
         if n != 1:
-            raise ValueError(f"EditRequest.prompt must contain exactly one '{{}}' for the subject, found {n} "
-                             f"in {self.prompt!r}; e.g. '{{}} plays the sport of'")
+            raise ValueError(
+                f"EditRequest.prompt must contain exactly one '{{}}' for the subject, found {n} "
+                f"in {self.prompt!r}; e.g. '{{}} plays the sport of'"
+            )
         stripped = self.prompt.replace("{}", "")
         if "{" in stripped or "}" in stripped:
             raise ValueError(f"EditRequest.prompt has a stray brace besides the one '{{}}': {self.prompt!r}")
@@ -52,7 +58,7 @@ class EditRequest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "EditRequest":
+    def from_dict(cls, d: Mapping[str, Any]) -> EditRequest:
         allowed = {"prompt", "subject", "target_new", "target_true", "case_id"}
         extra = set(d) - allowed
         if extra:
@@ -60,20 +66,27 @@ class EditRequest:
         return cls(**d)
 
     @classmethod
-    def from_counterfact(cls, record: Mapping[str, Any]) -> "EditRequest":
+    def from_counterfact(cls, record: Mapping[str, Any]) -> EditRequest:
         """From a CounterFact record (``requested_rewrite`` with ``{}`` in its prompt)."""
         try:
             rw = record["requested_rewrite"]
-            fields = dict(prompt=rw["prompt"], subject=rw["subject"], target_new=rw["target_new"]["str"],
-                          target_true=rw["target_true"]["str"], case_id=record.get("case_id"))
+            fields = dict(
+                prompt=rw["prompt"],
+                subject=rw["subject"],
+                target_new=rw["target_new"]["str"],
+                target_true=rw["target_true"]["str"],
+                case_id=record.get("case_id"),
+            )
         except (KeyError, TypeError, AttributeError) as exc:
-            raise KeyError(f"not a CounterFact record (missing or malformed {exc}); expected keys case_id, "
-                           f"requested_rewrite{{prompt, subject, target_new{{str}}, target_true{{str}}}}") from None
+            raise KeyError(
+                f"not a CounterFact record (missing or malformed {exc}); expected keys case_id, "
+                f"requested_rewrite{{prompt, subject, target_new{{str}}, target_true{{str}}}}"
+            ) from None
         # field validation happens outside the try, so its TypeError/ValueError keeps its own message
         return cls(**fields)
 
     @classmethod
-    def from_zsre(cls, record: Mapping[str, Any]) -> "EditRequest":
+    def from_zsre(cls, record: Mapping[str, Any]) -> EditRequest:
         """From a zsRE record: the question with the subject replaced by ``{}``, target = answers[0]."""
         try:
             subject, src, answers = record["subject"], record["src"], record["answers"]
@@ -83,12 +96,15 @@ class EditRequest:
             if not isinstance(v, str):
                 raise TypeError(f"zsRE record: {name} must be a string, got {type(v).__name__}: {v!r}")
         if isinstance(answers, (str, bytes)) or not isinstance(answers, Sequence):
-            raise TypeError(f"zsRE record for {subject!r}: answers must be a list of strings, got "
-                            f"{type(answers).__name__}: {answers!r}")
+            raise TypeError(
+                f"zsRE record for {subject!r}: answers must be a list of strings, got "
+                f"{type(answers).__name__}: {answers!r}"
+            )
         if not answers:
             raise ValueError(f"zsRE record for {subject!r} has no answers")
         if subject.strip() and subject not in src:  # an empty subject is reported by EditRequest
             raise ValueError(f"zsRE record: subject {subject!r} does not occur in question {src!r}")
         prompt = src.replace(subject, "{}", 1)
-        return cls(prompt=prompt, subject=subject, target_new=answers[0], target_true=None,
-                   case_id=record.get("case_id"))
+        return cls(
+            prompt=prompt, subject=subject, target_new=answers[0], target_true=None, case_id=record.get("case_id")
+        )

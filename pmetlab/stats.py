@@ -12,6 +12,7 @@ while a pass runs (the sums of every layer and the next batch index in one atomi
 interrupted pass resumes exactly). A damaged, foreign or non-finite file is logged with its path
 and recomputed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,18 @@ from .types import Model, Tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SecondMoment", "collect_second_moments", "layer_covariances", "covariance_cache_paths", "stats_key",
-           "tokenize_corpus", "symmetric_accumulate_", "symmetrize", "tokenizer_identity", "FORMAT_VERSION"]
+__all__ = [
+    "SecondMoment",
+    "collect_second_moments",
+    "layer_covariances",
+    "covariance_cache_paths",
+    "stats_key",
+    "tokenize_corpus",
+    "symmetric_accumulate_",
+    "symmetrize",
+    "tokenizer_identity",
+    "FORMAT_VERSION",
+]
 
 #: 2: keyed-store files (the token count is checksummed with the sum, non-finite sums refused),
 #: one-file partial checkpoints, and weight fingerprints by :func:`pmetlab.cache.tensor_digest`.
@@ -45,8 +56,15 @@ FORMAT_VERSION = 2
 _KINDS = ("ffn", "attn")
 
 
-def stats_key(model: torch.nn.Module, module_name: str, layer_fp: str, spec: CovarianceSpec, *,
-              corpus: Corpus | None = None, tokenizer: dict | None = None) -> dict:
+def stats_key(
+    model: torch.nn.Module,
+    module_name: str,
+    layer_fp: str,
+    spec: CovarianceSpec,
+    *,
+    corpus: Corpus | None = None,
+    tokenizer: dict | None = None,
+) -> dict:
     """Everything that changes a statistic; stored in the file and checked on load.
 
     ``layer_fp``: the fingerprint of the weights the module's input depends on; ``corpus``: the
@@ -55,9 +73,16 @@ def stats_key(model: torch.nn.Module, module_name: str, layer_fp: str, spec: Cov
     only recorded) for corpora sampled from the model.
     """
     corpus = corpus if corpus is not None else resolve_corpus(spec.corpus)
-    key = {"model_class": type(model).__name__, "weights": layer_fp, "module": module_name,
-           "corpus": corpus.identity, "tokens": int(spec.n_tokens), "seq_len": int(spec.seq_len),
-           "dtype": spec.dtype, "format": FORMAT_VERSION}
+    key = {
+        "model_class": type(model).__name__,
+        "weights": layer_fp,
+        "module": module_name,
+        "corpus": corpus.identity,
+        "tokens": int(spec.n_tokens),
+        "seq_len": int(spec.seq_len),
+        "dtype": spec.dtype,
+        "format": FORMAT_VERSION,
+    }
     if tokenizer is not None:
         key["tokenizer"] = tokenizer
     if corpus.model_samples:
@@ -80,7 +105,7 @@ def _layer_fingerprints(model: torch.nn.Module, adapter: Any) -> list[str]:
             continue
         seen.add(p.data_ptr())
         if name.startswith(layers_prefix):
-            per_layer.setdefault(int(name[len(layers_prefix):].split(".")[0]), []).append((name, p))
+            per_layer.setdefault(int(name[len(layers_prefix) :].split(".")[0]), []).append((name, p))
         elif not name.startswith(downstream):
             base.append((name, p))  # embeddings and anything else upstream (e.g. OPT's project_in)
     chain = [tensor_digest(base)]
@@ -99,23 +124,27 @@ def _prefix(kind: str, layer: int) -> str:
     return f"{kind}-L{layer:03d}-"
 
 
-def covariance_cache_paths(model: torch.nn.Module, covs: Mapping[int, SecondMoment], *, kind: str = "ffn"
-                           ) -> dict[int, Path]:
+def covariance_cache_paths(
+    model: torch.nn.Module, covs: Mapping[int, SecondMoment], *, kind: str = "ffn"
+) -> dict[int, Path]:
     """Where the store keeps each of ``covs`` (as returned by :func:`layer_covariances` for this
     ``model`` and ``kind``); a path need not exist (``use_cache=False``, non-finite values)."""
     store = _store(model)
     return {l: store.path(sm.key, prefix=_prefix(kind, l)) for l, sm in covs.items()}
 
 
-def _resolve_spec(spec: CovarianceSpec | None, corpus: str | Corpus | None, **legacy: Any
-                  ) -> tuple[CovarianceSpec, Corpus]:
+def _resolve_spec(
+    spec: CovarianceSpec | None, corpus: str | Corpus | None, **legacy: Any
+) -> tuple[CovarianceSpec, Corpus]:
     """The spec and its resolved corpus, from ``spec`` or from the legacy keyword settings."""
     given = {k: v for k, v in legacy.items() if v is not None}
     if spec is not None:
         if given or corpus is not None:
-            raise ValueError(f"pass either spec= or the keyword settings, not both (got spec={spec} and "
-                             f"{sorted(given) + (['corpus'] if corpus is not None else [])}); "
-                             f"use spec=spec.replace(...) to change a field")
+            raise ValueError(
+                f"pass either spec= or the keyword settings, not both (got spec={spec} and "
+                f"{sorted(given) + (['corpus'] if corpus is not None else [])}); "
+                f"use spec=spec.replace(...) to change a field"
+            )
         return spec, resolve_corpus(spec.corpus)
     if isinstance(corpus, Corpus):
         return CovarianceSpec(corpus=corpus.name, **given), corpus
@@ -123,11 +152,24 @@ def _resolve_spec(spec: CovarianceSpec | None, corpus: str | Corpus | None, **le
     return spec, resolve_corpus(spec.corpus)
 
 
-def layer_covariances(model: Model, tok: Tokenizer, layers: Sequence[int], *, kind: str = "ffn",
-                      spec: CovarianceSpec | None = None, use_cache: bool = True, progress: bool = True,
-                      tokens_per_batch: int = 4096, checkpoint_every: int = 20, shard: Shard | None = None,
-                      corpus: str | Corpus | None = None, n_tokens: int | None = None, seq_len: int | None = None,
-                      dtype: str | None = None, seed: int | None = None) -> dict[int, SecondMoment]:
+def layer_covariances(
+    model: Model,
+    tok: Tokenizer,
+    layers: Sequence[int],
+    *,
+    kind: str = "ffn",
+    spec: CovarianceSpec | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+    tokens_per_batch: int = 4096,
+    checkpoint_every: int = 20,
+    shard: Shard | None = None,
+    corpus: str | Corpus | None = None,
+    n_tokens: int | None = None,
+    seq_len: int | None = None,
+    dtype: str | None = None,
+    seed: int | None = None,
+) -> dict[int, SecondMoment]:
     """E[k kᵀ] for the FFN keys (``kind="ffn"``) or MHSA-projection inputs (``kind="attn"``) of
     ``layers``, computed from ``spec``: cached per layer; the missing ones computed together in
     one pass.
@@ -167,8 +209,19 @@ def layer_covariances(model: Model, tok: Tokenizer, layers: Sequence[int], *, ki
         shard = shard if shard is not None else current_shard()
         chunks = tokenize_corpus(tok, corp, spec.n_tokens, spec.seq_len, model=model, seed=spec.seed)
         run = _PartialRun.plan(store, kind, {l: keys[l] for l in missing}, names, chunks, tokens_per_batch, shard)
-        out.update(_compute(model, tok, run, chunks, spec, use_cache=use_cache, progress=progress,
-                            tokens_per_batch=tokens_per_batch, checkpoint_every=checkpoint_every))
+        out.update(
+            _compute(
+                model,
+                tok,
+                run,
+                chunks,
+                spec,
+                use_cache=use_cache,
+                progress=progress,
+                tokens_per_batch=tokens_per_batch,
+                checkpoint_every=checkpoint_every,
+            )
+        )
     return {l: out[l] for l in layers}
 
 
@@ -201,13 +254,27 @@ class _PartialRun:
     shard: Shard
 
     @classmethod
-    def plan(cls, store: KeyedStore, kind: str, keys: dict[int, dict], names: dict[int, str],
-             chunks: list[list[int]], tokens_per_batch: int, shard: Shard) -> _PartialRun:
+    def plan(
+        cls,
+        store: KeyedStore,
+        kind: str,
+        keys: dict[int, dict],
+        names: dict[int, str],
+        chunks: list[list[int]],
+        tokens_per_batch: int,
+        shard: Shard,
+    ) -> _PartialRun:
         n_batches = len(plan_batches(chunks, tokens_per_batch))
-        run_key = {"layers": list(keys), "keys": list(keys.values()), "tokens_per_batch": int(tokens_per_batch),
-                   "n_batches": n_batches, **({"shard": [shard.rank, shard.world]} if shard.world > 1 else {})}
-        return cls(store, kind, keys, {l: names[l] for l in keys}, run_key,
-                   len(shard.take(list(range(n_batches)))), shard)
+        run_key = {
+            "layers": list(keys),
+            "keys": list(keys.values()),
+            "tokens_per_batch": int(tokens_per_batch),
+            "n_batches": n_batches,
+            **({"shard": [shard.rank, shard.world]} if shard.world > 1 else {}),
+        }
+        return cls(
+            store, kind, keys, {l: names[l] for l in keys}, run_key, len(shard.take(list(range(n_batches)))), shard
+        )
 
     @property
     def prefix(self) -> str:
@@ -228,8 +295,10 @@ class _PartialRun:
         if entry is None:
             return 0, None
         try:
-            init = {self.names[l]: SecondMoment.from_tensors(entry.tensors, key, prefix=f"L{l}.", where=entry.path)
-                    for l, key in self.keys.items()}
+            init = {
+                self.names[l]: SecondMoment.from_tensors(entry.tensors, key, prefix=f"L{l}.", where=entry.path)
+                for l, key in self.keys.items()
+            }
             start = int(entry.tensors["next_batch"])
             if not 0 < start <= self.n_batches:
                 raise DamagedEntryError(f"next batch {start} outside 1..{self.n_batches}")
@@ -243,16 +312,35 @@ class _PartialRun:
         self.store.path(self.run_key, prefix=self.prefix).unlink(missing_ok=True)
 
 
-def _compute(model: torch.nn.Module, tok: Any, run: _PartialRun, chunks: list[list[int]], spec: CovarianceSpec, *,
-             use_cache: bool, progress: bool, tokens_per_batch: int, checkpoint_every: int
-             ) -> dict[int, SecondMoment]:
+def _compute(
+    model: torch.nn.Module,
+    tok: Any,
+    run: _PartialRun,
+    chunks: list[list[int]],
+    spec: CovarianceSpec,
+    *,
+    use_cache: bool,
+    progress: bool,
+    tokens_per_batch: int,
+    checkpoint_every: int,
+) -> dict[int, SecondMoment]:
     """Collect the missing layers of ``run`` (resuming its checkpoint), merge the workers' sums,
     and let the main worker store each finite result."""
     start, init = run.resume() if use_cache else (0, None)
-    res = collect_second_moments(model, tok, list(run.names.values()), chunks, dtype=getattr(torch, spec.dtype),
-                                 tokens_per_batch=tokens_per_batch, start=start, init=init,
-                                 checkpoint=run.save if use_cache else None, checkpoint_every=checkpoint_every,
-                                 progress=progress and run.shard.is_main, shard=run.shard)
+    res = collect_second_moments(
+        model,
+        tok,
+        list(run.names.values()),
+        chunks,
+        dtype=getattr(torch, spec.dtype),
+        tokens_per_batch=tokens_per_batch,
+        start=start,
+        init=init,
+        checkpoint=run.save if use_cache else None,
+        checkpoint_every=checkpoint_every,
+        progress=progress and run.shard.is_main,
+        shard=run.shard,
+    )
     sums, counts = all_reduce_moments({n: r.sum for n, r in res.items()}, {n: r.count for n, r in res.items()})
     out = {l: SecondMoment(sums[n], counts[n], run.keys[l]) for l, n in run.names.items()}
     if use_cache and run.shard.is_main:
@@ -260,8 +348,11 @@ def _compute(model: torch.nn.Module, tok: Any, run: _PartialRun, chunks: list[li
             if torch.isfinite(sm.sum).all():
                 sm.save_to(run.store, prefix=_prefix(run.kind, l))
             else:
-                logger.warning("covariance of %s has non-finite values (activations overflowed in the model's "
-                               "dtype?); not caching it", run.names[l])
+                logger.warning(
+                    "covariance of %s has non-finite values (activations overflowed in the model's "
+                    "dtype?); not caching it",
+                    run.names[l],
+                )
     barrier()  # the main worker's files exist before anyone returns
     if use_cache:
         run.discard()

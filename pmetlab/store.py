@@ -15,13 +15,15 @@ A damaged, truncated or foreign file (another key hashed to the same name, a che
 non-finite values where they are refused) is logged with its path and treated as missing, so
 the caller recomputes and overwrites it.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -64,22 +66,36 @@ class KeyedStore:
         return self.folder / f"{prefix}{stable_hash(dict(key))}{suffix}"
 
     # --- tensors -----------------------------------------------------------------------------
-    def save_tensors(self, key: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
-                     meta: Mapping[str, Any] | None = None, *, prefix: str = "") -> Path:
+    def save_tensors(
+        self,
+        key: Mapping[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any] | None = None,
+        *,
+        prefix: str = "",
+    ) -> Path:
         """Write ``tensors`` (moved to the CPU) with ``key``, ``meta`` and a checksum; atomic."""
         return self.write_tensors(self.path(key, prefix=prefix), key, tensors, meta)
 
     @staticmethod
-    def write_tensors(path: str | Path, key: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
-                      meta: Mapping[str, Any] | None = None) -> Path:
+    def write_tensors(
+        path: str | Path,
+        key: Mapping[str, Any],
+        tensors: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any] | None = None,
+    ) -> Path:
         """Write one file in the store's format at an explicit ``path`` (the counterpart of
         :meth:`read_tensors`, for files whose place the caller chooses); atomic."""
         from safetensors.torch import save_file
+
         cpu = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
-        header = {"store_format": str(STORE_FORMAT), "key": stable_hash(dict(key), 32),
-                  "key_json": json.dumps(dict(key), sort_keys=True, default=str),
-                  "meta": json.dumps(dict(meta or {}), sort_keys=True, default=str),
-                  "checksum": tensor_digest(cpu)}
+        header = {
+            "store_format": str(STORE_FORMAT),
+            "key": stable_hash(dict(key), 32),
+            "key_json": json.dumps(dict(key), sort_keys=True, default=str),
+            "meta": json.dumps(dict(meta or {}), sort_keys=True, default=str),
+            "checksum": tensor_digest(cpu),
+        }
         path = Path(path)
         with atomic_path(path) as tmp:
             save_file(cpu, str(tmp), metadata=header)
@@ -101,6 +117,7 @@ class KeyedStore:
     def read_tensors(path: str | Path, key: Mapping[str, Any] | None = None, *, finite: bool = False) -> StoreEntry:
         """Read and verify one file; raises :class:`DamagedEntryError` naming the file."""
         from safetensors import safe_open
+
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
@@ -138,9 +155,12 @@ class KeyedStore:
             return None
         try:
             doc = json.loads(path.read_text())
-            ok = (isinstance(doc, dict) and doc.get("store_format") == STORE_FORMAT
-                  and stable_hash(doc.get("key"), 32) == stable_hash(json.loads(json.dumps(dict(key), default=str)), 32)
-                  and doc.get("checksum") == stable_hash(doc.get("value"), 32))
+            ok = (
+                isinstance(doc, dict)
+                and doc.get("store_format") == STORE_FORMAT
+                and stable_hash(doc.get("key"), 32) == stable_hash(json.loads(json.dumps(dict(key), default=str)), 32)
+                and doc.get("checksum") == stable_hash(doc.get("value"), 32)
+            )
             if not ok:
                 raise DamagedEntryError(f"{path} holds another key, an old format or a damaged value")
             return json.loads(doc["value"])

@@ -5,11 +5,12 @@ tokenizer: ``prompt_ids ⊕ target_ids == ids(prompt + " " + target)`` (method.m
 legacy SentencePiece tokenizers (LLaMA-1/2, Mistral) never make a lone "▁" a target token.
 The subject's last token is found from the tokenizer's character offsets (method.md §8).
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -18,8 +19,16 @@ from .cache import stable_hash
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["encode_prompt_target", "encode_prompt_targets", "target_ids", "subject_last_index", "encode_batch",
-           "pad_token_id", "tokenizer_identity", "Batch"]
+__all__ = [
+    "encode_prompt_target",
+    "encode_prompt_targets",
+    "target_ids",
+    "subject_last_index",
+    "encode_batch",
+    "pad_token_id",
+    "tokenizer_identity",
+    "Batch",
+]
 
 
 def target_ids(tok, target: str) -> list[int]:
@@ -54,7 +63,7 @@ def _n_appended(full: Sequence[int], plain: Sequence[int]) -> int:
     if n == 0:
         return 0
     for i in range(len(full) - n + 1):
-        if list(full[i:i + n]) == list(plain):
+        if list(full[i : i + n]) == list(plain):
             return len(full) - i - n
     return 0
 
@@ -66,19 +75,27 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return k
 
 
-def _split_joined(prompt: str, target: str, p_ids: list[int], suffix: list[int],
-                  joined: list[int]) -> tuple[list[int], list[int]]:
+def _split_joined(
+    prompt: str, target: str, p_ids: list[int], suffix: list[int], joined: list[int]
+) -> tuple[list[int], list[int]]:
     """Split the joined encoding (appended special tokens removed) into prompt and target ids."""
-    if suffix and joined[len(joined) - len(suffix):] == suffix:
-        joined = joined[:len(joined) - len(suffix)]
+    if suffix and joined[len(joined) - len(suffix) :] == suffix:
+        joined = joined[: len(joined) - len(suffix)]
     k = _common_prefix(p_ids, joined)
     if k == 0:
-        raise ValueError(f"prompt {prompt!r} keeps no token of its own when joined with target {target!r}; "
-                         f"nothing would predict the target's first token")
+        raise ValueError(
+            f"prompt {prompt!r} keeps no token of its own when joined with target {target!r}; "
+            f"nothing would predict the target's first token"
+        )
     if k < len(p_ids):
-        logger.warning("the last tokens of prompt %r merge with target %r when joined (ids %s alone, %s "
-                       "joined); the re-tokenised prompt tail is scored and written as part of the target",
-                       prompt, target, p_ids[k:], joined[k:])
+        logger.warning(
+            "the last tokens of prompt %r merge with target %r when joined (ids %s alone, %s "
+            "joined); the re-tokenised prompt tail is scored and written as part of the target",
+            prompt,
+            target,
+            p_ids[k:],
+            joined[k:],
+        )
     if k == len(joined):
         raise ValueError(f"target {target!r} tokenizes to nothing after prompt {prompt!r}")
     return joined[:k], joined[k:]
@@ -104,7 +121,7 @@ def encode_prompt_targets(tok, prompts: Sequence[str], targets: Sequence[str]) -
     frame: dict[str, tuple[list[int], list[int]]] = {}
     for p in uniq_p:
         n = _n_appended(full[p], plain[p])
-        frame[p] = (full[p][:len(full[p]) - n], full[p][len(full[p]) - n:])
+        frame[p] = (full[p][: len(full[p]) - n], full[p][len(full[p]) - n :])
         if not frame[p][0]:
             raise ValueError(f"prompt {p!r} tokenizes to nothing; a target needs at least one token before it")
     joined = _encode_many(tok, [_joined(p, t) for p, t in pairs], True)
@@ -165,7 +182,7 @@ class Batch:
     attention_mask: torch.Tensor
     lengths: torch.Tensor
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.lengths.to(device))
 
 
@@ -220,8 +237,12 @@ def tokenizer_identity(tok) -> dict:
     except (AttributeError, NotImplementedError):
         vocab = None
     probe = tok(_PROBE)["input_ids"]
-    return {"class": type(tok).__name__, "size": len(tok), "vocab": stable_hash(vocab) if vocab else None,
-            "probe": stable_hash(list(probe))}
+    return {
+        "class": type(tok).__name__,
+        "size": len(tok),
+        "vocab": stable_hash(vocab) if vocab else None,
+        "probe": stable_hash(list(probe)),
+    }
 
 
 _PROBE = "The Quick brown fox, 1984: naïve café -- Mr. O'Neil's ‘test’ \t  end."

@@ -9,13 +9,15 @@ Modules whose output is a tuple (older transformers decoder layers, attention mo
 handled in one place: :func:`hidden_of` reads the hidden state, :func:`replace_hidden` puts
 an edited one back in the same structure.
 """
+
 from __future__ import annotations
 
 import difflib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +25,14 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "StopForward", "Trace", "TraceDict", "get_module", "get_parameter", "hidden_of",
-    "replace_hidden", "module_names",
+    "StopForward",
+    "Trace",
+    "TraceDict",
+    "get_module",
+    "get_parameter",
+    "hidden_of",
+    "replace_hidden",
+    "module_names",
 ]
 
 
@@ -76,7 +84,8 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     except AttributeError:
         raise LookupError(
             f"module {name!r} not found in {type(model).__name__}; close matches: "
-            f"{_close_matches(name, module_names(model))}") from None
+            f"{_close_matches(name, module_names(model))}"
+        ) from None
 
 
 def get_parameter(model: nn.Module, name: str) -> nn.Parameter:
@@ -86,7 +95,8 @@ def get_parameter(model: nn.Module, name: str) -> nn.Parameter:
     except AttributeError:
         raise LookupError(
             f"parameter {name!r} not found in {type(model).__name__}; close matches: "
-            f"{_close_matches(name, [n for n, _ in model.named_parameters()])}") from None
+            f"{_close_matches(name, [n for n, _ in model.named_parameters()])}"
+        ) from None
 
 
 def _copy(x: Any, clone: bool, detach: bool) -> Any:
@@ -117,9 +127,18 @@ class Trace(AbstractContextManager):
         stop: raise :class:`StopForward` after this module ran (caught on exit).
     """
 
-    def __init__(self, module: nn.Module, layer: str | None = None, *, retain_output: bool = True,
-                 retain_input: bool = False, clone: bool = False, detach: bool = False,
-                 edit_output: EditFn | None = None, stop: bool = False) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        layer: str | None = None,
+        *,
+        retain_output: bool = True,
+        retain_input: bool = False,
+        clone: bool = False,
+        detach: bool = False,
+        edit_output: EditFn | None = None,
+        stop: bool = False,
+    ) -> None:
         self.layer = layer or ""
         target = get_module(module, layer) if layer else module
         self.input: Any = None
@@ -150,7 +169,7 @@ class Trace(AbstractContextManager):
             h.remove()
         self._handles.clear()
 
-    def __enter__(self) -> "Trace":
+    def __enter__(self) -> Trace:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -165,9 +184,18 @@ class TraceDict(OrderedDict, AbstractContextManager):
     ``edit_output`` receives ``(output, name)`` for every traced module.
     """
 
-    def __init__(self, module: nn.Module, layers: Iterable[str], *, retain_output: bool = True,
-                 retain_input: bool = False, clone: bool = False, detach: bool = False,
-                 edit_output: EditFn | None = None, stop: bool = False) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        layers: Iterable[str],
+        *,
+        retain_output: bool = True,
+        retain_input: bool = False,
+        clone: bool = False,
+        detach: bool = False,
+        edit_output: EditFn | None = None,
+        stop: bool = False,
+    ) -> None:
         super().__init__()
         names = list(dict.fromkeys(layers))
         for n in names:  # validate every name before any hook is attached
@@ -175,11 +203,18 @@ class TraceDict(OrderedDict, AbstractContextManager):
         self._pending: set[str] = set(names)
         try:
             for n in names:
-                self[n] = Trace(module, n, retain_output=retain_output, retain_input=retain_input,
-                                clone=clone, detach=detach, edit_output=edit_output, stop=False)
+                self[n] = Trace(
+                    module,
+                    n,
+                    retain_output=retain_output,
+                    retain_input=retain_input,
+                    clone=clone,
+                    detach=detach,
+                    edit_output=edit_output,
+                    stop=False,
+                )
             if stop and names:
-                self._stop_handles = [
-                    get_module(module, n).register_forward_hook(self._make_stopper(n)) for n in names]
+                self._stop_handles = [get_module(module, n).register_forward_hook(self._make_stopper(n)) for n in names]
             else:
                 self._stop_handles = []
         except BaseException:
@@ -192,6 +227,7 @@ class TraceDict(OrderedDict, AbstractContextManager):
             if not self._pending:
                 self._pending = set(self.keys())  # ready for the next forward in this context
                 raise StopForward()
+
         return stopper
 
     def close(self) -> None:
@@ -201,7 +237,7 @@ class TraceDict(OrderedDict, AbstractContextManager):
             h.remove()
         self._stop_handles = []
 
-    def __enter__(self) -> "TraceDict":
+    def __enter__(self) -> TraceDict:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

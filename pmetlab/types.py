@@ -4,6 +4,7 @@ pmetlab edits decoder-only causal LMs loaded with transformers (any ``PreTrained
 class has an adapter, see :mod:`pmetlab.models.adapters`); some helpers also accept a bare
 ``torch.nn.Module`` built from a config, so the model alias is the module type.
 """
+
 from __future__ import annotations
 
 from typing import TypeAlias

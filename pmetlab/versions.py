@@ -1,4 +1,5 @@
 """Versions of everything that changes a result, recorded with every run and saved edit."""
+
 from __future__ import annotations
 
 import platform

@@ -3,10 +3,11 @@
 Tiny models come from :mod:`tests.tiny_models` (configs only, no download). The real model is
 loaded once per session and only by tests marked ``slow``.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -48,4 +49,3 @@ def tiny_llama() -> nn.Module:
 def input_ids() -> Callable[..., torch.Tensor]:
     """A factory for random ``(batch, seq)`` token ids valid for a given model."""
     return random_input_ids
-

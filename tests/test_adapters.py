@@ -1,4 +1,5 @@
 """Architecture adapters: the same contract for every family, on tiny random-weight models."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,11 +9,25 @@ import torch
 from torch import nn
 
 import pmetlab
-from pmetlab.models import (ArchSpec, ModelAdapter, UnsupportedArchitectureError, adapters, get_adapter,
-                            register_adapter, supported_architectures)
+from pmetlab.models import (
+    ArchSpec,
+    ModelAdapter,
+    UnsupportedArchitectureError,
+    adapters,
+    get_adapter,
+    register_adapter,
+    supported_architectures,
+)
 from pmetlab.tracing import Trace, TraceDict, get_module, hidden_of
-from tests.tiny_models import (TINY_D_FF, TINY_D_MODEL, TINY_FAMILIES, TINY_LAYERS, assert_no_hooks,
-                               make_tiny_model, random_input_ids)
+from tests.tiny_models import (
+    TINY_D_FF,
+    TINY_D_MODEL,
+    TINY_FAMILIES,
+    TINY_LAYERS,
+    assert_no_hooks,
+    make_tiny_model,
+    random_input_ids,
+)
 
 # Edits add a fixed random direction: a constant shift along every dimension would be erased by
 # the next LayerNorm (mean subtraction) and prove nothing on GPT-2/OPT/NeoX/Phi/GPT-J.
@@ -58,8 +73,13 @@ def test_family_is_found_by_class(model, adapter, family) -> None:
 
 def test_every_name_resolves(model, adapter, family) -> None:
     for layer in range(adapter.n_layers):
-        names = [adapter.layer_name(layer), adapter.attn_name(layer), adapter.attn_out_name(layer),
-                 adapter.mlp_name(layer), adapter.ffn_out_name(layer)]
+        names = [
+            adapter.layer_name(layer),
+            adapter.attn_name(layer),
+            adapter.attn_out_name(layer),
+            adapter.mlp_name(layer),
+            adapter.ffn_out_name(layer),
+        ]
         for name in names:
             assert isinstance(get_module(model, name), nn.Module), name
         for norm in (adapter.attn_post_norm_name(layer), adapter.ffn_post_norm_name(layer)):
@@ -299,8 +319,17 @@ class _CustomLM(nn.Module):
         return self.head(self.ln_out(h))
 
 
-_CUSTOM_SPEC = ArchSpec("custom", ("_CustomLM",), layers="blocks", attn="mix", attn_out="mix", mlp="down",
-                        ffn_out="down", final_norm="ln_out", unembed="head")
+_CUSTOM_SPEC = ArchSpec(
+    "custom",
+    ("_CustomLM",),
+    layers="blocks",
+    attn="mix",
+    attn_out="mix",
+    mlp="down",
+    ffn_out="down",
+    final_norm="ln_out",
+    unembed="head",
+)
 
 
 @pytest.fixture

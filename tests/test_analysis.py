@@ -1,4 +1,5 @@
 """The MHSA-vs-FFN hidden-state study (pmetlab.analysis) on tiny random models and on SmolLM2."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pmetlab.analysis import (COMPONENTS, METRICS, component_io_states, component_similarity,
-                              component_similarity_values, component_states, input_embedding_topk,
-                              logit_lens_topk, mean_ci, similarity_by_depth, similarity_reading,
-                              summarize_similarity, topk_jaccard)
+from pmetlab.analysis import (
+    COMPONENTS,
+    METRICS,
+    component_io_states,
+    component_similarity,
+    component_similarity_values,
+    component_states,
+    input_embedding_topk,
+    logit_lens_topk,
+    mean_ci,
+    similarity_by_depth,
+    similarity_reading,
+    summarize_similarity,
+    topk_jaccard,
+)
 from pmetlab.models import get_adapter
 from tests.tiny_models import TINY_FAMILIES, TINY_LAYERS, make_tiny_model
 
@@ -41,9 +53,12 @@ class CharTokenizer:
         width = max(map(len, ids))
         pad = [[self.pad_token_id] * (width - len(i)) for i in ids]
         left = self.padding_side == "left"
-        return {"input_ids": torch.tensor([(p + i) if left else (i + p) for i, p in zip(ids, pad)]),
-                "attention_mask": torch.tensor([[0] * len(p) + [1] * len(i) if left else [1] * len(i) + [0] * len(p)
-                                                for i, p in zip(ids, pad)])}
+        return {
+            "input_ids": torch.tensor([(p + i) if left else (i + p) for i, p in zip(ids, pad)]),
+            "attention_mask": torch.tensor(
+                [[0] * len(p) + [1] * len(i) if left else [1] * len(i) + [0] * len(p) for i, p in zip(ids, pad)]
+            ),
+        }
 
 
 def _tiny(family: str):
@@ -60,6 +75,7 @@ def _unpadded_hidden_states(model, tok, prompt: str) -> list[torch.Tensor]:
 
 
 # --- states -----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_states_reconstruct_the_residual_stream(family, caplog):
@@ -83,12 +99,14 @@ def test_states_reconstruct_the_residual_stream(family, caplog):
 
 
 def test_parallel_and_sequential_families_are_both_covered():
-    kinds = {get_adapter(make_tiny_model(f)).parallel for f in ("LlamaForCausalLM", "GPTJForCausalLM",
-                                                                 "GPTNeoXForCausalLM")}
+    kinds = {
+        get_adapter(make_tiny_model(f)).parallel for f in ("LlamaForCausalLM", "GPTJForCausalLM", "GPTNeoXForCausalLM")
+    }
     assert kinds == {True, False}
 
 
 # --- the paper protocol: what each component reads and computes ---------------------------------------
+
 
 def _perturb_norms(model: torch.nn.Module, seed: int = 1) -> None:
     """Random norm weights/biases: a freshly built norm (weight 1 or Gemma's 1 + 0, bias 0) is
@@ -128,8 +146,9 @@ def _expected_io(model, family: str, l: int, h, a, m):
     return layer.input_layernorm(h), layer.post_attention_layernorm(h + a), h + a + m
 
 
-@pytest.mark.parametrize("family, overrides", [(f, {}) for f in TINY_FAMILIES]
-                         + [("GPTNeoXForCausalLM", {"use_parallel_residual": False})])
+@pytest.mark.parametrize(
+    "family, overrides", [(f, {}) for f in TINY_FAMILIES] + [("GPTNeoXForCausalLM", {"use_parallel_residual": False})]
+)
 def test_paper_inputs_and_outputs_match_a_manual_forward(family, overrides):
     """Traced inputs are the normed vectors each module reads and traced outputs are what the
     module computes: with them the hand-written block reproduces the next layer's input."""
@@ -159,10 +178,18 @@ def test_gemma3_outputs_are_taken_before_the_post_norms():
     resid = component_states(model, tok, PROMPTS)
     layer = model.model.layers[1]
     with torch.no_grad():
-        torch.testing.assert_close(resid.mhsa_out[:, 1] - resid.mhsa_in[:, 1],
-                                   layer.post_attention_layernorm(paper.mhsa_out[:, 1]), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(resid.ffn_out[:, 1] - resid.ffn_in[:, 1],
-                                   layer.post_feedforward_layernorm(paper.ffn_out[:, 1]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            resid.mhsa_out[:, 1] - resid.mhsa_in[:, 1],
+            layer.post_attention_layernorm(paper.mhsa_out[:, 1]),
+            rtol=1e-4,
+            atol=1e-4,
+        )
+        torch.testing.assert_close(
+            resid.ffn_out[:, 1] - resid.ffn_in[:, 1],
+            layer.post_feedforward_layernorm(paper.ffn_out[:, 1]),
+            rtol=1e-4,
+            atol=1e-4,
+        )
     assert not torch.allclose(paper.mhsa_out[:, 1], resid.mhsa_out[:, 1] - resid.mhsa_in[:, 1], atol=1e-3)
 
 
@@ -203,16 +230,20 @@ def test_paper_cosine_and_jaccard_match_a_manual_computation():
     blk, emb = model.model.layers[layer], model.get_input_embeddings().weight
     for i, prompt in enumerate(PROMPTS):
         cap = {}
-        hooks = [blk.self_attn.register_forward_hook(lambda mod, args, out: cap.__setitem__("a", out[0][0, -1])),
-                 blk.mlp.register_forward_hook(lambda mod, args, out: cap.__setitem__("m", out[0, -1]))]
+        hooks = [
+            blk.self_attn.register_forward_hook(lambda mod, args, out: cap.__setitem__("a", out[0][0, -1])),  # noqa: B023 (used in this iteration)
+            blk.mlp.register_forward_hook(lambda mod, args, out: cap.__setitem__("m", out[0, -1])),  # noqa: B023
+        ]
         try:
             h = _unpadded_hidden_states(model, tok, prompt)[layer]
         finally:
             for hook in hooks:
                 hook.remove()
         with torch.no_grad():
-            pairs = {"MHSA": (blk.input_layernorm(h), cap["a"]),
-                     "FFN": (blk.post_attention_layernorm(h + cap["a"]), cap["m"])}
+            pairs = {
+                "MHSA": (blk.input_layernorm(h), cap["a"]),
+                "FFN": (blk.post_attention_layernorm(h + cap["a"]), cap["m"]),
+            }
             for comp, (x, y) in pairs.items():
                 sx, sy = set((x @ emb.T).topk(k).indices.tolist()), set((y @ emb.T).topk(k).indices.tolist())
                 assert got[(i, comp, "cosine")] == pytest.approx(F.cosine_similarity(x, y, dim=0).item(), abs=1e-5)
@@ -238,22 +269,28 @@ OLD_RESIDUAL_MEANS = {
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_residual_protocol_reproduces_the_old_numbers(family):
     model, tok = _tiny(family)
-    values = component_similarity_values(model, tok, PROMPTS, protocol="residual", top_k=10, batch_size=2,
-                                         progress=False)
+    values = component_similarity_values(
+        model, tok, PROMPTS, protocol="residual", top_k=10, batch_size=2, progress=False
+    )
     assert set(values["protocol"]) == {"residual"} and set(values["projection"]) == {"logit_lens"}
     means = values.groupby(["component", "metric"], observed=True)["value"].mean()
     got = [means[(c, m)] for c in COMPONENTS for m in METRICS]
     assert got == pytest.approx(list(OLD_RESIDUAL_MEANS[family]), abs=2e-6)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"protocol": "Paper"}, r"protocol must be one of \['paper', 'residual'\], got 'Paper'"),
-    ({"protocol": "logit_lens"}, r"protocol must be one of .*got 'logit_lens'"),
-    ({"protocol": None}, r"protocol must be one of .*got None"),
-    ({"projection": "unembedding"},
-     r"projection must be one of \['input_embeddings', 'logit_lens'\].*got 'unembedding'"),
-    ({"protocol": "residual", "projection": "lm_head"}, r"projection must be one of .*got 'lm_head'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"protocol": "Paper"}, r"protocol must be one of \['paper', 'residual'\], got 'Paper'"),
+        ({"protocol": "logit_lens"}, r"protocol must be one of .*got 'logit_lens'"),
+        ({"protocol": None}, r"protocol must be one of .*got None"),
+        (
+            {"projection": "unembedding"},
+            r"projection must be one of \['input_embeddings', 'logit_lens'\].*got 'unembedding'",
+        ),
+        ({"protocol": "residual", "projection": "lm_head"}, r"projection must be one of .*got 'lm_head'"),
+    ],
+)
 def test_bad_protocol_or_projection_is_rejected(kwargs, match):
     model, tok = _tiny("LlamaForCausalLM")
     with pytest.raises(ValueError, match=match):
@@ -264,18 +301,21 @@ def test_bad_protocol_or_projection_is_rejected(kwargs, match):
 
 # --- the residual protocol against a manual computation -------------------------------------------------
 
+
 def test_cosine_and_jaccard_match_a_manual_computation():
     """Llama (sequential): a^l from a hand-made hook on o_proj, the rest from output_hidden_states."""
     model, tok = _tiny("LlamaForCausalLM")
     k = 7
-    values = component_similarity_values(model, tok, PROMPTS, protocol="residual", top_k=k, batch_size=2,
-                                         progress=False)
+    values = component_similarity_values(
+        model, tok, PROMPTS, protocol="residual", top_k=k, batch_size=2, progress=False
+    )
     layer = 1
     got = values[values["layer"] == layer].set_index(["prompt_id", "component", "metric"])["value"]
     for i, prompt in enumerate(PROMPTS):
         captured = {}
         hook = model.model.layers[layer].self_attn.o_proj.register_forward_hook(
-            lambda mod, args, out: captured.__setitem__("a", out[0, -1].clone()))
+            lambda mod, args, out: captured.__setitem__("a", out[0, -1].clone())  # noqa: B023
+        )
         try:
             hs = _unpadded_hidden_states(model, tok, prompt)
         finally:
@@ -291,9 +331,12 @@ def test_cosine_and_jaccard_match_a_manual_computation():
             sx, sy = set(top(x)), set(top(y))
             return len(sx & sy) / len(sx | sy)
 
-        expected = {("MHSA", "cosine"): F.cosine_similarity(h_prev, mid, dim=0).item(),
-                    ("FFN", "cosine"): F.cosine_similarity(mid, h_next, dim=0).item(),
-                    ("MHSA", "jaccard"): jac(h_prev, mid), ("FFN", "jaccard"): jac(mid, h_next)}
+        expected = {
+            ("MHSA", "cosine"): F.cosine_similarity(h_prev, mid, dim=0).item(),
+            ("FFN", "cosine"): F.cosine_similarity(mid, h_next, dim=0).item(),
+            ("MHSA", "jaccard"): jac(h_prev, mid),
+            ("FFN", "jaccard"): jac(mid, h_next),
+        }
         for (comp, metric), want in expected.items():
             assert got[(i, comp, metric)] == pytest.approx(want, abs=1e-5), (prompt, comp, metric)
 
@@ -328,6 +371,7 @@ def test_topk_jaccard_and_logit_lens():
 
 
 # --- results ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("protocol", ["paper", "residual"])
@@ -383,14 +427,17 @@ def test_mean_ci():
         mean_ci([1.0, 2.0], confidence=1.5)
 
 
-@pytest.mark.parametrize("prompts, kwargs, match", [
-    ([], {}, "empty"),
-    ("a single string", {}, "single string"),
-    (["ok", ""], {}, r"prompts\[1\]"),
-    (["ok"], {"top_k": 0}, "top_k"),
-    (["ok"], {"top_k": 10_000}, "top_k"),
-    (["ok"], {"batch_size": 0}, "batch_size"),
-])
+@pytest.mark.parametrize(
+    "prompts, kwargs, match",
+    [
+        ([], {}, "empty"),
+        ("a single string", {}, "single string"),
+        (["ok", ""], {}, r"prompts\[1\]"),
+        (["ok"], {"top_k": 0}, "top_k"),
+        (["ok"], {"top_k": 10_000}, "top_k"),
+        (["ok"], {"batch_size": 0}, "batch_size"),
+    ],
+)
 def test_bad_input_is_rejected(prompts, kwargs, match):
     model, tok = _tiny("LlamaForCausalLM")
     with pytest.raises(ValueError, match=match):
@@ -399,22 +446,37 @@ def test_bad_input_is_rejected(prompts, kwargs, match):
 
 # --- depth table and the generated reading --------------------------------------------------------
 
+
 def _synthetic_summary(ffn, mhsa, half_width: float = 0.02, protocol: str = "paper") -> pd.DataFrame:
     """A summary with the given per-layer means (same curves for both metrics)."""
-    rows = [dict(protocol=protocol, projection="input_embeddings", layer=l, component=comp, metric=metric,
-                 mean=v, ci_low=v - half_width, ci_high=v + half_width, n=100)
-            for metric in METRICS for comp, curve in (("MHSA", mhsa), ("FFN", ffn)) for l, v in enumerate(curve)]
+    rows = [
+        dict(
+            protocol=protocol,
+            projection="input_embeddings",
+            layer=l,
+            component=comp,
+            metric=metric,
+            mean=v,
+            ci_low=v - half_width,
+            ci_high=v + half_width,
+            n=100,
+        )
+        for metric in METRICS
+        for comp, curve in (("MHSA", mhsa), ("FFN", ffn))
+        for l, v in enumerate(curve)
+    ]
     return pd.DataFrame(rows)
 
 
 SETTLING = [min(0.3 + 0.05 * l, 0.8) if l < 8 else 0.8 for l in range(12)]  # rises, flat from layer 8
-ZIGZAG = [0.3 + 0.1 * (-1) ** l for l in range(12)]                         # low and changing
+ZIGZAG = [0.3 + 0.1 * (-1) ** l for l in range(12)]  # low and changing
 
 
 def test_reading_holds_when_ffn_settles_high_and_mhsa_keeps_changing():
     text = similarity_reading(_synthetic_summary(SETTLING, ZIGZAG), model_name="toy")
-    assert text.startswith("On toy (protocol paper, projection input_embeddings; 100 prompts, 12 layers, "
-                           "late third = layers 8–11)")
+    assert text.startswith(
+        "On toy (protocol paper, projection input_embeddings; 100 prompts, 12 layers, late third = layers 8–11)"
+    )
     assert "**holds**" in text
     # late third: FFN 0.8 ± 0.02; MHSA mean of 0.4, 0.2, 0.4, 0.2; steps from layer 7 on
     assert "FFN averages 0.800 [0.780, 0.820] and MHSA 0.300 [0.280, 0.320], so FFN is higher" in text
@@ -440,8 +502,7 @@ def test_reading_holds_in_part_and_respects_the_intervals():
 
 
 def test_reading_and_depth_table_reject_mixed_or_short_input():
-    both = pd.concat([_synthetic_summary(SETTLING, ZIGZAG),
-                      _synthetic_summary(SETTLING, ZIGZAG, protocol="residual")])
+    both = pd.concat([_synthetic_summary(SETTLING, ZIGZAG), _synthetic_summary(SETTLING, ZIGZAG, protocol="residual")])
     with pytest.raises(ValueError, match=r"mixes protocols \['paper', 'residual'\]"):
         similarity_reading(both)
     with pytest.raises(ValueError, match="at least 3 layers"):
@@ -451,19 +512,20 @@ def test_reading_and_depth_table_reject_mixed_or_short_input():
 
 
 def test_similarity_by_depth_covers_both_protocols():
-    both = pd.concat([_synthetic_summary(SETTLING, ZIGZAG),
-                      _synthetic_summary(ZIGZAG, SETTLING, protocol="residual")])
+    both = pd.concat([_synthetic_summary(SETTLING, ZIGZAG), _synthetic_summary(ZIGZAG, SETTLING, protocol="residual")])
     table = similarity_by_depth(both)
     assert list(table.columns) == ["protocol", "projection", "metric", "component", "early", "middle", "late"]
     assert len(table) == 2 * len(METRICS) * len(COMPONENTS)
     row = table[(table["protocol"] == "paper") & (table["metric"] == "cosine") & (table["component"] == "FFN")]
     assert row[["early", "middle", "late"]].iloc[0].tolist() == pytest.approx(
-        [sum(SETTLING[:4]) / 4, sum(SETTLING[4:8]) / 4, 0.8])
+        [sum(SETTLING[:4]) / 4, sum(SETTLING[4:8]) / 4, 0.8]
+    )
     res = table[(table["protocol"] == "residual") & (table["component"] == "MHSA")]
     assert res["late"].tolist() == pytest.approx([0.8, 0.8])
 
 
 # --- the real model --------------------------------------------------------------------------------
+
 
 def _known_facts_path() -> Path:
     base = Path(os.environ.get("PMETLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))

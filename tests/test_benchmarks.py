@@ -1,6 +1,7 @@
 """The benchmark entry point in --quick mode (tiny model): it runs every hot path next to its
 reference and writes the documented JSON rows. No timing is asserted, only the schema and
 that the fast paths agree with their references."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,14 @@ REQUIRED = {"z_opt_seconds_per_edit", "covariance_tokens_per_s", "eval_prompts_p
 def test_quick_benchmark_writes_the_documented_rows(tmp_path):
     out = tmp_path / "latest.json"
     env = {**os.environ, "PMETLAB_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(out.read_text())
     names = {r["name"] for r in rows}

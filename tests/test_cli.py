@@ -1,5 +1,6 @@
 """The ``pmetlab`` command line: help at every level, one-line errors with exit status 2 and no
 traceback, and the subcommands end to end on a tiny model saved to disk."""
+
 from __future__ import annotations
 
 import argparse
@@ -57,17 +58,20 @@ def test_help_at_every_level(sub, capsys):
         assert "--hparams KEY=VALUE" in out and "--no-generation" in out and "sequential" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "required"),
-    (["frobnicate"], "invalid choice"),
-    (["run", "--method", "rome"], "invalid choice: 'rome'"),
-    (["run", "--hparams", "v_lr"], "expected KEY=VALUE"),
-    (["run", "--n-edits", "0"], "positive integer"),
-    (["run", "--hparams", "bogus_key=1"], "unknown hyperparameter(s) ['bogus_key']"),
-    (["run", "--hparams", "v_lr=fast"], "v_lr must be a number"),
-    (["stats", "--layers", "3-x"], "bad layer list"),
-    (["summarize", "no/such/run"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "required"),
+        (["frobnicate"], "invalid choice"),
+        (["run", "--method", "rome"], "invalid choice: 'rome'"),
+        (["run", "--hparams", "v_lr"], "expected KEY=VALUE"),
+        (["run", "--n-edits", "0"], "positive integer"),
+        (["run", "--hparams", "bogus_key=1"], "unknown hyperparameter(s) ['bogus_key']"),
+        (["run", "--hparams", "v_lr=fast"], "v_lr must be a number"),
+        (["stats", "--layers", "3-x"], "bad layer list"),
+        (["summarize", "no/such/run"], "does not exist"),
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a run that wrongly started would write here
     assert main(argv) == 2
@@ -91,8 +95,20 @@ def test_value_parsing():
 
 def test_run_and_summarize(tiny_env, tiny_dir, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "run"
-    argv = ["run", "--model", str(tiny_dir), "--n-edits", "2", "--no-generation", "--out", str(out),
-            "--no-progress", "--label", "cli", *_hp_args(tiny_env)]
+    argv = [
+        "run",
+        "--model",
+        str(tiny_dir),
+        "--n-edits",
+        "2",
+        "--no-generation",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--label",
+        "cli",
+        *_hp_args(tiny_env),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"run directory: {out}" in printed and "efficacy_score" in printed and "cli" in printed
@@ -112,8 +128,22 @@ def test_run_and_summarize(tiny_env, tiny_dir, tmp_path, capsys):  # noqa: F811
 
 
 def test_stats_prints_where_it_cached(tiny_env, tiny_dir, capsys):  # noqa: F811
-    rc = main(["stats", "--model", str(tiny_dir), "--layers", "0-1", "--corpus", str(tiny_env / "corpus.txt"),
-               "--tokens", "300", "--seq-len", "32", "--no-progress"])
+    rc = main(
+        [
+            "stats",
+            "--model",
+            str(tiny_dir),
+            "--layers",
+            "0-1",
+            "--corpus",
+            str(tiny_env / "corpus.txt"),
+            "--tokens",
+            "300",
+            "--seq-len",
+            "32",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("layer")]
     assert len(lines) == 2
@@ -124,10 +154,24 @@ def test_stats_prints_where_it_cached(tiny_env, tiny_dir, capsys):  # noqa: F811
 
 def test_notebooks_delegates_and_reports(monkeypatch, capsys):
     calls = []
-    results = [{"name": "01_component_similarity", "status": "ok", "seconds": 3.21, "error": None, "cell": None,
-                "missing": []},
-               {"name": "02_edit_walkthrough", "status": "failed", "seconds": 1.0,
-                "error": "ZeroDivisionError: division by zero\nmore", "cell": 4, "missing": ["02_checks.csv"]}]
+    results = [
+        {
+            "name": "01_component_similarity",
+            "status": "ok",
+            "seconds": 3.21,
+            "error": None,
+            "cell": None,
+            "missing": [],
+        },
+        {
+            "name": "02_edit_walkthrough",
+            "status": "failed",
+            "seconds": 1.0,
+            "error": "ZeroDivisionError: division by zero\nmore",
+            "cell": 4,
+            "missing": ["02_checks.csv"],
+        },
+    ]
 
     def fake(out_dir, names=None, parameters=None, smoke=False):
         calls.append((out_dir, names, parameters, smoke))
@@ -144,8 +188,23 @@ def test_notebooks_delegates_and_reports(monkeypatch, capsys):
 
 
 def test_demo_on_a_tiny_model(tiny_env, tiny_dir, capsys):  # noqa: F811
-    rc = main(["demo", "--model", str(tiny_dir), "--prompt", "{} plays the", "--subject", "danny miles",
-               "--target", "piano", "--true", "guitar", "--no-progress", *_hp_args(tiny_env)])
+    rc = main(
+        [
+            "demo",
+            "--model",
+            str(tiny_dir),
+            "--prompt",
+            "{} plays the",
+            "--subject",
+            "danny miles",
+            "--target",
+            "piano",
+            "--true",
+            "guitar",
+            "--no-progress",
+            *_hp_args(tiny_env),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "before the edit" in out and "after the PMET edit" in out and "P(piano)=" in out

@@ -1,6 +1,7 @@
 """compute_deltas end to end on tiny models: the model is never changed, the right weights are
 edited, the ablation switches do what they say, the edit raises p(target), failures restore,
 and the fast target optimisation agrees with the reference one."""
+
 from __future__ import annotations
 
 import random
@@ -10,17 +11,26 @@ import pytest
 import torch
 
 import pmetlab.editing.compute as compute_mod
-from pmetlab import (EditRequest, MEMITHyperParams, PMETHyperParams, compute_deltas, edited, get_adapter,
-                     layer_covariances)
+from pmetlab import (
+    EditRequest,
+    MEMITHyperParams,
+    PMETHyperParams,
+    compute_deltas,
+    edited,
+    get_adapter,
+    layer_covariances,
+)
 from pmetlab.editing.prefixes import context_templates
 from pmetlab.editing.targets import optimize_targets, stop_decision
 from pmetlab.tokens import target_ids
-from tests.tiny_models import TINY_FAMILIES, _TOKENIZER_WORDS, assert_no_hooks, make_tiny_model, make_tiny_tokenizer
+from tests.tiny_models import _TOKENIZER_WORDS, TINY_FAMILIES, assert_no_hooks, make_tiny_model, make_tiny_tokenizer
 
 FAMILIES = ["LlamaForCausalLM", "GPTJForCausalLM", "GPT2LMHeadModel"]  # sequential, parallel, Conv1D
-REQUESTS = [EditRequest(prompt="{} plays the sport of", subject="danny miles", target_new="jazz"),
-            EditRequest(prompt="the capital of {} is", subject="france", target_new="rome"),
-            EditRequest(prompt="{} was born in the city of", subject="miles davis", target_new="new tokyo")]
+REQUESTS = [
+    EditRequest(prompt="{} plays the sport of", subject="danny miles", target_new="jazz"),
+    EditRequest(prompt="the capital of {} is", subject="france", target_new="rome"),
+    EditRequest(prompt="{} was born in the city of", subject="miles davis", target_new="new tokyo"),
+]
 
 
 @pytest.fixture
@@ -29,14 +39,22 @@ def env(tmp_path, monkeypatch):
     rng = random.Random(0)
     words = [w for w in _TOKENIZER_WORDS if w.isalpha()]
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"<doc>\n{' '.join(rng.choice(words) for _ in range(60))}\n</doc>\n"
-                              for _ in range(12)))
+    corpus.write_text("".join(f"<doc>\n{' '.join(rng.choice(words) for _ in range(60))}\n</doc>\n" for _ in range(12)))
     return {"corpus": str(corpus), "tmp": tmp_path}
 
 
 def _hp(env, cls=PMETHyperParams, **kw):
-    base = dict(layers=(0, 1), cov_corpus=env["corpus"], cov_tokens=600, cov_seq_len=32, n_prefixes=2,
-                prefix_tokens=4, v_num_grad_steps=5, clamp_norm_factor=4.0, mom2_update_weight=1.0)
+    base = dict(
+        layers=(0, 1),
+        cov_corpus=env["corpus"],
+        cov_tokens=600,
+        cov_seq_len=32,
+        n_prefixes=2,
+        prefix_tokens=4,
+        v_num_grad_steps=5,
+        clamp_norm_factor=4.0,
+        mom2_update_weight=1.0,
+    )
     return cls(**{**base, **kw})
 
 
@@ -89,8 +107,9 @@ def test_update_attn_weights_edits_mhsa_and_ffn_of_critical_layers_only(env, fam
     state = _state(model)
     d = compute_deltas(model, tok, REQUESTS[:2], _hp(env, update_attn_weights=True), progress=False)
     _assert_untouched(model, state)
-    want = sorted(adapter.weight_param_name(m) for l in (0, 1)
-                  for m in (adapter.ffn_out_name(l), adapter.attn_out_name(l)))
+    want = sorted(
+        adapter.weight_param_name(m) for l in (0, 1) for m in (adapter.ffn_out_name(l), adapter.attn_out_name(l))
+    )
     assert d.param_names() == want
     for n, t in d.tensors.items():
         assert t.shape == model.get_parameter(n).shape and t.abs().sum() > 0
@@ -102,6 +121,7 @@ def _ffn_residual_norm(model, tok, hp, attn_update: torch.Tensor | None) -> floa
     """‖v^m − m^L‖ with m^L read on the model (optionally with W_O of layer L updated)."""
     from pmetlab.editing.solve import keys_and_outputs
     from pmetlab.editing.targets import optimize_targets_cached
+
     adapter, L = get_adapter(model), hp.layers[-1]
     templates = context_templates(model, tok, hp)
     v = optimize_targets_cached(model, tok, REQUESTS[:2], hp, templates, progress=False).values["ffn"]
@@ -110,8 +130,9 @@ def _ffn_residual_norm(model, tok, hp, attn_update: torch.Tensor | None) -> floa
     with torch.no_grad():
         if attn_update is not None:
             w.add_(attn_update)
-        _, cur = keys_and_outputs(model, tok, adapter, REQUESTS[:2], templates, [adapter.ffn_out_name(L)],
-                                  [adapter.ffn_out_name(L)])
+        _, cur = keys_and_outputs(
+            model, tok, adapter, REQUESTS[:2], templates, [adapter.ffn_out_name(L)], [adapter.ffn_out_name(L)]
+        )
         w.copy_(saved)
     return float((v - cur[adapter.ffn_out_name(L)]).norm())
 
@@ -122,10 +143,14 @@ def test_attn_update_order_released_reads_the_ffn_residual_after_the_attention_u
     hp = _hp(env, layers=(1,), update_attn_weights=True)
     attn_param = adapter.weight_param_name(adapter.attn_out_name(1))
     ffn_param = adapter.weight_param_name(adapter.ffn_out_name(1))
-    runs = {o: compute_deltas(model, tok, REQUESTS[:2], hp.replace(attn_update_order=o), progress=False)
-            for o in ("attn_first", "simultaneous")}
-    ffn_resid = {o: next(x["target_residual_norm"] for x in d.meta["diagnostics"] if x["component"] == "ffn")
-                 for o, d in runs.items()}
+    runs = {
+        o: compute_deltas(model, tok, REQUESTS[:2], hp.replace(attn_update_order=o), progress=False)
+        for o in ("attn_first", "simultaneous")
+    }
+    ffn_resid = {
+        o: next(x["target_residual_norm"] for x in d.meta["diagnostics"] if x["component"] == "ffn")
+        for o, d in runs.items()
+    }
     # the attention updates agree (both read the unedited model); the FFN ones do not
     torch.testing.assert_close(runs["attn_first"].tensors[attn_param], runs["simultaneous"].tensors[attn_param])
     assert not torch.allclose(runs["attn_first"].tensors[ffn_param], runs["simultaneous"].tensors[ffn_param])
@@ -151,8 +176,9 @@ def test_without_delta_a_the_attention_target_stays_zero(env, family):
     assert torch.equal(res.deltas["attn"], torch.zeros_like(res.deltas["attn"]))
     assert torch.equal(res.values["attn"], res.inits["attn"])
     assert res.deltas["ffn"].abs().sum() > 0
-    with_a = optimize_targets(model, tok, REQUESTS, hp.replace(optimize_attn=True),
-                              context_templates(model, tok, hp), progress=False)
+    with_a = optimize_targets(
+        model, tok, REQUESTS, hp.replace(optimize_attn=True), context_templates(model, tok, hp), progress=False
+    )
     assert with_a.deltas["attn"].abs().sum() > 0
     assert res.values["ffn"].shape == (len(REQUESTS), get_adapter(model).d_model)
 
@@ -191,14 +217,17 @@ def test_method_defaults_set_the_stop_rule():
         PMETHyperParams(stop_rule="early")
 
 
-@pytest.mark.parametrize("rule,loss,kl,wrong,expected", [
-    ("loss", 0.01, 9.0, 3, (True, 1.0)),     # both rules: loss < loss_stop
-    ("pmet", 0.01, 9.0, 3, (True, 1.0)),
-    ("loss", 1.0, 0.0, 0, (False, 1.0)),     # MEMIT: arg-max everywhere changes nothing
-    ("pmet", 1.0, 0.005, 0, (True, 1.0)),    # PMET: arg-max + KL <= kl_stop stops
-    ("pmet", 1.0, 0.5, 0, (False, 0.1)),     # PMET: arg-max, KL too large: NLL scaled by 0.1
-    ("pmet", 1.0, 0.0, 2, (False, 1.0)),     # PMET: not yet the arg-max
-])
+@pytest.mark.parametrize(
+    "rule,loss,kl,wrong,expected",
+    [
+        ("loss", 0.01, 9.0, 3, (True, 1.0)),  # both rules: loss < loss_stop
+        ("pmet", 0.01, 9.0, 3, (True, 1.0)),
+        ("loss", 1.0, 0.0, 0, (False, 1.0)),  # MEMIT: arg-max everywhere changes nothing
+        ("pmet", 1.0, 0.005, 0, (True, 1.0)),  # PMET: arg-max + KL <= kl_stop stops
+        ("pmet", 1.0, 0.5, 0, (False, 0.1)),  # PMET: arg-max, KL too large: NLL scaled by 0.1
+        ("pmet", 1.0, 0.0, 2, (False, 1.0)),  # PMET: not yet the arg-max
+    ],
+)
 def test_stop_decision_follows_each_released_rule(rule, loss, kl, wrong, expected):
     hp = PMETHyperParams(stop_rule=rule)
     assert stop_decision(hp, loss, kl, wrong) == expected
@@ -206,14 +235,19 @@ def test_stop_decision_follows_each_released_rule(rule, loss, kl, wrong, expecte
 
 # the subject ends each prompt: a δ at its last token moves the next-token logits directly, so
 # tiny random models reach the arg-max within a few steps
-ARGMAX_REQUESTS = [EditRequest(prompt="the capital of {}", subject="france", target_new="rome"),
-                   EditRequest(prompt="the sport of {}", subject="danny miles", target_new="jazz")]
+ARGMAX_REQUESTS = [
+    EditRequest(prompt="the capital of {}", subject="france", target_new="rome"),
+    EditRequest(prompt="the sport of {}", subject="danny miles", target_new="jazz"),
+]
 
 
 def _argmax_run(env, rule: str, **kw):
     model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
-    hp = _hp(env, MEMITHyperParams, **{"v_num_grad_steps": 12, "v_lr": 1.0, "loss_stop": 0.0, "kl_factor": 0.0,
-                                       "stop_rule": rule, **kw})
+    hp = _hp(
+        env,
+        MEMITHyperParams,
+        **{"v_num_grad_steps": 12, "v_lr": 1.0, "loss_stop": 0.0, "kl_factor": 0.0, "stop_rule": rule, **kw},
+    )
     res = optimize_targets(model, tok, ARGMAX_REQUESTS, hp, context_templates(model, tok, hp), progress=False)
     return res, pd.DataFrame(res.trace).sort_values(["request", "step"], ignore_index=True)
 
@@ -268,6 +302,7 @@ def test_kl_rows_end_at_the_subject(env):
     """KL rows are cut after the subject's last token; the logits read there are those of the
     full "{subject} is a" prompt (causal attention)."""
     from pmetlab.editing.targets import KL_TEMPLATE, build_rows
+
     model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
     rows = build_rows(tok, REQUESTS, ["{}"])
     for r, req in enumerate(rows.req.tolist()):
@@ -280,7 +315,7 @@ def test_kl_rows_end_at_the_subject(env):
         assert full.shape[1] > n and torch.equal(full[0, :n], rows.input_ids[r, :n])
         with torch.no_grad():
             a = model(input_ids=full).logits[0, look]
-            b = model(input_ids=rows.input_ids[r:r + 1, :n]).logits[0, look]
+            b = model(input_ids=rows.input_ids[r : r + 1, :n]).logits[0, look]
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # different shapes: float rounding only
 
 
@@ -289,6 +324,7 @@ def test_chunked_and_strategies_match_one_batch(env, strategy):
     """Requests do not interact: chunks of one request (and each exact strategy) give the targets
     of one batch."""
     from pmetlab.editing.targets import optimize_targets_chunked
+
     model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
     hp = _hp(env, PMETHyperParams, v_num_grad_steps=6)
     templates = context_templates(model, tok, hp)
@@ -307,14 +343,29 @@ def _p_target(model, tok, r: EditRequest) -> float:
         return float(torch.softmax(model(input_ids=ids).logits[0, -1], -1)[t])
 
 
-@pytest.mark.parametrize("family, cls", [("LlamaForCausalLM", PMETHyperParams), ("LlamaForCausalLM", MEMITHyperParams),
-                                         ("GPTJForCausalLM", PMETHyperParams), ("GPT2LMHeadModel", PMETHyperParams)])
+@pytest.mark.parametrize(
+    "family, cls",
+    [
+        ("LlamaForCausalLM", PMETHyperParams),
+        ("LlamaForCausalLM", MEMITHyperParams),
+        ("GPTJForCausalLM", PMETHyperParams),
+        ("GPT2LMHeadModel", PMETHyperParams),
+    ],
+)
 def test_edit_raises_p_target_on_the_rewrite_prompt(env, family, cls):
     """Behaviour: after applying the edit the model prefers the new target more than before."""
     model, tok = _model(family), make_tiny_tokenizer()
     r = REQUESTS[0]
-    hp = _hp(env, cls, v_num_grad_steps=20, v_lr=0.5, clamp_norm_factor=10.0, kl_factor=0.0, v_weight_decay=0.0,
-             mom2_update_weight=0.01)
+    hp = _hp(
+        env,
+        cls,
+        v_num_grad_steps=20,
+        v_lr=0.5,
+        clamp_norm_factor=10.0,
+        kl_factor=0.0,
+        v_weight_decay=0.0,
+        mom2_update_weight=0.01,
+    )
     before = _p_target(model, tok, r)
     d = compute_deltas(model, tok, [r], hp, progress=False)
     with edited(model, d):
@@ -343,8 +394,9 @@ def test_precomputed_covariances_are_used(env, monkeypatch):
     hp = _hp(env)
     covs = layer_covariances(model, tok, hp.layers, corpus=env["corpus"], n_tokens=600, seq_len=32, progress=False)
     ref = compute_deltas(model, tok, REQUESTS[:1], hp, progress=False)
-    monkeypatch.setattr(compute_mod, "layer_covariances",
-                        lambda *a, **k: pytest.fail("layer_covariances called despite covariances="))
+    monkeypatch.setattr(
+        compute_mod, "layer_covariances", lambda *a, **k: pytest.fail("layer_covariances called despite covariances=")
+    )
     got = compute_deltas(model, tok, REQUESTS[:1], hp, progress=False, covariances=covs)
     for n in ref.tensors:
         torch.testing.assert_close(got.tensors[n], ref.tensors[n], rtol=1e-5, atol=1e-7)
@@ -353,6 +405,7 @@ def test_precomputed_covariances_are_used(env, monkeypatch):
 
 
 # --- failures in the middle of an edit restore the model ---------------------------------------
+
 
 class Boom(Exception):
     pass
@@ -460,8 +513,9 @@ def test_context_prefixes_are_seeded_cached_and_well_formed(env, monkeypatch):
 
 
 def test_prefix_cache_is_keyed_by_the_tokenizer(env, monkeypatch):
-    import pmetlab.editing.prefixes as prefixes_mod
     from tokenizers import normalizers
+
+    import pmetlab.editing.prefixes as prefixes_mod
 
     model = _model("LlamaForCausalLM")
     hp = _hp(env, n_prefixes=3, prefix_tokens=5)
@@ -480,6 +534,7 @@ def test_prefix_cache_is_keyed_by_the_tokenizer(env, monkeypatch):
 def _counting(monkeypatch, fail_on: int | None = None) -> list:
     """Patch the per-chunk optimiser of the target cache; returns the list of chunk sizes run."""
     import pmetlab.editing.targets as targets_mod
+
     real, calls = optimize_targets, []  # the unpatched function (imported at the top)
 
     def wrapped(model, tok, requests, *a, **k):
@@ -487,12 +542,14 @@ def _counting(monkeypatch, fail_on: int | None = None) -> list:
         if fail_on is not None and len(calls) >= fail_on:
             raise KeyboardInterrupt("injected")
         return real(model, tok, requests, *a, **k)
+
     monkeypatch.setattr(targets_mod, "optimize_targets", wrapped)
     return calls
 
 
 def test_target_cache_hits_resumes_after_an_interrupt_and_follows_the_hparams(env, monkeypatch):
     from pmetlab.editing.targets import optimize_targets_cached
+
     model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
     hp = _hp(env, PMETHyperParams, v_num_grad_steps=3)
     templates = context_templates(model, tok, hp)
@@ -521,6 +578,7 @@ def test_target_cache_hits_resumes_after_an_interrupt_and_follows_the_hparams(en
 
 def test_plan_chunks_bounds_requests_and_recomputed_positions(env):
     from pmetlab.editing.targets import build_rows, plan_chunks
+
     tok = make_tiny_tokenizer()
     reqs = REQUESTS * 3
     sizes = [int((r.attention_mask.sum(1) - r.lookup).sum()) for r in (build_rows(tok, [q], ["{}"]) for q in reqs)]

@@ -1,4 +1,5 @@
 """Dataset loaders: the shared files, resolution order, verification of downloads, subsets."""
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,10 @@ def _shared_dir() -> Path | None:
 
 SHARED = _shared_dir()
 needs_shared = pytest.mark.skipif(
-    SHARED is None, reason="the shared evaluation data is absent: set PMETLAB_DATA_DIR to the shared data "
-                           "folder (the Makefile exports ../shared/data when it exists)")
+    SHARED is None,
+    reason="the shared evaluation data is absent: set PMETLAB_DATA_DIR to the shared data "
+    "folder (the Makefile exports ../shared/data when it exists)",
+)
 
 
 @pytest.fixture
@@ -60,11 +63,18 @@ def shared_env(monkeypatch):
 
 def _cf_record(case_id: int = 0, **over) -> dict:
     rec = {
-        "case_id": case_id, "pararel_idx": 1,
-        "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
-                              "target_new": {"str": "English", "id": "Q1860"},
-                              "target_true": {"str": "French", "id": "Q150"}, "subject": "Danielle Darrieux"},
-        "paraphrase_prompts": ["p1", "p2"], "neighborhood_prompts": ["n1"], "attribute_prompts": ["a1"],
+        "case_id": case_id,
+        "pararel_idx": 1,
+        "requested_rewrite": {
+            "prompt": "The mother tongue of {} is",
+            "relation_id": "P103",
+            "target_new": {"str": "English", "id": "Q1860"},
+            "target_true": {"str": "French", "id": "Q150"},
+            "subject": "Danielle Darrieux",
+        },
+        "paraphrase_prompts": ["p1", "p2"],
+        "neighborhood_prompts": ["n1"],
+        "attribute_prompts": ["a1"],
         "generation_prompts": ["g1"],
     }
     rec.update(over)
@@ -88,8 +98,15 @@ def test_shared_files_load_with_info(shared_env):
     assert cf.info.sha256 == "7e93c8e6d162997dec97875c8a9a4f46816e691e8b613f952813bd6cbe1ba574"
     assert k.info.sha256 == "61daca55318bb5260c1e62e133debef9102c7b278bbc7b19dd2ac655543f333a"
     assert [r["case_id"] for r in z[:3]] == [0, 1, 2]  # zsRE numbered by position, as ROME does
-    assert set(cf[0]) >= {"case_id", "requested_rewrite", "paraphrase_prompts", "neighborhood_prompts",
-                          "attribute_prompts", "generation_prompts", "orig_case_id"}
+    assert set(cf[0]) >= {
+        "case_id",
+        "requested_rewrite",
+        "paraphrase_prompts",
+        "neighborhood_prompts",
+        "attribute_prompts",
+        "generation_prompts",
+        "orig_case_id",
+    }
     assert json.loads(json.dumps(cf.info.to_dict()))["name"] == "counterfact"
 
 
@@ -129,8 +146,15 @@ def test_resolution_env_canonical_names_and_precedence(isolated):
 
 def test_resolution_project_dir_then_explicit_path(isolated, tmp_path):
     (isolated["project"] / "knowns").mkdir()
-    rec = {"known_id": 0, "subject": "Vinson Massif", "attribute": "Antarctica", "template": "{} is in",
-           "prediction": " Antarctica", "prompt": "Vinson Massif is in", "relation_id": "P30"}
+    rec = {
+        "known_id": 0,
+        "subject": "Vinson Massif",
+        "attribute": "Antarctica",
+        "template": "{} is in",
+        "prediction": " Antarctica",
+        "prompt": "Vinson Massif is in",
+        "relation_id": "P30",
+    }
     (isolated["project"] / "knowns" / "known_1000.json").write_text(json.dumps([rec]))
     k = ds.load_known_facts()
     assert k.info.source == "project" and k[0]["subject"] == "Vinson Massif"
@@ -160,8 +184,11 @@ def test_offline_missing_names_file_and_every_place(isolated):
     assert isinstance(err, FileNotFoundError) and isinstance(err, LookupError)
     msg = str(err)
     assert "'counterfact.json'" in msg
-    for place in (isolated["env"] / "counterfact" / "counterfact_filtered.json",
-                  isolated["project"] / "counterfact.json", isolated["cache"] / "data" / "counterfact.json"):
+    for place in (
+        isolated["env"] / "counterfact" / "counterfact_filtered.json",
+        isolated["project"] / "counterfact.json",
+        isolated["cache"] / "data" / "counterfact.json",
+    ):
         assert str(place) in msg
     assert "https://rome.baulab.info/data/dsets/counterfact.json" in msg and "URLError" in msg
     assert len(isolated["calls"]) == len(ds.REMOTE_ROOTS)
@@ -198,12 +225,18 @@ def test_download_verified_then_cached(isolated, monkeypatch):
     assert k2.info.source == "cache" and k2.info.sha256 == k.info.sha256 and len(calls) == 1
 
 
-@pytest.mark.parametrize("payload, match", [
-    (b"<html>502 Bad Gateway</html>", "not valid JSON"),
-    (json.dumps([{"known_id": 0, "subject": "x"}]).encode(), "has 1 records, expected 1209"),
-    (json.dumps([{"known_id": i, "subject": "x"} for i in range(1209)]).encode(),
-     r"known-facts record 0 \(known_id=0\).*missing field 'attribute'"),
-], ids=["html", "truncated", "bad-schema"])
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        (b"<html>502 Bad Gateway</html>", "not valid JSON"),
+        (json.dumps([{"known_id": 0, "subject": "x"}]).encode(), "has 1 records, expected 1209"),
+        (
+            json.dumps([{"known_id": i, "subject": "x"} for i in range(1209)]).encode(),
+            r"known-facts record 0 \(known_id=0\).*missing field 'attribute'",
+        ),
+    ],
+    ids=["html", "truncated", "bad-schema"],
+)
 def test_corrupt_download_rejected_and_not_kept(isolated, monkeypatch, payload, match):
     monkeypatch.setattr(ds.urllib.request, "urlopen", lambda url, *a, **k: FakeResponse(payload))
     with pytest.raises(ValueError, match=match):
@@ -222,14 +255,20 @@ def test_download_with_wrong_sha256_rejected(isolated, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mutate, exc, match", [
-    (lambda r: r["requested_rewrite"]["target_new"].pop("str"), KeyError,
-     r"CounterFact record 3 \(case_id=0\).*missing field 'requested_rewrite.target_new.str'"),
-    (lambda r: r.pop("neighborhood_prompts"), KeyError, "missing field 'neighborhood_prompts'"),
-    (lambda r: r["requested_rewrite"].update(prompt="no subject slot"), ValueError, "exactly one"),
-    (lambda r: r.update(paraphrase_prompts="oops"), ValueError, "list of strings"),
-    (lambda r: r.update(case_id="7"), ValueError, "must be an integer"),
-])
+@pytest.mark.parametrize(
+    "mutate, exc, match",
+    [
+        (
+            lambda r: r["requested_rewrite"]["target_new"].pop("str"),
+            KeyError,
+            r"CounterFact record 3 \(case_id=0\).*missing field 'requested_rewrite.target_new.str'",
+        ),
+        (lambda r: r.pop("neighborhood_prompts"), KeyError, "missing field 'neighborhood_prompts'"),
+        (lambda r: r["requested_rewrite"].update(prompt="no subject slot"), ValueError, "exactly one"),
+        (lambda r: r.update(paraphrase_prompts="oops"), ValueError, "list of strings"),
+        (lambda r: r.update(case_id="7"), ValueError, "must be an integer"),
+    ],
+)
 def test_counterfact_validation_messages(mutate, exc, match):
     rec = copy.deepcopy(_cf_record())
     mutate(rec)
@@ -238,8 +277,14 @@ def test_counterfact_validation_messages(mutate, exc, match):
 
 
 def test_zsre_and_known_validation_messages(tmp_path):
-    z = {"subject": "S", "src": "What is S?", "rephrase": "S is?", "answers": [], "loc": "nq question: q",
-         "loc_ans": "a"}
+    z = {
+        "subject": "S",
+        "src": "What is S?",
+        "rephrase": "S is?",
+        "answers": [],
+        "loc": "nq question: q",
+        "loc_ans": "a",
+    }
     with pytest.raises(ValueError, match=r"zsRE record 0.*'answers' must have at least 1"):
         ds.validate_zsre_record(z)
     z2 = dict(z, answers=["x"])
@@ -254,8 +299,7 @@ def test_zsre_and_known_validation_messages(tmp_path):
 
 # ------------------------------------------------------------------------------------------
 def test_select_first_and_sample_deterministic():
-    recs = ds.Records([_cf_record(i) for i in range(50)],
-                      ds.DatasetInfo("counterfact", "/x.json", "abc", 50, "path"))
+    recs = ds.Records([_cf_record(i) for i in range(50)], ds.DatasetInfo("counterfact", "/x.json", "abc", 50, "path"))
     first = ds.select(recs, 5)
     assert [r["case_id"] for r in first.records] == [0, 1, 2, 3, 4]
     assert first.description["mode"] == "first" and first.description["dataset"]["sha256"] == "abc"
@@ -291,9 +335,19 @@ def test_consistency_reference_loads_local_files(isolated):
     d = isolated["env"]
     np.save(d / "idf.npy", np.array([1.0, 2.0, 3.0]))
     (d / "tfidf_vocab.json").write_text(json.dumps({"paris": 0, "france": 1, "city": 2}))
-    (d / "attribute_snippets.json").write_text(json.dumps([
-        {"name": "X", "relation_id": "P17", "target_id": "Q142", "samples": [{"name": "X", "text": "Paris city"}]},
-        {"name": "Y", "relation_id": "P17", "target_id": "Q142", "samples": [{"name": "Y", "text": "France"}]}]))
+    (d / "attribute_snippets.json").write_text(
+        json.dumps(
+            [
+                {
+                    "name": "X",
+                    "relation_id": "P17",
+                    "target_id": "Q142",
+                    "samples": [{"name": "X", "text": "Paris city"}],
+                },
+                {"name": "Y", "relation_id": "P17", "target_id": "Q142", "samples": [{"name": "Y", "text": "France"}]},
+            ]
+        )
+    )
     ref = ds.load_consistency_reference()
     assert ref is not None and ref.texts("P17", "Q142") == ["Paris city", "France"]
     assert ref.texts("P17", "Q1") == [] and ref.vocab["city"] == 2 and ref.idf.dtype == np.float64

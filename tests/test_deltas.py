@@ -1,4 +1,5 @@
 """Reversible, saveable edits: apply/restore, the context manager, save/load, refusals."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,26 +11,44 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pmetlab import (Deltas, EditMismatchError, EditRequest, PMETHyperParams, apply_deltas_, compute_deltas,
-                     edited, restore_)
+from pmetlab import (
+    Deltas,
+    EditMismatchError,
+    EditRequest,
+    PMETHyperParams,
+    apply_deltas_,
+    compute_deltas,
+    edited,
+    restore_,
+)
 from pmetlab.cache import tensor_digest
 from tests.tiny_models import _TOKENIZER_WORDS, make_tiny_model, make_tiny_tokenizer
 
-REQUESTS = [EditRequest(prompt="{} plays the sport of", subject="danny miles", target_new="jazz"),
-            EditRequest(prompt="the capital of {} is", subject="france", target_new="rome")]
+REQUESTS = [
+    EditRequest(prompt="{} plays the sport of", subject="danny miles", target_new="jazz"),
+    EditRequest(prompt="the capital of {} is", subject="france", target_new="rome"),
+]
 
 
 def _corpus(path: Path) -> str:
     rng = random.Random(0)
     words = [w for w in _TOKENIZER_WORDS if w.isalpha()]
-    path.write_text("".join(f"<doc>\n{' '.join(rng.choice(words) for _ in range(60))}\n</doc>\n"
-                            for _ in range(12)))
+    path.write_text("".join(f"<doc>\n{' '.join(rng.choice(words) for _ in range(60))}\n</doc>\n" for _ in range(12)))
     return str(path)
 
 
 def _hp(corpus: str, **kw) -> PMETHyperParams:
-    base = dict(layers=(0, 1), cov_corpus=corpus, cov_tokens=600, cov_seq_len=32, n_prefixes=2, prefix_tokens=4,
-                v_num_grad_steps=6, clamp_norm_factor=4.0, mom2_update_weight=1.0)
+    base = dict(
+        layers=(0, 1),
+        cov_corpus=corpus,
+        cov_tokens=600,
+        cov_seq_len=32,
+        n_prefixes=2,
+        prefix_tokens=4,
+        v_num_grad_steps=6,
+        clamp_norm_factor=4.0,
+        mom2_update_weight=1.0,
+    )
     return PMETHyperParams(**{**base, **kw})
 
 
@@ -222,6 +241,7 @@ def test_missing_file_is_filenotfound(tmp_path):
 
 
 # --- digests: tensor_digest now, the formulas of files saved before still accepted ------------
+
 
 def _legacy_fingerprint(model, names) -> str:
     """The base fingerprint deltas carried before tensor_digest: names and bytes only."""

@@ -1,6 +1,7 @@
 """Models loaded with ``device_map`` (accelerate): editing, statistics and scoring follow each
 module's device. On the CPU every module lands on "cpu" and the results must equal those of a
 normally loaded model; with a GPU the layers are split between the GPU and the CPU."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,10 @@ from pmetlab.stats import layer_covariances
 from tests.test_stats import write_corpus
 from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
 
-REQUESTS = [EditRequest(prompt="{} plays the sport of", subject="danny miles", target_new="jazz"),
-            EditRequest(prompt="the capital of {} is", subject="france", target_new="rome")]
+REQUESTS = [
+    EditRequest(prompt="{} plays the sport of", subject="danny miles", target_new="jazz"),
+    EditRequest(prompt="the capital of {} is", subject="france", target_new="rome"),
+]
 
 
 @pytest.fixture
@@ -24,8 +27,17 @@ def saved(tmp_path, monkeypatch):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     corpus = write_corpus(tmp_path / "corpus.txt")
-    hp = PMETHyperParams(layers=(0, 1), cov_corpus=str(corpus), cov_tokens=600, cov_seq_len=32, n_prefixes=2,
-                         prefix_tokens=4, v_num_grad_steps=5, clamp_norm_factor=4.0, mom2_update_weight=1.0)
+    hp = PMETHyperParams(
+        layers=(0, 1),
+        cov_corpus=str(corpus),
+        cov_tokens=600,
+        cov_seq_len=32,
+        n_prefixes=2,
+        prefix_tokens=4,
+        v_num_grad_steps=5,
+        clamp_norm_factor=4.0,
+        mom2_update_weight=1.0,
+    )
     return path, hp
 
 
@@ -34,8 +46,9 @@ def _edit_and_score(model, tok, hp):
     prompts = [r.prompt.format(r.subject) for r in REQUESTS]
     with edited(model, d):
         nll = [float(x) for x in score_pairs(model, tok, prompts, [r.target_new for r in REQUESTS]).nll]
-    covs = layer_covariances(model, tok, [0, 1], corpus=hp.cov_corpus, n_tokens=600, seq_len=32, progress=False,
-                             use_cache=False)
+    covs = layer_covariances(
+        model, tok, [0, 1], corpus=hp.cov_corpus, n_tokens=600, seq_len=32, progress=False, use_cache=False
+    )
     return d, nll, covs
 
 
@@ -60,8 +73,15 @@ def test_device_map_auto_on_cpu_matches_a_plain_load(saved):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to split the layers over")
 def test_layers_split_between_gpu_and_cpu_match_one_device(saved):
     path, hp = saved
-    split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
-             "model.layers.2": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    split = {
+        "model.embed_tokens": 0,
+        "model.rotary_emb": 0,
+        "model.layers.0": 0,
+        "model.layers.1": "cpu",
+        "model.layers.2": "cpu",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
     plain = load_model(str(path), device="cpu", dtype="float32")
     mapped = load_model(str(path), device="cuda", dtype="float32", device_map=split)
     devices = {str(p.device) for p in mapped[0].parameters()}

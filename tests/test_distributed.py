@@ -1,8 +1,8 @@
 """Covariance statistics sharded over two CPU processes (gloo): the all-reduced sums and counts
 equal a single process's, the main worker writes the cache, and every worker agrees."""
+
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -39,8 +39,9 @@ def _worker(rank: int, world: int, port: int, corpus: str, cache: str, out: str)
         model, tok = make_tiny_model("LlamaForCausalLM"), make_tiny_tokenizer()
         covs = layer_covariances(model, tok, [0, 1], corpus=corpus, **KW)
         agreed = consensus([rank == 0, True])
-        torch.save({"covs": {l: (c.sum, c.count) for l, c in covs.items()}, "agreed": agreed},
-                   Path(out) / f"rank{rank}.pt")
+        torch.save(
+            {"covs": {l: (c.sum, c.count) for l, c in covs.items()}, "agreed": agreed}, Path(out) / f"rank{rank}.pt"
+        )
     finally:
         dist.destroy_process_group()
 
@@ -90,11 +91,32 @@ def test_pmetlab_stats_under_torchrun(tmp_path):
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     corpus = str(write_corpus(tmp_path / "corpus.txt"))
-    env = {**os.environ, "PMETLAB_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "pmetlab", "stats", "--model", str(model_dir), "--layers", "0-1",
-           "--corpus", corpus, "--tokens", "600", "--seq-len", "32", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "PMETLAB_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "pmetlab",
+        "stats",
+        "--model",
+        str(model_dir),
+        "--layers",
+        "0-1",
+        "--corpus",
+        corpus,
+        "--tokens",
+        "600",
+        "--seq-len",
+        "32",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "merged the statistics of 2 workers" in res.stdout
@@ -105,10 +127,12 @@ def test_pmetlab_stats_under_torchrun(tmp_path):
 
 def test_worker_device_and_backend(monkeypatch):
     from pmetlab.devices import collective_backend, resolve_device, worker_device
+
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert worker_device("cpu") == torch.device("cpu")  # the CPU has no per-worker index
-    assert worker_device("auto") == (resolve_device("auto") if resolve_device("auto").type == "cpu"
-                                     else torch.device(resolve_device("auto").type, 1))
+    assert worker_device("auto") == (
+        resolve_device("auto") if resolve_device("auto").type == "cpu" else torch.device(resolve_device("auto").type, 1)
+    )
     monkeypatch.delenv("LOCAL_RANK")
     assert worker_device("auto") == resolve_device("auto")
     assert collective_backend(torch.device("cpu")) == "gloo" and collective_backend(None) == "gloo"

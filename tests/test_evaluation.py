@@ -1,5 +1,6 @@
 """Evaluation metrics: hand-computed cases on a model whose logits we set, padding/batching
 invariance on a tiny random LLaMA, and one integration test on the real SmolLM2."""
+
 from __future__ import annotations
 
 import math
@@ -13,11 +14,25 @@ import torch
 from torch import nn
 
 from pmetlab.datasets import ConsistencyReference
-from pmetlab.evaluation import (evaluate_counterfact, evaluate_counterfact_reference, evaluate_zsre,
-                                evaluate_zsre_reference, generate_ids, generate_texts, harmonic_mean,
-                                ngram_entropy, preference_metrics, relative_specificity, sample_top_k,
-                                score_pairs, score_pairs_reference, summarize, text_entropy_score,
-                                tfidf_cosine, word_tokenize)
+from pmetlab.evaluation import (
+    evaluate_counterfact,
+    evaluate_counterfact_reference,
+    evaluate_zsre,
+    evaluate_zsre_reference,
+    generate_ids,
+    generate_texts,
+    harmonic_mean,
+    ngram_entropy,
+    preference_metrics,
+    relative_specificity,
+    sample_top_k,
+    score_pairs,
+    score_pairs_reference,
+    summarize,
+    text_entropy_score,
+    tfidf_cosine,
+    word_tokenize,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,7 +86,7 @@ def dist(**probs: float) -> np.ndarray:
 
 TABLE = {
     "Q": dist(a=0.5, b=0.2, New=0.2),
-    "R": dist(a=0.3, b=0.3, c=0.35),      # a tie between o* = a and o^c = b
+    "R": dist(a=0.3, b=0.3, c=0.35),  # a tie between o* = a and o^c = b
     "S": dist(a=0.4, b=0.1),
     "T": dist(a=0.1, b=0.6),
     " New": dist(York=0.9),
@@ -105,30 +120,39 @@ def nll(*probs: float) -> float:
 
 
 def cf_record(case_id, subject, new, true, paraphrase, neighborhood, generation=(), relation="P1", new_id="Q9"):
-    return {"case_id": case_id, "requested_rewrite": {
-        "prompt": "{}", "subject": subject, "relation_id": relation, "target_new": {"str": new, "id": new_id},
-        "target_true": {"str": true, "id": "Q8"}},
-        "paraphrase_prompts": list(paraphrase), "neighborhood_prompts": list(neighborhood),
-        "attribute_prompts": [], "generation_prompts": list(generation)}
+    return {
+        "case_id": case_id,
+        "requested_rewrite": {
+            "prompt": "{}",
+            "subject": subject,
+            "relation_id": relation,
+            "target_new": {"str": new, "id": new_id},
+            "target_true": {"str": true, "id": "Q8"},
+        },
+        "paraphrase_prompts": list(paraphrase),
+        "neighborhood_prompts": list(neighborhood),
+        "attribute_prompts": [],
+        "generation_prompts": list(generation),
+    }
 
 
 # ------------------------------------------------------------------------------------------
 def test_score_pairs_hand_computed(bigram):
     model, tok = bigram
     s = score_pairs(model, tok, ["Q", "Q", "R", "Q"], ["a", "New York", "New York", "a"], batch_size=2)
-    np.testing.assert_allclose(s.nll, [nll(.5), nll(.2, .9), nll(P("R", " New"), .9), nll(.5)], rtol=1e-6)
+    np.testing.assert_allclose(s.nll, [nll(0.5), nll(0.2, 0.9), nll(P("R", " New"), 0.9), nll(0.5)], rtol=1e-6)
     assert s.n_tokens.tolist() == [1, 2, 2, 1]
     # teacher forcing: the second token is judged after the true first token " New"
     assert [c.tolist() for c in s.token_correct] == [[True], [False, True], [False, True], [True]]
     assert [p.tolist() for p in s.token_pred][:3] == [[6], [6, 10], [8, 10]]
-    np.testing.assert_allclose(s.prob[1], math.sqrt(.2 * .9))
-    np.testing.assert_allclose(s.token_accuracy, [1, .5, .5, 1])
+    np.testing.assert_allclose(s.prob[1], math.sqrt(0.2 * 0.9))
+    np.testing.assert_allclose(s.token_accuracy, [1, 0.5, 0.5, 1])
 
 
 def test_preference_metrics_ties_fail_and_magnitudes():
     m = preference_metrics([1.0, 2.0, 0.5], [1.0, 1.0, 2.0], prefer="new")
     assert m["score"] == pytest.approx(1 / 3)  # tie fails, 2 > 1 fails, 0.5 < 2 succeeds
-    exp = np.mean([0.0, math.exp(-2) - math.exp(-1), math.exp(-.5) - math.exp(-2)])
+    exp = np.mean([0.0, math.exp(-2) - math.exp(-1), math.exp(-0.5) - math.exp(-2)])
     assert m["magnitude"] == pytest.approx(exp)
     n = preference_metrics([1.0, 2.0, 0.5], [1.0, 1.0, 2.0], prefer="true")
     assert n["score"] == pytest.approx(1 / 3) and n["magnitude"] == pytest.approx(-exp)
@@ -140,24 +164,23 @@ def test_preference_metrics_ties_fail_and_magnitudes():
 @pytest.mark.parametrize("batched", [True, False])
 def test_counterfact_metrics_hand_computed(bigram, batched):
     model, tok = bigram
-    recs = [cf_record(0, "Q", "a", "b", ["R", "S"], ["R", "S", "T"]),
-            cf_record(1, "Q", "New York", "b", ["R"], ["T"])]
+    recs = [cf_record(0, "Q", "a", "b", ["R", "S"], ["R", "S", "T"]), cf_record(1, "Q", "New York", "b", ["R"], ["T"])]
     df = evaluate_counterfact(model, tok, recs, generation=False, batched=batched, progress=False, batch_size=3)
     r0, r1 = df.iloc[0], df.iloc[1]
     # record 0, single-token targets; R is an exact tie, which fails both ways
     assert (r0.efficacy_score, r0.paraphrase_score, r0.neighborhood_score) == (1.0, 0.5, pytest.approx(1 / 3))
-    assert r0.efficacy_magnitude == pytest.approx(.5 - .2)
-    assert r0.paraphrase_magnitude == pytest.approx(((.3 - .3) + (.4 - .1)) / 2)
-    assert r0.neighborhood_magnitude == pytest.approx(((.3 - .3) + (.1 - .4) + (.6 - .1)) / 3)
+    assert r0.efficacy_magnitude == pytest.approx(0.5 - 0.2)
+    assert r0.paraphrase_magnitude == pytest.approx(((0.3 - 0.3) + (0.4 - 0.1)) / 2)
+    assert r0.neighborhood_magnitude == pytest.approx(((0.3 - 0.3) + (0.1 - 0.4) + (0.6 - 0.1)) / 3)
     assert (r0.efficacy_token_acc, r0.paraphrase_token_acc) == (1.0, 0.5)  # argmax(R) = c
     assert r0.neighborhood_token_acc == pytest.approx(1 / 3)  # o^c = b is top-1 only after T
     assert r0.neighborhood_prefers_true == (False, False, True)
     # record 1, two-token o*: P(o*) is the geometric mean of the token probabilities
-    p_new_q, p_new_r, p_new_t = (math.sqrt(P(x, " New") * .9) for x in "QRT")
-    assert r1.efficacy_score == 1.0 and r1.efficacy_magnitude == pytest.approx(p_new_q - .2)
-    assert r1.paraphrase_score == 0.0 and r1.paraphrase_magnitude == pytest.approx(p_new_r - .3)
-    assert r1.neighborhood_score == 1.0 and r1.neighborhood_magnitude == pytest.approx(.6 - p_new_t)
-    assert (r1.efficacy_token_acc, r1.paraphrase_token_acc, r1.neighborhood_token_acc) == (.5, .5, 1.0)
+    p_new_q, p_new_r, p_new_t = (math.sqrt(P(x, " New") * 0.9) for x in "QRT")
+    assert r1.efficacy_score == 1.0 and r1.efficacy_magnitude == pytest.approx(p_new_q - 0.2)
+    assert r1.paraphrase_score == 0.0 and r1.paraphrase_magnitude == pytest.approx(p_new_r - 0.3)
+    assert r1.neighborhood_score == 1.0 and r1.neighborhood_magnitude == pytest.approx(0.6 - p_new_t)
+    assert (r1.efficacy_token_acc, r1.paraphrase_token_acc, r1.neighborhood_token_acc) == (0.5, 0.5, 1.0)
     assert df.fluency.isna().all() and df.consistency.isna().all()
     assert list(df.case_id) == [0, 1]
 
@@ -165,12 +188,19 @@ def test_counterfact_metrics_hand_computed(bigram, batched):
 @pytest.mark.parametrize("batched", [True, False])
 def test_zsre_metrics_hand_computed(bigram, batched):
     model, tok = bigram
-    rec = {"subject": "Q", "src": "Q", "rephrase": "R", "answers": ["New York"], "loc": "nq question: S",
-           "loc_ans": "b", "case_id": 5}
+    rec = {
+        "subject": "Q",
+        "src": "Q",
+        "rephrase": "R",
+        "answers": ["New York"],
+        "loc": "nq question: S",
+        "loc_ans": "b",
+        "case_id": 5,
+    }
     df = evaluate_zsre(model, tok, [rec], batched=batched, progress=False)
     row = df.iloc[0]
     assert row.case_id == 5
-    assert (row.efficacy_token_acc, row.paraphrase_token_acc, row.neighborhood_token_acc) == (.5, .5, 1.0)
+    assert (row.efficacy_token_acc, row.paraphrase_token_acc, row.neighborhood_token_acc) == (0.5, 0.5, 1.0)
     assert row.neighborhood_pred == (PIECES.index(" b"),)  # read after "nq question: S?"
     raw = evaluate_zsre(model, tok, [rec], loc_suffix="", progress=False).iloc[0]
     assert raw.neighborhood_token_acc == 0.0 and raw.neighborhood_pred == (PIECES.index(" a"),)
@@ -179,8 +209,19 @@ def test_zsre_metrics_hand_computed(bigram, batched):
 def test_evaluation_rejects_bad_input(bigram):
     model, tok = bigram
     with pytest.raises(KeyError, match="missing field 'neighborhood_prompts'"):
-        evaluate_counterfact(model, tok, [{"case_id": 0, "requested_rewrite": cf_record(0, "Q", "a", "b", [], [])[
-            "requested_rewrite"], "paraphrase_prompts": []}], generation=False, progress=False)
+        evaluate_counterfact(
+            model,
+            tok,
+            [
+                {
+                    "case_id": 0,
+                    "requested_rewrite": cf_record(0, "Q", "a", "b", [], [])["requested_rewrite"],
+                    "paraphrase_prompts": [],
+                }
+            ],
+            generation=False,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="same length"):
         score_pairs(model, tok, ["Q"], ["a", "b"])
     with pytest.raises(ValueError, match="tokenizes to nothing"):
@@ -204,7 +245,8 @@ def test_tfidf_cosine_hand_computed():
     vocab, idf = {"paris": 0, "france": 1, "city": 2}, np.array([1.0, 2.0, 3.0])
     # "Paris Paris France" -> (2·1, 1·2, 0); "France, a city" -> (0, 2, 3) ("a" is too short to count)
     assert tfidf_cosine("Paris Paris France", "France, a city", idf, vocab) == pytest.approx(
-        4 / (math.sqrt(8) * math.sqrt(13)))
+        4 / (math.sqrt(8) * math.sqrt(13))
+    )
     assert tfidf_cosine("Paris", "paris", idf, vocab) == pytest.approx(1.0)
     assert math.isnan(tfidf_cosine("nothing known", "Paris", idf, vocab))
 
@@ -220,17 +262,25 @@ def test_sample_top_k_inverse_cdf():
 
 # ------------------------------------------------------------------------------------------
 def _df(phase="post"):
-    return pd.DataFrame({"case_id": [0, 1, 2, 3], "phase": phase,
-                         "efficacy_score": [1.0, 1.0, 0.0, 1.0], "paraphrase_score": [.5, 1.0, 0.0, .5],
-                         "neighborhood_score": [1.0, .5, .5, 1.0], "fluency": [6.0, 6.2, 5.8, 6.0],
-                         "consistency": [np.nan] * 4, "neighborhood_prefers_true": [(True,)] * 4})
+    return pd.DataFrame(
+        {
+            "case_id": [0, 1, 2, 3],
+            "phase": phase,
+            "efficacy_score": [1.0, 1.0, 0.0, 1.0],
+            "paraphrase_score": [0.5, 1.0, 0.0, 0.5],
+            "neighborhood_score": [1.0, 0.5, 0.5, 1.0],
+            "fluency": [6.0, 6.2, 5.8, 6.0],
+            "consistency": [np.nan] * 4,
+            "neighborhood_prefers_true": [(True,)] * 4,
+        }
+    )
 
 
 def test_summarize_means_score_and_normal_ci():
     s = summarize(_df())
     assert len(s) == 1 and s.loc[0, "phase"] == "post" and s.loc[0, "n_records"] == 4
     assert s.loc[0, "efficacy_score"] == pytest.approx(75.0) and s.loc[0, "fluency"] == pytest.approx(600.0)
-    assert s.loc[0, "score"] == pytest.approx(100 * 3 / (1 / .75 + 1 / .5 + 1 / .75))
+    assert s.loc[0, "score"] == pytest.approx(100 * 3 / (1 / 0.75 + 1 / 0.5 + 1 / 0.75))
     half = NormalDist().inv_cdf(0.975) * 0.5 / 2 * 100  # sd of (1, 1, 0, 1) is 0.5
     assert s.loc[0, "efficacy_score_ci_low"] == pytest.approx(75 - half)
     assert 75 + half > 100 and s.loc[0, "efficacy_score_ci_high"] == 100.0  # a rate's interval stays in [0, 100]
@@ -261,8 +311,10 @@ def test_relative_specificity():
     post = pd.DataFrame({"case_id": [1, 0], "neighborhood_prefers_true": [(True, True), (True, True, True)]})
     r = relative_specificity(pre, post)
     assert list(r.case_id) == [1, 0] and r.relative_specificity.tolist() == pytest.approx([1.0, 2 / 3])
-    z = relative_specificity(pd.DataFrame({"case_id": [0], "neighborhood_pred": [(5, 6)]}),
-                             pd.DataFrame({"case_id": [0], "neighborhood_pred": [(5, 7)]}))
+    z = relative_specificity(
+        pd.DataFrame({"case_id": [0], "neighborhood_pred": [(5, 6)]}),
+        pd.DataFrame({"case_id": [0], "neighborhood_pred": [(5, 7)]}),
+    )
     assert z.relative_specificity.tolist() == [0.5]
     merged = post.merge(r, on="case_id").assign(phase="post")
     assert summarize(merged).loc[0, "relative_specificity"] == pytest.approx(100 * (1 + 2 / 3) / 2)
@@ -278,6 +330,7 @@ def smol_tok():
     from transformers import AutoTokenizer
 
     from pmetlab.models.loading import _EMBEDDED, ModelLoadError, _converted_dir
+
     try:
         path = _converted_dir(_EMBEDDED["smollm2-135m"])
     except ModelLoadError as exc:
@@ -291,15 +344,29 @@ def smol_tok():
 @pytest.fixture(scope="module")
 def tiny(smol_tok):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(smol_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.5, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(smol_tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.5,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(cfg).eval(), smol_tok
 
 
-PROMPTS = ["The capital of France is", "Danielle Darrieux spoke", "A", "The mother tongue of Léon Blum is",
-           "nq question: who wrote the iliad?"]
+PROMPTS = [
+    "The capital of France is",
+    "Danielle Darrieux spoke",
+    "A",
+    "The mother tongue of Léon Blum is",
+    "nq question: who wrote the iliad?",
+]
 CANDS = ["Paris", "English", "New York City", "French", "Homer"]
 
 
@@ -325,6 +392,7 @@ def test_scoring_padding_side_batch_size_and_reference_agree(tiny):
     assert dup.nll[0] == dup.nll[2] and dup.nll[0] != dup.nll[1]
     # the correctness flags are the model's top-1 against the candidate's tokens
     from pmetlab.tokens import encode_prompt_target
+
     for pred, corr, p, c in zip(ref.token_pred, ref.token_correct, prompts, cands):
         assert corr.tolist() == [x == t for x, t in zip(pred.tolist(), encode_prompt_target(tok, p, c)[1])]
 
@@ -345,13 +413,28 @@ def test_generation_independent_of_batching_and_global_rng(tiny):
 
 
 CF_RECORDS = [
-    cf_record(0, "Danielle Darrieux", "English", "French",
-              ["Danielle Darrieux, a native", "Danielle Darrieux spoke the language"],
-              ["The mother tongue of Léon Blum is", "Michel Rocard is a native speaker of"],
-              ["Danielle Darrieux's mother tongue is", "Danielle Darrieux was born in"], "P103", "Q1860"),
-    cf_record(1, "Autonomous University of Madrid", "Sweden", "Spain",
-              ["Autonomous University of Madrid is located in"], ["Biscay is located in the country of"],
-              ["Autonomous University of Madrid is in"], "P17", "Q34"),
+    cf_record(
+        0,
+        "Danielle Darrieux",
+        "English",
+        "French",
+        ["Danielle Darrieux, a native", "Danielle Darrieux spoke the language"],
+        ["The mother tongue of Léon Blum is", "Michel Rocard is a native speaker of"],
+        ["Danielle Darrieux's mother tongue is", "Danielle Darrieux was born in"],
+        "P103",
+        "Q1860",
+    ),
+    cf_record(
+        1,
+        "Autonomous University of Madrid",
+        "Sweden",
+        "Spain",
+        ["Autonomous University of Madrid is located in"],
+        ["Biscay is located in the country of"],
+        ["Autonomous University of Madrid is in"],
+        "P17",
+        "Q34",
+    ),
 ]
 for _r, _p in zip(CF_RECORDS, ["The mother tongue of {} is", "{}, which is located in"]):
     _r["requested_rewrite"]["prompt"] = _p
@@ -361,7 +444,9 @@ def test_counterfact_batched_equals_reference_with_generation(tiny):
     model, tok = tiny
     ref_obj = ConsistencyReference(
         snippets={"P103": {"Q1860": [{"name": "X", "text": "His mother tongue is English."}]}},
-        idf=np.array([1.0, 2.0, 1.5]), vocab={"mother": 0, "tongue": 1, "english": 2})
+        idf=np.array([1.0, 2.0, 1.5]),
+        vocab={"mother": 0, "tongue": 1, "english": 2},
+    )
     kw = dict(generation=True, n_gen_tokens=4, seed=3, reference=ref_obj, keep_texts=True, progress=False)
     a = evaluate_counterfact(model, tok, CF_RECORDS, batch_size=5, gen_batch_size=2, **kw)
     b = evaluate_counterfact_reference(model, tok, CF_RECORDS, **kw)
@@ -369,7 +454,8 @@ def test_counterfact_batched_equals_reference_with_generation(tiny):
     num = [c for c in a.columns if a[c].dtype.kind == "f"]
     pd.testing.assert_frame_equal(a[num], b[num], atol=1e-5, rtol=0)
     assert list(a.gen_texts) == list(b.gen_texts) and list(a.neighborhood_prefers_true) == list(
-        b.neighborhood_prefers_true)
+        b.neighborhood_prefers_true
+    )
     for c in ("efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_token_acc"):
         assert a[c].between(0, 1).all()
     assert (a.fluency > 0).all()
@@ -384,13 +470,26 @@ def test_counterfact_batched_equals_reference_with_generation(tiny):
 
 def test_zsre_batched_equals_reference(tiny):
     model, tok = tiny
-    recs = [{"subject": "IAAF Combined Events Challenge", "src": "When was the inception of IAAF Combined Events "
-             "Challenge?", "rephrase": "When was the IAAF Combined Events Challenge launched?",
-             "answers": ["1998"], "loc": "nq question: what is the name of the last episode of spongebob",
-             "loc_ans": "The String", "case_id": 0},
-            {"subject": "Lahti Town Hall", "src": "Who was the architect of Lahti Town Hall?",
-             "rephrase": "Who designed Lahti Town Hall?", "answers": ["Eliel Saarinen"],
-             "loc": "nq question: where is the world cup being held", "loc_ans": "Russia", "case_id": 1}]
+    recs = [
+        {
+            "subject": "IAAF Combined Events Challenge",
+            "src": "When was the inception of IAAF Combined Events Challenge?",
+            "rephrase": "When was the IAAF Combined Events Challenge launched?",
+            "answers": ["1998"],
+            "loc": "nq question: what is the name of the last episode of spongebob",
+            "loc_ans": "The String",
+            "case_id": 0,
+        },
+        {
+            "subject": "Lahti Town Hall",
+            "src": "Who was the architect of Lahti Town Hall?",
+            "rephrase": "Who designed Lahti Town Hall?",
+            "answers": ["Eliel Saarinen"],
+            "loc": "nq question: where is the world cup being held",
+            "loc_ans": "Russia",
+            "case_id": 1,
+        },
+    ]
     a = evaluate_zsre(model, tok, recs, batch_size=4, progress=False)
     b = evaluate_zsre_reference(model, tok, recs, progress=False)
     pd.testing.assert_frame_equal(a, b)
@@ -421,8 +520,14 @@ def test_real_smollm2_counterfact_and_zsre():
     pd.testing.assert_frame_equal(a[num].iloc[:3], b[num], atol=1e-4, rtol=0)
     assert list(a.gen_texts[:3]) == list(b.gen_texts)
     assert list(a.orig_case_id) == [r["orig_case_id"] for r in recs]
-    for c in ("efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_token_acc",
-              "paraphrase_token_acc", "neighborhood_token_acc"):
+    for c in (
+        "efficacy_score",
+        "paraphrase_score",
+        "neighborhood_score",
+        "efficacy_token_acc",
+        "paraphrase_token_acc",
+        "neighborhood_token_acc",
+    ):
         assert a[c].between(0, 1).all(), c
     for c in ("efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude"):
         assert a[c].between(-1, 1).all(), c
@@ -433,6 +538,7 @@ def test_real_smollm2_counterfact_and_zsre():
     assert 0 <= s.loc[0, "score"] <= 100
     za = evaluate_zsre(model, tok, zs[:5], progress=False)
     zb = evaluate_zsre_reference(model, tok, zs[:5], progress=False)
-    pd.testing.assert_frame_equal(za.drop(columns="neighborhood_pred"), zb.drop(columns="neighborhood_pred"),
-                                  atol=1e-6, rtol=0)
+    pd.testing.assert_frame_equal(
+        za.drop(columns="neighborhood_pred"), zb.drop(columns="neighborhood_pred"), atol=1e-6, rtol=0
+    )
     assert (za.efficacy_token_acc.between(0, 1)).all() and len(za) == 5

@@ -4,6 +4,7 @@ Plumbing tests on a tiny random Llama with synthetic CounterFact / zsRE records 
 tiny tokenizer's vocabulary (no real data needed); one slow test runs ``pmetlab run`` on the real
 SmolLM2-135M with the shared data.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,38 +37,74 @@ _FACTS = [
 def counterfact_records() -> list[dict]:
     out = []
     for i, (subj, prompt, new, true, neigh) in enumerate(_FACTS):
-        out.append({
-            "case_id": i,
-            "pararel_idx": i,
-            "requested_rewrite": {"prompt": prompt, "subject": subj, "relation_id": f"P{i}",
-                                  "target_new": {"str": new, "id": f"Q{i}n"},
-                                  "target_true": {"str": true, "id": f"Q{i}t"}},
-            "paraphrase_prompts": [f"the big {prompt.format(subj)}", f"one year {prompt.format(subj)}"],
-            "neighborhood_prompts": [prompt.format(n) for n in neigh],
-            "attribute_prompts": [prompt.format(neigh[0])],
-            "generation_prompts": [f"{subj} is", f"the {subj} was"],
-        })
+        out.append(
+            {
+                "case_id": i,
+                "pararel_idx": i,
+                "requested_rewrite": {
+                    "prompt": prompt,
+                    "subject": subj,
+                    "relation_id": f"P{i}",
+                    "target_new": {"str": new, "id": f"Q{i}n"},
+                    "target_true": {"str": true, "id": f"Q{i}t"},
+                },
+                "paraphrase_prompts": [f"the big {prompt.format(subj)}", f"one year {prompt.format(subj)}"],
+                "neighborhood_prompts": [prompt.format(n) for n in neigh],
+                "attribute_prompts": [prompt.format(neigh[0])],
+                "generation_prompts": [f"{subj} is", f"the {subj} was"],
+            }
+        )
     return out
 
 
 def zsre_records() -> list[dict]:
     return [
-        {"subject": "paris", "src": "what country is paris in ?", "rephrase": "paris is in what country ?",
-         "answers": ["france"], "alt": "italy", "loc": "nq question: who is the king of england",
-         "loc_ans": "the king", "pred": "france", "cond": ""},
-        {"subject": "sony", "src": "where was sony founded ?", "rephrase": "sony was founded where ?",
-         "answers": ["japan"], "alt": "china", "loc": "nq question: what is the capital of italy",
-         "loc_ans": "rome", "pred": "japan", "cond": ""},
-        {"subject": "danny miles", "src": "what does danny miles play ?", "rephrase": "danny miles plays what ?",
-         "answers": ["piano"], "alt": "guitar", "loc": "nq question: who wrote the book",
-         "loc_ans": "the writer", "pred": "piano", "cond": ""},
+        {
+            "subject": "paris",
+            "src": "what country is paris in ?",
+            "rephrase": "paris is in what country ?",
+            "answers": ["france"],
+            "alt": "italy",
+            "loc": "nq question: who is the king of england",
+            "loc_ans": "the king",
+            "pred": "france",
+            "cond": "",
+        },
+        {
+            "subject": "sony",
+            "src": "where was sony founded ?",
+            "rephrase": "sony was founded where ?",
+            "answers": ["japan"],
+            "alt": "china",
+            "loc": "nq question: what is the capital of italy",
+            "loc_ans": "rome",
+            "pred": "japan",
+            "cond": "",
+        },
+        {
+            "subject": "danny miles",
+            "src": "what does danny miles play ?",
+            "rephrase": "danny miles plays what ?",
+            "answers": ["piano"],
+            "alt": "guitar",
+            "loc": "nq question: who wrote the book",
+            "loc_ans": "the writer",
+            "pred": "piano",
+            "cond": "",
+        },
     ]
 
 
 CORPUS_TEXT = "\n\n".join(
-    " ".join(("the city of paris is the capital of france and the king lives in london with the queen . "
-              "miles davis plays jazz piano in new york . sony and toyota are companies in japan . ").split()
-             [k:] * 3) for k in range(30))
+    " ".join(
+        (
+            "the city of paris is the capital of france and the king lives in london with the queen . "
+            "miles davis plays jazz piano in new york . sony and toyota are companies in japan . "
+        ).split()[k:]
+        * 3
+    )
+    for k in range(30)
+)
 
 
 def write_data_dir(root: Path) -> Path:
@@ -80,8 +117,17 @@ def write_data_dir(root: Path) -> Path:
 
 
 def tiny_hparams(data_dir: Path, **extra) -> dict:
-    return {"layers": [0, 1], "v_num_grad_steps": 2, "cov_corpus": str(data_dir / "corpus.txt"), "cov_tokens": 400,
-            "cov_seq_len": 32, "n_prefixes": 1, "prefix_tokens": 2, "mom2_update_weight": 10.0, **extra}
+    return {
+        "layers": [0, 1],
+        "v_num_grad_steps": 2,
+        "cov_corpus": str(data_dir / "corpus.txt"),
+        "cov_tokens": 400,
+        "cov_seq_len": 32,
+        "n_prefixes": 1,
+        "prefix_tokens": 2,
+        "mom2_update_weight": 10.0,
+        **extra,
+    }
 
 
 @pytest.fixture
@@ -120,8 +166,15 @@ def _run(tiny_env, mt, out, **kw):
     kw.setdefault("hparams", tiny_hparams(tiny_env))
     kw.setdefault("n_gen_tokens", 3)
     kw.setdefault("progress", False)
-    return run_experiment(kw.pop("model", "tiny"), kw.pop("method", "pmet"), kw.pop("dataset", "counterfact"),
-                          kw.pop("n_edits", 3), out_dir=out, model_and_tokenizer=mt, **kw)
+    return run_experiment(
+        kw.pop("model", "tiny"),
+        kw.pop("method", "pmet"),
+        kw.pop("dataset", "counterfact"),
+        kw.pop("n_edits", 3),
+        out_dir=out,
+        model_and_tokenizer=mt,
+        **kw,
+    )
 
 
 class Counter:
@@ -170,8 +223,20 @@ def test_run_directory_contents_and_schema(tiny_env, tiny_mt, tmp_path):
 
     s = res.summary
     assert list(s["phase"]) == ["pre", "post"]
-    for c in ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_score_ci_low",
-              "efficacy_score_ci_high", "relative_specificity", "fluency", "method", "dataset", "n_edits", "label"):
+    for c in (
+        "efficacy_score",
+        "paraphrase_score",
+        "neighborhood_score",
+        "score",
+        "efficacy_score_ci_low",
+        "efficacy_score_ci_high",
+        "relative_specificity",
+        "fluency",
+        "method",
+        "dataset",
+        "n_edits",
+        "label",
+    ):
         assert c in s.columns, c
     assert set(s["method"]) == {"pmet"} and set(s["label"]) == {"tiny-pmet"} and set(s["n_edits"]) == {3}
     assert s[["efficacy_score", "paraphrase_score", "neighborhood_score"]].stack().between(0, 100).all()
@@ -213,8 +278,12 @@ def test_resume_skips_finished_phases(tiny_env, tiny_mt, tmp_path, monkeypatch):
     _assert_same_state(model, before)  # restored although evaluation failed on the edited model
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "failed" and "injected" in run["error"]
-    assert [run["phases"][p]["status"] for p in ("covariance", "edit", "eval_pre", "eval_post")] == \
-        ["done", "done", "done", "pending"]
+    assert [run["phases"][p]["status"] for p in ("covariance", "edit", "eval_pre", "eval_post")] == [
+        "done",
+        "done",
+        "done",
+        "pending",
+    ]
     pre_first = pd.read_parquet(out / "records.parquet")
     assert set(pre_first["phase"]) == {"pre"}
 
@@ -227,15 +296,17 @@ def test_resume_skips_finished_phases(tiny_env, tiny_mt, tmp_path, monkeypatch):
     assert cd.calls == 0 and ev.calls == 1
     assert res.run["status"] == "complete" and "error" not in res.run
     assert list(res.summary["phase"]) == ["pre", "post"]
-    pd.testing.assert_frame_equal(res.records[res.records.phase == "pre"].drop(columns="relative_specificity"),
-                                  pre_first, check_dtype=False)
+    pd.testing.assert_frame_equal(
+        res.records[res.records.phase == "pre"].drop(columns="relative_specificity"), pre_first, check_dtype=False
+    )
     _assert_same_state(model, before)
 
     # everything done: nothing runs, the model is not even loaded
     ev.calls = 0
     monkeypatch.setattr(phases, "load_model", Counter(None, fail_on=1))
-    res2 = run_experiment("tiny", "pmet", "counterfact", 3, hparams=tiny_hparams(tiny_env), n_gen_tokens=3,
-                          out_dir=out, progress=False)
+    res2 = run_experiment(
+        "tiny", "pmet", "counterfact", 3, hparams=tiny_hparams(tiny_env), n_gen_tokens=3, out_dir=out, progress=False
+    )
     assert ev.calls == 0 and cd.calls == 0
     pd.testing.assert_frame_equal(res2.summary, res.summary)
 
@@ -266,8 +337,15 @@ def test_changed_parameters_are_refused(tiny_env, tiny_mt, tmp_path):
     with pytest.raises(RunMismatchError, match=r"n_edits: 2 -> 3.*resume=False"):
         _run(tiny_env, tiny_mt, out, n_edits=3, method="none", generation=False)
     with pytest.raises(RunMismatchError, match="mom2_update_weight"):
-        _run(tiny_env, tiny_mt, out, n_edits=2, method="pmet", generation=False,
-             hparams=tiny_hparams(tiny_env, mom2_update_weight=3.0))
+        _run(
+            tiny_env,
+            tiny_mt,
+            out,
+            n_edits=2,
+            method="pmet",
+            generation=False,
+            hparams=tiny_hparams(tiny_env, mom2_update_weight=3.0),
+        )
     # the label is not part of a run's identity
     res = _run(tiny_env, tiny_mt, out, n_edits=2, method="none", generation=False, label="renamed")
     assert set(res.summary["label"]) == {"renamed"}
@@ -298,8 +376,12 @@ def test_bad_arguments_fail_before_any_work(tiny_env, tiny_mt, tmp_path, monkeyp
     with pytest.raises(ValueError, match="n_edits"):
         _run(tiny_env, tiny_mt, out, n_edits=0)
     with pytest.raises(KeyError, match="v_num_grad_stepz"):
-        run_sweep([{"method": "none"}, {"hparams": {"v_num_grad_stepz": 1}}], out_dir=tmp_path / "sw",
-                  model="tiny", model_and_tokenizer=tiny_mt)
+        run_sweep(
+            [{"method": "none"}, {"hparams": {"v_num_grad_stepz": 1}}],
+            out_dir=tmp_path / "sw",
+            model="tiny",
+            model_and_tokenizer=tiny_mt,
+        )
     with pytest.raises(KeyError, match="n_edit"):
         run_sweep([{"n_edit": 2}], out_dir=tmp_path / "sw", model="tiny", model_and_tokenizer=tiny_mt)
     assert not out.exists() and not (tmp_path / "sw").exists()
@@ -362,8 +444,9 @@ def test_zsre_and_multi_counterfact_fallback(tiny_env, tiny_mt, tmp_path):
         assert c in res.summary.columns, c
     assert list(res.summary["dataset"]) == ["zsre", "zsre"]
     # offline and without multi_counterfact.json: CounterFact minus conflicting pairs, recorded
-    res = _run(tiny_env, tiny_mt, tmp_path / "mcf", dataset="multi_counterfact", method="none", n_edits=2,
-               generation=False)
+    res = _run(
+        tiny_env, tiny_mt, tmp_path / "mcf", dataset="multi_counterfact", method="none", n_edits=2, generation=False
+    )
     assert res.run["dataset"]["derived"] == "drop_conflicting(counterfact)"
 
 
@@ -386,8 +469,16 @@ def test_sweep_and_summaries(tiny_env, tiny_mt, tmp_path):
     model, _ = tiny_mt
     before = _state(model)
     grid = [{"method": "none"}, {"method": "pmet", "hparams": {"spread_exponent": 1.0}}]
-    df = run_sweep(grid, out_dir=tmp_path / "sweep", model="tiny", n_edits=2, generation=False,
-                   hparams=tiny_hparams(tiny_env), progress=False, model_and_tokenizer=tiny_mt)
+    df = run_sweep(
+        grid,
+        out_dir=tmp_path / "sweep",
+        model="tiny",
+        n_edits=2,
+        generation=False,
+        hparams=tiny_hparams(tiny_env),
+        progress=False,
+        model_and_tokenizer=tiny_mt,
+    )
     _assert_same_state(model, before)
     assert len(df) == 4 and list(df["phase"]) == ["pre", "post"] * 2
     assert list(df["method"]) == ["none"] * 2 + ["pmet"] * 2
@@ -433,9 +524,26 @@ def test_cli_run_on_smollm2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PMETLAB_DATA_DIR", str(_shared_data()))
     monkeypatch.setenv("PMETLAB_OFFLINE", "1")
     out = tmp_path / "run"
-    rc = main(["run", "--model", "smollm2-135m", "--method", "pmet", "--n-edits", "2", "--no-generation",
-               "--hparams", "v_num_grad_steps=3", "--hparams", "cov_tokens=5000", "--out", str(out),
-               "--no-progress", "-q"])
+    rc = main(
+        [
+            "run",
+            "--model",
+            "smollm2-135m",
+            "--method",
+            "pmet",
+            "--n-edits",
+            "2",
+            "--no-generation",
+            "--hparams",
+            "v_num_grad_steps=3",
+            "--hparams",
+            "cov_tokens=5000",
+            "--out",
+            str(out),
+            "--no-progress",
+            "-q",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "run directory" in printed and "efficacy_score" in printed

@@ -1,5 +1,6 @@
 """The forward machinery of the target optimisation: transformers cache shims, layer replay,
 the per-call strategy check, and the per-request target cache's round trip."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,9 +15,11 @@ from pmetlab.tracing import Trace
 from tests.tiny_models import assert_no_hooks, make_tiny_model, make_tiny_tokenizer, random_input_ids
 
 FAMILIES = ["LlamaForCausalLM", "GPTJForCausalLM", "GPT2LMHeadModel"]
-REQUESTS = [EditRequest(prompt="{} plays the sport of", subject="danny miles", target_new="jazz"),
-            EditRequest(prompt="the capital of {} is", subject="france", target_new="rome"),
-            EditRequest(prompt="{} was born in the city of", subject="miles davis", target_new="new tokyo")]
+REQUESTS = [
+    EditRequest(prompt="{} plays the sport of", subject="danny miles", target_new="jazz"),
+    EditRequest(prompt="the capital of {} is", subject="france", target_new="rome"),
+    EditRequest(prompt="{} was born in the city of", subject="miles davis", target_new="new tokyo"),
+]
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 """Hyperparameters: shipped presets, strict keys, validation, MEMIT's refusals, round trips."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,15 +27,30 @@ def test_presets_load(cls, name):
 def test_preset_values_follow_method_md():
     """Spot-check §4 of method.md: the released GPT-J / NeoX numbers."""
     pj = PMETHyperParams.preset("gpt-j-6b")
-    assert (pj.layers, pj.v_lr, pj.v_num_grad_steps, pj.kl_factor, pj.mom2_update_weight) == \
-        ((3, 4, 5, 6, 7, 8), 0.2, 30, 1.0, 6000.0)
+    assert (pj.layers, pj.v_lr, pj.v_num_grad_steps, pj.kl_factor, pj.mom2_update_weight) == (
+        (3, 4, 5, 6, 7, 8),
+        0.2,
+        30,
+        1.0,
+        6000.0,
+    )
     assert pj.spread_exponent == 0.5 and pj.optimize_attn and not pj.update_attn_weights
     pn = PMETHyperParams.preset("gpt-neox-20b")
-    assert (pn.layers, pn.v_lr, pn.clamp_norm_factor, pn.kl_factor, pn.mom2_update_weight) == \
-        ((6, 7, 8, 9, 10), 0.5, 0.8, 0.8, 15000.0)
+    assert (pn.layers, pn.v_lr, pn.clamp_norm_factor, pn.kl_factor, pn.mom2_update_weight) == (
+        (6, 7, 8, 9, 10),
+        0.5,
+        0.8,
+        0.8,
+        15000.0,
+    )
     mj = MEMITHyperParams.preset("gpt-j-6b")
-    assert (mj.layers, mj.v_lr, mj.v_num_grad_steps, mj.kl_factor, mj.mom2_update_weight) == \
-        ((3, 4, 5, 6, 7, 8), 0.5, 25, 0.0625, 15000.0)
+    assert (mj.layers, mj.v_lr, mj.v_num_grad_steps, mj.kl_factor, mj.mom2_update_weight) == (
+        (3, 4, 5, 6, 7, 8),
+        0.5,
+        25,
+        0.0625,
+        15000.0,
+    )
     assert mj.spread_exponent == 1.0 and not mj.optimize_attn
 
 
@@ -53,33 +69,36 @@ def test_unknown_keys_are_keyerror_naming_them():
         hparams_from_dict({"method": "memit", "nope": 1})
 
 
-@pytest.mark.parametrize("changes, field", [
-    ({"layers": ()}, "layers"),
-    ({"layers": (4, 3)}, "layers"),
-    ({"layers": (3, 3)}, "layers"),
-    ({"layers": (-1, 2)}, "layers"),
-    ({"layers": 3}, "layers"),
-    ({"layers": ("a", "b")}, "layers"),
-    ({"v_lr": 0.0}, "v_lr"),
-    ({"v_lr": float("nan")}, "v_lr"),
-    ({"mom2_update_weight": -1.0}, "mom2_update_weight"),
-    ({"mom2_update_weight": float("inf")}, "mom2_update_weight"),
-    ({"clamp_norm_factor": 0.0}, "clamp_norm_factor"),
-    ({"kl_factor": -0.1}, "kl_factor"),
-    ({"spread_exponent": -1.0}, "spread_exponent"),
-    ({"v_num_grad_steps": 0}, "v_num_grad_steps"),
-    ({"v_num_grad_steps": 2.5}, "v_num_grad_steps"),
-    ({"v_num_grad_steps": "30"}, "v_num_grad_steps"),
-    ({"optimize_attn": "yes"}, "optimize_attn"),
-    ({"v_lr": True}, "v_lr"),
-    ({"n_prefixes": -1}, "n_prefixes"),
-    ({"prefix_starts": ()}, "prefix_starts"),
-    ({"prefix_starts": "The"}, "prefix_starts"),
-    ({"cov_dtype": "float16"}, "cov_dtype"),
-    ({"cov_tokens": 0}, "cov_tokens"),
-    ({"cov_seq_len": 4}, "cov_seq_len"),
-    ({"cov_corpus": 3}, "cov_corpus"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"layers": ()}, "layers"),
+        ({"layers": (4, 3)}, "layers"),
+        ({"layers": (3, 3)}, "layers"),
+        ({"layers": (-1, 2)}, "layers"),
+        ({"layers": 3}, "layers"),
+        ({"layers": ("a", "b")}, "layers"),
+        ({"v_lr": 0.0}, "v_lr"),
+        ({"v_lr": float("nan")}, "v_lr"),
+        ({"mom2_update_weight": -1.0}, "mom2_update_weight"),
+        ({"mom2_update_weight": float("inf")}, "mom2_update_weight"),
+        ({"clamp_norm_factor": 0.0}, "clamp_norm_factor"),
+        ({"kl_factor": -0.1}, "kl_factor"),
+        ({"spread_exponent": -1.0}, "spread_exponent"),
+        ({"v_num_grad_steps": 0}, "v_num_grad_steps"),
+        ({"v_num_grad_steps": 2.5}, "v_num_grad_steps"),
+        ({"v_num_grad_steps": "30"}, "v_num_grad_steps"),
+        ({"optimize_attn": "yes"}, "optimize_attn"),
+        ({"v_lr": True}, "v_lr"),
+        ({"n_prefixes": -1}, "n_prefixes"),
+        ({"prefix_starts": ()}, "prefix_starts"),
+        ({"prefix_starts": "The"}, "prefix_starts"),
+        ({"cov_dtype": "float16"}, "cov_dtype"),
+        ({"cov_tokens": 0}, "cov_tokens"),
+        ({"cov_seq_len": 4}, "cov_seq_len"),
+        ({"cov_corpus": 3}, "cov_corpus"),
+    ],
+)
 def test_invalid_values_are_valueerror(changes, field):
     with pytest.raises(ValueError, match=field):
         PMETHyperParams(**changes)
@@ -114,12 +133,17 @@ def test_method_defaults_and_uses_attn():
         p.replace(optimize_attn=False, update_attn_weights=True)
 
 
-@pytest.mark.parametrize("hp", [
-    PMETHyperParams(),
-    PMETHyperParams.preset("smollm2-135m").replace(update_attn_weights=True,
-                                                     spread_exponent=1.0, prefix_starts=("A", "B")),
-    MEMITHyperParams.preset("gpt2-xl"),
-], ids=["pmet-default", "pmet-ablation", "memit-gpt2xl"])
+@pytest.mark.parametrize(
+    "hp",
+    [
+        PMETHyperParams(),
+        PMETHyperParams.preset("smollm2-135m").replace(
+            update_attn_weights=True, spread_exponent=1.0, prefix_starts=("A", "B")
+        ),
+        MEMITHyperParams.preset("gpt2-xl"),
+    ],
+    ids=["pmet-default", "pmet-ablation", "memit-gpt2xl"],
+)
 def test_to_dict_round_trip(hp):
     d = hp.to_dict()
     assert d["method"] == hp.method
@@ -146,4 +170,3 @@ def test_replace_returns_new_validated_object():
     assert type(hp2) is PMETHyperParams
     with pytest.raises(dataclasses.FrozenInstanceError):
         hp.v_lr = 1.0  # type: ignore[misc]
-

@@ -2,6 +2,7 @@
 
 Tests marked ``slow`` use the real embedded models (SmolLM2-135M, Gemma 3 270M).
 """
+
 from __future__ import annotations
 
 import logging
@@ -11,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import pmetlab
 from pmetlab.models import ModelLoadError, embedded_models, get_adapter, load_model, model_identity
-from pmetlab.tracing import Trace, TraceDict, hidden_of
+from pmetlab.tracing import TraceDict, hidden_of
 from tests.tiny_models import assert_no_hooks, make_tiny_model, make_tiny_tokenizer
 
 PROMPT = "The capital of France is"
@@ -59,8 +59,7 @@ def test_bidirectional_encoder_is_not_a_causal_lm(tmp_path: Path) -> None:
     # its attention sees the whole sequence.
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=40)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40)
     BertModel(cfg).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError) as info:
         load_model(str(tmp_path))
@@ -71,8 +70,9 @@ def test_bidirectional_encoder_is_not_a_causal_lm(tmp_path: Path) -> None:
 def test_model_type_without_a_causal_lm_class(tmp_path: Path) -> None:
     from transformers import DistilBertConfig, DistilBertModel
 
-    DistilBertModel(DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=40)
-                    ).save_pretrained(tmp_path)
+    DistilBertModel(DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=40)).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(ModelLoadError) as info:
         load_model(str(tmp_path))
     msg = _one_line(info.value)
@@ -107,8 +107,9 @@ def test_local_tiny_model_loads_ready_for_editing(tmp_path: Path) -> None:
 
 
 def test_unsupported_class_is_caught_at_load(tmp_path: Path) -> None:
-    from pmetlab.models import UnsupportedArchitectureError
     from transformers import BloomConfig, BloomForCausalLM
+
+    from pmetlab.models import UnsupportedArchitectureError
 
     BloomForCausalLM(BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=2)).save_pretrained(tmp_path)
     make_tiny_tokenizer().save_pretrained(tmp_path)
@@ -143,7 +144,7 @@ def test_smollm2_knows_the_capital_of_france(smollm2) -> None:
     model, tok = smollm2
     enc = tok(PROMPT, return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-    text = tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in text, text
 
 
@@ -180,7 +181,7 @@ def test_gemma3_loads_generates_and_fits_its_adapter() -> None:
     enc = tok(PROMPT, return_tensors="pt")
     gen = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     assert gen.shape == (1, enc.input_ids.shape[1] + 4)
-    assert tok.decode(gen[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip()
+    assert tok.decode(gen[0, enc.input_ids.shape[1] :], skip_special_tokens=True).strip()
 
     adapter = get_adapter(model)
     assert adapter.spec.family == "gemma3" and not adapter.parallel

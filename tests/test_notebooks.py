@@ -1,6 +1,7 @@
 """The notebooks: jupytext pairs in sync, their conventions and the public API they may use (fast),
 run_notebooks' behaviour (a few seconds per kernel), and every notebook executed end to end in
 smoke mode on the real SmolLM2 (slow)."""
+
 from __future__ import annotations
 
 import ast
@@ -63,8 +64,12 @@ def _api_violations(source: str) -> list[str]:
                 out += [f"from pmetlab import {a.name}" for a in node.names if a.name not in exported]
             elif module.split(".")[0] == "pmetlab" or not module.startswith(OTHER_IMPORTS):
                 out.append(f"from {module} import {', '.join(a.name for a in node.names)}")
-        elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "pmetlab"
-              and node.attr not in exported):
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "pmetlab"
+            and node.attr not in exported
+        ):
             out.append(f"pmetlab.{node.attr}")
     return out
 
@@ -75,9 +80,13 @@ def _write_pair(d: Path, name: str = "01_pair") -> tuple[Path, Path]:
 
     params = new_code_cell('SMOKE = False\nOUTPUT_DIR = "out"')
     params.metadata["tags"] = ["parameters"]
-    nb = new_notebook(cells=[new_markdown_cell("# A pair\n\ntakes 1 min"), params, new_code_cell("x = 1\nx")],
-                      metadata={"jupytext": {"formats": PAIRED_FORMATS},
-                                "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nb = new_notebook(
+        cells=[new_markdown_cell("# A pair\n\ntakes 1 min"), params, new_code_cell("x = 1\nx")],
+        metadata={
+            "jupytext": {"formats": PAIRED_FORMATS},
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        },
+    )
     ipynb, py = d / f"{name}.ipynb", d / f"{name}.py"
     nbformat.write(nb, ipynb)
     jupytext.write(nb, py, fmt="py:percent")
@@ -85,6 +94,7 @@ def _write_pair(d: Path, name: str = "01_pair") -> tuple[Path, Path]:
 
 
 # --- the pairs (fast) --------------------------------------------------------------------------------
+
 
 def test_the_four_notebooks_are_listed_and_have_expected_outputs():
     assert list_notebooks() == NAMES
@@ -102,8 +112,9 @@ def test_the_folder_holds_the_pairs_only():
 @pytest.mark.parametrize("name", NAMES)
 def test_pair_is_declared_and_in_sync(name):
     ipynb, py = NOTEBOOKS_DIR / f"{name}.ipynb", NOTEBOOKS_DIR / f"{name}.py"
-    assert _read(name).metadata.get("jupytext", {}).get("formats") == PAIRED_FORMATS, \
+    assert _read(name).metadata.get("jupytext", {}).get("formats") == PAIRED_FORMATS, (
         f"{ipynb.name} declares the pairing: jupytext --set-formats {PAIRED_FORMATS} {ipynb}"
+    )
     text = jupytext.read(py)
     assert text.metadata.get("jupytext", {}).get("formats") == PAIRED_FORMATS, f"{py.name} declares the pairing"
     assert text.metadata["jupytext"]["text_representation"]["format_name"] == "percent"
@@ -160,8 +171,11 @@ def test_check_pairs_flags_a_source_without_its_notebook(tmp_path):
     _write_pair(tmp_path, "01_pair")
     (tmp_path / "02_new.py").write_text("# %%\nx = 1\n")
     (tmp_path / "_helper.py").write_text("x = 1\n")  # not a notebook: leading underscore
-    with pytest.raises(NotebookPairError, match=r"02_new\.py has no \.ipynb: create it with `jupytext --set-formats "
-                                                r"ipynb,py:percent .*02_new\.py`$"):
+    with pytest.raises(
+        NotebookPairError,
+        match=r"02_new\.py has no \.ipynb: create it with `jupytext --set-formats "
+        r"ipynb,py:percent .*02_new\.py`$",
+    ):
         check_pairs(tmp_path)
     check_pairs(tmp_path, ["01"])
 
@@ -179,6 +193,7 @@ def test_run_notebooks_refuses_an_out_of_sync_pair_before_running(tmp_path):
 
 
 # --- conventions (fast) ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", NAMES)
 def test_first_cell_is_markdown_saying_what_and_how_long(name):
@@ -202,13 +217,15 @@ def test_one_parameters_cell_second_with_scalars_only(name):
     tree = ast.parse(cell.source)
     names = []
     for stmt in tree.body:
-        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name), \
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name), (
             f"only `NAME = value` lines in the parameters cell, got {ast.unparse(stmt)!r}"
+        )
         value = stmt.value
         if isinstance(value, ast.UnaryOp) and isinstance(value.op, ast.USub):
             value = value.operand
-        assert isinstance(value, ast.Constant) and isinstance(value.value, (bool, int, float, str, type(None))), \
+        assert isinstance(value, ast.Constant) and isinstance(value.value, (bool, int, float, str, type(None))), (
             f"parameters are scalars: {ast.unparse(stmt)!r}"
+        )
         names.append(stmt.targets[0].id)
     assert len(names) == len(set(names)), f"a parameter is assigned twice: {names}"
     assert REQUIRED_PARAMETERS <= set(names), f"missing {REQUIRED_PARAMETERS - set(names)}"
@@ -217,8 +234,9 @@ def test_one_parameters_cell_second_with_scalars_only(name):
     assert defaults["SMOKE"] is False and defaults["OUTPUT_DIR"] == "figures" and defaults["SEED"] == 0
     assert defaults["MODEL"] == "smollm2-135m"
     papermill = pytest.importorskip("papermill")
-    assert list(papermill.inspect_notebook(str(NOTEBOOKS_DIR / f"{name}.ipynb"))) == names, \
+    assert list(papermill.inspect_notebook(str(NOTEBOOKS_DIR / f"{name}.ipynb"))) == names, (
         "papermill parses every parameter (a comment containing '=' hides one from it)"
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -226,8 +244,9 @@ def test_committed_without_outputs(name):
     nb = _read(name)
     for i, c in enumerate(nb.cells):
         if c.cell_type == "code":
-            assert c.get("outputs") == [] and c.get("execution_count") is None, \
+            assert c.get("outputs") == [] and c.get("execution_count") is None, (
                 f"cell {i} carries outputs or an execution count: jupyter nbconvert --clear-output --inplace"
+            )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -246,8 +265,10 @@ def test_notebook_uses_only_what_pmetlab_exports(name):
         assert not any(l.lstrip().startswith(("!", "%")) for l in lines), f"cell {i}: no shell commands or magics"
         assert "sys.path" not in c.source and "pip install" not in c.source, f"cell {i}"
         bad = _api_violations(c.source)
-        assert not bad, f"cell {i} reaches past pmetlab's exports: {bad} (use `import pmetlab` / " \
-                        f"`from pmetlab import NAME`; export what is missing in pmetlab/__init__.py)"
+        assert not bad, (
+            f"cell {i} reaches past pmetlab's exports: {bad} (use `import pmetlab` / "
+            f"`from pmetlab import NAME`; export what is missing in pmetlab/__init__.py)"
+        )
 
 
 def test_every_export_exists():
@@ -256,21 +277,25 @@ def test_every_export_exists():
 
 
 def test_the_api_check_catches_what_reaches_past_the_exports():
-    ok = "import pandas as pd\nfrom IPython.display import Markdown\nimport pmetlab\n" \
-         "from pmetlab import save_figure, run_sweep as rs\nm, t = pmetlab.load_model('x')\npmetlab.EditRequest.x"
+    ok = (
+        "import pandas as pd\nfrom IPython.display import Markdown\nimport pmetlab\n"
+        "from pmetlab import save_figure, run_sweep as rs\nm, t = pmetlab.load_model('x')\npmetlab.EditRequest.x"
+    )
     assert _api_violations(ok) == []
-    bad = {"from pmetlab.plots import save_figure": "from pmetlab.plots import save_figure",
-           "from pmetlab.runs import resolve_hparams": "from pmetlab.runs import resolve_hparams",
-           "import pmetlab.analysis": "import pmetlab.analysis",
-           "import pmetlab as pm": "import pmetlab as pm",
-           "from pmetlab import *": "from pmetlab import *",
-           "from pmetlab import with_run_columns": "from pmetlab import with_run_columns",
-           "from pmetlab import datasets": "from pmetlab import datasets",
-           "pmetlab.analysis.component_similarity(m)": "pmetlab.analysis",
-           "f = pmetlab.not_a_name": "pmetlab.not_a_name",
-           "from . import x": "from . import x",
-           "import os": "import os",
-           "from pathlib import Path": "from pathlib import Path"}
+    bad = {
+        "from pmetlab.plots import save_figure": "from pmetlab.plots import save_figure",
+        "from pmetlab.runs import resolve_hparams": "from pmetlab.runs import resolve_hparams",
+        "import pmetlab.analysis": "import pmetlab.analysis",
+        "import pmetlab as pm": "import pmetlab as pm",
+        "from pmetlab import *": "from pmetlab import *",
+        "from pmetlab import with_run_columns": "from pmetlab import with_run_columns",
+        "from pmetlab import datasets": "from pmetlab import datasets",
+        "pmetlab.analysis.component_similarity(m)": "pmetlab.analysis",
+        "f = pmetlab.not_a_name": "pmetlab.not_a_name",
+        "from . import x": "from . import x",
+        "import os": "import os",
+        "from pathlib import Path": "from pathlib import Path",
+    }
     for source, expected in bad.items():
         assert _api_violations(source) == [expected], source
 
@@ -288,13 +313,16 @@ def test_files_written_match_expected_outputs(name):
 
 # --- run_notebooks (a kernel per notebook, no model) ------------------------------------------------
 
+
 def _write_nb(path: Path, params: str, *cells: str) -> None:
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
     p = new_code_cell(params)
     p.metadata["tags"] = ["parameters"]
-    nb = new_notebook(cells=[new_markdown_cell("# test"), p, *[new_code_cell(c) for c in cells]],
-                      metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nb = new_notebook(
+        cells=[new_markdown_cell("# test"), p, *[new_code_cell(c) for c in cells]],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    )
     nbformat.write(nb, path)
 
 
@@ -304,10 +332,13 @@ def tiny_notebooks(tmp_path):
     d.mkdir()
     params = 'SMOKE = False\nOUTPUT_DIR = "out"\nN = 1'
     _write_nb(d / "01_bad.ipynb", params, "x = 1", 'raise ValueError("boom: the second line")')
-    _write_nb(d / "02_good.ipynb", params,
-              'import json, os, pathlib\n'
-              'pathlib.Path(OUTPUT_DIR, "good.json").write_text(json.dumps(\n'
-              '    {"N": N, "SMOKE": SMOKE, "threads": os.environ.get("OMP_NUM_THREADS")}))')
+    _write_nb(
+        d / "02_good.ipynb",
+        params,
+        "import json, os, pathlib\n"
+        'pathlib.Path(OUTPUT_DIR, "good.json").write_text(json.dumps(\n'
+        '    {"N": N, "SMOKE": SMOKE, "threads": os.environ.get("OMP_NUM_THREADS")}))',
+    )
     _write_nb(d / "_helper.ipynb", params)  # not listed: leading underscore
     return d
 
@@ -318,8 +349,9 @@ def test_run_notebooks_reports_a_failure_and_runs_the_rest(tiny_notebooks, tmp_p
     assert list_notebooks(tiny_notebooks) == ["01_bad", "02_good"]
     threads_before = os.environ.get("OMP_NUM_THREADS")
     with caplog.at_level("ERROR", logger="pmetlab.notebooks"):
-        res = run_notebooks(str(out), parameters={"N": "3"}, smoke=True, notebooks_dir=str(tiny_notebooks),
-                            timeout=120, threads=1)
+        res = run_notebooks(
+            str(out), parameters={"N": "3"}, smoke=True, notebooks_dir=str(tiny_notebooks), timeout=120, threads=1
+        )
     assert [r["name"] for r in res] == ["01_bad", "02_good"]
     bad, good = res
     assert bad["status"] == "failed" and bad["error"] == "ValueError: boom: the second line"
@@ -327,8 +359,9 @@ def test_run_notebooks_reports_a_failure_and_runs_the_rest(tiny_notebooks, tmp_p
     assert (out / "01_bad.ipynb").is_file(), "the executed copy shows where it failed"
     assert "01_bad" in caplog.text and "boom" in caplog.text
     assert good["status"] == "ok" and good["error"] is None and good["outputs"] == ["good.json"]
-    assert json.loads((out / "good.json").read_text()) == {"N": 3, "SMOKE": True, "threads": "1"}, \
+    assert json.loads((out / "good.json").read_text()) == {"N": 3, "SMOKE": True, "threads": "1"}, (
         "parameters typed and passed, the thread count set for the kernel"
+    )
     report = json.loads((out / "report.json").read_text())
     assert [r["status"] for r in report["notebooks"]] == ["failed", "ok"] and report["smoke"] is True
     assert all(r["seconds"] > 0 for r in res)
@@ -358,6 +391,7 @@ def test_run_notebooks_rejects_bad_names_and_parameters_before_running(tiny_note
 
 # --- every notebook end to end on the real model, smoke sizes (slow) ---------------------------------
 
+
 def _shared_data() -> Path | None:
     for cand in (os.environ.get("PMETLAB_DATA_DIR"), REPO.parent / "shared" / "data"):
         if cand and (Path(cand) / "counterfact").is_dir():
@@ -367,8 +401,9 @@ def _shared_data() -> Path | None:
 
 @pytest.mark.slow
 @pytest.mark.notebooks
-@pytest.mark.skipif(_shared_data() is None, reason="the shared data (known facts, CounterFact, corpus) is absent; "
-                                                   "set PMETLAB_DATA_DIR")
+@pytest.mark.skipif(
+    _shared_data() is None, reason="the shared data (known facts, CounterFact, corpus) is absent; set PMETLAB_DATA_DIR"
+)
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_in_smoke_mode(name, tmp_path, monkeypatch):
     monkeypatch.setenv("PMETLAB_DATA_DIR", str(_shared_data()))  # inherited by the kernel

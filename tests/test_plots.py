@@ -1,4 +1,5 @@
 """Figures (pmetlab.plots): right number of panels and lines from small synthetic tidy DataFrames."""
+
 from __future__ import annotations
 
 import matplotlib
@@ -8,8 +9,16 @@ import pytest
 from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 
-from pmetlab.plots import (SavedFigure, color_for, plot_ablation, plot_optimization_trace, plot_similarity,
-                           plot_tradeoff, plot_update_norms, save_figure)
+from pmetlab.plots import (
+    SavedFigure,
+    color_for,
+    plot_ablation,
+    plot_optimization_trace,
+    plot_similarity,
+    plot_tradeoff,
+    plot_update_norms,
+    save_figure,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -20,17 +29,23 @@ def _similarity_summary(n_layers: int = 5) -> pd.DataFrame:
         for comp in ("MHSA", "FFN"):
             for layer in range(n_layers):
                 m = float(RNG.uniform(0.3, 0.9))
-                rows.append(dict(layer=layer, component=comp, metric=metric, mean=m, ci_low=m - 0.05,
-                                 ci_high=m + 0.05, n=20))
+                rows.append(
+                    dict(layer=layer, component=comp, metric=metric, mean=m, ci_low=m - 0.05, ci_high=m + 0.05, n=20)
+                )
     return pd.DataFrame(rows)
 
 
 def _tradeoff_summary() -> pd.DataFrame:
-    rows = [dict(method=method, n_edits=n, metric=metric, mean=float(RNG.uniform()), ci_low=0.1, ci_high=0.9)
-            for method in ("PMET", "MEMIT") for n in (1, 10, 100, 1000)
-            for metric in ("efficacy", "paraphrase", "neighborhood")]
-    rows += [dict(method="unedited", n_edits=0, metric=metric, mean=0.5)
-             for metric in ("efficacy", "paraphrase", "neighborhood")]
+    rows = [
+        dict(method=method, n_edits=n, metric=metric, mean=float(RNG.uniform()), ci_low=0.1, ci_high=0.9)
+        for method in ("PMET", "MEMIT")
+        for n in (1, 10, 100, 1000)
+        for metric in ("efficacy", "paraphrase", "neighborhood")
+    ]
+    rows += [
+        dict(method="unedited", n_edits=0, metric=metric, mean=0.5)
+        for metric in ("efficacy", "paraphrase", "neighborhood")
+    ]
     return pd.DataFrame(rows)
 
 
@@ -63,9 +78,15 @@ def test_plot_similarity_names_the_projection_and_refuses_mixed_protocols():
 
 
 def test_plot_similarity_from_per_prompt_values_and_subsets():
-    values = pd.DataFrame([dict(prompt_id=p, layer=l, component=c, metric=m, value=float(RNG.uniform()))
-                           for p in range(6) for l in range(4) for c in ("MHSA", "FFN")
-                           for m in ("cosine", "jaccard")])
+    values = pd.DataFrame(
+        [
+            dict(prompt_id=p, layer=l, component=c, metric=m, value=float(RNG.uniform()))
+            for p in range(6)
+            for l in range(4)
+            for c in ("MHSA", "FFN")
+            for m in ("cosine", "jaccard")
+        ]
+    )
     fig = plot_similarity(values, metrics=["jaccard"])
     assert len(fig.axes) == 1 and len(_labelled_lines(fig.axes[0])) == 2
     y = fig.axes[0].get_lines()[1].get_data()[1]  # FFN
@@ -99,8 +120,11 @@ def test_wide_evaluation_summaries_are_accepted():
         rows.append(row)
     wide = pd.DataFrame(rows)
     fig = plot_tradeoff(wide)
-    assert [ax.get_title() for ax in fig.axes] == ["efficacy (ES) (reliability)", "paraphrase (PS) (reliability)",
-                                                   "neighborhood (NS) (specificity)"]
+    assert [ax.get_title() for ax in fig.axes] == [
+        "efficacy (ES) (reliability)",
+        "paraphrase (PS) (reliability)",
+        "neighborhood (NS) (specificity)",
+    ]
     y = fig.axes[2].get_lines()[0].get_data()[1]
     assert np.allclose(y, wide[wide.method == "PMET"]["neighborhood_score"])
     ablation = wide[wide.n_edits != 1].drop(columns="n_edits").rename(columns={"method": "variant"})
@@ -112,9 +136,14 @@ def test_wide_evaluation_summaries_are_accepted():
 
 
 def test_plot_ablation_one_bar_group_per_variant():
-    df = pd.DataFrame([dict(variant=v, metric=m, value=float(RNG.uniform()))
-                       for v in ("PMET", "w/o δ^a", "even spread", "update MHSA")
-                       for m in ("efficacy", "paraphrase", "neighborhood") for _ in range(4)])
+    df = pd.DataFrame(
+        [
+            dict(variant=v, metric=m, value=float(RNG.uniform()))
+            for v in ("PMET", "w/o δ^a", "even spread", "update MHSA")
+            for m in ("efficacy", "paraphrase", "neighborhood")
+            for _ in range(4)
+        ]
+    )
     fig = plot_ablation(df)
     (ax,) = fig.axes
     bars = [c for c in ax.containers if isinstance(c, BarContainer)]
@@ -126,9 +155,14 @@ def test_plot_ablation_one_bar_group_per_variant():
 
 def test_plot_optimization_trace_wide_and_long():
     steps = np.arange(10)
-    wide = pd.DataFrame([dict(method=m, request=r, step=s, loss=float(np.exp(-s / 3) + 0.01),
-                              p_target=float(1 - np.exp(-s / 3)))
-                         for m in ("PMET", "MEMIT") for r in range(3) for s in steps])
+    wide = pd.DataFrame(
+        [
+            dict(method=m, request=r, step=s, loss=float(np.exp(-s / 3) + 0.01), p_target=float(1 - np.exp(-s / 3)))
+            for m in ("PMET", "MEMIT")
+            for r in range(3)
+            for s in steps
+        ]
+    )
     fig = plot_optimization_trace(wide)
     assert len(fig.axes) == 2
     for ax in fig.axes:
@@ -143,8 +177,15 @@ def test_plot_optimization_trace_wide_and_long():
 
 
 def test_plot_update_norms_panels_per_module():
-    df = pd.DataFrame([dict(method=m, layer=l, module=mod, norm=float(RNG.uniform()))
-                       for m in ("PMET", "MEMIT") for l in range(3, 9) for mod in ("FFN", "MHSA") for _ in range(2)])
+    df = pd.DataFrame(
+        [
+            dict(method=m, layer=l, module=mod, norm=float(RNG.uniform()))
+            for m in ("PMET", "MEMIT")
+            for l in range(3, 9)
+            for mod in ("FFN", "MHSA")
+            for _ in range(2)
+        ]
+    )
     fig = plot_update_norms(df)
     assert len(fig.axes) == 2
     for ax in fig.axes:

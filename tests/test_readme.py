@@ -1,4 +1,5 @@
 """The README's generated sections match the committed results (docs/build_readme.py --check)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,6 +18,7 @@ def _builder():
 def test_readme_tables_are_generated_from_the_committed_results():
     mod = _builder()
     from pmetlab.reporting import stale_sections
+
     text = (REPO / "README.md").read_text()
     assert set(mod.BUILDERS) <= set(__import__("pmetlab.reporting").reporting.section_names(text))
     assert stale_sections(text, mod.BUILDERS) == [], "run `python docs/build_readme.py` and commit README.md"

@@ -1,4 +1,5 @@
 """Generated Markdown sections: rendering, staleness, tables."""
+
 from __future__ import annotations
 
 import math

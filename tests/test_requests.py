@@ -1,7 +1,9 @@
 """Edit requests: validation messages, dataset builders, and requests the tokenizer cannot place."""
+
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -12,20 +14,33 @@ from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
 
 CF_RECORD = {
     "case_id": 7,
-    "requested_rewrite": {"prompt": "{} plays the sport of", "subject": "Danny Miles", "relation_id": "P641",
-                          "target_new": {"str": "jazz", "id": "Q1"}, "target_true": {"str": "football", "id": "Q2"}},
-    "paraphrase_prompts": ["x"], "neighborhood_prompts": ["y"],
+    "requested_rewrite": {
+        "prompt": "{} plays the sport of",
+        "subject": "Danny Miles",
+        "relation_id": "P641",
+        "target_new": {"str": "jazz", "id": "Q1"},
+        "target_true": {"str": "football", "id": "Q2"},
+    },
+    "paraphrase_prompts": ["x"],
+    "neighborhood_prompts": ["y"],
 }
-ZSRE_RECORD = {"subject": "Danny Miles", "src": "What sport does Danny Miles play?", "rephrase": "r",
-               "answers": ["jazz", "football"], "alt": "baseball", "loc": "nq question: who", "loc_ans": "x",
-               "case_id": 3}
+ZSRE_RECORD = {
+    "subject": "Danny Miles",
+    "src": "What sport does Danny Miles play?",
+    "rephrase": "r",
+    "answers": ["jazz", "football"],
+    "alt": "baseball",
+    "loc": "nq question: who",
+    "loc_ans": "x",
+    "case_id": 3,
+}
 
 
 def test_valid_request_and_text():
     r = EditRequest(prompt="{} plays the sport of", subject="Danny Miles", target_new="jazz")
     assert r.text == "Danny Miles plays the sport of"
     assert EditRequest.from_dict(r.to_dict()) == r
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         r.subject = "x"  # type: ignore[misc]  # frozen
 
 
@@ -36,8 +51,9 @@ def test_prompt_must_have_exactly_one_placeholder(prompt, n):
     assert repr(prompt) in str(ei.value)  # says what it received
 
 
-@pytest.mark.parametrize("prompt", ["{} plays {the} sport", "{} plays }", "{ {} plays", "{{}} plays {}",
-                                    "{0} plays", "{x} {} plays"])
+@pytest.mark.parametrize(
+    "prompt", ["{} plays {the} sport", "{} plays }", "{ {} plays", "{{}} plays {}", "{0} plays", "{x} {} plays"]
+)
 def test_stray_braces_are_rejected(prompt):
     with pytest.raises(ValueError, match="prompt"):
         EditRequest(prompt=prompt, subject="Danny", target_new="jazz")
@@ -69,16 +85,21 @@ def test_from_dict_rejects_unknown_fields():
 
 def test_from_counterfact():
     r = EditRequest.from_counterfact(CF_RECORD)
-    assert r == EditRequest(prompt="{} plays the sport of", subject="Danny Miles", target_new="jazz",
-                            target_true="football", case_id=7)
+    assert r == EditRequest(
+        prompt="{} plays the sport of", subject="Danny Miles", target_new="jazz", target_true="football", case_id=7
+    )
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda d: d.pop("requested_rewrite"),
-    lambda d: d["requested_rewrite"].pop("subject"),
-    lambda d: d["requested_rewrite"]["target_new"].pop("str"),
-    lambda d: d["requested_rewrite"].__setitem__("target_true", "football"),  # a string, not {str}
-], ids=["no-rewrite", "no-subject", "no-target-str", "flat-target"])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.pop("requested_rewrite"),
+        lambda d: d["requested_rewrite"].pop("subject"),
+        lambda d: d["requested_rewrite"]["target_new"].pop("str"),
+        lambda d: d["requested_rewrite"].__setitem__("target_true", "football"),  # a string, not {str}
+    ],
+    ids=["no-rewrite", "no-subject", "no-target-str", "flat-target"],
+)
 def test_from_counterfact_bad_records(mutate):
     rec = copy.deepcopy(CF_RECORD)
     mutate(rec)
@@ -101,8 +122,9 @@ def test_from_counterfact_bad_field_keeps_field_message():
 
 def test_from_zsre():
     r = EditRequest.from_zsre(ZSRE_RECORD)
-    assert r == EditRequest(prompt="What sport does {} play?", subject="Danny Miles", target_new="jazz",
-                            target_true=None, case_id=3)
+    assert r == EditRequest(
+        prompt="What sport does {} play?", subject="Danny Miles", target_new="jazz", target_true=None, case_id=3
+    )
 
 
 def test_from_zsre_bad_records():
@@ -126,14 +148,14 @@ def test_from_zsre_bad_records():
 
 # --- requests the tokenizer cannot place ------------------------------------------------------
 
+
 def _dropping_tokenizer():
     """The tiny word tokenizer, but its normaliser deletes '@': an all-'@' subject or target
     vanishes from the token sequence although the request itself is well formed."""
     from tokenizers import normalizers
 
     tok = make_tiny_tokenizer()
-    tok.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Replace("@", ""),
-                                                             normalizers.Lowercase()])
+    tok.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Replace("@", ""), normalizers.Lowercase()])
     return tok
 
 

@@ -3,6 +3,7 @@ metric cache (damaged entries), and the compatibility module ``pmetlab.experimen
 
 Runs use the tiny Llama and the synthetic datasets of ``tests.test_experiments``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,27 +36,30 @@ def test_run_spec_is_keyword_only_and_frozen():
         spec.n_edits = 4  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("kwargs, exc, message", [
-    ({"model": ""}, ValueError, "model must be a non-empty string (an embedded name or a path), got '' (str)"),
-    ({"method": "rome"}, ValueError, "unknown method 'rome'; expected one of ['pmet', 'memit', 'none']"),
-    ({"dataset": "wikidata"}, ValueError, "unknown dataset 'wikidata'; expected one of"),
-    ({"n_edits": 0}, ValueError, "n_edits must be a positive integer, got 0 (int)"),
-    ({"n_edits": 2.0}, ValueError, "n_edits must be a positive integer, got 2.0 (float)"),
-    ({"n_edits": True}, ValueError, "n_edits must be a positive integer, got True (bool)"),
-    ({"batch_size": 0}, ValueError, "batch_size must be a positive integer or None, got 0 (int)"),
-    ({"mode": "parallel"}, ValueError, "unknown mode 'parallel'; expected one of ['batch', 'sequential']"),
-    ({"subset": "random"}, ValueError, "unknown subset 'random'; expected one of ['first', 'sample']"),
-    ({"seed": "1"}, ValueError, "seed must be an integer, got '1' (str)"),
-    ({"generation": "yes"}, ValueError, "generation must be True or False, got 'yes' (str)"),
-    ({"n_gen_tokens": -5}, ValueError, "n_gen_tokens must be a positive integer, got -5 (int)"),
-    ({"eval_batch_size": None}, ValueError, "eval_batch_size must be a positive integer, got None (NoneType)"),
-    ({"label": 3}, ValueError, "label must be a string or None, got 3 (int)"),
-    ({"hparams": [("v_lr", 0.1)]}, ValueError, "hparams must be a dict of hyperparameter overrides, got list"),
-    ({"hparams": {"v_lr": "fast"}}, ValueError, "v_lr must be a number, got str: 'fast'"),
-    ({"hparams": {"layers": 3}}, ValueError, "'layers' must be a list of layer indices, got 3"),
-    ({"hparams": {"v_num_grad_stepz": 2}}, KeyError, "unknown hyperparameter(s) ['v_num_grad_stepz']"),
-    ({"method": "none", "hparams": {"bogus": 1}}, KeyError, "unknown hyperparameter(s) ['bogus']"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, message",
+    [
+        ({"model": ""}, ValueError, "model must be a non-empty string (an embedded name or a path), got '' (str)"),
+        ({"method": "rome"}, ValueError, "unknown method 'rome'; expected one of ['pmet', 'memit', 'none']"),
+        ({"dataset": "wikidata"}, ValueError, "unknown dataset 'wikidata'; expected one of"),
+        ({"n_edits": 0}, ValueError, "n_edits must be a positive integer, got 0 (int)"),
+        ({"n_edits": 2.0}, ValueError, "n_edits must be a positive integer, got 2.0 (float)"),
+        ({"n_edits": True}, ValueError, "n_edits must be a positive integer, got True (bool)"),
+        ({"batch_size": 0}, ValueError, "batch_size must be a positive integer or None, got 0 (int)"),
+        ({"mode": "parallel"}, ValueError, "unknown mode 'parallel'; expected one of ['batch', 'sequential']"),
+        ({"subset": "random"}, ValueError, "unknown subset 'random'; expected one of ['first', 'sample']"),
+        ({"seed": "1"}, ValueError, "seed must be an integer, got '1' (str)"),
+        ({"generation": "yes"}, ValueError, "generation must be True or False, got 'yes' (str)"),
+        ({"n_gen_tokens": -5}, ValueError, "n_gen_tokens must be a positive integer, got -5 (int)"),
+        ({"eval_batch_size": None}, ValueError, "eval_batch_size must be a positive integer, got None (NoneType)"),
+        ({"label": 3}, ValueError, "label must be a string or None, got 3 (int)"),
+        ({"hparams": [("v_lr", 0.1)]}, ValueError, "hparams must be a dict of hyperparameter overrides, got list"),
+        ({"hparams": {"v_lr": "fast"}}, ValueError, "v_lr must be a number, got str: 'fast'"),
+        ({"hparams": {"layers": 3}}, ValueError, "'layers' must be a list of layer indices, got 3"),
+        ({"hparams": {"v_num_grad_stepz": 2}}, KeyError, "unknown hyperparameter(s) ['v_num_grad_stepz']"),
+        ({"method": "none", "hparams": {"bogus": 1}}, KeyError, "unknown hyperparameter(s) ['bogus']"),
+    ],
+)
 def test_run_spec_rejects_bad_arguments_with_clear_messages(kwargs, exc, message):
     with pytest.raises(exc) as info:
         RunSpec.build(**{"model": "tiny", **kwargs})
@@ -64,10 +68,18 @@ def test_run_spec_rejects_bad_arguments_with_clear_messages(kwargs, exc, message
 
 
 def test_run_spec_resolves_every_setting():
-    spec = RunSpec.build(model="SmolLM2-135M", method="pmet", dataset="multi-counterfact", n_edits=np.int64(4),
-                         batch_size=2, seed=7, hparams={"v_lr": 0.3}, generation=np.bool_(False), label="x")
-    assert (spec.dataset, spec.n_edits, spec.generation, spec.preset) == ("multi_counterfact", 4, False,
-                                                                          "smollm2-135m")
+    spec = RunSpec.build(
+        model="SmolLM2-135M",
+        method="pmet",
+        dataset="multi-counterfact",
+        n_edits=np.int64(4),
+        batch_size=2,
+        seed=7,
+        hparams={"v_lr": 0.3},
+        generation=np.bool_(False),
+        label="x",
+    )
+    assert (spec.dataset, spec.n_edits, spec.generation, spec.preset) == ("multi_counterfact", 4, False, "smollm2-135m")
     assert type(spec.n_edits) is int and type(spec.generation) is bool
     # the preset for the model, the overrides, and the run's seed unless the overrides set one
     assert spec.hp == resolve_hparams("smollm2-135m", "pmet", {"v_lr": 0.3, "seed": 7})
@@ -98,15 +110,26 @@ def test_sweep_keys_are_the_run_spec_arguments(tmp_path, tiny_mt):  # noqa: F811
     with pytest.raises(ValueError, match="same run directory"):
         run_sweep([{"n_edits": 2}, {"n_edits": 2}], out_dir=tmp_path / "sw", model="tiny", method="none")
     with pytest.raises(ValueError, match="n_edits must be a positive integer, got 0"):
-        run_sweep([{"method": "none"}, {"n_edits": 0}], out_dir=tmp_path / "sw", model="tiny",
-                  model_and_tokenizer=tiny_mt)
+        run_sweep(
+            [{"method": "none"}, {"n_edits": 0}], out_dir=tmp_path / "sw", model="tiny", model_and_tokenizer=tiny_mt
+        )
     assert not (tmp_path / "sw").exists()
 
 
 def test_sweep_rows_carry_the_resolved_hyperparameters(tiny_env, tiny_mt, tmp_path):  # noqa: F811
     grid = [{"hparams": {"spread_exponent": 1.0}}, {"hparams": {"mom2_update_weight": 3.0}}]
-    df = run_sweep(grid, out_dir=tmp_path / "sweep", model="tiny", method="pmet", n_edits=2, generation=False,
-                   eval_batch_size=8, hparams=tiny_hparams(tiny_env), progress=False, model_and_tokenizer=tiny_mt)
+    df = run_sweep(
+        grid,
+        out_dir=tmp_path / "sweep",
+        model="tiny",
+        method="pmet",
+        n_edits=2,
+        generation=False,
+        eval_batch_size=8,
+        hparams=tiny_hparams(tiny_env),
+        progress=False,
+        model_and_tokenizer=tiny_mt,
+    )
     assert len(df) == 4
     fields = [f for f in pmetlab.PMETHyperParams().to_dict() if f != "method"]
     hp_cols = [f"hp_{f}" for f in fields]
@@ -152,14 +175,16 @@ class _FakeEvaluate:
     def __call__(self, records: list) -> pd.DataFrame:
         ids = [r["case_id"] for r in records]
         self.seen.append(ids)
-        df = pd.DataFrame({
-            "case_id": ids,
-            "efficacy_score": [0.1 * i + 1 / 3 for i in ids],
-            "fluency": np.array([np.nan if i == 1 else i / 7 for i in ids], dtype=np.float32),
-            "hit": [i % 2 == 0 for i in ids],
-            "neighborhood_prefers_true": [tuple(bool(j % 2) for j in range(i + 1)) for i in ids],
-            "note": [None if i else "first" for i in ids],
-        })
+        df = pd.DataFrame(
+            {
+                "case_id": ids,
+                "efficacy_score": [0.1 * i + 1 / 3 for i in ids],
+                "fluency": np.array([np.nan if i == 1 else i / 7 for i in ids], dtype=np.float32),
+                "hit": [i % 2 == 0 for i in ids],
+                "neighborhood_prefers_true": [tuple(bool(j % 2) for j in range(i + 1)) for i in ids],
+                "note": [None if i else "first" for i in ids],
+            }
+        )
         df.insert(0, "phase", "pre")
         return df
 
@@ -204,8 +229,9 @@ def test_pre_eval_cache_evaluates_a_repeated_record_once(tiny_mt, tmp_path):  # 
     spec = RunSpec.build(model="tiny", method="none", n_edits=3)
     recs = _fake_records(2) + _fake_records(1)
     ev = _FakeEvaluate()
-    out, n = cached_pre_eval(model, tok, spec, recs, has_reference=False, evaluate=ev,
-                             store=KeyedStore("pre_eval", root=tmp_path))
+    out, n = cached_pre_eval(
+        model, tok, spec, recs, has_reference=False, evaluate=ev, store=KeyedStore("pre_eval", root=tmp_path)
+    )
     assert ev.seen == [[0, 1]] and n == 0 and list(out["case_id"]) == [0, 1, 0]
 
 

@@ -1,4 +1,5 @@
 """The least-squares update (method.md §2 step 3), the spread, and the key/output reader."""
+
 from __future__ import annotations
 
 import logging
@@ -99,11 +100,14 @@ def test_indefinite_system_falls_back_to_general_solve(caplog):
     assert torch.linalg.norm(lhs - resid.T @ keys) <= 1e-8 * torch.linalg.norm(resid.T @ keys)
 
 
-@pytest.mark.parametrize("keys, resid, cov, what", [
-    (torch.zeros(3, D_IN), torch.zeros(2, D_OUT), torch.eye(D_IN), "share N"),
-    (torch.zeros(D_IN), torch.zeros(1, D_OUT), torch.eye(D_IN), "share N"),
-    (torch.zeros(3, D_IN), torch.zeros(3, D_OUT), torch.eye(D_OUT), "cov must be"),
-])
+@pytest.mark.parametrize(
+    "keys, resid, cov, what",
+    [
+        (torch.zeros(3, D_IN), torch.zeros(2, D_OUT), torch.eye(D_IN), "share N"),
+        (torch.zeros(D_IN), torch.zeros(1, D_OUT), torch.eye(D_IN), "share N"),
+        (torch.zeros(3, D_IN), torch.zeros(3, D_OUT), torch.eye(D_OUT), "cov must be"),
+    ],
+)
 def test_solve_shape_errors(keys, resid, cov, what):
     with pytest.raises(ValueError, match=what):
         solve_update(keys, resid, cov, 1.0)
@@ -123,7 +127,7 @@ def test_square_root_spread_vs_even_spread():
     n = 4
     sqrt_share = [float(spread_residual(r, i, n, 0.5)[0, 0]) for i in range(n)]
     even_share = [float(spread_residual(r, i, n, 1.0)[0, 0]) for i in range(n)]
-    assert sqrt_share == pytest.approx([1 / 2, 1 / 3 ** 0.5, 1 / 2 ** 0.5, 1.0])
+    assert sqrt_share == pytest.approx([1 / 2, 1 / 3**0.5, 1 / 2**0.5, 1.0])
     assert even_share == pytest.approx([1 / 4, 1 / 3, 1 / 2, 1.0])
     # PMET gives every layer but the last a larger share than MEMIT
     assert all(s > e for s, e in zip(sqrt_share[:-1], even_share[:-1]))
@@ -139,8 +143,10 @@ def test_keys_and_outputs_average_templates_like_the_release():
     model = make_tiny_model("LlamaForCausalLM")
     tok = make_tiny_tokenizer()
     adapter = get_adapter(model)
-    reqs = [EditRequest(prompt="{} plays the sport of", subject="danny miles", target_new="jazz"),
-            EditRequest(prompt="the capital of {} is", subject="france", target_new="rome")]
+    reqs = [
+        EditRequest(prompt="{} plays the sport of", subject="danny miles", target_new="jazz"),
+        EditRequest(prompt="the capital of {} is", subject="france", target_new="rome"),
+    ]
     templates = ["{}", "one two three. {}", "the old king. {}"]
     kmod, omod = adapter.ffn_out_name(1), adapter.ffn_out_name(2)
     tok.padding_side = "left"  # keys_and_outputs pads right internally and must put this back
@@ -152,9 +158,14 @@ def test_keys_and_outputs_average_templates_like_the_release():
             model(input_ids=tok(text, return_tensors="pt")["input_ids"])
         return td[kmod].input[0, look], hidden_of(td[omod].output)[0, look]
 
-    looks = {("danny miles", "{}"): 1, ("danny miles", "one two three. {}"): 5,
-             ("danny miles", "the old king. {}"): 5, ("france", "{}"): 3,
-             ("france", "one two three. {}"): 7, ("france", "the old king. {}"): 7}
+    looks = {
+        ("danny miles", "{}"): 1,
+        ("danny miles", "one two three. {}"): 5,
+        ("danny miles", "the old king. {}"): 5,
+        ("france", "{}"): 3,
+        ("france", "one two three. {}"): 7,
+        ("france", "the old king. {}"): 7,
+    }
     for i, r in enumerate(reqs):
         per = [read(ctx.format(r.prompt).format(r.subject), looks[(r.subject, ctx)]) for ctx in templates]
         want_k = 0.5 * per[0][0] + 0.5 * (per[1][0] + per[2][0]) / 2

@@ -1,5 +1,6 @@
 """Covariance statistics: the accumulator, one-pass collection, the disk cache and its keys,
 damaged files, merging partial results, resuming an interrupted run, and the spec form."""
+
 from __future__ import annotations
 
 import random
@@ -12,8 +13,17 @@ import pmetlab.stats as stats
 from pmetlab import get_adapter
 from pmetlab.corpus import resolve_corpus
 from pmetlab.covspec import CovarianceSpec
-from pmetlab.stats import (SecondMoment, collect_second_moments, covariance_cache_paths, layer_covariances,
-                           stats_key, symmetric_accumulate_, symmetrize, tokenize_corpus, tokenizer_identity)
+from pmetlab.stats import (
+    SecondMoment,
+    collect_second_moments,
+    covariance_cache_paths,
+    layer_covariances,
+    stats_key,
+    symmetric_accumulate_,
+    symmetrize,
+    tokenize_corpus,
+    tokenizer_identity,
+)
 from pmetlab.store import DamagedEntryError, KeyedStore
 from pmetlab.tracing import TraceDict
 from tests.tiny_models import _TOKENIZER_WORDS, make_tiny_model, make_tiny_tokenizer
@@ -51,6 +61,7 @@ def _partial_files(cache: Path) -> list[Path]:
 
 # --- the accumulator ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("d, block", [(10, 3), (7, 256), (16, 4)])
 def test_symmetric_accumulate_equals_gram(d, block):
     g = torch.Generator().manual_seed(0)
@@ -79,10 +90,11 @@ def test_second_moment_mom2_and_merge():
     with pytest.raises(ValueError, match="different keys"):
         a.merge(other)
     with pytest.raises(ValueError, match="no tokens"):
-        SecondMoment(torch.zeros(2, 2), 0).mom2
+        _ = SecondMoment(torch.zeros(2, 2), 0).mom2
 
 
 # --- collection -----------------------------------------------------------------------------
+
 
 def _setup(family: str = "LlamaForCausalLM", corpus: str | None = None, n_tokens: int = 600):
     model = make_tiny_model(family)
@@ -95,8 +107,9 @@ def test_collect_matches_brute_force_and_skips_padding(env):
     model, tok, adapter, chunks = _setup(corpus=env["corpus"])
     assert len({len(c) for c in chunks}) > 1  # padded batches are exercised
     names = [adapter.ffn_out_name(1)]
-    got = collect_second_moments(model, tok, names, chunks, dtype=torch.float64, tokens_per_batch=128,
-                                 progress=False)[names[0]]
+    got = collect_second_moments(model, tok, names, chunks, dtype=torch.float64, tokens_per_batch=128, progress=False)[
+        names[0]
+    ]
     xs = []
     for c in chunks:  # one unpadded sequence at a time
         with torch.no_grad(), TraceDict(model, names, retain_input=True, stop=True) as td:
@@ -135,12 +148,12 @@ def test_collect_resume_from_checkpoint_equals_uninterrupted(env):
         raise Interrupted  # the process dies right after its first checkpoint
 
     with pytest.raises(Interrupted):
-        collect_second_moments(model, tok, names, chunks, tokens_per_batch=64, progress=False,
-                               checkpoint=checkpoint, checkpoint_every=2)
+        collect_second_moments(
+            model, tok, names, chunks, tokens_per_batch=64, progress=False, checkpoint=checkpoint, checkpoint_every=2
+        )
     st, nb = saved[0]
     assert nb == 2
-    resumed = collect_second_moments(model, tok, names, chunks, tokens_per_batch=64, progress=False,
-                                     start=nb, init=st)
+    resumed = collect_second_moments(model, tok, names, chunks, tokens_per_batch=64, progress=False, start=nb, init=st)
     for n in names:
         assert resumed[n].count == full[n].count
         assert torch.equal(resumed[n].sum, full[n].sum)
@@ -154,9 +167,11 @@ def test_collect_refuses_empty_chunks():
 
 # --- layer_covariances: cache, keys, damage, resume ------------------------------------------
 
+
 def _forbid_collect(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("collect_second_moments ran although the cache should have answered")
+
     monkeypatch.setattr(stats, "collect_second_moments", fail)
 
 
@@ -323,6 +338,7 @@ def test_layer_covariances_resumes_an_interrupted_run(env, monkeypatch, tmp_path
             checkpoint(st, nb)
             if nb == 2:
                 raise Interrupted
+
         return real(*a, checkpoint=ckpt, **k)
 
     monkeypatch.setattr(stats, "collect_second_moments", interrupted_after_first_checkpoint)
@@ -351,15 +367,16 @@ def test_checkpoint_of_another_batch_plan_is_not_reused(env, monkeypatch):
         def ckpt(st, nb):
             checkpoint(st, nb)
             raise Interrupted
+
         return real(*a, checkpoint=ckpt, **k)
 
     monkeypatch.setattr(stats, "collect_second_moments", die)
     with pytest.raises(Interrupted):
-        layer_covariances(model, tok, [1], corpus=env["corpus"], **dict(COV_KW, tokens_per_batch=64,
-                                                                          checkpoint_every=1))
+        layer_covariances(
+            model, tok, [1], corpus=env["corpus"], **dict(COV_KW, tokens_per_batch=64, checkpoint_every=1)
+        )
     starts = []
-    monkeypatch.setattr(stats, "collect_second_moments",
-                        lambda *a, **k: starts.append(k["start"]) or real(*a, **k))
+    monkeypatch.setattr(stats, "collect_second_moments", lambda *a, **k: starts.append(k["start"]) or real(*a, **k))
     got = layer_covariances(model, tok, [1], corpus=env["corpus"], **dict(COV_KW, tokens_per_batch=256))
     assert starts == [0]
     monkeypatch.setenv("PMETLAB_CACHE_DIR", str(env["tmp"] / "clean"))
@@ -375,6 +392,7 @@ def test_use_cache_false_writes_nothing(env):
 
 
 # --- the spec form, the keyed store, refusals ----------------------------------------------
+
 
 def test_spec_form_equals_the_keyword_form(env, monkeypatch):
     model, tok, _, _ = _setup()
@@ -399,9 +417,12 @@ def test_cache_paths_name_the_files_the_store_holds(env):
             assert p.is_file() and p.name.startswith(f"{kind}-L{l:03d}-")
             assert torch.equal(SecondMoment.load(p, covs[l].key).sum, covs[l].sum)
     assert sorted(_cache_files(env["cache"])) == sorted(
-        p for kind in ("ffn", "attn") for p in covariance_cache_paths(
-            model, layer_covariances(model, tok, [0, 2], kind=kind, corpus=env["corpus"], **COV_KW),
-            kind=kind).values())
+        p
+        for kind in ("ffn", "attn")
+        for p in covariance_cache_paths(
+            model, layer_covariances(model, tok, [0, 2], kind=kind, corpus=env["corpus"], **COV_KW), kind=kind
+        ).values()
+    )
 
 
 def test_save_load_round_trip_and_the_count_is_checksummed(tmp_path):
@@ -417,6 +438,7 @@ def test_save_load_round_trip_and_the_count_is_checksummed(tmp_path):
     tampered = SecondMoment(sm.sum, 10, sm.key).tensors()
     from safetensors import safe_open
     from safetensors.torch import save_file
+
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata()
     save_file(tampered, str(path), metadata=header)  # another count under the old checksum
@@ -426,6 +448,7 @@ def test_save_load_round_trip_and_the_count_is_checksummed(tmp_path):
 
 def test_old_format_file_is_refused(tmp_path):
     from safetensors.torch import save_file
+
     path = tmp_path / "ffn-L001-old.safetensors"
     save_file({"sum": torch.eye(3)}, str(path), metadata={"format": "1", "count": "3", "key": "x"})
     with pytest.raises(ValueError, match="old one"):
@@ -476,6 +499,7 @@ def test_damaged_checkpoint_is_ignored_with_its_path(env, monkeypatch, caplog):
         def ckpt(st, nb):
             checkpoint(st, nb)
             raise Interrupted
+
         return real(*a, checkpoint=ckpt, **k)
 
     monkeypatch.setattr(stats, "collect_second_moments", die)

@@ -1,4 +1,5 @@
 """The keyed store: round trips, the key inside the file, checksums, damage, atomicity."""
+
 from __future__ import annotations
 
 import json
@@ -68,6 +69,7 @@ def test_interrupted_write_leaves_the_old_entry(store, monkeypatch):
 
     def boom(*a, **k):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(st, "save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         store.save_tensors(KEY, {"a": torch.zeros(2)})
@@ -82,7 +84,8 @@ def test_tensor_digest_sees_names_shapes_dtypes_and_bytes():
     assert tensor_digest({"b": a}) != base
     assert tensor_digest({"a": a.reshape(2, 3)}) != base
     assert tensor_digest({"a": a.double()}) != base
-    b = a.clone(); b[5] = 5.000001
+    b = a.clone()
+    b[5] = 5.000001
     assert tensor_digest({"a": b}) != base
     assert tensor_digest({"a": a}, extra="count=3") != base
     assert tensor_digest({"x": a.bfloat16()}) == tensor_digest({"x": a.bfloat16()})

@@ -6,6 +6,7 @@ a legacy SentencePiece-style Unigram (LLaMA-1/2, Mistral: encodes `` Paris`` alo
 ``["▁", "▁Paris"]``) with BOS, a GPT-2-style byte-level BPE, the same BPE adding BOS and EOS;
 plus the tests' word-level tokenizer and SmolLM2's when its files are available.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,12 +23,20 @@ from pmetlab.tokens import encode_prompt_target, encode_prompt_targets, target_i
 from tests.tiny_models import TINY_VOCAB, make_tiny_model, make_tiny_tokenizer
 
 SPACE = "\u2581"  # SentencePiece's word-boundary mark "▁"
-WORDS = ("The capital of France is Paris Rome Berlin Danielle Darrieux spoke English French mother tongue "
-         "Miles Davis plays the sport jazz New York City").split()
-PAIRS = [("The capital of France is", "Paris"), ("The capital of France is", " Rome"),
-         ("Danielle Darrieux spoke", "English"), ("The mother tongue of Miles Davis is", "French"),
-         ("The capital of France is", "New York City"), ("The capital of France is", "Zq"),
-         ("Q: where? A:", "Berlin."), ("A", "1984")]
+WORDS = (
+    "The capital of France is Paris Rome Berlin Danielle Darrieux spoke English French mother tongue "
+    "Miles Davis plays the sport jazz New York City"
+).split()
+PAIRS = [
+    ("The capital of France is", "Paris"),
+    ("The capital of France is", " Rome"),
+    ("Danielle Darrieux spoke", "English"),
+    ("The mother tongue of Miles Davis is", "French"),
+    ("The capital of France is", "New York City"),
+    ("The capital of France is", "Zq"),
+    ("Q: where? A:", "Berlin."),
+    ("A", "1984"),
+]
 CORPUS = [" ".join(WORDS), "Q: where? A: Berlin. In 1984, naive cafe.", "the sport of jazz plays New York"] * 3
 
 
@@ -55,8 +64,9 @@ def legacy_sentencepiece_tokenizer():
     backend = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=False))
     backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
     backend.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", 1)])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
@@ -68,13 +78,19 @@ def byte_level_tokenizer(bos_eos: bool = False):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(CORPUS, trainer)
     if bos_eos:
         backend.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>", pair="<s> $A </s> $B </s>",
-            special_tokens=[("<s>", backend.token_to_id("<s>")), ("</s>", backend.token_to_id("</s>"))])
+            single="<s> $A </s>",
+            pair="<s> $A </s> $B </s>",
+            special_tokens=[("<s>", backend.token_to_id("<s>")), ("</s>", backend.token_to_id("</s>"))],
+        )
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
 
 
@@ -82,15 +98,20 @@ def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
     from pmetlab.models.loading import _EMBEDDED, ModelLoadError, _converted_dir
+
     try:
         return AutoTokenizer.from_pretrained(str(_converted_dir(_EMBEDDED["smollm2-135m"])))
     except (ModelLoadError, OSError) as exc:
         pytest.skip(f"the SmolLM2 tokenizer is unavailable: {exc}")
 
 
-TOKENIZERS = {"legacy_sp": legacy_sentencepiece_tokenizer, "byte_level": byte_level_tokenizer,
-              "byte_level_bos_eos": lambda: byte_level_tokenizer(bos_eos=True),
-              "word_level": make_tiny_tokenizer, "smollm2": smollm2_tokenizer}
+TOKENIZERS = {
+    "legacy_sp": legacy_sentencepiece_tokenizer,
+    "byte_level": byte_level_tokenizer,
+    "byte_level_bos_eos": lambda: byte_level_tokenizer(bos_eos=True),
+    "word_level": make_tiny_tokenizer,
+    "smollm2": smollm2_tokenizer,
+}
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +208,10 @@ def test_score_pairs_scores_the_joined_target_tokens(legacy):
 
 
 def test_build_rows_are_the_joined_encoding_without_its_last_token(legacy):
-    reqs = [EditRequest(prompt="The capital of {} is", subject="France", target_new="Paris"),
-            EditRequest(prompt="{} spoke", subject="Danielle Darrieux", target_new="New York City")]
+    reqs = [
+        EditRequest(prompt="The capital of {} is", subject="France", target_new="Paris"),
+        EditRequest(prompt="{} spoke", subject="Danielle Darrieux", target_new="New York City"),
+    ]
     templates = ["{}", "Miles Davis plays jazz. {}"]
     assert validate_requests(legacy, reqs) == reqs
     rows = build_rows(legacy, reqs, templates)

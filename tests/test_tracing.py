@@ -1,12 +1,12 @@
 """Trace / TraceDict: retention, editing, early stop, hook hygiene, tuple outputs, name errors."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from pmetlab.tracing import (StopForward, Trace, TraceDict, get_module, get_parameter, hidden_of,
-                             replace_hidden)
+from pmetlab.tracing import StopForward, Trace, TraceDict, get_module, get_parameter, hidden_of, replace_hidden
 from tests.tiny_models import assert_no_hooks, make_tiny_model, random_input_ids
 
 # Names inside the tiny LLaMA (3 layers).
@@ -207,7 +207,7 @@ def test_hooks_removed_when_the_forward_raises(llama, ids) -> None:
             llama(input_ids=ids)
     assert_no_hooks(llama)
     # A failure of the forward itself (bad input) also leaves nothing behind.
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (whatever the model raises on float ids)
         with TraceDict(llama, [MLP0, MLP2], stop=True):
             llama(input_ids=ids.float())
     assert_no_hooks(llama)

@@ -12,16 +12,25 @@ Usage::
 Sizes are chosen so that every dimension is distinguishable: d_model = 48, d_ff = 80 (FFN key),
 vocab = 211, 3 layers, 4 heads (head_dim 12). A test that mixes up d_model and d_ff fails.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import transformers as tf
 
-__all__ = ["TINY_FAMILIES", "TINY_D_MODEL", "TINY_D_FF", "TINY_VOCAB", "TINY_LAYERS", "make_tiny_model",
-           "random_input_ids",
-           "make_tiny_tokenizer", "assert_no_hooks"]
+__all__ = [
+    "TINY_FAMILIES",
+    "TINY_D_MODEL",
+    "TINY_D_FF",
+    "TINY_VOCAB",
+    "TINY_LAYERS",
+    "make_tiny_model",
+    "random_input_ids",
+    "make_tiny_tokenizer",
+    "assert_no_hooks",
+]
 
 TINY_D_MODEL = 48
 TINY_D_FF = 80
@@ -33,40 +42,99 @@ TINY_MAX_POS = 64
 
 def _llama_like(cfg_cls: type, **extra) -> Callable[[], object]:
     def build() -> object:
-        kw = dict(vocab_size=TINY_VOCAB, hidden_size=TINY_D_MODEL, intermediate_size=TINY_D_FF,
-                  num_hidden_layers=TINY_LAYERS, num_attention_heads=TINY_HEADS, num_key_value_heads=2,
-                  max_position_embeddings=TINY_MAX_POS, tie_word_embeddings=False)
+        kw = dict(
+            vocab_size=TINY_VOCAB,
+            hidden_size=TINY_D_MODEL,
+            intermediate_size=TINY_D_FF,
+            num_hidden_layers=TINY_LAYERS,
+            num_attention_heads=TINY_HEADS,
+            num_key_value_heads=2,
+            max_position_embeddings=TINY_MAX_POS,
+            tie_word_embeddings=False,
+        )
         kw.update(extra)
         return cfg_cls(**kw)
+
     return build
 
 
 _CONFIGS: dict[str, tuple[str, Callable[[], object]]] = {
-    "GPT2LMHeadModel": ("GPT2LMHeadModel", lambda: tf.GPT2Config(
-        vocab_size=TINY_VOCAB, n_embd=TINY_D_MODEL, n_inner=TINY_D_FF, n_layer=TINY_LAYERS,
-        n_head=TINY_HEADS, n_positions=TINY_MAX_POS, bos_token_id=1, eos_token_id=2)),
-    "GPTJForCausalLM": ("GPTJForCausalLM", lambda: tf.GPTJConfig(
-        vocab_size=TINY_VOCAB, n_embd=TINY_D_MODEL, n_inner=TINY_D_FF, n_layer=TINY_LAYERS,
-        n_head=TINY_HEADS, rotary_dim=8, n_positions=TINY_MAX_POS, bos_token_id=1, eos_token_id=2)),
-    "GPTNeoXForCausalLM": ("GPTNeoXForCausalLM", lambda: tf.GPTNeoXConfig(
-        vocab_size=TINY_VOCAB, hidden_size=TINY_D_MODEL, intermediate_size=TINY_D_FF,
-        num_hidden_layers=TINY_LAYERS, num_attention_heads=TINY_HEADS, max_position_embeddings=TINY_MAX_POS,
-        use_parallel_residual=True)),
+    "GPT2LMHeadModel": (
+        "GPT2LMHeadModel",
+        lambda: tf.GPT2Config(
+            vocab_size=TINY_VOCAB,
+            n_embd=TINY_D_MODEL,
+            n_inner=TINY_D_FF,
+            n_layer=TINY_LAYERS,
+            n_head=TINY_HEADS,
+            n_positions=TINY_MAX_POS,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "GPTJForCausalLM": (
+        "GPTJForCausalLM",
+        lambda: tf.GPTJConfig(
+            vocab_size=TINY_VOCAB,
+            n_embd=TINY_D_MODEL,
+            n_inner=TINY_D_FF,
+            n_layer=TINY_LAYERS,
+            n_head=TINY_HEADS,
+            rotary_dim=8,
+            n_positions=TINY_MAX_POS,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "GPTNeoXForCausalLM": (
+        "GPTNeoXForCausalLM",
+        lambda: tf.GPTNeoXConfig(
+            vocab_size=TINY_VOCAB,
+            hidden_size=TINY_D_MODEL,
+            intermediate_size=TINY_D_FF,
+            num_hidden_layers=TINY_LAYERS,
+            num_attention_heads=TINY_HEADS,
+            max_position_embeddings=TINY_MAX_POS,
+            use_parallel_residual=True,
+        ),
+    ),
     "LlamaForCausalLM": ("LlamaForCausalLM", _llama_like(tf.LlamaConfig)),
     "MistralForCausalLM": ("MistralForCausalLM", _llama_like(tf.MistralConfig, sliding_window=None)),
     "Qwen2ForCausalLM": ("Qwen2ForCausalLM", _llama_like(tf.Qwen2Config)),
     "GemmaForCausalLM": ("GemmaForCausalLM", _llama_like(tf.GemmaConfig, head_dim=12)),
-    "Gemma3ForCausalLM": ("Gemma3ForCausalLM", _llama_like(
-        tf.Gemma3TextConfig, head_dim=12, sliding_window=4, final_logit_softcapping=30.0,
-        query_pre_attn_scalar=12)),
-    "OPTForCausalLM": ("OPTForCausalLM", lambda: tf.OPTConfig(
-        vocab_size=TINY_VOCAB, hidden_size=TINY_D_MODEL, ffn_dim=TINY_D_FF, num_hidden_layers=TINY_LAYERS,
-        num_attention_heads=TINY_HEADS, word_embed_proj_dim=TINY_D_MODEL, max_position_embeddings=TINY_MAX_POS,
-        pad_token_id=1, bos_token_id=2, eos_token_id=2)),
-    "PhiForCausalLM": ("PhiForCausalLM", lambda: tf.PhiConfig(
-        vocab_size=TINY_VOCAB, hidden_size=TINY_D_MODEL, intermediate_size=TINY_D_FF,
-        num_hidden_layers=TINY_LAYERS, num_attention_heads=TINY_HEADS, max_position_embeddings=TINY_MAX_POS,
-        partial_rotary_factor=0.5)),
+    "Gemma3ForCausalLM": (
+        "Gemma3ForCausalLM",
+        _llama_like(
+            tf.Gemma3TextConfig, head_dim=12, sliding_window=4, final_logit_softcapping=30.0, query_pre_attn_scalar=12
+        ),
+    ),
+    "OPTForCausalLM": (
+        "OPTForCausalLM",
+        lambda: tf.OPTConfig(
+            vocab_size=TINY_VOCAB,
+            hidden_size=TINY_D_MODEL,
+            ffn_dim=TINY_D_FF,
+            num_hidden_layers=TINY_LAYERS,
+            num_attention_heads=TINY_HEADS,
+            word_embed_proj_dim=TINY_D_MODEL,
+            max_position_embeddings=TINY_MAX_POS,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=2,
+        ),
+    ),
+    "PhiForCausalLM": (
+        "PhiForCausalLM",
+        lambda: tf.PhiConfig(
+            vocab_size=TINY_VOCAB,
+            hidden_size=TINY_D_MODEL,
+            intermediate_size=TINY_D_FF,
+            num_hidden_layers=TINY_LAYERS,
+            num_attention_heads=TINY_HEADS,
+            max_position_embeddings=TINY_MAX_POS,
+            partial_rotary_factor=0.5,
+        ),
+    ),
 }
 
 #: Model classes (one per adapter family) that :func:`make_tiny_model` can build.
@@ -130,8 +198,7 @@ def make_tiny_tokenizer(pad: bool = True):
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     kw = dict(pad_token="<pad>") if pad else {}
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", **kw)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", **kw)
 
 
 def _foreign(hook: object) -> bool:
@@ -143,7 +210,10 @@ def _foreign(hook: object) -> bool:
 
 def assert_no_hooks(model: torch.nn.Module) -> None:
     """Fail when any module of ``model`` still carries a forward (pre-)hook not installed by transformers."""
-    left = [f"{name or '<root>'}: {getattr(h, '__qualname__', h)}"
-            for name, m in model.named_modules()
-            for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()) if not _foreign(h)]
+    left = [
+        f"{name or '<root>'}: {getattr(h, '__qualname__', h)}"
+        for name, m in model.named_modules()
+        for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+        if not _foreign(h)
+    ]
     assert not left, f"hooks left behind: {left}"

@@ -55,6 +55,7 @@ The steps live in one module each: ``states`` collects the vectors under both pr
 ``summary`` (with ``intervals``) averages them over prompts, ``depth`` builds the by-depth table
 and ``reading`` writes the reading; ``labels`` and ``checks`` hold what they share.
 """
+
 from __future__ import annotations
 
 from .depth import DEPTHS, depth_thirds, similarity_by_depth
@@ -66,8 +67,25 @@ from .states import ComponentStates, component_io_states, component_states
 from .summary import component_similarity, summarize_similarity
 from .values import component_similarity_values
 
-__all__ = ["COMPONENTS", "METRICS", "PROTOCOLS", "PROJECTIONS", "DEFAULT_PROJECTION", "ComponentStates",
-           "component_states", "component_io_states", "component_similarity", "component_similarity_values",
-           "summarize_similarity", "similarity_by_depth", "similarity_reading", "depth_thirds", "DEPTHS",
-           "logit_lens_topk",
-           "input_embedding_topk", "projection_topk", "topk_jaccard", "mean_ci"]
+__all__ = [
+    "COMPONENTS",
+    "METRICS",
+    "PROTOCOLS",
+    "PROJECTIONS",
+    "DEFAULT_PROJECTION",
+    "ComponentStates",
+    "component_states",
+    "component_io_states",
+    "component_similarity",
+    "component_similarity_values",
+    "summarize_similarity",
+    "similarity_by_depth",
+    "similarity_reading",
+    "depth_thirds",
+    "DEPTHS",
+    "logit_lens_topk",
+    "input_embedding_topk",
+    "projection_topk",
+    "topk_jaccard",
+    "mean_ci",
+]

@@ -1,4 +1,5 @@
 """The early / middle / late thirds of the layers and the by-depth table."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ DEPTHS: tuple[str, ...] = ("early", "middle", "late")
 
 
 def depth_thirds(layers: pd.Series) -> pd.Series:
-    """"early" / "middle" / "late" per row: three equal-width bins of the layer index
+    """ "early" / "middle" / "late" per row: three equal-width bins of the layer index
     (``pd.cut(layers, 3)``; 30 layers: 0–9, 10–19, 20–29; 18 layers: 0–5, 6–11, 12–17)."""
     return pd.cut(layers, 3, labels=list(DEPTHS)).astype(str)
 
@@ -22,11 +23,12 @@ def depth_thirds(layers: pd.Series) -> pd.Series:
 def check_summary(summary: pd.DataFrame, what: str, cols: Sequence[str]) -> None:
     missing = [c for c in cols if c not in summary.columns]
     if missing:
-        raise KeyError(f"{what}: summary lacks column(s) {missing}; expected the output of "
-                       f"component_similarity / summarize_similarity (got {list(summary.columns)})")
+        raise KeyError(
+            f"{what}: summary lacks column(s) {missing}; expected the output of "
+            f"component_similarity / summarize_similarity (got {list(summary.columns)})"
+        )
     if summary["layer"].nunique() < 3:
-        raise ValueError(f"{what}: needs at least 3 layers to split into thirds, got "
-                         f"{summary['layer'].nunique()}")
+        raise ValueError(f"{what}: needs at least 3 layers to split into thirds, got {summary['layer'].nunique()}")
 
 
 def similarity_by_depth(summary: pd.DataFrame) -> pd.DataFrame:

@@ -1,4 +1,5 @@
 """The labels every DataFrame of the MHSA-vs-FFN study uses (method.md §5)."""
+
 from __future__ import annotations
 
 import pandas as pd

@@ -1,4 +1,5 @@
 """Top-k tokens of hidden vectors (input embeddings or logit lens) and their Jaccard similarity."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,21 +20,27 @@ def check_k(k: Any, vocab: int) -> int:
     return k
 
 
-def _chunked_topk(x: torch.Tensor, k: int, vocab: int, scores: Callable[[torch.Tensor], torch.Tensor],
-                  device: torch.device, dtype: torch.dtype, max_elements: int) -> torch.Tensor:
+def _chunked_topk(
+    x: torch.Tensor,
+    k: int,
+    vocab: int,
+    scores: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    max_elements: int,
+) -> torch.Tensor:
     """``scores`` applied to row chunks of ``x`` ``(..., d)`` (at most ``max_elements`` scores per
     chunk) and reduced to top-``k`` ids ``(..., k)`` (int64, CPU, in descending score order)."""
     flat = x.reshape(-1, x.shape[-1])
     step = max(1, max_elements // vocab)
     out = []
     for i in range(0, flat.shape[0], step):
-        out.append(scores(flat[i:i + step].to(device=device, dtype=dtype)).float().topk(k, dim=-1).indices.cpu())
+        out.append(scores(flat[i : i + step].to(device=device, dtype=dtype)).float().topk(k, dim=-1).indices.cpu())
     return torch.cat(out).reshape(*x.shape[:-1], k)
 
 
 @torch.no_grad()
-def logit_lens_topk(model: torch.nn.Module, x: torch.Tensor, k: int,
-                    max_elements: int = 2 ** 25) -> torch.Tensor:
+def logit_lens_topk(model: torch.nn.Module, x: torch.Tensor, k: int, max_elements: int = 2**25) -> torch.Tensor:
     """Top-``k`` vocabulary ids of vectors read through the final norm and unembedding.
 
     Args:
@@ -48,13 +55,19 @@ def logit_lens_topk(model: torch.nn.Module, x: torch.Tensor, k: int,
     vocab = int(adapter.unembed_weight.shape[0])
     check_k(k, vocab)
     norm = adapter.module(adapter.final_norm_name)
-    return _chunked_topk(x, k, vocab, lambda v: adapter.logits_from_normed(norm(v)), model_device(model),
-                         model_dtype(model), max_elements)
+    return _chunked_topk(
+        x,
+        k,
+        vocab,
+        lambda v: adapter.logits_from_normed(norm(v)),
+        model_device(model),
+        model_dtype(model),
+        max_elements,
+    )
 
 
 @torch.no_grad()
-def input_embedding_topk(model: torch.nn.Module, x: torch.Tensor, k: int,
-                         max_elements: int = 2 ** 25) -> torch.Tensor:
+def input_embedding_topk(model: torch.nn.Module, x: torch.Tensor, k: int, max_elements: int = 2**25) -> torch.Tensor:
     """Top-``k`` ids of ``x @ E^T``, E = ``model.get_input_embeddings().weight`` (vocab, d_model),
     with no norm (the projection of method.md §5).
 
@@ -70,8 +83,10 @@ def input_embedding_topk(model: torch.nn.Module, x: torch.Tensor, k: int,
     vocab = int(emb.shape[0])
     check_k(k, vocab)
     if emb.shape[1] != x.shape[-1]:
-        raise ValueError(f"the input embeddings are {tuple(emb.shape)} (vocab, d) but the vectors have "
-                         f"d = {x.shape[-1]}; use projection='logit_lens' for this model")
+        raise ValueError(
+            f"the input embeddings are {tuple(emb.shape)} (vocab, d) but the vectors have "
+            f"d = {x.shape[-1]}; use projection='logit_lens' for this model"
+        )
     return _chunked_topk(x, k, vocab, lambda v: v.to(emb.device) @ emb.T, emb.device, emb.dtype, max_elements)
 
 
@@ -81,8 +96,9 @@ def projection_vocab(model: torch.nn.Module, projection: str) -> int:
     return int(w.shape[0])
 
 
-def projection_topk(model: torch.nn.Module, x: torch.Tensor, k: int,
-                    projection: str = "input_embeddings") -> torch.Tensor:
+def projection_topk(
+    model: torch.nn.Module, x: torch.Tensor, k: int, projection: str = "input_embeddings"
+) -> torch.Tensor:
     """Top-``k`` token ids of ``x`` ``(..., d_model)`` -> ``(..., k)`` under ``projection``
     (:func:`input_embedding_topk` or :func:`logit_lens_topk`)."""
     if projection == "input_embeddings":

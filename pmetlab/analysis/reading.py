@@ -1,4 +1,5 @@
 """A short text, generated from a summary's numbers, saying whether the paper's reading holds."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,9 +17,9 @@ class _MetricReading:
     """The numbers behind one metric's verdict (see :func:`similarity_reading`)."""
 
     metric: str
-    ffn_late: tuple[float, float, float]   # mean, ci_low, ci_high over the late third
+    ffn_late: tuple[float, float, float]  # mean, ci_low, ci_high over the late third
     mhsa_late: tuple[float, float, float]
-    ffn_step: float                        # mean |change| between consecutive layers, late third
+    ffn_step: float  # mean |change| between consecutive layers, late third
     mhsa_step: float
     ffn_early: float
 
@@ -46,11 +47,13 @@ class _MetricReading:
             order = "MHSA is higher (the intervals do not overlap)"
         else:
             order = "the intervals overlap, so neither is clearly higher"
-        return (f"{self.metric.capitalize()}: over the late third FFN averages {f[0]:.3f} "
-                f"[{f[1]:.3f}, {f[2]:.3f}] and MHSA {m[0]:.3f} [{m[1]:.3f}, {m[2]:.3f}], so {order}; "
-                f"there FFN's curve moves {self.ffn_step:.3f} per layer against MHSA's {self.mhsa_step:.3f} "
-                f"({'flatter' if self.flatter else 'not flatter'}), and FFN goes from {self.ffn_early:.3f} "
-                f"in the early third to {f[0]:.3f} ({'rises' if self.rises else 'does not rise'}).")
+        return (
+            f"{self.metric.capitalize()}: over the late third FFN averages {f[0]:.3f} "
+            f"[{f[1]:.3f}, {f[2]:.3f}] and MHSA {m[0]:.3f} [{m[1]:.3f}, {m[2]:.3f}], so {order}; "
+            f"there FFN's curve moves {self.ffn_step:.3f} per layer against MHSA's {self.mhsa_step:.3f} "
+            f"({'flatter' if self.flatter else 'not flatter'}), and FFN goes from {self.ffn_early:.3f} "
+            f"in the early third to {f[0]:.3f} ({'rises' if self.rises else 'does not rise'})."
+        )
 
 
 def _metric_reading(summary: pd.DataFrame, metric: str) -> _MetricReading:
@@ -58,13 +61,15 @@ def _metric_reading(summary: pd.DataFrame, metric: str) -> _MetricReading:
     layers = sorted(int(l) for l in s["layer"].unique())
     depth = dict(zip(layers, depth_thirds(pd.Series(layers))))
     late = [l for l in layers if depth[l] == "late"]
-    window = layers[max(layers.index(late[0]) - 1, 0):]  # the step into the late third counts too
+    window = layers[max(layers.index(late[0]) - 1, 0) :]  # the step into the late third counts too
 
     def curve(comp: str) -> pd.DataFrame:
         c = s[s["component"].astype(str) == comp].set_index("layer").sort_index()
         if c.index.has_duplicates or len(c) != len(layers):
-            raise ValueError(f"similarity_reading: expected one {comp} row per layer for metric {metric!r}; "
-                             f"pass a single summary (one protocol, one model)")
+            raise ValueError(
+                f"similarity_reading: expected one {comp} row per layer for metric {metric!r}; "
+                f"pass a single summary (one protocol, one model)"
+            )
         return c
 
     def late_ci(c: pd.DataFrame) -> tuple[float, float, float]:
@@ -77,8 +82,9 @@ def _metric_reading(summary: pd.DataFrame, metric: str) -> _MetricReading:
 
     ffn, mhsa = curve("FFN"), curve("MHSA")
     early = [l for l in layers if depth[l] == "early"]
-    return _MetricReading(metric, late_ci(ffn), late_ci(mhsa), step(ffn), step(mhsa),
-                          float(ffn.loc[early, "mean"].mean()))
+    return _MetricReading(
+        metric, late_ci(ffn), late_ci(mhsa), step(ffn), step(mhsa), float(ffn.loc[early, "mean"].mean())
+    )
 
 
 def _reading_header(summary: pd.DataFrame, model_name: str | None) -> str:
@@ -91,8 +97,10 @@ def _reading_header(summary: pd.DataFrame, model_name: str | None) -> str:
     where = f"On {model_name}" if model_name else "On this model"
     n = int(summary["n"].min()) if "n" in summary.columns else None
     size = f"{n:,} prompts, " if n is not None else ""
-    return (f"{where} ({', '.join(what) + '; ' if what else ''}{size}{len(layers)} layers, late third = "
-            f"layers {late[0]}–{late[-1]})")
+    return (
+        f"{where} ({', '.join(what) + '; ' if what else ''}{size}{len(layers)} layers, late third = "
+        f"layers {late[0]}–{late[-1]})"
+    )
 
 
 def similarity_reading(summary: pd.DataFrame, *, model_name: str | None = None) -> str:
@@ -123,8 +131,10 @@ def similarity_reading(summary: pd.DataFrame, *, model_name: str | None = None) 
     check_summary(summary, "similarity_reading", ["layer", "component", "metric", "mean", "ci_low", "ci_high"])
     for col in label_keys(summary):
         if summary[col].nunique() > 1:
-            raise ValueError(f"similarity_reading: the summary mixes {col}s {sorted(summary[col].unique())}; "
-                             f"pass one, e.g. summary[summary[{col!r}] == {summary[col].iloc[0]!r}]")
+            raise ValueError(
+                f"similarity_reading: the summary mixes {col}s {sorted(summary[col].unique())}; "
+                f"pass one, e.g. summary[summary[{col!r}] == {summary[col].iloc[0]!r}]"
+            )
     metrics = [m for m in METRICS if m in set(summary["metric"].astype(str))]
     if not metrics:
         raise ValueError(f"similarity_reading: no metric among {list(METRICS)} in the summary")
@@ -135,10 +145,12 @@ def similarity_reading(summary: pd.DataFrame, *, model_name: str | None = None) 
         verdict = "does not hold"
     else:
         verdict = "holds only in part"
-    return (f"{_reading_header(summary, model_name)}, the paper's reading — MHSA states keep changing across "
-            f"layers while FFN states settle after some depth — **{verdict}**. "
-            + " ".join(r.sentence() for r in readings)
-            + " Test applied per metric: FFN's late-third 95% interval (mean of the per-layer bounds) lies "
-              "above MHSA's; FFN's mean absolute layer-to-layer change over the late third is smaller than "
-              "MHSA's; FFN's late-third mean exceeds its early-third mean. The reading holds when all three "
-              "pass for every metric and does not hold when FFN is not above MHSA for any metric.")
+    return (
+        f"{_reading_header(summary, model_name)}, the paper's reading — MHSA states keep changing across "
+        f"layers while FFN states settle after some depth — **{verdict}**. "
+        + " ".join(r.sentence() for r in readings)
+        + " Test applied per metric: FFN's late-third 95% interval (mean of the per-layer bounds) lies "
+        "above MHSA's; FFN's mean absolute layer-to-layer change over the late third is smaller than "
+        "MHSA's; FFN's late-third mean exceeds its early-third mean. The reading holds when all three "
+        "pass for every metric and does not hold when FFN is not above MHSA for any metric."
+    )

@@ -1,6 +1,7 @@
 """Collecting the input and output of MHSA and FFN at each prompt's last token, under the two
 protocols of the package docstring: ``paper`` (normed module input vs module output) and
 ``residual`` (residual stream before vs after the component)."""
+
 from __future__ import annotations
 
 import logging
@@ -80,6 +81,7 @@ def _output_picker(batch: Batch, picked: dict[str, torch.Tensor]) -> Callable[[A
         # and later in-place operations in the model cannot change what we read.
         picked[name] = _at_last_token(hidden_of(output), batch)
         return output
+
     return pick
 
 
@@ -93,8 +95,10 @@ def _batch_states(model: torch.nn.Module, adapter: ModelAdapter, batch: Batch) -
     comp_names = [n for pair in contrib for n in pair]
     # stop=True ends the forward after the last layer: the final norm and the LM head over every
     # position are not needed (the projection runs on the last tokens only).
-    with TraceDict(model, layer_names, retain_input=True, retain_output=False, stop=True) as td_layers, \
-            TraceDict(model, comp_names, retain_output=False, edit_output=_output_picker(batch, picked)):
+    with (
+        TraceDict(model, layer_names, retain_input=True, retain_output=False, stop=True) as td_layers,
+        TraceDict(model, comp_names, retain_output=False, edit_output=_output_picker(batch, picked)),
+    ):
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     h_in = []
     for name in layer_names:
@@ -105,9 +109,9 @@ def _batch_states(model: torch.nn.Module, adapter: ModelAdapter, batch: Batch) -
     missing = [n for n in comp_names if n not in picked]
     if missing:
         raise RuntimeError(f"the forward pass did not run module(s) {missing[:3]}; cannot read a^l / m^l")
-    h = torch.stack(h_in, 1)                                         # (B, L, d)
-    a = torch.stack([picked[n] for n, _ in contrib], 1)              # (B, L, d)
-    m = torch.stack([picked[n] for _, n in contrib], 1)              # (B, L, d)
+    h = torch.stack(h_in, 1)  # (B, L, d)
+    a = torch.stack([picked[n] for n, _ in contrib], 1)  # (B, L, d)
+    m = torch.stack([picked[n] for _, n in contrib], 1)  # (B, L, d)
     parallel = adapter.parallel
     mhsa_out = h + a
     ffn_in = h if parallel else mhsa_out
@@ -125,8 +129,11 @@ def _check_residual(h: torch.Tensor, a: torch.Tensor, m: torch.Tensor, dtype: to
     err = ((recon - h[:, 1:]).norm(dim=-1) / h[:, 1:].norm(dim=-1).clamp_min(1e-12)).max().item()
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
     if err > tol:
-        logger.warning("h^{l-1} + a^l + m^l differs from the next layer's input by %.3g (relative); "
-                       "the adapter's component modules may not be what joins the residual stream", err)
+        logger.warning(
+            "h^{l-1} + a^l + m^l differs from the next layer's input by %.3g (relative); "
+            "the adapter's component modules may not be what joins the residual stream",
+            err,
+        )
 
 
 def _traced_input(trace: Any, name: str, batch: Batch, d_model: int) -> torch.Tensor:
@@ -134,8 +141,10 @@ def _traced_input(trace: Any, name: str, batch: Batch, d_model: int) -> torch.Te
     x = trace.input
     if not isinstance(x, torch.Tensor) or x.shape[-1] != d_model:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise RuntimeError(f"the first input of {name} is not a (..., {d_model}) hidden state (got {got}); "
-                           f"fix the adapter's attn_input / ffn_input field for this model")
+        raise RuntimeError(
+            f"the first input of {name} is not a (..., {d_model}) hidden state (got {got}); "
+            f"fix the adapter's attn_input / ffn_input field for this model"
+        )
     return _at_last_token(x, batch)
 
 
@@ -150,28 +159,42 @@ def _batch_io_states(model: torch.nn.Module, adapter: ModelAdapter, batch: Batch
     picked: dict[str, torch.Tensor] = {}
     # Inputs are hooked first, so on a module traced for both its input hook runs before the
     # stopper (stop=True: the final norm and LM head over every position are not needed).
-    with TraceDict(model, [n for p in ins for n in p], retain_input=True, retain_output=False,
-                   clone=True, detach=True) as td_in, \
-            TraceDict(model, [n for p in outs for n in p], retain_output=False,
-                      edit_output=_output_picker(batch, picked), stop=True):
+    with (
+        TraceDict(
+            model, [n for p in ins for n in p], retain_input=True, retain_output=False, clone=True, detach=True
+        ) as td_in,
+        TraceDict(
+            model,
+            [n for p in outs for n in p],
+            retain_output=False,
+            edit_output=_output_picker(batch, picked),
+            stop=True,
+        ),
+    ):
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     missing = [n for p in outs for n in p if n not in picked]
     if missing:
         raise RuntimeError(f"the forward pass did not run module(s) {missing[:3]}; cannot read a^l / m^l")
     x_in = {n: _traced_input(td_in[n], n, batch, adapter.d_model) for n in td_in}
-    return ComponentStates(mhsa_in=torch.stack([x_in[a] for a, _ in ins], 1),       # (B, L, d)
-                           mhsa_out=torch.stack([picked[a] for a, _ in outs], 1),
-                           ffn_in=torch.stack([x_in[f] for _, f in ins], 1),
-                           ffn_out=torch.stack([picked[f] for _, f in outs], 1),
-                           parallel=adapter.parallel, protocol="paper")
+    return ComponentStates(
+        mhsa_in=torch.stack([x_in[a] for a, _ in ins], 1),  # (B, L, d)
+        mhsa_out=torch.stack([picked[a] for a, _ in outs], 1),
+        ffn_in=torch.stack([x_in[f] for _, f in ins], 1),
+        ffn_out=torch.stack([picked[f] for _, f in outs], 1),
+        parallel=adapter.parallel,
+        protocol="paper",
+    )
 
 
 COLLECTORS: dict[str, Callable[[torch.nn.Module, ModelAdapter, Batch], ComponentStates]] = {
-    "paper": _batch_io_states, "residual": _batch_states}
+    "paper": _batch_io_states,
+    "residual": _batch_states,
+}
 
 
-def _collect_states(model: torch.nn.Module, tok, prompts: Sequence[str], protocol: str, batch_size: int,
-                    progress: bool) -> ComponentStates:
+def _collect_states(
+    model: torch.nn.Module, tok, prompts: Sequence[str], protocol: str, batch_size: int, progress: bool
+) -> ComponentStates:
     prompts = check_prompts(prompts)
     batch_size = check_positive_int("batch_size", batch_size)
     collect = COLLECTORS[protocol]
@@ -182,13 +205,16 @@ def _collect_states(model: torch.nn.Module, tok, prompts: Sequence[str], protoco
         for _, chunk in batches(prompts, batch_size):
             parts.append(collect(model, adapter, encode_batch(tok, chunk, device)))
             bar.update(len(chunk))
-    return ComponentStates(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                             ("mhsa_in", "mhsa_out", "ffn_in", "ffn_out")), parallel=parts[0].parallel,
-                           protocol=protocol)
+    return ComponentStates(
+        *(torch.cat([getattr(p, f) for p in parts]) for f in ("mhsa_in", "mhsa_out", "ffn_in", "ffn_out")),
+        parallel=parts[0].parallel,
+        protocol=protocol,
+    )
 
 
-def component_states(model: torch.nn.Module, tok, prompts: Sequence[str], *, batch_size: int = 16,
-                     progress: bool = False) -> ComponentStates:
+def component_states(
+    model: torch.nn.Module, tok, prompts: Sequence[str], *, batch_size: int = 16, progress: bool = False
+) -> ComponentStates:
     """Residual-protocol states around MHSA and FFN at each prompt's last token, all layers.
 
     h^{l-1} -> h^{l-1} + a^l and the FFN's analogue (:mod:`pmetlab.analysis`); the paper protocol's
@@ -201,8 +227,9 @@ def component_states(model: torch.nn.Module, tok, prompts: Sequence[str], *, bat
     return _collect_states(model, tok, prompts, "residual", batch_size, progress)
 
 
-def component_io_states(model: torch.nn.Module, tok, prompts: Sequence[str], *, batch_size: int = 16,
-                        progress: bool = False) -> ComponentStates:
+def component_io_states(
+    model: torch.nn.Module, tok, prompts: Sequence[str], *, batch_size: int = 16, progress: bool = False
+) -> ComponentStates:
     """Paper-protocol states (method.md §5): what each component reads and what it computes.
 
     ``mhsa_in``/``ffn_in`` are the first inputs of the adapter's ``attn_input_name`` /

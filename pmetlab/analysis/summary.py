@@ -1,5 +1,6 @@
 """The MHSA-vs-FFN summary: means over prompts with Student-t intervals, per layer, component
 and metric."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,8 +28,10 @@ def summarize_similarity(values: pd.DataFrame, *, confidence: float = 0.95) -> p
     """
     missing = {"layer", "component", "metric", "value"} - set(values.columns)
     if missing:
-        raise KeyError(f"values lacks column(s) {sorted(missing)}; expected the output of "
-                       f"component_similarity_values (got columns {list(values.columns)})")
+        raise KeyError(
+            f"values lacks column(s) {sorted(missing)}; expected the output of "
+            f"component_similarity_values (got columns {list(values.columns)})"
+        )
     labels = label_keys(values)
     keys = labels + ["layer", "component", "metric"]
     rows = []
@@ -37,16 +40,24 @@ def summarize_similarity(values: pd.DataFrame, *, confidence: float = 0.95) -> p
         row = dict(zip(keys, key))
         rows.append({**row, "layer": int(row["layer"]), "mean": mean, "ci_low": lo, "ci_high": hi, "n": len(grp)})
     out = pd.DataFrame(rows, columns=keys + ["mean", "ci_low", "ci_high", "n"])
-    comps = [c for c in COMPONENTS if c in set(out["component"])] + \
-        sorted(set(out["component"]) - set(COMPONENTS))
+    comps = [c for c in COMPONENTS if c in set(out["component"])] + sorted(set(out["component"]) - set(COMPONENTS))
     out["component"] = pd.Categorical(out["component"].astype(str), categories=comps)
     out["metric"] = out["metric"].astype(str)
     return out.sort_values(labels + ["metric", "component", "layer"], ignore_index=True)
 
 
-def component_similarity(model: torch.nn.Module, tok, prompts: Sequence[str], *, protocol: str = "paper",
-                         projection: str | None = None, top_k: int = 50, batch_size: int = 16,
-                         confidence: float = 0.95, progress: bool = True) -> pd.DataFrame:
+def component_similarity(
+    model: torch.nn.Module,
+    tok,
+    prompts: Sequence[str],
+    *,
+    protocol: str = "paper",
+    projection: str | None = None,
+    top_k: int = 50,
+    batch_size: int = 16,
+    confidence: float = 0.95,
+    progress: bool = True,
+) -> pd.DataFrame:
     """The MHSA-vs-FFN study (method.md §5): similarity of each component's input and output
     per layer, averaged over prompts.
 
@@ -59,6 +70,14 @@ def component_similarity(model: torch.nn.Module, tok, prompts: Sequence[str], *,
         ``component`` ("MHSA", "FFN"), ``metric`` ("cosine", "jaccard"), ``mean``, ``ci_low``,
         ``ci_high`` (Student-t interval at ``confidence``), ``n`` (prompts); ``2 · 2 · n_layers`` rows.
     """
-    values = component_similarity_values(model, tok, prompts, protocol=protocol, projection=projection,
-                                         top_k=top_k, batch_size=batch_size, progress=progress)
+    values = component_similarity_values(
+        model,
+        tok,
+        prompts,
+        protocol=protocol,
+        projection=projection,
+        top_k=top_k,
+        batch_size=batch_size,
+        progress=progress,
+    )
     return summarize_similarity(values, confidence=confidence)

@@ -1,4 +1,5 @@
 """Per-prompt similarities between each component's input and output (method.md §5)."""
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["component_similarity_values"]
 
 
-def _distinct_topk(model: torch.nn.Module, tensors: dict[str, torch.Tensor], top_k: int,
-                   projection: str) -> dict[str, torch.Tensor]:
+def _distinct_topk(
+    model: torch.nn.Module, tensors: dict[str, torch.Tensor], top_k: int, projection: str
+) -> dict[str, torch.Tensor]:
     """Top-k ids per named tensor, projecting each distinct tensor once (e.g. ``ffn_in`` is
     ``mhsa_out`` in the residual protocol's sequential blocks, ``mhsa_in`` for GPT-J)."""
     done: dict[str, torch.Tensor] = {}
@@ -33,11 +35,16 @@ def _distinct_topk(model: torch.nn.Module, tensors: dict[str, torch.Tensor], top
     return done
 
 
-def _similarities(model: torch.nn.Module, states: ComponentStates, top_k: int,
-                  projection: str) -> dict[tuple[str, str], torch.Tensor]:
+def _similarities(
+    model: torch.nn.Module, states: ComponentStates, top_k: int, projection: str
+) -> dict[tuple[str, str], torch.Tensor]:
     """``{(component, metric): (n_prompts, n_layers) float64}``."""
-    topk = _distinct_topk(model, {"mhsa_in": states.mhsa_in, "mhsa_out": states.mhsa_out,
-                                  "ffn_in": states.ffn_in, "ffn_out": states.ffn_out}, top_k, projection)
+    topk = _distinct_topk(
+        model,
+        {"mhsa_in": states.mhsa_in, "mhsa_out": states.mhsa_out, "ffn_in": states.ffn_in, "ffn_out": states.ffn_out},
+        top_k,
+        projection,
+    )
     res = {}
     for comp, (x_in, x_out) in states.pairs().items():
         key_in, key_out = ("mhsa_in", "mhsa_out") if comp == "MHSA" else ("ffn_in", "ffn_out")
@@ -51,16 +58,31 @@ def _values_frame(sims: dict[tuple[str, str], torch.Tensor], start: int) -> list
     frames = []
     for (comp, metric), vals in sims.items():
         n, n_layers = vals.shape
-        frames.append(pd.DataFrame({
-            "prompt_id": torch.arange(start, start + n).repeat_interleave(n_layers).numpy(),
-            "layer": torch.arange(n_layers).repeat(n).numpy(),
-            "component": comp, "metric": metric, "value": vals.reshape(-1).numpy()}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "prompt_id": torch.arange(start, start + n).repeat_interleave(n_layers).numpy(),
+                    "layer": torch.arange(n_layers).repeat(n).numpy(),
+                    "component": comp,
+                    "metric": metric,
+                    "value": vals.reshape(-1).numpy(),
+                }
+            )
+        )
     return frames
 
 
-def component_similarity_values(model: torch.nn.Module, tok, prompts: Sequence[str], *,
-                                protocol: str = "paper", projection: str | None = None, top_k: int = 50,
-                                batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
+def component_similarity_values(
+    model: torch.nn.Module,
+    tok,
+    prompts: Sequence[str],
+    *,
+    protocol: str = "paper",
+    projection: str | None = None,
+    top_k: int = 50,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Per-prompt similarities between each component's input and output (method.md §5).
 
     Prompts are right-padded in batches (one forward per batch, all layers traced at once) and
@@ -88,8 +110,9 @@ def component_similarity_values(model: torch.nn.Module, tok, prompts: Sequence[s
     batch_size = check_positive_int("batch_size", batch_size)
     check_k(top_k, projection_vocab(model, projection))
     if model.training:
-        logger.warning("the model is in training mode (dropout active); call model.eval() for "
-                       "reproducible similarities")
+        logger.warning(
+            "the model is in training mode (dropout active); call model.eval() for reproducible similarities"
+        )
     adapter, device, collect = get_adapter(model), model_device(model), COLLECTORS[protocol]
     frames: list[pd.DataFrame] = []
     t0 = time.perf_counter()

@@ -15,6 +15,7 @@ The package: ``args`` (argument types), ``parser`` (one small function per sub-c
 parser), ``commands`` (what each sub-command does) and ``entry`` (:func:`main`: logging, user
 errors, exit status).
 """
+
 from __future__ import annotations
 
 from .args import parse_key_value, parse_layers

@@ -1,4 +1,5 @@
 """``python -m pmetlab.cli``: the ``pmetlab`` command line where the console script is not installed."""
+
 import sys
 
 from .entry import main

@@ -1,4 +1,5 @@
 """Argument types of the ``pmetlab`` command line: layer lists, KEY=VALUE pairs, positive ints."""
+
 from __future__ import annotations
 
 import argparse

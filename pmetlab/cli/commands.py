@@ -1,5 +1,6 @@
 """What each ``pmetlab`` sub-command does, given its parsed arguments; each returns an exit status.
 Heavy imports (torch, models, runs) happen inside the commands, so ``--help`` stays fast."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,10 +12,25 @@ from .args import pairs_to_dict
 
 __all__ = ["cmd_run", "cmd_stats", "cmd_summarize", "cmd_notebooks", "cmd_demo"]
 
-_SUMMARY_COLUMNS = ("label", "method", "dataset", "n_edits", "mode", "phase", "n_records", "score",
-                    "efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_token_acc",
-                    "paraphrase_token_acc", "neighborhood_token_acc", "relative_specificity", "fluency",
-                    "consistency")
+_SUMMARY_COLUMNS = (
+    "label",
+    "method",
+    "dataset",
+    "n_edits",
+    "mode",
+    "phase",
+    "n_records",
+    "score",
+    "efficacy_score",
+    "paraphrase_score",
+    "neighborhood_score",
+    "efficacy_token_acc",
+    "paraphrase_token_acc",
+    "neighborhood_token_acc",
+    "relative_specificity",
+    "fluency",
+    "consistency",
+)
 
 
 def _echo(text: str = "") -> None:
@@ -34,11 +50,24 @@ def _table(df, columns: Sequence[str] = _SUMMARY_COLUMNS) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..runs import RunDir, run_experiment
 
-    res = run_experiment(model=args.model, method=args.method, dataset=args.dataset, n_edits=args.n_edits,
-                         batch_size=args.batch_size, mode=args.mode, hparams=pairs_to_dict(args.hparams),
-                         seed=args.seed, subset=args.subset, out_dir=args.out, generation=not args.no_generation,
-                         n_gen_tokens=args.n_gen_tokens, eval_batch_size=args.eval_batch_size, label=args.label,
-                         resume=not args.no_resume, progress=not args.no_progress)
+    res = run_experiment(
+        model=args.model,
+        method=args.method,
+        dataset=args.dataset,
+        n_edits=args.n_edits,
+        batch_size=args.batch_size,
+        mode=args.mode,
+        hparams=pairs_to_dict(args.hparams),
+        seed=args.seed,
+        subset=args.subset,
+        out_dir=args.out,
+        generation=not args.no_generation,
+        n_gen_tokens=args.n_gen_tokens,
+        eval_batch_size=args.eval_batch_size,
+        label=args.label,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+    )
     _echo(_table(res.summary))
     _echo(f"run directory: {res.run_dir}")
     store = RunDir(res.run_dir)
@@ -60,8 +89,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model, device=device)
     # the preset's settings; the options that were given override them
     spec = hp.covariance.replace(corpus=args.corpus, n_tokens=args.tokens, seq_len=args.seq_len, dtype=args.dtype)
-    covs = layer_covariances(model, tok, layers, kind=args.kind, spec=spec, progress=not args.no_progress,
-                             shard=shard)
+    covs = layer_covariances(model, tok, layers, kind=args.kind, spec=spec, progress=not args.no_progress, shard=shard)
     if not shard.is_main:
         return 0
     if shard.world > 1:
@@ -125,16 +153,20 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
     try:
         from ..notebooks import run_notebooks
     except ImportError as exc:
-        raise ValueError(f"notebook support is unavailable ({exc}); install the 'notebooks' extra "
-                         f"(pip install 'pmetlab[notebooks]')") from None
-    results = run_notebooks(args.out, names=args.only, parameters=pairs_to_dict(args.parameter) or None,
-                            smoke=args.smoke)
+        raise ValueError(
+            f"notebook support is unavailable ({exc}); install the 'notebooks' extra (pip install 'pmetlab[notebooks]')"
+        ) from None
+    results = run_notebooks(
+        args.out, names=args.only, parameters=pairs_to_dict(args.parameter) or None, smoke=args.smoke
+    )
     results = list(results or [])
     if results:
         _echo(_notebook_table(results))
     failed = [r for r in results if _notebook_failed(r)]
-    _echo(f"{len(results) - len(failed)}/{len(results)} notebooks ok" + (
-        f"; failed: {', '.join(str(r.get('name', '?')) for r in failed)}" if failed else ""))
+    _echo(
+        f"{len(results) - len(failed)}/{len(results)} notebooks ok"
+        + (f"; failed: {', '.join(str(r.get('name', '?')) for r in failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 
@@ -161,7 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ids = tok(pr, return_tensors="pt").to(model.device)
             with torch.no_grad():
                 gen = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-            cont = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+            cont = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
             _echo(f"{pr!r} -> {cont.strip()!r}   P({req.target_new})={p_new:.3f}  P({req.target_true})={p_true:.3f}")
 
     report("before the edit")

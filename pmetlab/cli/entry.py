@@ -1,5 +1,6 @@
 """The ``pmetlab`` entry point: parse, configure logging, run the command, turn user errors into
 one line on stderr and an exit status."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """The ``pmetlab`` argument parser: the global options and one small function per sub-command."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,18 +21,24 @@ class _Parser(argparse.ArgumentParser):
 
 def _verbosity(p: argparse.ArgumentParser, top: bool) -> None:
     d = {} if top else {"default": argparse.SUPPRESS}
-    p.add_argument("-v", "--verbose", action="count",
-                   help="more logging (-v: debug and tracebacks; -vv: every library)",
-                   **({"default": 0} if top else d))
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors",
-                   **({"default": False} if top else d))
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        help="more logging (-v: debug and tracebacks; -vv: every library)",
+        **({"default": 0} if top else d),
+    )
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="only warnings and errors", **({"default": False} if top else d)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pmetlab`` parser: ``-v``/``-q``/``--version`` and the sub-commands run, stats,
     summarize, notebooks and demo (each sub-command's parser is built by its own function)."""
-    parser = _Parser(prog=PROG, description="pmetlab: precise model editing (PMET, MEMIT) workbench.",
-                     formatter_class=_FMT)
+    parser = _Parser(
+        prog=PROG, description="pmetlab: precise model editing (PMET, MEMIT) workbench.", formatter_class=_FMT
+    )
     _verbosity(parser, top=True)
     parser.add_argument("--version", action="version", version=f"pmetlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -44,22 +51,34 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run(sub: argparse._SubParsersAction) -> None:
     from ..runs.spec import DATASETS, METHODS, MODES, SUBSETS  # light: no model is loaded
 
-    p = sub.add_parser("run", help="edit a model on a dataset and evaluate it before/after",
-                       description="Edit N facts of a dataset into a model and evaluate before and after; "
-                                   "writes run.json, records.parquet, summary.csv and deltas.safetensors "
-                                   "to the run directory (re-running resumes finished phases).",
-                       formatter_class=_FMT)
+    p = sub.add_parser(
+        "run",
+        help="edit a model on a dataset and evaluate it before/after",
+        description="Edit N facts of a dataset into a model and evaluate before and after; "
+        "writes run.json, records.parquet, summary.csv and deltas.safetensors "
+        "to the run directory (re-running resumes finished phases).",
+        formatter_class=_FMT,
+    )
     _verbosity(p, top=False)
     p.add_argument("--model", default="smollm2-135m", help="embedded model name or local path")
     p.add_argument("--method", default="pmet", choices=METHODS)
     p.add_argument("--dataset", default="counterfact", choices=DATASETS)
     p.add_argument("--n-edits", type=positive, default=10, help="number of records edited and evaluated")
     p.add_argument("--batch-size", type=positive, default=None, help="requests per batch (default: all at once)")
-    p.add_argument("--mode", default="batch", choices=MODES,
-                   help="batch: all batches computed on the unedited model; sequential: one after another")
-    p.add_argument("--hparams", metavar="KEY=VALUE", type=parse_key_value, action="append", default=None,
-                   help="override a hyperparameter of the preset (repeatable; VALUE parsed as JSON, "
-                        "layers also as 3-8)")
+    p.add_argument(
+        "--mode",
+        default="batch",
+        choices=MODES,
+        help="batch: all batches computed on the unedited model; sequential: one after another",
+    )
+    p.add_argument(
+        "--hparams",
+        metavar="KEY=VALUE",
+        type=parse_key_value,
+        action="append",
+        default=None,
+        help="override a hyperparameter of the preset (repeatable; VALUE parsed as JSON, layers also as 3-8)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subset", default="first", choices=SUBSETS, help="first N records or a seeded sample")
     p.add_argument("--out", default=None, help="run directory (default runs/<model>_<method>_..._seed<seed>)")
@@ -73,16 +92,26 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_stats(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("stats", help="precompute covariance statistics (cached)",
-                       description="Compute E[k kᵀ] of the FFN keys (or MHSA projection inputs) of some "
-                                   "layers over a corpus and cache it, so later edits reuse it.",
-                       formatter_class=_FMT)
+    p = sub.add_parser(
+        "stats",
+        help="precompute covariance statistics (cached)",
+        description="Compute E[k kᵀ] of the FFN keys (or MHSA projection inputs) of some "
+        "layers over a corpus and cache it, so later edits reuse it.",
+        formatter_class=_FMT,
+    )
     _verbosity(p, top=False)
     p.add_argument("--model", default="smollm2-135m", help="embedded model name or local path")
-    p.add_argument("--layers", type=parse_layers, default=None,
-                   help="e.g. 3-8 or 3,4,5 (default: the PMET preset's layers for the model)")
-    p.add_argument("--corpus", default=None, help="'default', a text/JSONL file or folder, hf:<id>, model:<n> "
-                                                  "(default: the preset's)")
+    p.add_argument(
+        "--layers",
+        type=parse_layers,
+        default=None,
+        help="e.g. 3-8 or 3,4,5 (default: the PMET preset's layers for the model)",
+    )
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="'default', a text/JSONL file or folder, hf:<id>, model:<n> (default: the preset's)",
+    )
     p.add_argument("--tokens", type=positive, default=None, help="token budget (default: the preset's)")
     p.add_argument("--seq-len", type=positive, default=None, help="chunk length (default: the preset's)")
     p.add_argument("--kind", default="ffn", choices=("ffn", "attn"))
@@ -93,9 +122,12 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_summarize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("summarize", help="one table of the summaries of run directories",
-                       description="Print the pre/post summaries of run directories (a sweep directory "
-                                   "stands for all runs in it).", formatter_class=_FMT)
+    p = sub.add_parser(
+        "summarize",
+        help="one table of the summaries of run directories",
+        description="Print the pre/post summaries of run directories (a sweep directory stands for all runs in it).",
+        formatter_class=_FMT,
+    )
     _verbosity(p, top=False)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="also write the full table to this CSV file")
@@ -103,29 +135,50 @@ def _add_summarize(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_notebooks(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("notebooks", help="execute the notebooks, figures and tables into --out",
-                       description="Execute the numbered notebooks (papermill) with their default or given "
-                                   "parameters; exit status 1 if any failed.", formatter_class=_FMT)
+    p = sub.add_parser(
+        "notebooks",
+        help="execute the notebooks, figures and tables into --out",
+        description="Execute the numbered notebooks (papermill) with their default or given "
+        "parameters; exit status 1 if any failed.",
+        formatter_class=_FMT,
+    )
     _verbosity(p, top=False)
     p.add_argument("--out", default="figures", help="output directory for figures, tables and executed notebooks")
     p.add_argument("--only", metavar="NAME", action="append", default=None, help="run only this notebook (repeatable)")
-    p.add_argument("-p", "--parameter", metavar="KEY=VALUE", type=parse_key_value, action="append", default=None,
-                   help="notebook parameter (repeatable; VALUE parsed as JSON)")
+    p.add_argument(
+        "-p",
+        "--parameter",
+        metavar="KEY=VALUE",
+        type=parse_key_value,
+        action="append",
+        default=None,
+        help="notebook parameter (repeatable; VALUE parsed as JSON)",
+    )
     p.add_argument("--smoke", action="store_true", help="smoke parameters: tiny and fast")
     p.set_defaults(func=cmd_notebooks)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="one PMET edit of one fact, prediction before/after",
-                       description="A quick sanity check: write one counterfactual fact into the model with "
-                                   "PMET and print its predictions before and after.", formatter_class=_FMT)
+    p = sub.add_parser(
+        "demo",
+        help="one PMET edit of one fact, prediction before/after",
+        description="A quick sanity check: write one counterfactual fact into the model with "
+        "PMET and print its predictions before and after.",
+        formatter_class=_FMT,
+    )
     _verbosity(p, top=False)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--prompt", default="{} is located in the country of", help="template with one {}")
     p.add_argument("--subject", default="The Eiffel Tower")
     p.add_argument("--target", default="Italy", help="the new object")
     p.add_argument("--true", dest="target_true", default="France", help="the current object")
-    p.add_argument("--hparams", metavar="KEY=VALUE", type=parse_key_value, action="append", default=None,
-                   help="override a PMET hyperparameter (repeatable)")
+    p.add_argument(
+        "--hparams",
+        metavar="KEY=VALUE",
+        type=parse_key_value,
+        action="append",
+        default=None,
+        help="override a PMET hyperparameter (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -19,24 +19,65 @@ place looked. The TF-IDF consistency reference (``attribute_snippets.json``, ``i
 ``tfidf_vocab.json``) is looked for in the same places but is never downloaded unless asked
 (926 MB); its loaders return ``None`` when it is not available, never a stand-in.
 """
+
 from __future__ import annotations
 
 import urllib.request  # noqa: F401  (tests stub the network through pmetlab.datasets.urllib)
 
-from .files import (DATA_DIR_ENV, OFFLINE_ENV, REMOTE_ROOTS, load_counterfact, load_dataset, load_known_facts,
-                    load_multi_counterfact, load_zsre, locate_dataset_file)
-from .records import (DatasetInfo, DatasetNotFoundError, Records, validate_counterfact_record, validate_known_record,
-                      validate_records, validate_zsre_record)
-from .reference import (ConsistencyReference, load_attribute_snippets, load_consistency_reference, load_idf,
-                        load_tfidf_vocab)
+from .files import (
+    DATA_DIR_ENV,
+    OFFLINE_ENV,
+    REMOTE_ROOTS,
+    load_counterfact,
+    load_dataset,
+    load_known_facts,
+    load_multi_counterfact,
+    load_zsre,
+    locate_dataset_file,
+)
+from .records import (
+    DatasetInfo,
+    DatasetNotFoundError,
+    Records,
+    validate_counterfact_record,
+    validate_known_record,
+    validate_records,
+    validate_zsre_record,
+)
+from .reference import (
+    ConsistencyReference,
+    load_attribute_snippets,
+    load_consistency_reference,
+    load_idf,
+    load_tfidf_vocab,
+)
 from .selection import Selection, counterfact_requests, drop_conflicting, select, zsre_requests
 
 __all__ = [
-    "DatasetInfo", "Records", "Selection", "DatasetNotFoundError", "ConsistencyReference",
-    "DATA_DIR_ENV", "OFFLINE_ENV", "REMOTE_ROOTS",
-    "load_counterfact", "load_multi_counterfact", "load_zsre", "load_known_facts", "load_dataset",
-    "locate_dataset_file", "select", "drop_conflicting",
-    "counterfact_requests", "zsre_requests",
-    "validate_counterfact_record", "validate_zsre_record", "validate_known_record", "validate_records",
-    "load_attribute_snippets", "load_idf", "load_tfidf_vocab", "load_consistency_reference",
+    "DatasetInfo",
+    "Records",
+    "Selection",
+    "DatasetNotFoundError",
+    "ConsistencyReference",
+    "DATA_DIR_ENV",
+    "OFFLINE_ENV",
+    "REMOTE_ROOTS",
+    "load_counterfact",
+    "load_multi_counterfact",
+    "load_zsre",
+    "load_known_facts",
+    "load_dataset",
+    "locate_dataset_file",
+    "select",
+    "drop_conflicting",
+    "counterfact_requests",
+    "zsre_requests",
+    "validate_counterfact_record",
+    "validate_zsre_record",
+    "validate_known_record",
+    "validate_records",
+    "load_attribute_snippets",
+    "load_idf",
+    "load_tfidf_vocab",
+    "load_consistency_reference",
 ]

@@ -1,4 +1,5 @@
 """Finding, downloading and loading the dataset files (see :mod:`pmetlab.datasets` for the search order)."""
+
 from __future__ import annotations
 
 import json
@@ -6,16 +7,22 @@ import logging
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
-
+from typing import Any
 
 from ..cache import atomic_path, cache_dir, file_sha256
+from .records import (
+    DatasetInfo,
+    DatasetNotFoundError,
+    Records,
+    validate_counterfact_record,
+    validate_known_record,
+    validate_zsre_record,
+)
 
 logger = logging.getLogger(__name__)
-from .records import (DatasetInfo, DatasetNotFoundError, Records, validate_counterfact_record,
-                      validate_known_record, validate_zsre_record)
 
 DATA_DIR_ENV = "PMETLAB_DATA_DIR"
 OFFLINE_ENV = "PMETLAB_OFFLINE"
@@ -23,23 +30,23 @@ REMOTE_ROOTS = ("https://rome.baulab.info/data/dsets/", "https://memit.baulab.in
 _PROJECT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "data"
 _DOWNLOAD_TIMEOUT_S = 60
 
+
 # ---------------------------------------------------------------------------------------------
 # dataset registry
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Spec:
     name: str
-    remote: str                    # canonical file name under REMOTE_ROOTS
-    local_names: tuple[str, ...]   # relative paths tried in a data directory, in order
+    remote: str  # canonical file name under REMOTE_ROOTS
+    local_names: tuple[str, ...]  # relative paths tried in a data directory, in order
     validate: Callable[[Any, int, str | None], dict]
     id_key: str
-    expected_records: int | None = None   # exact count of the canonical file, when known
-    min_records: int = 1                  # for a downloaded file whose count is not known
+    expected_records: int | None = None  # exact count of the canonical file, when known
+    min_records: int = 1  # for a downloaded file whose count is not known
     sha256: Mapping[str, str] = field(default_factory=dict)  # file name -> sha256 (SOURCES.md)
 
 
-_SUBDIRS = {"counterfact": "counterfact", "multi_counterfact": "counterfact", "zsre": "zsre",
-            "known_facts": "knowns"}
+_SUBDIRS = {"counterfact": "counterfact", "multi_counterfact": "counterfact", "zsre": "zsre", "known_facts": "knowns"}
 
 
 def _names(sub: str, canonical: Sequence[str], shared: Sequence[str] = ()) -> tuple[str, ...]:
@@ -52,27 +59,53 @@ def _names(sub: str, canonical: Sequence[str], shared: Sequence[str] = ()) -> tu
 
 _SPECS: dict[str, _Spec] = {
     "counterfact": _Spec(
-        "counterfact", "counterfact.json",
-        _names("counterfact", ["counterfact.json"], ["counterfact/counterfact_filtered.json",
-                                                     "counterfact_filtered.json"]),
-        validate_counterfact_record, "case_id", expected_records=21919, min_records=1000,
-        sha256={"counterfact.json": "d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f",
-                "counterfact_filtered.json": "7e93c8e6d162997dec97875c8a9a4f46816e691e8b613f952813bd6cbe1ba574"}),
+        "counterfact",
+        "counterfact.json",
+        _names(
+            "counterfact", ["counterfact.json"], ["counterfact/counterfact_filtered.json", "counterfact_filtered.json"]
+        ),
+        validate_counterfact_record,
+        "case_id",
+        expected_records=21919,
+        min_records=1000,
+        sha256={
+            "counterfact.json": "d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f",
+            "counterfact_filtered.json": "7e93c8e6d162997dec97875c8a9a4f46816e691e8b613f952813bd6cbe1ba574",
+        },
+    ),
     "multi_counterfact": _Spec(
-        "multi_counterfact", "multi_counterfact.json", _names("counterfact", ["multi_counterfact.json"]),
-        validate_counterfact_record, "case_id", min_records=1000),
+        "multi_counterfact",
+        "multi_counterfact.json",
+        _names("counterfact", ["multi_counterfact.json"]),
+        validate_counterfact_record,
+        "case_id",
+        min_records=1000,
+    ),
     "zsre": _Spec(
-        "zsre", "zsre_mend_eval.json",
+        "zsre",
+        "zsre_mend_eval.json",
         # zsre_mem_eval.json is the (mis)spelling in some write-ups; the file ROME loads is zsre_mend_eval.json
-        _names("zsre", ["zsre_mend_eval.json", "zsre_mem_eval.json"],
-               ["zsre/zsre_mend_eval_portability_gpt4.json", "zsre_mend_eval_portability_gpt4.json"]),
-        validate_zsre_record, "case_id", min_records=1000,
-        sha256={"zsre_mend_eval_portability_gpt4.json":
-                "0cf155da229b2eccae19fcfe5f7a09523363d357f5f15508d1521f495ad5ecd9"}),
+        _names(
+            "zsre",
+            ["zsre_mend_eval.json", "zsre_mem_eval.json"],
+            ["zsre/zsre_mend_eval_portability_gpt4.json", "zsre_mend_eval_portability_gpt4.json"],
+        ),
+        validate_zsre_record,
+        "case_id",
+        min_records=1000,
+        sha256={
+            "zsre_mend_eval_portability_gpt4.json": "0cf155da229b2eccae19fcfe5f7a09523363d357f5f15508d1521f495ad5ecd9"
+        },
+    ),
     "known_facts": _Spec(
-        "known_facts", "known_1000.json", _names("knowns", ["known_1000.json"]),
-        validate_known_record, "known_id", expected_records=1209,
-        sha256={"known_1000.json": "61daca55318bb5260c1e62e133debef9102c7b278bbc7b19dd2ac655543f333a"}),
+        "known_facts",
+        "known_1000.json",
+        _names("knowns", ["known_1000.json"]),
+        validate_known_record,
+        "known_id",
+        expected_records=1209,
+        sha256={"known_1000.json": "61daca55318bb5260c1e62e133debef9102c7b278bbc7b19dd2ac655543f333a"},
+    ),
 }
 
 # reference files for the consistency metric (never downloaded unless asked)
@@ -85,8 +118,13 @@ _REFERENCE_SHA256 = {
 
 def _spec(name: str) -> _Spec:
     key = name.lower().replace("-", "_")
-    key = {"cf": "counterfact", "mcf": "multi_counterfact", "knowns": "known_facts", "known": "known_facts",
-           "known_1000": "known_facts"}.get(key, key)
+    key = {
+        "cf": "counterfact",
+        "mcf": "multi_counterfact",
+        "knowns": "known_facts",
+        "known": "known_facts",
+        "known_1000": "known_facts",
+    }.get(key, key)
     if key not in _SPECS:
         raise KeyError(f"unknown dataset {name!r}; expected one of {sorted(_SPECS)}")
     return _SPECS[key]
@@ -128,8 +166,13 @@ def _download(url: str, dest: Path, verify: Callable[[Path], None]) -> None:
     with atomic_path(dest) as tmp:
         with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as f:
             size = getattr(resp, "headers", {}).get("Content-Length")
-            with tqdm(total=int(size) if size else None, unit="B", unit_scale=True, leave=False,
-                      desc=f"downloading {dest.name}") as bar:
+            with tqdm(
+                total=int(size) if size else None,
+                unit="B",
+                unit_scale=True,
+                leave=False,
+                desc=f"downloading {dest.name}",
+            ) as bar:
                 while True:
                     block = resp.read(1 << 20)
                     if not block:
@@ -142,8 +185,10 @@ def _download(url: str, dest: Path, verify: Callable[[Path], None]) -> None:
 def _check_sha(path: Path, expected: str | None, what: str) -> str:
     got = file_sha256(path)
     if expected is not None and got != expected:
-        raise ValueError(f"{what}: sha256 {got} does not match the reference {expected} "
-                         f"(SOURCES.md); the file is corrupt or a different version")
+        raise ValueError(
+            f"{what}: sha256 {got} does not match the reference {expected} "
+            f"(SOURCES.md); the file is corrupt or a different version"
+        )
     return got
 
 
@@ -190,7 +235,8 @@ def _not_found(what: str, looked: list[str], hint: str = "") -> DatasetNotFoundE
     return DatasetNotFoundError(
         f"{what} was not found. Looked in:\n  {places}\n"
         f"Set ${DATA_DIR_ENV} to a directory holding it (e.g. the shared data folder), pass path=..., "
-        f"or allow the download from {REMOTE_ROOTS[0]}.{hint}")
+        f"or allow the download from {REMOTE_ROOTS[0]}.{hint}"
+    )
 
 
 def _parse_json_list(path: Path, what: str) -> list:
@@ -237,8 +283,10 @@ def _locate(spec: _Spec, path: str | os.PathLike | None, download: bool) -> tupl
     except _NotFound:
         hint = ""
         if spec.name == "multi_counterfact":
-            hint = (" Offline, load_counterfact() (the shared 1,400-record subset) followed by "
-                    "drop_conflicting() gives a conflict-free set for batch edits.")
+            hint = (
+                " Offline, load_counterfact() (the shared 1,400-record subset) followed by "
+                "drop_conflicting() gives a conflict-free set for batch edits."
+            )
         raise _not_found(f"{spec.name} file {spec.remote!r}", looked, hint) from None
 
 
@@ -267,8 +315,13 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, *, download: 
     sha = file_sha256(found)
     ref = spec.sha256.get(found.name)
     if ref is not None and sha != ref:
-        logger.warning("%s: sha256 of %s is %s, not the reference %s from SOURCES.md (a different version?)",
-                       spec.name, found, sha, ref)
+        logger.warning(
+            "%s: sha256 of %s is %s, not the reference %s from SOURCES.md (a different version?)",
+            spec.name,
+            found,
+            sha,
+            ref,
+        )
     map_path, map_sha = None, None
     if spec.name == "zsre":
         data = [dict(rec, case_id=rec.get("case_id", i)) for i, rec in enumerate(data)]
@@ -296,8 +349,9 @@ def _apply_case_id_map(data: list[dict], map_path: Path) -> list[dict]:
     for i, rec in enumerate(data):
         key = str(rec["case_id"])
         if key not in mapping:
-            raise KeyError(f"CounterFact record {i} (case_id={rec['case_id']}): no entry {key!r} in the "
-                           f"case-id map {map_path}")
+            raise KeyError(
+                f"CounterFact record {i} (case_id={rec['case_id']}): no entry {key!r} in the case-id map {map_path}"
+            )
         out.append(dict(rec, orig_case_id=int(mapping[key])))
     return out
 
@@ -320,5 +374,3 @@ def load_zsre(path: str | os.PathLike | None = None, *, download: bool = True) -
 def load_known_facts(path: str | os.PathLike | None = None, *, download: bool = True) -> Records:
     """The 1,209 known facts of ``known_1000.json``."""
     return load_dataset("known_facts", path, download=download)
-
-

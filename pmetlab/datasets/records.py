@@ -1,11 +1,11 @@
 """Dataset records: their info, the list type carrying it, and schema validation (method.md §6)."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Mapping
-
-
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ def _get(rec: Any, dotted: str, where: str, expected: str) -> Any:
     cur = rec
     for part in dotted.split("."):
         if not isinstance(cur, Mapping):
-            raise ValueError(f"{where}: field {dotted!r} must be inside an object, got "
-                             f"{type(cur).__name__}; expected {expected}")
+            raise ValueError(
+                f"{where}: field {dotted!r} must be inside an object, got {type(cur).__name__}; expected {expected}"
+            )
         if part not in cur:
             raise KeyError(f"{where}: missing field {dotted!r}; expected {expected}")
         cur = cur[part]
@@ -93,9 +94,11 @@ def _check_str_list(v: Any, dotted: str, where: str, *, min_len: int = 0) -> Non
         raise ValueError(f"{where}: field {dotted!r} must have at least {min_len} entries, got {len(v)}")
 
 
-_CF_EXPECTED = ("case_id, requested_rewrite{prompt, subject, relation_id, target_new{str,id}, "
-                "target_true{str,id}}, paraphrase_prompts, neighborhood_prompts, attribute_prompts, "
-                "generation_prompts")
+_CF_EXPECTED = (
+    "case_id, requested_rewrite{prompt, subject, relation_id, target_new{str,id}, "
+    "target_true{str,id}}, paraphrase_prompts, neighborhood_prompts, attribute_prompts, "
+    "generation_prompts"
+)
 
 
 def validate_counterfact_record(rec: Any, index: int = 0, source: str | None = None) -> dict:
@@ -114,8 +117,9 @@ def validate_counterfact_record(rec: Any, index: int = 0, source: str | None = N
     prompt = _get(rec, "requested_rewrite.prompt", where, _CF_EXPECTED)
     _check_str(prompt, "requested_rewrite.prompt", where)
     if prompt.count("{}") != 1:
-        raise ValueError(f"{where}: field 'requested_rewrite.prompt' must contain exactly one '{{}}' for "
-                         f"the subject, got {prompt!r}")
+        raise ValueError(
+            f"{where}: field 'requested_rewrite.prompt' must contain exactly one '{{}}' for the subject, got {prompt!r}"
+        )
     for f in ("subject", "relation_id", "target_new.str", "target_true.str"):
         _check_str(_get(rec, f"requested_rewrite.{f}", where, _CF_EXPECTED), f"requested_rewrite.{f}", where)
     for f in ("target_new.id", "target_true.id"):
@@ -170,5 +174,3 @@ def validate_known_record(rec: Any, index: int = 0, source: str | None = None) -
     if rec["template"].count("{}") != 1:
         raise ValueError(f"{where}: field 'template' must contain exactly one '{{}}', got {rec['template']!r}")
     return rec  # type: ignore[return-value]
-
-

@@ -1,26 +1,29 @@
 """The CounterFact consistency reference: attribute snippets and TF-IDF statistics (method.md §6)."""
+
 from __future__ import annotations
 
 import json
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from .files import _REFERENCE_SHA256, _check_sha, _fetch, _find_local, _NotFound, _parse_json_list
 
 logger = logging.getLogger(__name__)
-from .files import _REFERENCE_SHA256, _check_sha, _fetch, _find_local, _NotFound, _parse_json_list
 
 
 # ---------------------------------------------------------------------------------------------
 # consistency reference (attribute snippets + TF-IDF statistics)
 # ---------------------------------------------------------------------------------------------
-def _locate_reference(fname: str, path: str | os.PathLike | None, download: bool,
-                      verify: Callable[[Path], None]) -> Path | None:
+def _locate_reference(
+    fname: str, path: str | os.PathLike | None, download: bool, verify: Callable[[Path], None]
+) -> Path | None:
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
@@ -34,19 +37,22 @@ def _locate_reference(fname: str, path: str | os.PathLike | None, download: bool
     try:
         return _fetch(fname, verify, looked, download=download)[1]
     except _NotFound:
-        logger.info("%s is not available (looked in %s); the consistency metric will be missing",
-                    fname, "; ".join(looked))
+        logger.info(
+            "%s is not available (looked in %s); the consistency metric will be missing", fname, "; ".join(looked)
+        )
         return None
 
 
 def _ref_verify(fname: str) -> Callable[[Path], None]:
     def verify(p: Path) -> None:
         _check_sha(p, _REFERENCE_SHA256[fname], f"{fname} at {p}")
+
     return verify
 
 
-def load_attribute_snippets(path: str | os.PathLike | None = None, *,
-                            download: bool = False) -> dict[str, dict[str, list[dict]]] | None:
+def load_attribute_snippets(
+    path: str | os.PathLike | None = None, *, download: bool = False
+) -> dict[str, dict[str, list[dict]]] | None:
     """ROME's attribute snippets as ``{relation_id: {target_id: [sample, ...]}}`` (each sample has
     ``name`` and ``text``), or None when ``attribute_snippets.json`` is not available.
 
@@ -60,8 +66,9 @@ def load_attribute_snippets(path: str | os.PathLike | None = None, *,
         try:
             rid, tid, samples = el["relation_id"], el["target_id"], el["samples"]
         except (KeyError, TypeError):
-            raise KeyError(f"attribute_snippets.json entry {i} in {p}: expected keys relation_id, "
-                           f"target_id, samples") from None
+            raise KeyError(
+                f"attribute_snippets.json entry {i} in {p}: expected keys relation_id, target_id, samples"
+            ) from None
         snips[rid][tid].extend(samples)
     return {r: dict(t) for r, t in snips.items()}
 
@@ -104,18 +111,22 @@ class ConsistencyReference:
 
     def __post_init__(self) -> None:
         if self.vocab and max(self.vocab.values()) >= len(self.idf):
-            raise ValueError(f"tfidf vocabulary indexes up to {max(self.vocab.values())} but idf has "
-                             f"only {len(self.idf)} entries")
+            raise ValueError(
+                f"tfidf vocabulary indexes up to {max(self.vocab.values())} but idf has only {len(self.idf)} entries"
+            )
 
     def texts(self, relation_id: str, target_id: str) -> list[str]:
         """Snippet texts about subjects with relation ``relation_id`` and object ``target_id``."""
         return [s["text"] for s in self.snippets.get(relation_id, {}).get(target_id, [])]
 
 
-def load_consistency_reference(*, snippets_path: str | os.PathLike | None = None,
-                               idf_path: str | os.PathLike | None = None,
-                               vocab_path: str | os.PathLike | None = None,
-                               download: bool = False) -> ConsistencyReference | None:
+def load_consistency_reference(
+    *,
+    snippets_path: str | os.PathLike | None = None,
+    idf_path: str | os.PathLike | None = None,
+    vocab_path: str | os.PathLike | None = None,
+    download: bool = False,
+) -> ConsistencyReference | None:
     """All three reference files, or None (logged) when any of them is unavailable."""
     idf = load_idf(idf_path, download=download)
     vocab = load_tfidf_vocab(vocab_path, download=download) if idf is not None else None
@@ -124,4 +135,3 @@ def load_consistency_reference(*, snippets_path: str | os.PathLike | None = None
         logger.info("consistency reference unavailable; consistency (RS) will be NaN")
         return None
     return ConsistencyReference(snippets, idf, vocab)
-

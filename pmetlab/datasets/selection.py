@@ -1,8 +1,10 @@
 """Choosing records and turning them into edit requests."""
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Literal, Mapping, NamedTuple, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -29,8 +31,9 @@ def _id_of(rec: Mapping[str, Any], i: int) -> Any:
     return i
 
 
-def select(records: Sequence[dict], n: int | None = None, mode: Literal["first", "sample"] = "first",
-           seed: int = 0) -> Selection:
+def select(
+    records: Sequence[dict], n: int | None = None, mode: Literal["first", "sample"] = "first", seed: int = 0
+) -> Selection:
     """A deterministic subset of ``records``.
 
     Args:
@@ -61,8 +64,12 @@ def select(records: Sequence[dict], n: int | None = None, mode: Literal["first",
     info = getattr(records, "info", None)
     desc = {
         "dataset": info.to_dict() if info is not None else None,
-        "n_total": total, "n": int(n), "mode": mode, "seed": int(seed) if mode == "sample" else None,
-        "ids": ids, "ids_hash": stable_hash(ids),
+        "n_total": total,
+        "n": int(n),
+        "mode": mode,
+        "seed": int(seed) if mode == "sample" else None,
+        "ids": ids,
+        "ids_hash": stable_hash(ids),
     }
     return Selection(chosen, desc)
 
@@ -88,5 +95,3 @@ def counterfact_requests(records: Iterable[Mapping[str, Any]]) -> list[EditReque
 def zsre_requests(records: Iterable[Mapping[str, Any]]) -> list[EditRequest]:
     """One :class:`EditRequest` per zsRE record: the question with ``{}`` for the subject, answers[0]."""
     return [EditRequest.from_zsre(r) for r in records]
-
-

@@ -5,12 +5,14 @@
    (:mod:`.solve`), the update applied temporarily so the next layer's keys see it;
 4. the model is restored bit-exactly (always, also on errors) and the updates returned.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -41,8 +43,10 @@ def validate_requests(tok, requests: Sequence[EditRequest]) -> list[EditRequest]
         raise ValueError("no edit requests given; expected a non-empty list of EditRequest")
     for i, r in enumerate(requests):
         if not isinstance(r, EditRequest):
-            raise TypeError(f"request {i} is a {type(r).__name__}, expected EditRequest "
-                            f"(build one with EditRequest(prompt=..., subject=..., target_new=...))")
+            raise TypeError(
+                f"request {i} is a {type(r).__name__}, expected EditRequest "
+                f"(build one with EditRequest(prompt=..., subject=..., target_new=...))"
+            )
         try:
             subject_last_index(tok, r.prompt, r.subject)
             encode_prompt_target(tok, r.prompt.format(r.subject), r.target_new)
@@ -56,11 +60,21 @@ def _delta_in_param_layout(adapter, delta: torch.Tensor) -> torch.Tensor:
     return delta.T if adapter.spec.transposed else delta
 
 
-def compute_deltas(model: Model, tok: Tokenizer, requests: Sequence[EditRequest], hparams: EditHyperParams, *,
-                   progress: bool = True, use_cache: bool = True, reference: bool = False,
-                   diagnostics: bool = True, covariances: Mapping[int, SecondMoment] | None = None,
-                   attn_covariances: Mapping[int, SecondMoment] | None = None,
-                   cache_targets: bool = True, chunk_size: int = CHUNK_SIZE) -> Deltas:
+def compute_deltas(
+    model: Model,
+    tok: Tokenizer,
+    requests: Sequence[EditRequest],
+    hparams: EditHyperParams,
+    *,
+    progress: bool = True,
+    use_cache: bool = True,
+    reference: bool = False,
+    diagnostics: bool = True,
+    covariances: Mapping[int, SecondMoment] | None = None,
+    attn_covariances: Mapping[int, SecondMoment] | None = None,
+    cache_targets: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+) -> Deltas:
     """Compute the weight updates that write ``requests`` into ``model``; the model is left
     bit-identical (the updates are applied temporarily while later layers' keys are read).
 
@@ -94,9 +108,17 @@ def compute_deltas(model: Model, tok: Tokenizer, requests: Sequence[EditRequest]
     layer_diag: list[dict] = []
     try:
         t0 = time.perf_counter()
-        targets = optimize_targets_cached(model, tok, requests, hp, templates, reference=reference,
-                                          progress=progress, use_cache=use_cache and cache_targets,
-                                          chunk_size=chunk_size)
+        targets = optimize_targets_cached(
+            model,
+            tok,
+            requests,
+            hp,
+            templates,
+            reference=reference,
+            progress=progress,
+            use_cache=use_cache and cache_targets,
+            chunk_size=chunk_size,
+        )
         timings["targets"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         solver = _Solver(model, tok, adapter, requests, templates, hp, targets, covs, attn_covs, diagnostics)
@@ -106,11 +128,25 @@ def compute_deltas(model: Model, tok: Tokenizer, requests: Sequence[EditRequest]
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(snapshot[name])
-    meta = deltas_meta(model, hp.method, hp.to_dict(), [r.to_dict() for r in requests], base_fp,
-                       layers=list(hp.layers), diagnostics=layer_diag, timings=timings,
-                       targets=_target_meta(targets, len(requests)), templates=templates)
-    logger.info("%s: %d requests, targets %.1fs, keys+solve %.1fs", hp.method, len(requests),
-                timings["targets"], timings["keys_solve"])
+    meta = deltas_meta(
+        model,
+        hp.method,
+        hp.to_dict(),
+        [r.to_dict() for r in requests],
+        base_fp,
+        layers=list(hp.layers),
+        diagnostics=layer_diag,
+        timings=timings,
+        targets=_target_meta(targets, len(requests)),
+        templates=templates,
+    )
+    logger.info(
+        "%s: %d requests, targets %.1fs, keys+solve %.1fs",
+        hp.method,
+        len(requests),
+        timings["targets"],
+        timings["keys_solve"],
+    )
     return Deltas(out, meta, targets.trace)
 
 
@@ -121,25 +157,30 @@ def _check_inputs(model: Model, tok: Tokenizer, requests, hp) -> tuple[list[Edit
     requests = validate_requests(tok, requests)
     adapter = get_adapter(model)
     if hp.layers[-1] >= adapter.n_layers:
-        raise ValueError(f"critical layers {hp.layers} exceed the model's {adapter.n_layers} layers "
-                         f"(valid: 0..{adapter.n_layers - 1})")
+        raise ValueError(
+            f"critical layers {hp.layers} exceed the model's {adapter.n_layers} layers "
+            f"(valid: 0..{adapter.n_layers - 1})"
+        )
     return requests, adapter
 
 
-def _statistics(model, tok, hp: EditHyperParams, covariances, attn_covariances, use_cache: bool, progress: bool
-                ) -> tuple[dict, dict]:
+def _statistics(
+    model, tok, hp: EditHyperParams, covariances, attn_covariances, use_cache: bool, progress: bool
+) -> tuple[dict, dict]:
     """C_l for the FFN (and, with update_attn_weights, the MHSA projection) of every critical
     layer: the ones given, else computed or read from the cache (method.md §2 step 4)."""
     kw = dict(spec=hp.covariance, use_cache=use_cache, progress=progress)
     covs = dict(covariances) if covariances is not None else layer_covariances(model, tok, hp.layers, kind="ffn", **kw)
     attn_covs: dict = {}
     if hp.update_attn_weights:
-        attn_covs = dict(attn_covariances) if attn_covariances is not None else layer_covariances(
-            model, tok, hp.layers, kind="attn", **kw)
+        attn_covs = (
+            dict(attn_covariances)
+            if attn_covariances is not None
+            else layer_covariances(model, tok, hp.layers, kind="attn", **kw)
+        )
     for l in hp.layers:
         if l not in covs or (hp.update_attn_weights and l not in attn_covs):
-            raise KeyError(f"no covariance statistics for critical layer {l}; provided layers "
-                           f"{sorted(covs)}")
+            raise KeyError(f"no covariance statistics for critical layer {l}; provided layers {sorted(covs)}")
     return covs, attn_covs
 
 
@@ -150,8 +191,9 @@ def _edited_modules(adapter, hp: EditHyperParams) -> list[str]:
     return mods
 
 
-def _update_layers(solver: "_Solver", params: dict[str, torch.Tensor], layer_diag: list[dict],
-                   progress: bool) -> dict[str, torch.Tensor]:
+def _update_layers(
+    solver: _Solver, params: dict[str, torch.Tensor], layer_diag: list[dict], progress: bool
+) -> dict[str, torch.Tensor]:
     """Steps 2-3 over the critical layers in order; each ΔW_l is added to the model at once, so
     the keys of later layers (and later stages of this layer) see it. Returns the summed updates."""
     out: dict[str, torch.Tensor] = {}
@@ -167,9 +209,12 @@ def _update_layers(solver: "_Solver", params: dict[str, torch.Tensor], layer_dia
 
 
 def _target_meta(targets, n: int) -> dict:
-    return {"n_steps": targets.n_steps, "final_p_target": _final_p(targets.trace, n),
-            "delta_norms": {k: v.norm(dim=1).tolist() for k, v in targets.deltas.items()},
-            "init_norms": {k: v.norm(dim=1).tolist() for k, v in targets.inits.items()}}
+    return {
+        "n_steps": targets.n_steps,
+        "final_p_target": _final_p(targets.trace, n),
+        "delta_norms": {k: v.norm(dim=1).tolist() for k, v in targets.deltas.items()},
+        "init_norms": {k: v.norm(dim=1).tolist() for k, v in targets.inits.items()},
+    }
 
 
 def _layer_stages(hp: EditHyperParams) -> list[tuple[str, ...]]:
@@ -210,17 +255,28 @@ class _Solver:
         else:
             space, module, cov = "attn", adapter.attn_out_name(l), self.attn_covs[l]
             out_mod = adapter.attn_out_name(L)
-        keys, cur = keys_and_outputs(self.model, self.tok, adapter, self.requests, self.templates, [module],
-                                     [out_mod])
+        keys, cur = keys_and_outputs(self.model, self.tok, adapter, self.requests, self.templates, [module], [out_mod])
         resid = self.targets.values[space] - cur[out_mod]
-        res = solve_update(keys[module], spread_residual(resid, i, n, hp.spread_exponent), cov.mom2,
-                           hp.mom2_update_weight, diagnostics=self.diagnostics)
+        res = solve_update(
+            keys[module],
+            spread_residual(resid, i, n, hp.spread_exponent),
+            cov.mom2,
+            hp.mom2_update_weight,
+            diagnostics=self.diagnostics,
+        )
         if not torch.isfinite(res.delta).all():
             raise FloatingPointError(f"non-finite update at layer {l} ({kind}); check λ and the covariance")
-        layer_diag.append({"layer": l, "component": kind, "condition_number": res.condition_number,
-                           "residual_norm_before": res.residual_norm_before,
-                           "residual_norm_after": res.residual_norm_after,
-                           "target_residual_norm": float(resid.norm()), "update_norm": res.update_norm})
+        layer_diag.append(
+            {
+                "layer": l,
+                "component": kind,
+                "condition_number": res.condition_number,
+                "residual_norm_before": res.residual_norm_before,
+                "residual_norm_after": res.residual_norm_after,
+                "target_residual_norm": float(resid.norm()),
+                "update_norm": res.update_norm,
+            }
+        )
         return adapter.weight_param_name(module), _delta_in_param_layout(adapter, res.delta)
 
 

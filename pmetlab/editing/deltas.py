@@ -4,14 +4,16 @@ A :class:`Deltas` maps parameter names to additive updates (in the parameter's o
 Computing them never touches the model; :func:`apply_deltas_` adds them in place and returns
 what :func:`restore_` needs to undo it bit-exactly; :func:`edited` applies and always restores.
 """
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -88,14 +90,18 @@ class Deltas:
         """Write a safetensors file (tensors) with the metadata as JSON in its header; atomic."""
         path = Path(path)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
-        meta = {"pmetlab_format": str(FORMAT), "meta": json.dumps(self.meta, default=str),
-                "trace": json.dumps(self.trace), "checksum": tensor_digest(tensors)}
+        meta = {
+            "pmetlab_format": str(FORMAT),
+            "meta": json.dumps(self.meta, default=str),
+            "trace": json.dumps(self.trace),
+            "checksum": tensor_digest(tensors),
+        }
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Deltas":
+    def load(cls, path: str | Path) -> Deltas:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no saved edit at {path}")
@@ -106,8 +112,9 @@ class Deltas:
         except Exception as exc:  # safetensors raises several types on damaged files
             raise ValueError(f"{path} is not a readable pmetlab edit file ({type(exc).__name__}: {exc})") from None
         if header.get("pmetlab_format") != str(FORMAT):
-            raise ValueError(f"{path} is not a pmetlab edit file of format {FORMAT} "
-                             f"(found {header.get('pmetlab_format')!r})")
+            raise ValueError(
+                f"{path} is not a pmetlab edit file of format {FORMAT} (found {header.get('pmetlab_format')!r})"
+            )
         # flipped bytes in the tensor data would otherwise load silently as a different edit
         if "checksum" in header and not _checksum_matches(tensors, header["checksum"]):
             raise ValueError(f"{path} is damaged: its tensors do not match the stored checksum")
@@ -125,22 +132,26 @@ class Deltas:
         were computed for (same class, shapes and original values of the edited parameters)."""
         ident = self.meta.get("model", {})
         if ident.get("class") and ident["class"] != type(model).__name__:
-            raise EditMismatchError(f"these deltas were computed for a {ident['class']} "
-                                    f"({ident.get('source')}), not a {type(model).__name__}")
+            raise EditMismatchError(
+                f"these deltas were computed for a {ident['class']} "
+                f"({ident.get('source')}), not a {type(model).__name__}"
+            )
         for n, t in self.tensors.items():
             try:
                 p = get_parameter(model, n)
             except LookupError as exc:
                 raise EditMismatchError(f"the model has no parameter {n!r} edited by these deltas: {exc}") from None
             if tuple(p.shape) != tuple(t.shape):
-                raise EditMismatchError(f"parameter {n!r} has shape {tuple(p.shape)} but the delta has "
-                                        f"{tuple(t.shape)}: a different model")
+                raise EditMismatchError(
+                    f"parameter {n!r} has shape {tuple(p.shape)} but the delta has {tuple(t.shape)}: a different model"
+                )
         want = self.meta.get("base_fingerprint")
         if want and not self._base_matches(model, want):
             raise EditMismatchError(
                 f"the model's edited parameters differ from those the deltas were computed on "
                 f"(model {ident.get('source')!r}); it is a different model or already edited. "
-                f"Restore it first, or pass check=False to apply anyway.")
+                f"Restore it first, or pass check=False to apply anyway."
+            )
 
     def _base_matches(self, model: torch.nn.Module, want: str) -> bool:
         """Whether the model's edited parameters have the fingerprint ``want``; deltas without the
@@ -152,8 +163,9 @@ class Deltas:
         return legacy and _legacy_param_fingerprint(model, names) == want
 
 
-def apply_deltas_(model: torch.nn.Module, deltas: Deltas, *, check: bool = True, scale: float = 1.0
-                  ) -> dict[str, torch.Tensor]:
+def apply_deltas_(
+    model: torch.nn.Module, deltas: Deltas, *, check: bool = True, scale: float = 1.0
+) -> dict[str, torch.Tensor]:
     """Add ``deltas`` to the model's parameters in place. Returns the undo record (copies of
     the original values) for :func:`restore_`. Nothing is changed when a check fails."""
     if check:
@@ -188,10 +200,19 @@ def edited(model: torch.nn.Module, deltas: Deltas, *, check: bool = True) -> Ite
         restore_(model, undo)
 
 
-def deltas_meta(model: torch.nn.Module, method: str, hparams: dict, requests: list[dict], base_fp: str,
-                **extra: Any) -> dict:
+def deltas_meta(
+    model: torch.nn.Module, method: str, hparams: dict, requests: list[dict], base_fp: str, **extra: Any
+) -> dict:
     """The ``meta`` of freshly computed deltas; ``base_fp`` is :func:`param_fingerprint` of the
     unedited parameters."""
-    return {"method": method, "hparams": hparams, "requests": requests, "model": model_identity(model),
-            "base_fingerprint": base_fp, "fingerprint_version": FINGERPRINT_VERSION, "versions": versions(),
-            "format": FORMAT, **extra}
+    return {
+        "method": method,
+        "hparams": hparams,
+        "requests": requests,
+        "model": model_identity(model),
+        "base_fingerprint": base_fp,
+        "fingerprint_version": FINGERPRINT_VERSION,
+        "versions": versions(),
+        "format": FORMAT,
+        **extra,
+    }

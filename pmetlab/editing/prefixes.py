@@ -3,6 +3,7 @@
 Generated once per (model, seed, settings) with a seeded sampler and cached on disk, so every
 run with the same settings sees the same prefixes (the released code samples them unseeded).
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,7 @@ FORMAT = 2
 
 
 @torch.no_grad()
-def generate_prefixes(model, tok, starts: tuple[str, ...], n: int, length: int, seed: int,
-                      top_k: int = 5) -> list[str]:
+def generate_prefixes(model, tok, starts: tuple[str, ...], n: int, length: int, seed: int, top_k: int = 5) -> list[str]:
     """``n`` texts of ``length`` tokens (start word included), top-k sampled with ``seed``.
 
     Sampling runs in one left-padded batch with the full attention mask (method.md §8) and a
@@ -62,10 +62,20 @@ def context_templates(model, tok, hp, *, use_cache: bool = True) -> list[str]:
     tokenizer (vocabulary and normalisation, :func:`~pmetlab.tokens.tokenizer_identity`) and the
     settings; a missing or damaged entry is regenerated.
     """
-    settings = {"starts": list(hp.prefix_starts), "n": hp.n_prefixes, "length": hp.prefix_tokens,
-                "seed": hp.seed, "format": FORMAT}
-    key = {"model": type(model).__name__, "weights": weights_fingerprint(model),
-           "vocab": len(tok), "tokenizer": tokenizer_identity(tok), **settings}
+    settings = {
+        "starts": list(hp.prefix_starts),
+        "n": hp.n_prefixes,
+        "length": hp.prefix_tokens,
+        "seed": hp.seed,
+        "format": FORMAT,
+    }
+    key = {
+        "model": type(model).__name__,
+        "weights": weights_fingerprint(model),
+        "vocab": len(tok),
+        "tokenizer": tokenizer_identity(tok),
+        **settings,
+    }
     store = KeyedStore("prefixes")
     stored = store.load_json(key) if use_cache else None
     prefixes = stored.get("prefixes") if isinstance(stored, dict) else None

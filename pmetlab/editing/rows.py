@@ -5,6 +5,7 @@ prefixed ones), each the prompt's ids followed by the target's ids except the la
 forcing), and one KL row "{subject} is a" cut after the subject. :class:`Rows` holds them
 right-padded, with the positions the loss reads.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -49,8 +50,17 @@ class Rows:
         remap[rows] = torch.arange(len(rows))
         keep = remap[self.t_row] >= 0
         T = int(self.attention_mask[rows].sum(1).max())
-        return Rows(self.input_ids[rows, :T], self.attention_mask[rows, :T], self.req[rows], self.lookup[rows],
-                    self.kind[rows], remap[self.t_row[keep]], self.t_pos[keep], self.t_tok[keep], self.n_requests)
+        return Rows(
+            self.input_ids[rows, :T],
+            self.attention_mask[rows, :T],
+            self.req[rows],
+            self.lookup[rows],
+            self.kind[rows],
+            remap[self.t_row[keep]],
+            self.t_pos[keep],
+            self.t_tok[keep],
+            self.n_requests,
+        )
 
 
 def build_rows(tok, requests: Sequence[EditRequest], templates: Sequence[str]) -> Rows:
@@ -70,8 +80,10 @@ def build_rows(tok, requests: Sequence[EditRequest], templates: Sequence[str]) -
             ids, tgt = next(encoded)
             look = subject_last_index(tok, template, r.subject)
             if look >= len(ids):
-                raise ValueError(f"the subject {r.subject!r} of {template!r} merges with the target "
-                                 f"{r.target_new!r} when joined; end the prompt with text after the subject")
+                raise ValueError(
+                    f"the subject {r.subject!r} of {template!r} merges with the target "
+                    f"{r.target_new!r} when joined; end the prompt with text after the subject"
+                )
             row = len(seqs)
             seqs.append(ids + tgt[:-1])
             req.append(i), lookup.append(look), kind.append(KIND_BARE if j == 0 else KIND_PREFIXED)

@@ -4,11 +4,12 @@
 residual and C_l the key second moment. Solved in float64 through a Cholesky factorisation
 (a symmetric positive-definite system), never through an explicit inverse.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -42,8 +43,9 @@ def spread_residual(resid: torch.Tensor, i: int, n: int, p: float) -> torch.Tens
     return resid / float(n - i) ** p
 
 
-def solve_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float,
-                 diagnostics: bool = True) -> SolveResult:
+def solve_update(
+    keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float, diagnostics: bool = True
+) -> SolveResult:
     """Solve ΔW = R Kᵀ (K Kᵀ + λ C)^{-1} in float64.
 
     Args:
@@ -57,8 +59,9 @@ def solve_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam
         equations ΔW (K Kᵀ + λ C) = R Kᵀ (K as columns).
     """
     if keys.ndim != 2 or resid.ndim != 2 or keys.shape[0] != resid.shape[0]:
-        raise ValueError(f"keys (N, d_in) and resid (N, d_out) must share N; got {tuple(keys.shape)}, "
-                         f"{tuple(resid.shape)}")
+        raise ValueError(
+            f"keys (N, d_in) and resid (N, d_out) must share N; got {tuple(keys.shape)}, {tuple(resid.shape)}"
+        )
     if cov.shape != (keys.shape[1], keys.shape[1]):
         raise ValueError(f"cov must be ({keys.shape[1]}, {keys.shape[1]}), got {tuple(cov.shape)}")
     K = keys.to(torch.float64)
@@ -77,14 +80,26 @@ def solve_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam
         ev = torch.linalg.eigvalsh(A)
         cond = float(ev[-1] / ev[0]) if float(ev[0]) > 0 else float("inf")
     achieved = K @ delta.T  # (N, d_out): what the update adds at the keys
-    return SolveResult(delta=delta, condition_number=cond, residual_norm_before=float(R.norm()),
-                       residual_norm_after=float((R - achieved).norm()), update_norm=float(delta.norm()))
+    return SolveResult(
+        delta=delta,
+        condition_number=cond,
+        residual_norm_before=float(R.norm()),
+        residual_norm_after=float((R - achieved).norm()),
+        update_norm=float(delta.norm()),
+    )
 
 
 @torch.no_grad()
-def keys_and_outputs(model, tok, adapter: ModelAdapter, requests: Sequence[EditRequest], templates: Sequence[str],
-                     key_modules: Sequence[str], out_modules: Sequence[str], batch_size: int = 64
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def keys_and_outputs(
+    model,
+    tok,
+    adapter: ModelAdapter,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    key_modules: Sequence[str],
+    out_modules: Sequence[str],
+    batch_size: int = 64,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Inputs of ``key_modules`` averaged over the context templates, and outputs of
     ``out_modules`` on the bare prompt, all at the subject's last token; (N, d) each.
 
@@ -105,8 +120,8 @@ def keys_and_outputs(model, tok, adapter: ModelAdapter, requests: Sequence[EditR
     outs = {n: [] for n in out_modules}
     for b in range(0, len(texts), batch_size):
         # right padding: the lookup indices of the unpadded texts stay valid
-        enc = encode_batch(tok, texts[b:b + batch_size], dev, side="right")
-        look = torch.tensor(looks[b:b + batch_size], device=dev)
+        enc = encode_batch(tok, texts[b : b + batch_size], dev, side="right")
+        look = torch.tensor(looks[b : b + batch_size], device=dev)
         ar = torch.arange(len(look), device=dev)
         with TraceDict(model, names, retain_input=bool(key_modules), retain_output=True, stop=True) as td:
             model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False)

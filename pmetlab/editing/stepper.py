@@ -16,6 +16,7 @@ to float rounding:
 Whether a model's cache reproduces the uncached logits is checked once per call owner by
 :class:`ForwardChecks` (sliding-window attention shorter than a prompt, for instance, does not).
 """
+
 from __future__ import annotations
 
 import logging
@@ -76,8 +77,9 @@ class StepOutput:
 
 
 @torch.no_grad()
-def initial_pass(model: nn.Module, adapter: ModelAdapter, rows: Rows, L: int, names: Mapping[str, str],
-                 device: torch.device) -> tuple[StepSetup, dict[str, torch.Tensor]]:
+def initial_pass(
+    model: nn.Module, adapter: ModelAdapter, rows: Rows, L: int, names: Mapping[str, str], device: torch.device
+) -> tuple[StepSetup, dict[str, torch.Tensor]]:
     """One forward up to layer L on the unedited model.
 
     Returns the :class:`StepSetup` (with layer L's input for every row) and the hidden states
@@ -179,10 +181,16 @@ class Stepper:
         S = int(splits.max())
         mask = (torch.arange(S)[None] < splits[:, None]).long()
         cache = new_cache(s.model)
-        with replay_from_layer(s.adapter, s.layer, s.h_in[idx.to(s.device), :S], s.as_tuple), \
-                Trace(s.model, s.adapter.final_norm_name, retain_output=False, stop=True):
-            s.model(input_ids=s.rows.input_ids[idx, :S].to(s.device), attention_mask=mask.to(s.device),
-                    use_cache=True, **{cache_kwarg(s.model): cache})
+        with (
+            replay_from_layer(s.adapter, s.layer, s.h_in[idx.to(s.device), :S], s.as_tuple),
+            Trace(s.model, s.adapter.final_norm_name, retain_output=False, stop=True),
+        ):
+            s.model(
+                input_ids=s.rows.input_ids[idx, :S].to(s.device),
+                attention_mask=mask.to(s.device),
+                use_cache=True,
+                **{cache_kwarg(s.model): cache},
+            )
         kv = [None if li < s.layer else (k.detach(), v.detach()) for li, (k, v) in enumerate(cache_layers(cache))]
         return mask, kv
 
@@ -191,8 +199,7 @@ class Stepper:
         placeholder: only its cached length is read (masks, positions)."""
         ref = next(kv[0] for kv in g.kv if kv is not None)
         z = ref.new_zeros(len(sel), 1, ref.shape[-2], 1)
-        return cache_from_layers(self.setup.model, [(z, z) if kv is None else (kv[0][sel], kv[1][sel])
-                                                    for kv in g.kv])
+        return cache_from_layers(self.setup.model, [(z, z) if kv is None else (kv[0][sel], kv[1][sel]) for kv in g.kv])
 
     def _batch(self, g: _Group, active_rows: torch.Tensor) -> _Batch | None:
         rows = self.setup.rows
@@ -210,8 +217,20 @@ class Stepper:
         local = torch.full((len(rows.req),), -1, dtype=torch.long)
         local[r_glob] = torch.arange(B)
         t_r = local[rows.t_row[t_sel]]
-        return _Batch(sel, r_glob, pos, pos_c, valid, ids, rows.lookup[r_glob] - split, rows.req[r_glob], t_sel,
-                      t_r, rows.t_pos[t_sel] - split[t_r], (rows.kind[r_glob] == KIND_KL).nonzero().squeeze(1))
+        return _Batch(
+            sel,
+            r_glob,
+            pos,
+            pos_c,
+            valid,
+            ids,
+            rows.lookup[r_glob] - split,
+            rows.req[r_glob],
+            t_sel,
+            t_r,
+            rows.t_pos[t_sel] - split[t_r],
+            (rows.kind[r_glob] == KIND_KL).nonzero().squeeze(1),
+        )
 
     def _delta_adder(self, deltas: Mapping[str, torch.Tensor], b: _Batch) -> Callable:
         """The hook edit that adds each request's δ rows at its subject token (method.md §2)."""
@@ -226,6 +245,7 @@ class Stepper:
                     d = deltas[sp][b.req.to(deltas[sp].device)].to(h.device, h.dtype)
                     h3 = h3.index_put(at, d, accumulate=True)
             return replace_hidden(output, h3.reshape(h.shape))
+
         return add_delta
 
     def _forward_kwargs(self, g: _Group, b: _Batch) -> dict:
@@ -238,8 +258,7 @@ class Stepper:
             kwargs["position_ids"] = b.pos.to(dev)
         return kwargs
 
-    def _forward(self, g: _Group, b: _Batch, deltas: Mapping[str, torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, g: _Group, b: _Batch, deltas: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(target logits (n_t, vocab), KL logits (n_k, vocab)) of one forward of ``b``."""
         s = self.setup
         kwargs = self._forward_kwargs(g, b)
@@ -247,20 +266,23 @@ class Stepper:
             if self.mode != "reference":
                 h_in = s.h_in[b.rows[:, None].to(s.h_in.device), b.pos_c.to(s.h_in.device)]
                 stack.enter_context(replay_from_layer(s.adapter, s.layer, h_in, s.as_tuple))
-            stack.enter_context(TraceDict(s.model, list(s.names.values()), retain_output=False,
-                                          edit_output=self._delta_adder(deltas, b)))
+            stack.enter_context(
+                TraceDict(
+                    s.model, list(s.names.values()), retain_output=False, edit_output=self._delta_adder(deltas, b)
+                )
+            )
             if self.mode == "reference":
                 logits = s.model(input_ids=b.ids, **kwargs).logits
                 ld = logits.device
-                return (logits[b.t_r.to(ld), b.t_p.to(ld)],
-                        logits[b.kl_local.to(ld), b.look[b.kl_local].to(ld)])
+                return (logits[b.t_r.to(ld), b.t_p.to(ld)], logits[b.kl_local.to(ld), b.look[b.kl_local].to(ld)])
             with Trace(s.model, s.adapter.final_norm_name, retain_output=True, stop=True) as tr:
                 s.model(input_ids=b.ids, **kwargs)  # stops right after the final norm
             hn = hidden_of(tr.output)
             hd = hn.device
-            lg = s.adapter.logits_from_normed(torch.cat([hn[b.t_r.to(hd), b.t_p.to(hd)],
-                                                         hn[b.kl_local.to(hd), b.look[b.kl_local].to(hd)]]))
-            return lg[: len(b.t_r)], lg[len(b.t_r):]
+            lg = s.adapter.logits_from_normed(
+                torch.cat([hn[b.t_r.to(hd), b.t_p.to(hd)], hn[b.kl_local.to(hd), b.look[b.kl_local].to(hd)]])
+            )
+            return lg[: len(b.t_r)], lg[len(b.t_r) :]
 
     def run(self, deltas: Mapping[str, torch.Tensor], active_rows: torch.Tensor) -> StepOutput:
         """The logits the loss reads, over the rows ``active_rows`` (global indices), with
@@ -307,8 +329,13 @@ class ForwardChecks:
 
     def prefix_ok(self, setup: StepSetup, deltas: Mapping[str, torch.Tensor]) -> bool:
         m = setup.model
-        key = (id(m), getattr(m.config, "_attn_implementation", None), str(next(m.parameters()).dtype),
-               setup.layer, tuple(sorted(setup.names.items())))
+        key = (
+            id(m),
+            getattr(m.config, "_attn_implementation", None),
+            str(next(m.parameters()).dtype),
+            setup.layer,
+            tuple(sorted(setup.names.items())),
+        )
         if key not in self._verdicts:
             self._verdicts[key] = prefix_reproduces(setup.first_request(), {s: d[:1] for s, d in deltas.items()})
         return self._verdicts[key]

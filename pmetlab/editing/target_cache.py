@@ -12,6 +12,7 @@ The functions here take the optimiser as ``optimize`` (a function with the signa
 them as ``optimize_targets_chunked`` and ``optimize_targets_cached`` (this module sits below
 it, so the imports stay one-way).
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,15 @@ from .target_result import RESULT_GROUPS, TargetResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_cached", "run_chunked", "plan_chunks", "target_keys", "CHUNK_SIZE", "CHUNK_TOKENS",
-           "TARGET_CACHE_FORMAT"]
+__all__ = [
+    "run_cached",
+    "run_chunked",
+    "plan_chunks",
+    "target_keys",
+    "CHUNK_SIZE",
+    "CHUNK_TOKENS",
+    "TARGET_CACHE_FORMAT",
+]
 
 #: ``optimize(model, tok, requests, hp, templates, *, reference, progress, checks) -> TargetResult``
 Optimizer = Callable[..., TargetResult]
@@ -48,12 +56,28 @@ CHUNK_TOKENS = 256
 #: Version of the cached entries: 3 = KeyedStore files (key and checksum in the header).
 TARGET_CACHE_FORMAT = 3
 #: Hyperparameters the targets depend on (besides the layer L = layers[-1]).
-_TARGET_FIELDS = ("v_lr", "v_num_grad_steps", "clamp_norm_factor", "kl_factor", "v_weight_decay", "optimize_attn",
-                  "stop_rule", "loss_stop", "kl_stop", "argmax_nll_scale")
+_TARGET_FIELDS = (
+    "v_lr",
+    "v_num_grad_steps",
+    "clamp_norm_factor",
+    "kl_factor",
+    "v_weight_decay",
+    "optimize_attn",
+    "stop_rule",
+    "loss_stop",
+    "kl_stop",
+    "argmax_nll_scale",
+)
 
 
-def plan_chunks(tok, requests: Sequence[EditRequest], templates: Sequence[str], *, chunk_size: int = CHUNK_SIZE,
-                max_tokens: int = CHUNK_TOKENS) -> list[range]:
+def plan_chunks(
+    tok,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    max_tokens: int = CHUNK_TOKENS,
+) -> list[range]:
     """Consecutive chunks of at most ``chunk_size`` requests whose rows recompute at most
     ``max_tokens`` positions per step (a single longer request gets a chunk of its own)."""
     if chunk_size < 1 or max_tokens < 1:
@@ -70,32 +94,77 @@ def plan_chunks(tok, requests: Sequence[EditRequest], templates: Sequence[str], 
     return chunks
 
 
-def run_chunked(optimize: Optimizer, model, tok, requests: Sequence[EditRequest], hp: EditHyperParams,
-                templates: Sequence[str], *, chunk_size: int = CHUNK_SIZE, reference: bool = False,
-                progress: bool = True) -> TargetResult:
+def run_chunked(
+    optimize: Optimizer,
+    model,
+    tok,
+    requests: Sequence[EditRequest],
+    hp: EditHyperParams,
+    templates: Sequence[str],
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    reference: bool = False,
+    progress: bool = True,
+) -> TargetResult:
     """``optimize`` over the chunks of :func:`plan_chunks`, one after another, concatenated in
     request order (the strategy check of :class:`ForwardChecks` runs once for all chunks)."""
     requests, checks = list(requests), ForwardChecks()
-    return TargetResult.concat([optimize(model, tok, [requests[i] for i in c], hp, templates, reference=reference,
-                                         progress=progress, checks=checks)
-                                for c in plan_chunks(tok, requests, templates, chunk_size=chunk_size)])
+    return TargetResult.concat(
+        [
+            optimize(
+                model,
+                tok,
+                [requests[i] for i in c],
+                hp,
+                templates,
+                reference=reference,
+                progress=progress,
+                checks=checks,
+            )
+            for c in plan_chunks(tok, requests, templates, chunk_size=chunk_size)
+        ]
+    )
 
 
-def target_keys(model, tok, requests: Sequence[EditRequest], hp: EditHyperParams, templates: Sequence[str], *,
-                reference: bool = False) -> list[dict[str, Any]]:
+def target_keys(
+    model,
+    tok,
+    requests: Sequence[EditRequest],
+    hp: EditHyperParams,
+    templates: Sequence[str],
+    *,
+    reference: bool = False,
+) -> list[dict[str, Any]]:
     """The cache key of each request's targets: every input that changes them (the model's
     class and a digest of its weights, the tokenizer, the templates, the layer, the target
     fields of ``hp``, the request without its case id, the format)."""
-    base = {"format": TARGET_CACHE_FORMAT, "method": hp.method, "layer": hp.layers[-1], "reference": reference,
-            "weights": weights_fingerprint(model), "model_class": type(model).__name__,
-            "tokenizer": tokenizer_identity(tok), "templates": list(templates),
-            **{f: getattr(hp, f) for f in _TARGET_FIELDS}}
+    base = {
+        "format": TARGET_CACHE_FORMAT,
+        "method": hp.method,
+        "layer": hp.layers[-1],
+        "reference": reference,
+        "weights": weights_fingerprint(model),
+        "model_class": type(model).__name__,
+        "tokenizer": tokenizer_identity(tok),
+        "templates": list(templates),
+        **{f: getattr(hp, f) for f in _TARGET_FIELDS},
+    }
     return [{**base, "request": {k: v for k, v in r.to_dict().items() if k != "case_id"}} for r in requests]
 
 
-def run_cached(optimize: Optimizer, model, tok, requests: Sequence[EditRequest], hp: EditHyperParams,
-               templates: Sequence[str], *, reference: bool = False, progress: bool = True,
-               use_cache: bool = True, chunk_size: int = CHUNK_SIZE) -> TargetResult:
+def run_cached(
+    optimize: Optimizer,
+    model,
+    tok,
+    requests: Sequence[EditRequest],
+    hp: EditHyperParams,
+    templates: Sequence[str],
+    *,
+    reference: bool = False,
+    progress: bool = True,
+    use_cache: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+) -> TargetResult:
     """``optimize`` with a per-request disk cache.
 
     Cached requests are read; the others are optimised chunk by chunk (:func:`plan_chunks`)
@@ -104,8 +173,9 @@ def run_cached(optimize: Optimizer, model, tok, requests: Sequence[EditRequest],
     float bits (batch padding changes the rounding). ``use_cache=False``: no cache at all.
     """
     if not use_cache:
-        return run_chunked(optimize, model, tok, requests, hp, templates, chunk_size=chunk_size,
-                           reference=reference, progress=progress)
+        return run_chunked(
+            optimize, model, tok, requests, hp, templates, chunk_size=chunk_size, reference=reference, progress=progress
+        )
     requests = list(requests)
     store = KeyedStore("targets", type(model).__name__)
     keys = target_keys(model, tok, requests, hp, templates, reference=reference)
@@ -118,10 +188,23 @@ def run_cached(optimize: Optimizer, model, tok, requests: Sequence[EditRequest],
     checks = ForwardChecks()  # the strategy check runs once for all chunks
     for chunk in plan_chunks(tok, [requests[i] for i in missing], templates, chunk_size=chunk_size):
         part = [missing[j] for j in chunk]
-        fresh = optimize(model, tok, [requests[i] for i in part], hp, templates, reference=reference,
-                         progress=progress, checks=checks)
-        logger.info("targets of requests %d-%d of %d optimised in %.1fs", chunk.start + 1, chunk.start + len(part),
-                    len(missing), fresh.seconds)
+        fresh = optimize(
+            model,
+            tok,
+            [requests[i] for i in part],
+            hp,
+            templates,
+            reference=reference,
+            progress=progress,
+            checks=checks,
+        )
+        logger.info(
+            "targets of requests %d-%d of %d optimised in %.1fs",
+            chunk.start + 1,
+            chunk.start + len(part),
+            len(missing),
+            fresh.seconds,
+        )
         for j, i in enumerate(part):
             found[i] = fresh.request(j)
             store.save_tensors(keys[i], *_to_entry(found[i]))
@@ -134,8 +217,10 @@ def _to_entry(one: TargetResult) -> tuple[dict[str, torch.Tensor], dict[str, Any
     store's sorted JSON)."""
     tensors = {f"{group}.{s}": t[0] for group in RESULT_GROUPS for s, t in getattr(one, group).items()}
     columns = list(one.trace[0]) if one.trace else []
-    meta = {"n_steps": one.n_steps[0], "trace": {"columns": columns,
-                                                 "rows": [[row[c] for c in columns] for row in one.trace]}}
+    meta = {
+        "n_steps": one.n_steps[0],
+        "trace": {"columns": columns, "rows": [[row[c] for c in columns] for row in one.trace]},
+    }
     return tensors, meta
 
 
@@ -143,5 +228,4 @@ def _from_entry(tensors: dict[str, torch.Tensor], meta: dict[str, Any], hp: Edit
     """The inverse of :func:`_to_entry` (spaces in ``hp.value_spaces`` order)."""
     group = lambda g: {s: tensors[f"{g}.{s}"][None] for s in hp.value_spaces}
     trace = [dict(zip(meta["trace"]["columns"], row)) for row in meta["trace"]["rows"]]
-    return TargetResult(hp.layers[-1], group("values"), group("inits"), group("deltas"), [int(meta["n_steps"])],
-                        trace)
+    return TargetResult(hp.layers[-1], group("values"), group("inits"), group("deltas"), [int(meta["n_steps"])], trace)

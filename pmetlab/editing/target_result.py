@@ -1,4 +1,5 @@
 """What the target optimisation returns (method.md §2 step 1, "Outputs"), per request or stacked."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,15 +34,28 @@ class TargetResult:
 
     def request(self, j: int) -> TargetResult:
         """Request ``j`` alone (N = 1, its trace rows renumbered to request 0)."""
-        pick = lambda group: {k: t[j:j + 1] for k, t in getattr(self, group).items()}
-        return TargetResult(self.layer, pick("values"), pick("inits"), pick("deltas"), [self.n_steps[j]],
-                            [{**row, "request": 0} for row in self.trace if row["request"] == j])
+        pick = lambda group: {k: t[j : j + 1] for k, t in getattr(self, group).items()}
+        return TargetResult(
+            self.layer,
+            pick("values"),
+            pick("inits"),
+            pick("deltas"),
+            [self.n_steps[j]],
+            [{**row, "request": 0} for row in self.trace if row["request"] == j],
+        )
 
     def to(self, device: torch.device | str) -> TargetResult:
         """The same result with its tensors on ``device``."""
         move = lambda group: {k: t.to(device) for k, t in getattr(self, group).items()}
-        return TargetResult(self.layer, move("values"), move("inits"), move("deltas"), list(self.n_steps),
-                            list(self.trace), self.seconds)
+        return TargetResult(
+            self.layer,
+            move("values"),
+            move("inits"),
+            move("deltas"),
+            list(self.n_steps),
+            list(self.trace),
+            self.seconds,
+        )
 
     @staticmethod
     def concat(parts: Sequence[TargetResult]) -> TargetResult:
@@ -53,6 +67,12 @@ class TargetResult:
             offsets.append(offsets[-1] + len(p.n_steps))
         cat = lambda group: {k: torch.cat([getattr(p, group)[k] for p in parts]) for k in getattr(parts[0], group)}
         trace = [{**row, "request": row["request"] + off} for p, off in zip(parts, offsets) for row in p.trace]
-        return TargetResult(layer=parts[0].layer, values=cat("values"), inits=cat("inits"), deltas=cat("deltas"),
-                            n_steps=[n for p in parts for n in p.n_steps], trace=trace,
-                            seconds=sum(p.seconds for p in parts))
+        return TargetResult(
+            layer=parts[0].layer,
+            values=cat("values"),
+            inits=cat("inits"),
+            deltas=cat("deltas"),
+            n_steps=[n for p in parts for n in p.n_steps],
+            trace=trace,
+            seconds=sum(p.seconds for p in parts),
+        )

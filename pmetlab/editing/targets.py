@@ -21,6 +21,7 @@ loop that composes them (:func:`optimize_targets`). The rest lives next door:
   request's targets on disk; :func:`optimize_targets_chunked` and :func:`optimize_targets_cached`
   at the end of this module bind it to :func:`optimize_targets`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,10 +43,26 @@ from .target_result import TargetResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TargetResult", "NLLTerm", "nll_term", "kl_term", "decay_term", "project_to_ball", "stop_decision",
-           "optimize_targets", "optimize_targets_chunked", "optimize_targets_cached", "ForwardChecks",
-           # re-exported from .rows and .target_cache
-           "build_rows", "Rows", "KL_TEMPLATE", "plan_chunks", "CHUNK_SIZE", "CHUNK_TOKENS"]
+__all__ = [
+    "TargetResult",
+    "NLLTerm",
+    "nll_term",
+    "kl_term",
+    "decay_term",
+    "project_to_ball",
+    "stop_decision",
+    "optimize_targets",
+    "optimize_targets_chunked",
+    "optimize_targets_cached",
+    "ForwardChecks",
+    # re-exported from .rows and .target_cache
+    "build_rows",
+    "Rows",
+    "KL_TEMPLATE",
+    "plan_chunks",
+    "CHUNK_SIZE",
+    "CHUNK_TOKENS",
+]
 
 
 # --- the loss terms (method.md §2, "Loss") --------------------------------------------------------
@@ -96,8 +113,9 @@ def nll_term(t_logits: torch.Tensor, t_row: torch.Tensor, t_tok: torch.Tensor, l
     row_nll = torch.where(layout.rewrite, row_nll / row_cnt.clamp(min=1), torch.zeros_like(row_nll))
     per_request = lambda x: torch.zeros(N, device=tok_lp.device).index_add(0, layout.req, x)
     nll = per_request(row_nll) / layout.n_rewrite.clamp(min=1)
-    p_target = per_request(torch.where(layout.rewrite & (row_cnt > 0), torch.exp(-row_nll), 0.0)) \
-        / layout.n_rewrite.clamp(min=1)
+    p_target = per_request(
+        torch.where(layout.rewrite & (row_cnt > 0), torch.exp(-row_nll), 0.0)
+    ) / layout.n_rewrite.clamp(min=1)
     n_wrong = per_request(torch.where(layout.rewrite, row_cnt - row_ok, 0.0))
     return NLLTerm(nll, p_target, n_wrong)
 
@@ -117,8 +135,9 @@ def kl_term(k_logp: torch.Tensor, k_req: torch.Tensor, logp_init: torch.Tensor, 
     return torch.zeros(len(logp_init), device=k_logp.device).index_add(0, k_req, kl_each) * kl_factor
 
 
-def decay_term(deltas: Mapping[str, torch.Tensor], init_norm: Mapping[str, torch.Tensor], weight: float,
-               device: torch.device) -> torch.Tensor:
+def decay_term(
+    deltas: Mapping[str, torch.Tensor], init_norm: Mapping[str, torch.Tensor], weight: float, device: torch.device
+) -> torch.Tensor:
     """v_weight_decay · Σ_spaces ‖δ‖ / ‖init‖² (method.md §2; a norm over a squared norm, exactly
     as the released code). ``deltas[s]`` (N, d_model), ``init_norm[s]`` (N,); returns (N,)."""
     decay = torch.zeros(len(next(iter(init_norm.values()))), device=device)
@@ -167,9 +186,18 @@ class LossTerms:
         return nll_weight * self.nll.nll + self.kl + self.decay
 
 
-def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperParams, templates: Sequence[str],
-                     *, reference: bool = False, strategy: str = "auto", progress: bool = True,
-                     checks: ForwardChecks | None = None) -> TargetResult:
+def optimize_targets(
+    model,
+    tok,
+    requests: Sequence[EditRequest],
+    hp: EditHyperParams,
+    templates: Sequence[str],
+    *,
+    reference: bool = False,
+    strategy: str = "auto",
+    progress: bool = True,
+    checks: ForwardChecks | None = None,
+) -> TargetResult:
     """Optimise the targets of ``requests`` at layer L = hp.layers[-1] (method.md §2 step 1).
 
     Args:
@@ -192,8 +220,12 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperP
     # δ lives on layer L's device; the loss is computed where the logits are (the two differ
     # when the model is spread with device_map)
     ldev = setup.adapter.unembed_weight.device
-    deltas = {s: torch.zeros(N, inits[s].shape[1], device=inits[next(iter(setup.names))].device,
-                             dtype=torch.float32, requires_grad=True) for s in setup.names}
+    deltas = {
+        s: torch.zeros(
+            N, inits[s].shape[1], device=inits[next(iter(setup.names))].device, dtype=torch.float32, requires_grad=True
+        )
+        for s in setup.names
+    }
     init_norm = {s: inits[s].norm(dim=1).to(torch.float32) for s in deltas}
     stepper = Stepper(setup, _forward_mode(setup, deltas, reference, strategy, checks or ForwardChecks()))
     opt = torch.optim.Adam(list(deltas.values()), lr=hp.v_lr)
@@ -209,17 +241,19 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperP
             k_logp, k_req = torch.log_softmax(out.k_logits.float(), -1), rows.req[out.k_rows].to(ldev)
             if logp_init is None:  # the first step runs every request at δ = 0
                 logp_init = torch.zeros(N, k_logp.shape[1], device=ldev).index_put((k_req,), k_logp.detach())
-            terms = LossTerms(nll_term(out.t_logits, rows.t_row[out.t_idx].to(ldev), rows.t_tok[out.t_idx].to(ldev),
-                                       layout),
-                              kl_term(k_logp, k_req, logp_init, hp.kl_factor),
-                              decay_term(deltas, init_norm, hp.v_weight_decay, ldev))
+            terms = LossTerms(
+                nll_term(out.t_logits, rows.t_row[out.t_idx].to(ldev), rows.t_tok[out.t_idx].to(ldev), layout),
+                kl_term(k_logp, k_req, logp_init, hp.kl_factor),
+                decay_term(deltas, init_norm, hp.v_weight_decay, ldev),
+            )
             loss_each = terms.total(nll_weight)
             loss = loss_each[active.clone().to(ldev)].sum()  # requests stopping now are frozen in _update
             rows_now, stop, next_weight = _decide(hp, step, act_idx, loss_each, terms, nll_weight)
             trace += rows_now
             if progress:
-                bar.set_postfix(loss=f"{_mean(rows_now, 'loss'):.3f}", p=f"{_mean(rows_now, 'p_target'):.3f}",
-                                active=len(rows_now))
+                bar.set_postfix(
+                    loss=f"{_mean(rows_now, 'loss'):.3f}", p=f"{_mean(rows_now, 'p_target'):.3f}", active=len(rows_now)
+                )
             active &= ~stop
             if not active.any() or step == hp.v_num_grad_steps - 1:
                 break  # at most v_num_grad_steps − 1 updates, as released
@@ -229,27 +263,64 @@ def optimize_targets(model, tok, requests: Sequence[EditRequest], hp: EditHyperP
     return _result(setup.layer, hp, inits, deltas, trace, N, time.perf_counter() - t0)
 
 
-def optimize_targets_chunked(model, tok, requests: Sequence[EditRequest], hp: EditHyperParams,
-                             templates: Sequence[str], *, chunk_size: int = CHUNK_SIZE, reference: bool = False,
-                             progress: bool = True) -> TargetResult:
+def optimize_targets_chunked(
+    model,
+    tok,
+    requests: Sequence[EditRequest],
+    hp: EditHyperParams,
+    templates: Sequence[str],
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    reference: bool = False,
+    progress: bool = True,
+) -> TargetResult:
     """:func:`optimize_targets` over the chunks of :func:`plan_chunks` (requests do not interact,
     so chunking only bounds the memory of the backward pass); see :func:`.target_cache.run_chunked`."""
     # optimize_targets is looked up here at call time, so tests can count the chunks it runs
-    return run_chunked(optimize_targets, model, tok, requests, hp, templates, chunk_size=chunk_size,
-                       reference=reference, progress=progress)
+    return run_chunked(
+        optimize_targets,
+        model,
+        tok,
+        requests,
+        hp,
+        templates,
+        chunk_size=chunk_size,
+        reference=reference,
+        progress=progress,
+    )
 
 
-def optimize_targets_cached(model, tok, requests: Sequence[EditRequest], hp: EditHyperParams,
-                            templates: Sequence[str], *, reference: bool = False, progress: bool = True,
-                            use_cache: bool = True, chunk_size: int = CHUNK_SIZE) -> TargetResult:
+def optimize_targets_cached(
+    model,
+    tok,
+    requests: Sequence[EditRequest],
+    hp: EditHyperParams,
+    templates: Sequence[str],
+    *,
+    reference: bool = False,
+    progress: bool = True,
+    use_cache: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+) -> TargetResult:
     """:func:`optimize_targets` with a per-request disk cache, chunk by chunk (an interrupted run
     resumes after the last finished chunk); see :func:`.target_cache.run_cached`."""
-    return run_cached(optimize_targets, model, tok, requests, hp, templates, reference=reference,
-                      progress=progress, use_cache=use_cache, chunk_size=chunk_size)
+    return run_cached(
+        optimize_targets,
+        model,
+        tok,
+        requests,
+        hp,
+        templates,
+        reference=reference,
+        progress=progress,
+        use_cache=use_cache,
+        chunk_size=chunk_size,
+    )
 
 
-def _start(model, tok, requests: Sequence[EditRequest], hp: EditHyperParams, templates: Sequence[str]
-           ) -> tuple[StepSetup, dict[str, torch.Tensor]]:
+def _start(
+    model, tok, requests: Sequence[EditRequest], hp: EditHyperParams, templates: Sequence[str]
+) -> tuple[StepSetup, dict[str, torch.Tensor]]:
     """The rows, the forward setup and the initial values a^L, m^L, h^L (N, d_model) read at the
     subject's last token of the bare prompt (method.md §2, "Outputs")."""
     adapter, L = get_adapter(model), hp.layers[-1]
@@ -270,8 +341,9 @@ def _hooked_module(adapter: ModelAdapter, space: str, L: int) -> str:
     return {"ffn": adapter.ffn_out_name(L), "attn": adapter.attn_out_name(L), "layer": adapter.layer_name(L)}[space]
 
 
-def _forward_mode(setup: StepSetup, deltas: Mapping[str, torch.Tensor], reference: bool, strategy: str,
-                  checks: ForwardChecks) -> str:
+def _forward_mode(
+    setup: StepSetup, deltas: Mapping[str, torch.Tensor], reference: bool, strategy: str, checks: ForwardChecks
+) -> str:
     """The :class:`Stepper` mode: "reference", the requested strategy, or for "auto" "prefix"
     when the cached prefix reproduces the uncached logits (``checks``), else "replay"."""
     if reference:
@@ -280,30 +352,59 @@ def _forward_mode(setup: StepSetup, deltas: Mapping[str, torch.Tensor], referenc
         return strategy
     if checks.prefix_ok(setup, deltas):
         return "prefix"
-    logger.info("cached-prefix optimisation does not reproduce the uncached logits for %s; using replay",
-                type(setup.model).__name__)
+    logger.info(
+        "cached-prefix optimisation does not reproduce the uncached logits for %s; using replay",
+        type(setup.model).__name__,
+    )
     return "replay"
 
 
-def _decide(hp: EditHyperParams, step: int, act_idx: torch.Tensor, loss_each: torch.Tensor, terms: LossTerms,
-            nll_weight: torch.Tensor) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+def _decide(
+    hp: EditHyperParams,
+    step: int,
+    act_idx: torch.Tensor,
+    loss_each: torch.Tensor,
+    terms: LossTerms,
+    nll_weight: torch.Tensor,
+) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
     """After one step: the trace rows of the active requests, which of them stop (N,) and the
     NLL weight (N,) for the next step (:func:`stop_decision`)."""
-    stats = torch.stack([loss_each, terms.nll.nll, terms.kl, terms.decay, terms.nll.p_target, terms.nll.n_wrong]
-                        ).detach().cpu().tolist()
+    stats = (
+        torch.stack([loss_each, terms.nll.nll, terms.kl, terms.decay, terms.nll.p_target, terms.nll.n_wrong])
+        .detach()
+        .cpu()
+        .tolist()
+    )
     stop = torch.zeros(len(nll_weight), dtype=torch.bool)
     next_weight = nll_weight.clone()
     rows = []
     for i in act_idx.tolist():
         l_i, nll_i, kl_i, decay_i, p_i, wrong_i = (col[i] for col in stats)
-        rows.append({"request": i, "step": step, "loss": l_i, "nll": nll_i, "kl": kl_i, "decay": decay_i,
-                     "p_target": p_i, "nll_weight": float(nll_weight[i]), "argmax": wrong_i == 0})
+        rows.append(
+            {
+                "request": i,
+                "step": step,
+                "loss": l_i,
+                "nll": nll_i,
+                "kl": kl_i,
+                "decay": decay_i,
+                "p_target": p_i,
+                "nll_weight": float(nll_weight[i]),
+                "argmax": wrong_i == 0,
+            }
+        )
         stop[i], next_weight[i] = stop_decision(hp, l_i, kl_i, wrong_i)
     return rows, stop, next_weight
 
 
-def _update(opt: torch.optim.Optimizer, deltas: Mapping[str, torch.Tensor], loss: torch.Tensor,
-            active: torch.Tensor, max_norm: Mapping[str, torch.Tensor], step: int) -> None:
+def _update(
+    opt: torch.optim.Optimizer,
+    deltas: Mapping[str, torch.Tensor],
+    loss: torch.Tensor,
+    active: torch.Tensor,
+    max_norm: Mapping[str, torch.Tensor],
+    step: int,
+) -> None:
     """One Adam step on ``loss``; stopped requests keep their δ, and every δ is projected into
     its ball of radius ``max_norm[s]`` (N,)."""
     stopped = ~active.to(next(iter(deltas.values())).device)
@@ -321,8 +422,15 @@ def _update(opt: torch.optim.Optimizer, deltas: Mapping[str, torch.Tensor], loss
                 raise FloatingPointError(f"non-finite δ in space {s!r} at step {step}; lower v_lr")
 
 
-def _result(L: int, hp: EditHyperParams, inits: Mapping[str, torch.Tensor], deltas: Mapping[str, torch.Tensor],
-            trace: list[dict], N: int, seconds: float) -> TargetResult:
+def _result(
+    L: int,
+    hp: EditHyperParams,
+    inits: Mapping[str, torch.Tensor],
+    deltas: Mapping[str, torch.Tensor],
+    trace: list[dict],
+    N: int,
+    seconds: float,
+) -> TargetResult:
     """Targets v = init + δ for every value space (δ = 0 where the space was not optimised)."""
     keep = list(hp.value_spaces)
     out = {s: deltas[s].detach().clone() if s in deltas else torch.zeros_like(inits[s]) for s in keep}
@@ -330,5 +438,12 @@ def _result(L: int, hp: EditHyperParams, inits: Mapping[str, torch.Tensor], delt
     n_steps = [0] * N
     for row in trace:
         n_steps[row["request"]] = row["step"] + 1
-    return TargetResult(layer=L, values=values, inits={s: inits[s] for s in keep}, deltas=out, n_steps=n_steps,
-                        trace=trace, seconds=seconds)
+    return TargetResult(
+        layer=L,
+        values=values,
+        inits={s: inits[s] for s in keep},
+        deltas=out,
+        n_steps=n_steps,
+        trace=trace,
+        seconds=seconds,
+    )

@@ -1,6 +1,12 @@
 """Evaluation: teacher-forced scoring, CounterFact and zsRE metrics, summaries (method.md §6)."""
-from .counterfact import (COUNTERFACT_METRICS, counterfact_prompt_sets, evaluate_counterfact,
-                          evaluate_counterfact_reference, preference_metrics)
+
+from .counterfact import (
+    COUNTERFACT_METRICS,
+    counterfact_prompt_sets,
+    evaluate_counterfact,
+    evaluate_counterfact_reference,
+    preference_metrics,
+)
 from .generation import derive_seed, generate_ids, generate_texts, sample_top_k
 from .scoring import PairScores, score_pairs, score_pairs_reference
 from .summary import SUMMARY_METRICS, harmonic_mean, relative_specificity, summarize
@@ -8,10 +14,29 @@ from .text import mean_text_entropy, ngram_entropy, text_entropy_score, tfidf_co
 from .zsre import ZSRE_METRICS, evaluate_zsre, evaluate_zsre_reference, zsre_pairs
 
 __all__ = [
-    "PairScores", "score_pairs", "score_pairs_reference",
-    "generate_texts", "generate_ids", "derive_seed", "sample_top_k",
-    "word_tokenize", "ngram_entropy", "text_entropy_score", "mean_text_entropy", "tfidf_cosine",
-    "evaluate_counterfact", "evaluate_counterfact_reference", "preference_metrics", "counterfact_prompt_sets",
-    "COUNTERFACT_METRICS", "evaluate_zsre", "evaluate_zsre_reference", "zsre_pairs", "ZSRE_METRICS",
-    "summarize", "harmonic_mean", "relative_specificity", "SUMMARY_METRICS",
+    "PairScores",
+    "score_pairs",
+    "score_pairs_reference",
+    "generate_texts",
+    "generate_ids",
+    "derive_seed",
+    "sample_top_k",
+    "word_tokenize",
+    "ngram_entropy",
+    "text_entropy_score",
+    "mean_text_entropy",
+    "tfidf_cosine",
+    "evaluate_counterfact",
+    "evaluate_counterfact_reference",
+    "preference_metrics",
+    "counterfact_prompt_sets",
+    "COUNTERFACT_METRICS",
+    "evaluate_zsre",
+    "evaluate_zsre_reference",
+    "zsre_pairs",
+    "ZSRE_METRICS",
+    "summarize",
+    "harmonic_mean",
+    "relative_specificity",
+    "SUMMARY_METRICS",
 ]

@@ -31,10 +31,12 @@ Also stored: ``neighborhood_prefers_true`` (a tuple of bools per neighborhood pr
 :func:`pmetlab.evaluation.relative_specificity`. Per-record values are fractions in [0, 1] and
 entropies in bits; :func:`pmetlab.evaluation.summarize` scales them by 100.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -47,15 +49,27 @@ from .text import mean_text_entropy, tfidf_cosine
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_counterfact", "evaluate_counterfact_reference", "preference_metrics",
-           "counterfact_prompt_sets", "COUNTERFACT_METRICS"]
+__all__ = [
+    "evaluate_counterfact",
+    "evaluate_counterfact_reference",
+    "preference_metrics",
+    "counterfact_prompt_sets",
+    "COUNTERFACT_METRICS",
+]
 
 PROMPT_SETS = ("efficacy", "paraphrase", "neighborhood")
 COUNTERFACT_METRICS = (
-    "efficacy_score", "paraphrase_score", "neighborhood_score",
-    "efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude",
-    "efficacy_token_acc", "paraphrase_token_acc", "neighborhood_token_acc",
-    "fluency", "consistency",
+    "efficacy_score",
+    "paraphrase_score",
+    "neighborhood_score",
+    "efficacy_magnitude",
+    "paraphrase_magnitude",
+    "neighborhood_magnitude",
+    "efficacy_token_acc",
+    "paraphrase_token_acc",
+    "neighborhood_token_acc",
+    "fluency",
+    "consistency",
 )
 
 
@@ -63,13 +77,16 @@ def counterfact_prompt_sets(record: Mapping[str, Any]) -> dict[str, list[str]]:
     """The scored prompts of a record: {"efficacy": [rewrite prompt], "paraphrase": [...],
     "neighborhood": [...]}."""
     rw = record["requested_rewrite"]
-    return {"efficacy": [rw["prompt"].format(rw["subject"])],
-            "paraphrase": list(record["paraphrase_prompts"]),
-            "neighborhood": list(record["neighborhood_prompts"])}
+    return {
+        "efficacy": [rw["prompt"].format(rw["subject"])],
+        "paraphrase": list(record["paraphrase_prompts"]),
+        "neighborhood": list(record["neighborhood_prompts"]),
+    }
 
 
-def preference_metrics(nll_new: Sequence[float], nll_true: Sequence[float], *,
-                       prefer: Literal["new", "true"]) -> dict[str, float]:
+def preference_metrics(
+    nll_new: Sequence[float], nll_true: Sequence[float], *, prefer: Literal["new", "true"]
+) -> dict[str, float]:
     """Score and magnitude over one record's prompts of one kind.
 
     Args:
@@ -111,8 +128,9 @@ def _pairs(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str], 
     return prompts, cands, index
 
 
-def _score_rows(records: Sequence[Mapping[str, Any]], scores: PairScores,
-                index: list[tuple[int, str, int, int]]) -> list[dict[str, Any]]:
+def _score_rows(
+    records: Sequence[Mapping[str, Any]], scores: PairScores, index: list[tuple[int, str, int, int]]
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for rec in records:
         row: dict[str, Any] = {"case_id": rec["case_id"]}
@@ -130,8 +148,7 @@ def _score_rows(records: Sequence[Mapping[str, Any]], scores: PairScores,
         acc_idx = true_idx if prefer == "true" else new_idx
         rows[r][f"{name}_token_acc"] = float(np.mean(acc[acc_idx])) if n else float("nan")
         if name == "neighborhood":
-            rows[r]["neighborhood_prefers_true"] = tuple(bool(x) for x in
-                                                         scores.nll[true_idx] < scores.nll[new_idx])
+            rows[r]["neighborhood_prefers_true"] = tuple(bool(x) for x in scores.nll[true_idx] < scores.nll[new_idx])
     return rows
 
 
@@ -143,16 +160,35 @@ def _resolve_reference(reference) -> ConsistencyReference | None:
     raise ValueError(f"reference must be a ConsistencyReference, None or 'auto', got {reference!r}")
 
 
-def _generation_columns(model, tok, records, rows, *, n_gen_tokens: int, batch_size: int, seed: int,
-                        reference: ConsistencyReference | None, keep_texts: bool, progress: bool) -> None:
+def _generation_columns(
+    model,
+    tok,
+    records,
+    rows,
+    *,
+    n_gen_tokens: int,
+    batch_size: int,
+    seed: int,
+    reference: ConsistencyReference | None,
+    keep_texts: bool,
+    progress: bool,
+) -> None:
     prompts, seeds, owner = [], [], []
     for r, rec in enumerate(records):
         for j, p in enumerate(rec["generation_prompts"]):
             prompts.append(p)
             seeds.append(derive_seed(seed, rec["case_id"], j))
             owner.append(r)
-    texts = generate_texts(model, tok, prompts, seeds=seeds, n_new_tokens=n_gen_tokens,
-                           batch_size=batch_size, progress=progress, desc="CounterFact generation")
+    texts = generate_texts(
+        model,
+        tok,
+        prompts,
+        seeds=seeds,
+        n_new_tokens=n_gen_tokens,
+        batch_size=batch_size,
+        progress=progress,
+        desc="CounterFact generation",
+    )
     per_rec: list[list[str]] = [[] for _ in records]
     for r, t in zip(owner, texts):
         per_rec[r].append(t)
@@ -165,8 +201,12 @@ def _generation_columns(model, tok, records, rows, *, n_gen_tokens: int, batch_s
             if ref_texts:
                 cons = tfidf_cosine(" ".join(per_rec[r]), " ".join(ref_texts), reference.idf, reference.vocab)
             else:
-                logger.debug("no attribute snippets for (%s, %s); consistency is NaN for case %s",
-                             rw["relation_id"], rw["target_new"]["id"], rec["case_id"])
+                logger.debug(
+                    "no attribute snippets for (%s, %s); consistency is NaN for case %s",
+                    rw["relation_id"],
+                    rw["target_new"]["id"],
+                    rec["case_id"],
+                )
         rows[r]["consistency"] = cons
         if keep_texts:
             rows[r]["gen_texts"] = tuple(per_rec[r])
@@ -183,10 +223,21 @@ def _frame(rows: list[dict[str, Any]], generation: bool) -> pd.DataFrame:
     return df[lead + rest + other]
 
 
-def evaluate_counterfact(model: Model, tok: Tokenizer, records: Sequence[Mapping[str, Any]], *, generation: bool = True,
-                         n_gen_tokens: int = 100, batch_size: int = 32, gen_batch_size: int | None = None,
-                         seed: int = 0, reference: ConsistencyReference | Literal["auto"] | None = None,
-                         keep_texts: bool = False, batched: bool = True, progress: bool = True) -> pd.DataFrame:
+def evaluate_counterfact(
+    model: Model,
+    tok: Tokenizer,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    generation: bool = True,
+    n_gen_tokens: int = 100,
+    batch_size: int = 32,
+    gen_batch_size: int | None = None,
+    seed: int = 0,
+    reference: ConsistencyReference | Literal["auto"] | None = None,
+    keep_texts: bool = False,
+    batched: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
     """CounterFact metrics of ``model`` on ``records``, one row per record (see the module docstring).
 
     Args:
@@ -207,26 +258,52 @@ def evaluate_counterfact(model: Model, tok: Tokenizer, records: Sequence[Mapping
         ``phase`` ("pre"/"post").
     """
     if not batched:
-        return evaluate_counterfact_reference(model, tok, records, generation=generation,
-                                              n_gen_tokens=n_gen_tokens, seed=seed, reference=reference,
-                                              keep_texts=keep_texts, progress=progress)
+        return evaluate_counterfact_reference(
+            model,
+            tok,
+            records,
+            generation=generation,
+            n_gen_tokens=n_gen_tokens,
+            seed=seed,
+            reference=reference,
+            keep_texts=keep_texts,
+            progress=progress,
+        )
     records = validate_records(records, validate_counterfact_record)
     reference = _resolve_reference(reference) if generation else None
     prompts, cands, index = _pairs(records)
-    scores = score_pairs(model, tok, prompts, cands, batch_size=batch_size, progress=progress,
-                         desc="CounterFact scoring")
+    scores = score_pairs(
+        model, tok, prompts, cands, batch_size=batch_size, progress=progress, desc="CounterFact scoring"
+    )
     rows = _score_rows(records, scores, index)
     if generation:
-        _generation_columns(model, tok, records, rows, n_gen_tokens=n_gen_tokens,
-                            batch_size=gen_batch_size or batch_size, seed=seed, reference=reference,
-                            keep_texts=keep_texts, progress=progress)
+        _generation_columns(
+            model,
+            tok,
+            records,
+            rows,
+            n_gen_tokens=n_gen_tokens,
+            batch_size=gen_batch_size or batch_size,
+            seed=seed,
+            reference=reference,
+            keep_texts=keep_texts,
+            progress=progress,
+        )
     return _frame(rows, generation)
 
 
-def evaluate_counterfact_reference(model: Model, tok: Tokenizer, records: Sequence[Mapping[str, Any]], *,
-                                   generation: bool = True, n_gen_tokens: int = 100, seed: int = 0,
-                                   reference: ConsistencyReference | Literal["auto"] | None = None,
-                                   keep_texts: bool = False, progress: bool = True) -> pd.DataFrame:
+def evaluate_counterfact_reference(
+    model: Model,
+    tok: Tokenizer,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    generation: bool = True,
+    n_gen_tokens: int = 100,
+    seed: int = 0,
+    reference: ConsistencyReference | Literal["auto"] | None = None,
+    keep_texts: bool = False,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Record-at-a-time version of :func:`evaluate_counterfact`: each (prompt, candidate) pair in its own
     unpadded forward pass, each generation prompt alone. Same metrics (up to float round-off); the
     baseline the batched path is tested and benchmarked against."""
@@ -234,12 +311,23 @@ def evaluate_counterfact_reference(model: Model, tok: Tokenizer, records: Sequen
     reference = _resolve_reference(reference) if generation else None
     all_rows: list[dict[str, Any]] = []
     from tqdm.auto import tqdm
+
     for rec in tqdm(records, desc="CounterFact (reference)", disable=not progress):
         prompts, cands, index = _pairs([rec])
         scores = score_pairs_reference(model, tok, prompts, cands)
         rows = _score_rows([rec], scores, index)
         if generation:
-            _generation_columns(model, tok, [rec], rows, n_gen_tokens=n_gen_tokens, batch_size=1, seed=seed,
-                                reference=reference, keep_texts=keep_texts, progress=False)
+            _generation_columns(
+                model,
+                tok,
+                [rec],
+                rows,
+                n_gen_tokens=n_gen_tokens,
+                batch_size=1,
+                seed=seed,
+                reference=reference,
+                keep_texts=keep_texts,
+                progress=False,
+            )
         all_rows += rows
     return _frame(all_rows, generation)

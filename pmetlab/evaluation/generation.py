@@ -7,6 +7,7 @@ its batch, on the batch size, or on the global RNG (which is left untouched). As
 ``generate_fast``, sampling does not stop at EOS and the text is the prompt followed by the
 continuation, decoded together without special tokens, NFKD-normalised, blank lines collapsed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,9 +54,18 @@ def _clean(text: str) -> str:
     return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
 
 
-def generate_texts(model, tok, prompts: Sequence[str], *, seeds: Sequence[int], n_new_tokens: int = 100,
-                   top_k: int = 5, batch_size: int = 32, progress: bool = False,
-                   desc: str = "generating") -> list[str]:
+def generate_texts(
+    model,
+    tok,
+    prompts: Sequence[str],
+    *,
+    seeds: Sequence[int],
+    n_new_tokens: int = 100,
+    top_k: int = 5,
+    batch_size: int = 32,
+    progress: bool = False,
+    desc: str = "generating",
+) -> list[str]:
     """Sample ``n_new_tokens`` tokens after each prompt (top-k, temperature 1) and decode.
 
     Args:
@@ -66,20 +76,37 @@ def generate_texts(model, tok, prompts: Sequence[str], *, seeds: Sequence[int], 
         One text per prompt, in input order: prompt + continuation, decoded together.
     """
     enc = [encode_prompt(tok, p) for p in prompts]
-    new = generate_ids(model, tok, prompts, seeds=seeds, n_new_tokens=n_new_tokens, top_k=top_k,
-                       batch_size=batch_size, progress=progress, desc=desc)
+    new = generate_ids(
+        model,
+        tok,
+        prompts,
+        seeds=seeds,
+        n_new_tokens=n_new_tokens,
+        top_k=top_k,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
     return [_clean(tok.decode(e + n, skip_special_tokens=True)) for e, n in zip(enc, new)]
 
 
-def generate_ids(model, tok, prompts: Sequence[str], *, seeds: Sequence[int], n_new_tokens: int = 100,
-                 top_k: int = 5, batch_size: int = 32, progress: bool = False,
-                 desc: str = "generating") -> list[list[int]]:
+def generate_ids(
+    model,
+    tok,
+    prompts: Sequence[str],
+    *,
+    seeds: Sequence[int],
+    n_new_tokens: int = 100,
+    top_k: int = 5,
+    batch_size: int = 32,
+    progress: bool = False,
+    desc: str = "generating",
+) -> list[list[int]]:
     """The sampled token ids: one list of ``n_new_tokens`` ids per prompt (see :func:`generate_texts`)."""
     if len(seeds) != len(prompts):
         raise ValueError(f"need one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
     if n_new_tokens < 1 or top_k < 1 or batch_size < 1:
-        raise ValueError(f"n_new_tokens, top_k and batch_size must be >= 1, got {n_new_tokens}, {top_k}, "
-                         f"{batch_size}")
+        raise ValueError(f"n_new_tokens, top_k and batch_size must be >= 1, got {n_new_tokens}, {top_k}, {batch_size}")
     if getattr(model, "training", False):
         logger.warning("generating with a model in training mode (dropout is active); call model.eval() first")
     device = model_device(model)
@@ -89,7 +116,7 @@ def generate_ids(model, tok, prompts: Sequence[str], *, seeds: Sequence[int], n_
     keep_last = forward_accepts(model, "logits_to_keep")
     cache_kw = cache_kwarg(model)
     out_ids: list[list[int] | None] = [None] * len(enc)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch")
     t0, n_gen = time.perf_counter(), 0
     with torch.no_grad():
@@ -98,12 +125,18 @@ def generate_ids(model, tok, prompts: Sequence[str], *, seeds: Sequence[int], n_
             ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), T), dtype=torch.long)
             for r, i in enumerate(batch):
-                ids[r, T - len(enc[i]):] = torch.tensor(enc[i])
-                mask[r, T - len(enc[i]):] = 1
+                ids[r, T - len(enc[i]) :] = torch.tensor(enc[i])
+                mask[r, T - len(enc[i]) :] = 1
             ids, mask = ids.to(device), mask.to(device)
             pos = position_ids_from_mask(mask)
-            u = torch.stack([torch.rand(n_new_tokens, generator=torch.Generator().manual_seed(int(seeds[i])),
-                                        dtype=torch.float64) for i in batch])
+            u = torch.stack(
+                [
+                    torch.rand(
+                        n_new_tokens, generator=torch.Generator().manual_seed(int(seeds[i])), dtype=torch.float64
+                    )
+                    for i in batch
+                ]
+            )
             kw = {"logits_to_keep": 1} if keep_last else {}
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
             new = []
@@ -115,8 +148,13 @@ def generate_ids(model, tok, prompts: Sequence[str], *, seeds: Sequence[int], n_
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 last_pos = last_pos + 1
-                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                            use_cache=True, **{cache_kw: cache_of(out)})
+                out = model(
+                    input_ids=nxt[:, None],
+                    attention_mask=mask,
+                    position_ids=last_pos[:, None],
+                    use_cache=True,
+                    **{cache_kw: cache_of(out)},
+                )
             gen = torch.stack(new, dim=1).cpu().tolist()
             for r, i in enumerate(batch):
                 out_ids[i] = gen[r]

@@ -12,12 +12,14 @@ number beyond float round-off. Logits are computed only at the positions that pr
 tokens when the model has a pmetlab adapter (final-normed hidden state -> LM head); otherwise the
 model's ordinary forward is used.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,8 +31,7 @@ from ..types import Model, Tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PairScores", "score_pairs", "score_pairs_reference", "encode_prompt", "pad_id_of",
-           "position_ids_from_mask"]
+__all__ = ["PairScores", "score_pairs", "score_pairs_reference", "encode_prompt", "pad_id_of", "position_ids_from_mask"]
 
 
 @dataclass
@@ -64,10 +65,15 @@ class PairScores:
         """(n_pairs,) fraction of candidate tokens that are the model's top-1 (teacher-forced)."""
         return np.array([c.mean() for c in self.token_correct], dtype=np.float64)
 
-    def take(self, idx: Sequence[int]) -> "PairScores":
+    def take(self, idx: Sequence[int]) -> PairScores:
         idx = list(idx)
-        return PairScores(self.nll[idx], self.n_tokens[idx], [self.token_nll[i] for i in idx],
-                          [self.token_pred[i] for i in idx], [self.token_correct[i] for i in idx])
+        return PairScores(
+            self.nll[idx],
+            self.n_tokens[idx],
+            [self.token_nll[i] for i in idx],
+            [self.token_pred[i] for i in idx],
+            [self.token_correct[i] for i in idx],
+        )
 
 
 def pad_id_of(tok) -> int:
@@ -85,32 +91,39 @@ def encode_prompt(tok, prompt: str) -> list[int]:
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}: {prompt!r}")
     ids = list(tok(prompt)["input_ids"])
     if not ids:
-        raise ValueError(f"prompt {prompt!r} tokenizes to nothing; a candidate needs at least one "
-                         f"token before it to be scored")
+        raise ValueError(
+            f"prompt {prompt!r} tokenizes to nothing; a candidate needs at least one token before it to be scored"
+        )
     return ids
 
 
 def _check_pairs(prompts: Sequence[str], candidates: Sequence[str]) -> None:
     if len(prompts) != len(candidates):
-        raise ValueError(f"prompts and candidates must have the same length, got {len(prompts)} "
-                         f"and {len(candidates)}")
+        raise ValueError(f"prompts and candidates must have the same length, got {len(prompts)} and {len(candidates)}")
 
 
 def _adapter_or_none(model):
     from ..models.adapters import UnsupportedArchitectureError, get_adapter
+
     try:
         return get_adapter(model)
     except UnsupportedArchitectureError:
         return None
 
 
-def _logits_at(model, adapter, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               position_ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def _logits_at(
+    model,
+    adapter,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> torch.Tensor:
     """Logits ``(n_positions, vocab)`` at ``(rows, cols)`` of a padded batch ``(B, T)``."""
     base = getattr(model, "base_model", None)
     if adapter is not None and base is not None and base is not model:
-        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False)
+        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return adapter.logits_from_normed(h[rows.to(h.device), cols.to(h.device)])
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -126,8 +139,8 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device) -> tuple
     offsets = []
     for r, s in enumerate(seqs):
         off = 0 if side == "right" else T - len(s)
-        ids[r, off:off + len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[r, off:off + len(s)] = 1
+        ids[r, off : off + len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[r, off : off + len(s)] = 1
         offsets.append(off)
     return ids.to(device), mask.to(device), offsets
 
@@ -137,9 +150,17 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def score_pairs(model: Model, tok: Tokenizer, prompts: Sequence[str], candidates: Sequence[str], *, batch_size: int = 32,
-                padding_side: Literal["right", "left"] = "right", progress: bool = False,
-                desc: str = "scoring") -> PairScores:
+def score_pairs(
+    model: Model,
+    tok: Tokenizer,
+    prompts: Sequence[str],
+    candidates: Sequence[str],
+    *,
+    batch_size: int = 32,
+    padding_side: Literal["right", "left"] = "right",
+    progress: bool = False,
+    desc: str = "scoring",
+) -> PairScores:
     """Teacher-forced NLL and top-1 correctness of `` candidates[i]`` after ``prompts[i]``.
 
     Identical pairs are scored once. Pairs are sorted by length and ``batch_size`` of them go
@@ -167,7 +188,7 @@ def score_pairs(model: Model, tok: Tokenizer, prompts: Sequence[str], candidates
     pad_id = pad_id_of(tok)
     res_nll: list[np.ndarray | None] = [None] * len(enc)
     res_pred: list[np.ndarray | None] = [None] * len(enc)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch")
     t0, n_tok = time.perf_counter(), 0
     with torch.no_grad():
@@ -208,8 +229,15 @@ def _collect(where: Sequence[int], res_nll, res_pred, cand_ids) -> PairScores:
     return PairScores(nll, n_tokens, token_nll, token_pred, token_correct)  # type: ignore[arg-type]
 
 
-def score_pairs_reference(model: Model, tok: Tokenizer, prompts: Sequence[str], candidates: Sequence[str], *,
-                          progress: bool = False, desc: str = "scoring (reference)") -> PairScores:
+def score_pairs_reference(
+    model: Model,
+    tok: Tokenizer,
+    prompts: Sequence[str],
+    candidates: Sequence[str],
+    *,
+    progress: bool = False,
+    desc: str = "scoring (reference)",
+) -> PairScores:
     """The same as :func:`score_pairs`, one pair per unpadded forward pass over the full logits.
 
     Slow and simple on purpose: the yardstick the batched path is tested and benchmarked against.
@@ -218,13 +246,14 @@ def score_pairs_reference(model: Model, tok: Tokenizer, prompts: Sequence[str], 
     device = model_device(model)
     res_nll, res_pred, cands = [], [], []
     with torch.no_grad():
-        for p_ids, c_ids in tqdm(encode_prompt_targets(tok, prompts, candidates), desc=desc,
-                                 disable=not progress, leave=False):
+        for p_ids, c_ids in tqdm(
+            encode_prompt_targets(tok, prompts, candidates), desc=desc, disable=not progress, leave=False
+        ):
             ids = torch.tensor([p_ids + c_ids], device=device)
             out = model(input_ids=ids)
             logits = (out.logits if hasattr(out, "logits") else out[0])[0].float()
             lp = len(p_ids)
-            pred_logits = logits[lp - 1: lp - 1 + len(c_ids)]
+            pred_logits = logits[lp - 1 : lp - 1 + len(c_ids)]
             logp = torch.log_softmax(pred_logits, dim=-1)
             tgt = torch.tensor(c_ids, device=logits.device)
             res_nll.append((-logp.gather(1, tgt[:, None])[:, 0]).double().cpu().numpy())

@@ -6,10 +6,12 @@ bits becomes ROME's "GE" scale, e.g. 622 for 6.22 bits; the consistency cosine b
 Score S = harmonic mean of the mean efficacy, paraphrase and neighborhood scores, ×100
 (method.md §6).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from statistics import NormalDist
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -17,10 +19,18 @@ import pandas as pd
 __all__ = ["summarize", "harmonic_mean", "relative_specificity", "SUMMARY_METRICS"]
 
 SUMMARY_METRICS = (
-    "efficacy_score", "paraphrase_score", "neighborhood_score",
-    "efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude",
-    "efficacy_token_acc", "paraphrase_token_acc", "neighborhood_token_acc",
-    "relative_specificity", "fluency", "consistency",
+    "efficacy_score",
+    "paraphrase_score",
+    "neighborhood_score",
+    "efficacy_magnitude",
+    "paraphrase_magnitude",
+    "neighborhood_magnitude",
+    "efficacy_token_acc",
+    "paraphrase_token_acc",
+    "neighborhood_token_acc",
+    "relative_specificity",
+    "fluency",
+    "consistency",
 )
 _SCALE = 100.0
 _SCORE_PARTS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
@@ -81,8 +91,15 @@ def _score_ci(parts: np.ndarray, level: float, n_boot: int, rng: np.random.Gener
     return s, float(lo), float(hi)
 
 
-def summarize(df: pd.DataFrame, by: Sequence[str] = ("phase",), *, ci: Literal["normal", "bootstrap"] = "normal",
-              level: float = 0.95, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def summarize(
+    df: pd.DataFrame,
+    by: Sequence[str] = ("phase",),
+    *,
+    ci: Literal["normal", "bootstrap"] = "normal",
+    level: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Means over records with confidence intervals, one row per group of ``by``.
 
     Args:
@@ -101,8 +118,10 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = ("phase",), *, ci: Literal["
     by = list(by)
     missing = [c for c in by if c not in df.columns]
     if missing:
-        raise KeyError(f"summarize: grouping column(s) {missing} not in the DataFrame (columns: "
-                       f"{list(df.columns)}); add them (e.g. df['phase'] = 'post') or pass by=()")
+        raise KeyError(
+            f"summarize: grouping column(s) {missing} not in the DataFrame (columns: "
+            f"{list(df.columns)}); add them (e.g. df['phase'] = 'post') or pass by=()"
+        )
     if ci not in ("normal", "bootstrap"):
         raise ValueError(f"ci must be 'normal' or 'bootstrap', got {ci!r}")
     if not 0 < level < 1:
@@ -119,8 +138,9 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = ("phase",), *, ci: Literal["
             s, lo, hi = _score_ci(g[list(_SCORE_PARTS)].to_numpy(dtype=np.float64), level, n_boot, rng)
             row.update(score=s * _SCALE, score_ci_low=lo * _SCALE, score_ci_high=hi * _SCALE)
         for c in metrics:
-            m, lo, hi = _mean_ci(pd.to_numeric(g[c], errors="coerce").to_numpy(dtype=np.float64),
-                                 ci, level, n_boot, rng)
+            m, lo, hi = _mean_ci(
+                pd.to_numeric(g[c], errors="coerce").to_numpy(dtype=np.float64), ci, level, n_boot, rng
+            )
             row.update({c: m * _SCALE, f"{c}_ci_low": lo * _SCALE, f"{c}_ci_high": hi * _SCALE})
         out.append(row)
     return pd.DataFrame(out)
@@ -136,12 +156,16 @@ def relative_specificity(pre_df: pd.DataFrame, post_df: pd.DataFrame) -> pd.Data
     Returns:
         DataFrame with ``case_id`` and ``relative_specificity`` in [0, 1], in ``post_df``'s order.
     """
-    col = next((c for c in ("neighborhood_prefers_true", "neighborhood_pred")
-                if c in pre_df.columns and c in post_df.columns), None)
+    col = next(
+        (c for c in ("neighborhood_prefers_true", "neighborhood_pred") if c in pre_df.columns and c in post_df.columns),
+        None,
+    )
     if col is None:
-        raise KeyError("relative_specificity needs 'neighborhood_prefers_true' (CounterFact) or "
-                       "'neighborhood_pred' (zsRE) in both DataFrames, as evaluate_counterfact / "
-                       f"evaluate_zsre return them; got {list(pre_df.columns)} and {list(post_df.columns)}")
+        raise KeyError(
+            "relative_specificity needs 'neighborhood_prefers_true' (CounterFact) or "
+            "'neighborhood_pred' (zsRE) in both DataFrames, as evaluate_counterfact / "
+            f"evaluate_zsre return them; got {list(pre_df.columns)} and {list(post_df.columns)}"
+        )
     for name, d in (("pre_df", pre_df), ("post_df", post_df)):
         if d["case_id"].duplicated().any():
             raise ValueError(f"{name} has duplicate case_ids; pass one phase per DataFrame")

@@ -9,12 +9,13 @@ Both follow ROME's ``eval_utils_counterfact`` (method.md §6) without nltk or sc
 - TF-IDF: scikit-learn's default analyser (lower-case, ``\\b\\w\\w+\\b``), raw counts of in-vocabulary
   words times the idf, cosine of the two vectors.
 """
+
 from __future__ import annotations
 
 import math
 import re
 from collections import Counter
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def ngram_entropy(tokens: Sequence[str], n: int) -> float:
     """Entropy in bits of the distribution of the n-grams of ``tokens`` (0.0 when there are none)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    counts = Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    counts = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
     total = sum(counts.values())
     if total == 0:
         return 0.0

@@ -11,10 +11,12 @@ Also stored: ``neighborhood_pred`` (the top-1 token ids on the NQ question's ans
 for :func:`pmetlab.evaluation.relative_specificity`. Values are fractions in [0, 1];
 :func:`pmetlab.evaluation.summarize` scales them by 100.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -31,9 +33,11 @@ ZSRE_METRICS = ("efficacy_token_acc", "paraphrase_token_acc", "neighborhood_toke
 
 def zsre_pairs(record: Mapping[str, Any], loc_suffix: str = "?") -> dict[str, tuple[str, str]]:
     """The three scored (prompt, answer) pairs of a zsRE record."""
-    return {"efficacy": (record["src"], record["answers"][0]),
-            "paraphrase": (record["rephrase"], record["answers"][0]),
-            "neighborhood": (record["loc"] + loc_suffix, record["loc_ans"])}
+    return {
+        "efficacy": (record["src"], record["answers"][0]),
+        "paraphrase": (record["rephrase"], record["answers"][0]),
+        "neighborhood": (record["loc"] + loc_suffix, record["loc_ans"]),
+    }
 
 
 def _rows(records, scores: PairScores) -> pd.DataFrame:
@@ -57,8 +61,16 @@ def _flat(records, loc_suffix: str) -> tuple[list[str], list[str]]:
     return prompts, cands
 
 
-def evaluate_zsre(model: Model, tok: Tokenizer, records: Sequence[Mapping[str, Any]], *, batch_size: int = 32,
-                  loc_suffix: str = "?", batched: bool = True, progress: bool = True) -> pd.DataFrame:
+def evaluate_zsre(
+    model: Model,
+    tok: Tokenizer,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 32,
+    loc_suffix: str = "?",
+    batched: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
     """zsRE token accuracies of ``model`` on ``records``, one row per record.
 
     Args:
@@ -75,14 +87,14 @@ def evaluate_zsre(model: Model, tok: Tokenizer, records: Sequence[Mapping[str, A
     records = validate_records(records, validate_zsre_record)
     prompts, cands = _flat(records, loc_suffix)
     if batched:
-        scores = score_pairs(model, tok, prompts, cands, batch_size=batch_size, progress=progress,
-                             desc="zsRE scoring")
+        scores = score_pairs(model, tok, prompts, cands, batch_size=batch_size, progress=progress, desc="zsRE scoring")
     else:
         scores = score_pairs_reference(model, tok, prompts, cands, progress=progress, desc="zsRE (reference)")
     return _rows(records, scores)
 
 
-def evaluate_zsre_reference(model: Model, tok: Tokenizer, records: Sequence[Mapping[str, Any]], *, loc_suffix: str = "?",
-                            progress: bool = True) -> pd.DataFrame:
+def evaluate_zsre_reference(
+    model: Model, tok: Tokenizer, records: Sequence[Mapping[str, Any]], *, loc_suffix: str = "?", progress: bool = True
+) -> pd.DataFrame:
     """Record-at-a-time version of :func:`evaluate_zsre` (one unpadded forward pass per pair)."""
     return evaluate_zsre(model, tok, records, loc_suffix=loc_suffix, batched=False, progress=progress)

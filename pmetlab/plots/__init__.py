@@ -16,6 +16,7 @@ or wide frames into means and intervals), ``similarity`` (method.md §5), ``trad
 (reliability/specificity against the number of edits, ablation bars), ``editing`` (optimisation
 trace, update norms) and ``save`` (:func:`save_figure`).
 """
+
 from __future__ import annotations
 
 from .editing import plot_optimization_trace, plot_update_norms
@@ -24,5 +25,14 @@ from .similarity import plot_similarity
 from .style import color_for, plot_style
 from .tradeoff import plot_ablation, plot_tradeoff
 
-__all__ = ["plot_style", "color_for", "plot_similarity", "plot_tradeoff", "plot_ablation",
-           "plot_optimization_trace", "plot_update_norms", "save_figure", "SavedFigure"]
+__all__ = [
+    "plot_style",
+    "color_for",
+    "plot_similarity",
+    "plot_tradeoff",
+    "plot_ablation",
+    "plot_optimization_trace",
+    "plot_update_norms",
+    "save_figure",
+    "SavedFigure",
+]

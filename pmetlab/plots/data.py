@@ -1,4 +1,5 @@
 """Reading the tidy (or wide) DataFrames the ``plot_*`` functions accept into means and intervals."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -31,13 +32,16 @@ def summarize_means(df: pd.DataFrame, keys: Sequence[str], what: str, value: str
                 out[c] = np.nan
         dup = out.duplicated(list(keys))
         if dup.any():
-            raise ValueError(f"{what}: several rows share the same {list(keys)} "
-                             f"(e.g. {out.loc[dup, list(keys)].iloc[0].to_dict()}); pass one summary "
-                             f"row per group, or raw values in a 'value' column")
+            raise ValueError(
+                f"{what}: several rows share the same {list(keys)} "
+                f"(e.g. {out.loc[dup, list(keys)].iloc[0].to_dict()}); pass one summary "
+                f"row per group, or raw values in a 'value' column"
+            )
         return out
     if value not in df.columns:
-        raise KeyError(f"{what}: expected a 'mean' column (a summary) or a {value!r} column (raw "
-                       f"values); got {list(df.columns)}")
+        raise KeyError(
+            f"{what}: expected a 'mean' column (a summary) or a {value!r} column (raw values); got {list(df.columns)}"
+        )
     rows = []
     for k, grp in df.groupby(list(keys), sort=False, observed=True, dropna=False):
         k = k if isinstance(k, tuple) else (k,)
@@ -52,8 +56,7 @@ def ordered(values: Sequence[object], preferred: Sequence[object] = ()) -> list:
 
 
 #: Metrics drawn by default by plot_tradeoff / plot_ablation when present (others on request).
-HEADLINE = ("efficacy", "paraphrase", "neighborhood", "efficacy_score", "paraphrase_score",
-             "neighborhood_score")
+HEADLINE = ("efficacy", "paraphrase", "neighborhood", "efficacy_score", "paraphrase_score", "neighborhood_score")
 
 
 def long_metrics(df: pd.DataFrame, id_cols: Sequence[str], what: str) -> pd.DataFrame:
@@ -62,11 +65,12 @@ def long_metrics(df: pd.DataFrame, id_cols: Sequence[str], what: str) -> pd.Data
     ``metric``, ``mean``, ``ci_low``, ``ci_high``; a frame that has a ``metric`` column is returned as is."""
     if "metric" in df.columns:
         return df
-    metrics = [c[: -len("_ci_low")] for c in df.columns
-               if c.endswith("_ci_low") and c[: -len("_ci_low")] in df.columns]
+    metrics = [c[: -len("_ci_low")] for c in df.columns if c.endswith("_ci_low") and c[: -len("_ci_low")] in df.columns]
     if not metrics:
-        raise KeyError(f"{what}: expected a tidy frame with a 'metric' column, or a wide summary with "
-                       f"'<metric>' and '<metric>_ci_low'/'<metric>_ci_high' columns; got {list(df.columns)}")
+        raise KeyError(
+            f"{what}: expected a tidy frame with a 'metric' column, or a wide summary with "
+            f"'<metric>' and '<metric>_ci_low'/'<metric>_ci_high' columns; got {list(df.columns)}"
+        )
     parts = []
     for m in metrics:
         cols = {m: "mean", f"{m}_ci_low": "ci_low", f"{m}_ci_high": "ci_high"}
@@ -77,5 +81,4 @@ def long_metrics(df: pd.DataFrame, id_cols: Sequence[str], what: str) -> pd.Data
 
 def default_metrics(present: Sequence[str], preferred: Sequence[str]) -> list:
     headline = [m for m in HEADLINE if m in set(present)]
-    return ordered(present, preferred) if not headline else \
-        [m for m in ordered(present, preferred) if m in headline]
+    return ordered(present, preferred) if not headline else [m for m in ordered(present, preferred) if m in headline]

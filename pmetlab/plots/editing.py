@@ -1,4 +1,5 @@
 """Figures of one editing run: the optimisation trace of Step 1 and the update norms per layer."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,8 +14,9 @@ from .style import FALLBACK_COLORS, color_for, finish_figure, label_for, new_fig
 __all__ = ["plot_optimization_trace", "plot_update_norms"]
 
 
-def plot_optimization_trace(trace_df: pd.DataFrame, *, quantities: Sequence[str] | None = None,
-                            log_loss: bool = True, title: str | None = None) -> Figure:
+def plot_optimization_trace(
+    trace_df: pd.DataFrame, *, quantities: Sequence[str] | None = None, log_loss: bool = True, title: str | None = None
+) -> Figure:
     """Per-step optimisation of the hidden-state deltas (Step 1): loss and p(target).
 
     Args:
@@ -33,11 +35,15 @@ def plot_optimization_trace(trace_df: pd.DataFrame, *, quantities: Sequence[str]
     if quantities is None:
         quantities = [q for q in ("loss", "p_target") if q in df.columns]
         if not quantities:
-            raise KeyError(f"plot_optimization_trace: no 'loss' or 'p_target' column; pass quantities= "
-                           f"(columns: {list(df.columns)})")
+            raise KeyError(
+                f"plot_optimization_trace: no 'loss' or 'p_target' column; pass quantities= "
+                f"(columns: {list(df.columns)})"
+            )
     require_columns(df, list(quantities), "plot_optimization_trace")
-    df = df.assign(method=df["method"].astype(str) if "method" in df.columns else "",
-                   request=df["request"].astype(str) if "request" in df.columns else "")
+    df = df.assign(
+        method=df["method"].astype(str) if "method" in df.columns else "",
+        request=df["request"].astype(str) if "request" in df.columns else "",
+    )
     methods = ordered(df["method"])
     with plot_style():
         fig, axes = new_figure(len(quantities), sharex=True)
@@ -55,8 +61,7 @@ def _wide_trace(df: pd.DataFrame) -> pd.DataFrame:
     if "quantity" not in df.columns or "value" not in df.columns:
         return df
     idx = [c for c in ("method", "request", "step") if c in df.columns]
-    df = df.pivot_table(index=idx, columns="quantity", values="value", aggfunc="mean",
-                        observed=True).reset_index()
+    df = df.pivot_table(index=idx, columns="quantity", values="value", aggfunc="mean", observed=True).reset_index()
     df.columns.name = None
     return df
 
@@ -69,10 +74,14 @@ def _trace_panel(ax, df: pd.DataFrame, q: str, methods: list, log_loss: bool) ->
         alpha = 1.0 if len(requests) == 1 else max(0.25, 1.0 / len(requests) ** 0.5)
         for j, r in enumerate(requests):
             g = dm[dm["request"] == r].sort_values("step")
-            ax.plot(g["step"].to_numpy(), g[q].to_numpy(dtype=float),
-                    color=color_for(m, methods) if m else FALLBACK_COLORS[j % len(FALLBACK_COLORS)],
-                    alpha=alpha, linewidth=1.2,
-                    label=(m or None) if j == 0 else None)
+            ax.plot(
+                g["step"].to_numpy(),
+                g[q].to_numpy(dtype=float),
+                color=color_for(m, methods) if m else FALLBACK_COLORS[j % len(FALLBACK_COLORS)],
+                alpha=alpha,
+                linewidth=1.2,
+                label=(m or None) if j == 0 else None,
+            )
     ax.set_xlabel("optimisation step")
     ax.set_ylabel(label_for(q))
     if q == "p_target":
@@ -81,8 +90,9 @@ def _trace_panel(ax, df: pd.DataFrame, q: str, methods: list, log_loss: bool) ->
         ax.set_yscale("log")
 
 
-def plot_update_norms(df: pd.DataFrame, *, value: str = "norm", methods: Sequence[str] | None = None,
-                      title: str | None = None) -> Figure:
+def plot_update_norms(
+    df: pd.DataFrame, *, value: str = "norm", methods: Sequence[str] | None = None, title: str | None = None
+) -> Figure:
     """Norm of the weight update at each edited layer, per method (grouped bars).
 
     Args:
@@ -95,10 +105,13 @@ def plot_update_norms(df: pd.DataFrame, *, value: str = "norm", methods: Sequenc
         One panel per module; each holds one bar container per method.
     """
     require_columns(df, ["layer", "method", value], "plot_update_norms")
-    d = df.assign(method=df["method"].astype(str),
-                  module=df["module"].astype(str) if "module" in df.columns else "")
-    s = summarize_means(d.drop(columns=[c for c in ("mean",) if c in d.columns]),
-                        ["module", "layer", "method"], "plot_update_norms", value=value)
+    d = df.assign(method=df["method"].astype(str), module=df["module"].astype(str) if "module" in df.columns else "")
+    s = summarize_means(
+        d.drop(columns=[c for c in ("mean",) if c in d.columns]),
+        ["module", "layer", "method"],
+        "plot_update_norms",
+        value=value,
+    )
     modules = ordered(s["module"], ("FFN", "MHSA"))
     methods = list(methods) if methods is not None else ordered(s["method"])
     layers = sorted(s["layer"].unique())
@@ -111,11 +124,18 @@ def plot_update_norms(df: pd.DataFrame, *, value: str = "norm", methods: Sequenc
             for i, m in enumerate(methods):
                 g = sm[sm["method"] == m].set_index("layer").reindex(layers)
                 mean = g["mean"].to_numpy(dtype=float)
-                err = np.vstack([mean - g["ci_low"].to_numpy(dtype=float),
-                                 g["ci_high"].to_numpy(dtype=float) - mean])
+                err = np.vstack([mean - g["ci_low"].to_numpy(dtype=float), g["ci_high"].to_numpy(dtype=float) - mean])
                 err = None if not np.isfinite(err).any() else np.nan_to_num(err, nan=0.0)
-                ax.bar(pos + (i - (len(methods) - 1) / 2) * width, mean, width=width * 0.95, yerr=err,
-                       capsize=2, color=color_for(m, methods), label=m, error_kw={"linewidth": 1})
+                ax.bar(
+                    pos + (i - (len(methods) - 1) / 2) * width,
+                    mean,
+                    width=width * 0.95,
+                    yerr=err,
+                    capsize=2,
+                    color=color_for(m, methods),
+                    label=m,
+                    error_kw={"linewidth": 1},
+                )
             ax.set_xticks(pos, [str(int(l)) for l in layers])
             ax.set_xlabel("layer")
             ax.set_ylabel(label_for(value))

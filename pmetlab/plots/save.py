@@ -1,4 +1,5 @@
 """Writing a figure as PNG and PDF, with the numbers behind it as CSV, atomically."""
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,9 @@ def _publish(tmp: Path) -> None:
     os.chmod(tmp, 0o644)  # mkstemp creates 0600; figures are meant to be read by others
 
 
-def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str, data: pd.DataFrame | None = None, *,
-                dpi: int = 200) -> SavedFigure:
+def save_figure(
+    fig: Figure, out_dir: str | os.PathLike, name: str, data: pd.DataFrame | None = None, *, dpi: int = 200
+) -> SavedFigure:
     """Write ``name.png``, ``name.pdf`` and (when ``data`` is given) ``name.csv`` into ``out_dir``.
 
     Each file is written to a temporary sibling and renamed into place, so a reader never sees a
@@ -57,8 +59,10 @@ def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str, data: pd.Dat
     if not isinstance(fig, Figure):
         raise TypeError(f"fig must be a matplotlib Figure, got {type(fig).__name__}")
     if not isinstance(name, str) or not _NAME_RE.match(name) or name.lower().endswith((".png", ".pdf", ".csv")):
-        raise ValueError(f"name must be a plain file stem such as 'fig1_similarity' (letters, digits, "
-                         f"'.', '_', '-'; no directory or extension), got {name!r}")
+        raise ValueError(
+            f"name must be a plain file stem such as 'fig1_similarity' (letters, digits, "
+            f"'.', '_', '-'; no directory or extension), got {name!r}"
+        )
     if data is not None and not isinstance(data, pd.DataFrame):
         raise TypeError(f"data must be a pandas DataFrame or None, got {type(data).__name__}")
     out = Path(out_dir)
@@ -66,8 +70,7 @@ def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str, data: pd.Dat
     if fig.canvas is None or not hasattr(fig.canvas, "print_figure"):
         FigureCanvasAgg(fig)
     paths = {}
-    for fmt, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Creator": None,
-                                                              "Producer": None})):
+    for fmt, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Creator": None, "Producer": None})):
         target = out / f"{name}.{fmt}"
         with atomic_path(target) as tmp:
             fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight", metadata=meta)

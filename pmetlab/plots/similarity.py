@@ -1,4 +1,5 @@
 """Input/output similarity of MHSA and FFN against layer depth (method.md §5)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -21,8 +22,13 @@ def _similarity_title(metric: str, projection: str | None) -> str:
     return head
 
 
-def plot_similarity(df: pd.DataFrame, *, metrics: Sequence[str] | None = None,
-                    components: Sequence[str] | None = None, title: str | None = None) -> Figure:
+def plot_similarity(
+    df: pd.DataFrame,
+    *,
+    metrics: Sequence[str] | None = None,
+    components: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
     """Input/output similarity of each component against layer depth (method.md §5).
 
     Args:
@@ -41,8 +47,10 @@ def plot_similarity(df: pd.DataFrame, *, metrics: Sequence[str] | None = None,
     for col in ("protocol", "projection"):
         if col in df.columns:
             if df[col].nunique() > 1:
-                raise ValueError(f"plot_similarity: the data mixes {col}s {sorted(df[col].unique())}; "
-                                 f"plot one at a time, e.g. df[df[{col!r}] == {df[col].iloc[0]!r}]")
+                raise ValueError(
+                    f"plot_similarity: the data mixes {col}s {sorted(df[col].unique())}; "
+                    f"plot one at a time, e.g. df[df[{col!r}] == {df[col].iloc[0]!r}]"
+                )
             how[col] = str(df[col].iloc[0])
     s = summarize_means(df, ["layer", "component", "metric"], "plot_similarity")
     s = s.assign(component=s["component"].astype(str), metric=s["metric"].astype(str))
@@ -55,8 +63,17 @@ def plot_similarity(df: pd.DataFrame, *, metrics: Sequence[str] | None = None,
                 g = s[(s["metric"] == metric) & (s["component"] == comp)].sort_values("layer")
                 if g.empty:
                     continue
-                band(ax, g["layer"].to_numpy(), g["mean"], g["ci_low"], g["ci_high"],
-                     color_for(comp, comps), comp, marker="o", markersize=3)
+                band(
+                    ax,
+                    g["layer"].to_numpy(),
+                    g["mean"],
+                    g["ci_low"],
+                    g["ci_high"],
+                    color_for(comp, comps),
+                    comp,
+                    marker="o",
+                    markersize=3,
+                )
             ax.set_xlabel("layer")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "2.5" layers
             ax.set_ylabel(label_for(metric))

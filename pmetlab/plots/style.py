@@ -1,5 +1,6 @@
 """The pmetlab figure style: fixed colours for recurring names, axis labels, a theme applied only
 while a figure is built, and figures made without pyplot."""
+
 from __future__ import annotations
 
 import zlib
@@ -15,21 +16,42 @@ __all__ = ["plot_style", "color_for", "label_for", "new_figure", "finish_figure"
 
 #: Fixed colours for names that recur across figures, so a method or component keeps its colour.
 _FIXED_COLORS: dict[str, str] = {
-    "MHSA": "#0173b2", "FFN": "#de8f05",                        # seaborn "colorblind" 0, 1
-    "PMET": "#029e73", "MEMIT": "#d55e00", "ROME": "#cc78bc",   # colorblind 2, 3, 4
-    "unedited": "#7f7f7f", "baseline": "#7f7f7f",
+    "MHSA": "#0173b2",
+    "FFN": "#de8f05",  # seaborn "colorblind" 0, 1
+    "PMET": "#029e73",
+    "MEMIT": "#d55e00",
+    "ROME": "#cc78bc",  # colorblind 2, 3, 4
+    "unedited": "#7f7f7f",
+    "baseline": "#7f7f7f",
 }
 #: The colour-blind palette names without a fixed colour draw from (by position or a stable hash).
-FALLBACK_COLORS = ["#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4",
-                   "#949494", "#ece133", "#56b4e9"]
+FALLBACK_COLORS = [
+    "#0173b2",
+    "#de8f05",
+    "#029e73",
+    "#d55e00",
+    "#cc78bc",
+    "#ca9161",
+    "#fbafe4",
+    "#949494",
+    "#ece133",
+    "#56b4e9",
+]
 
 _LABELS: dict[str, str] = {
     "cosine": "cosine similarity (in, out)",
     "jaccard": "Jaccard of top-k tokens (in, out)",
-    "efficacy": "efficacy", "paraphrase": "paraphrase", "neighborhood": "neighborhood",
-    "efficacy_score": "efficacy (ES)", "paraphrase_score": "paraphrase (PS)",
-    "neighborhood_score": "neighborhood (NS)", "score": "score (S)",
-    "n_edits": "number of edits", "p_target": "p(target)", "loss": "loss", "norm": "update norm",
+    "efficacy": "efficacy",
+    "paraphrase": "paraphrase",
+    "neighborhood": "neighborhood",
+    "efficacy_score": "efficacy (ES)",
+    "paraphrase_score": "paraphrase (PS)",
+    "neighborhood_score": "neighborhood (NS)",
+    "score": "score (S)",
+    "n_edits": "number of edits",
+    "p_target": "p(target)",
+    "loss": "loss",
+    "norm": "update norm",
 }
 
 
@@ -59,13 +81,21 @@ def plot_style(context: str = "notebook", font_scale: float = 1.0) -> Iterator[N
         stack.enter_context(mpl.rc_context())
         stack.enter_context(sns.axes_style("whitegrid"))
         stack.enter_context(sns.plotting_context(context, font_scale=font_scale))
-        mpl.rcParams.update({"axes.spines.top": False, "axes.spines.right": False,
-                             "legend.frameon": False, "savefig.bbox": "tight", "figure.dpi": 100})
+        mpl.rcParams.update(
+            {
+                "axes.spines.top": False,
+                "axes.spines.right": False,
+                "legend.frameon": False,
+                "savefig.bbox": "tight",
+                "figure.dpi": 100,
+            }
+        )
         yield
 
 
-def new_figure(n_panels: int, *, panel_size: tuple[float, float] = (4.2, 3.2),
-               sharex: bool = False, sharey: bool = False) -> tuple[Figure, list]:
+def new_figure(
+    n_panels: int, *, panel_size: tuple[float, float] = (4.2, 3.2), sharex: bool = False, sharey: bool = False
+) -> tuple[Figure, list]:
     fig = Figure(figsize=(panel_size[0] * n_panels, panel_size[1]), layout="constrained")
     FigureCanvasAgg(fig)  # a canvas without pyplot: savefig and notebook display work
     axes = fig.subplots(1, n_panels, sharex=sharex, sharey=sharey, squeeze=False)[0]

@@ -1,4 +1,5 @@
 """Reliability and specificity against the number of edits, and ablation bars."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,14 +14,30 @@ from .style import band, color_for, finish_figure, label_for, new_figure, plot_s
 
 __all__ = ["plot_tradeoff", "plot_ablation"]
 
-_RELIABILITY = {"efficacy", "paraphrase", "es", "ps", "efficacy_score", "paraphrase_score",
-                "generalization", "generalisation", "reliability"}
+_RELIABILITY = {
+    "efficacy",
+    "paraphrase",
+    "es",
+    "ps",
+    "efficacy_score",
+    "paraphrase_score",
+    "generalization",
+    "generalisation",
+    "reliability",
+}
 _SPECIFICITY = {"neighborhood", "ns", "neighborhood_score", "specificity", "locality"}
 
 
-def plot_tradeoff(summary_df: pd.DataFrame, x: str = "n_edits", methods: Sequence[str] | None = None, *,
-                  metrics: Sequence[str] | None = None, baseline: str = "unedited",
-                  log_x: bool | None = None, title: str | None = None) -> Figure:
+def plot_tradeoff(
+    summary_df: pd.DataFrame,
+    x: str = "n_edits",
+    methods: Sequence[str] | None = None,
+    *,
+    metrics: Sequence[str] | None = None,
+    baseline: str = "unedited",
+    log_x: bool | None = None,
+    title: str | None = None,
+) -> Figure:
     """Reliability and specificity against the number of edits, one line per method.
 
     Args:
@@ -46,8 +63,7 @@ def plot_tradeoff(summary_df: pd.DataFrame, x: str = "n_edits", methods: Sequenc
     with plot_style():
         fig, axes = new_figure(len(metrics), sharex=True)
         for ax, metric in zip(axes, metrics):
-            _tradeoff_panel(ax, s[s["metric"] == metric], metric, x=x, methods=methods, baseline=baseline,
-                            log_x=log_x)
+            _tradeoff_panel(ax, s[s["metric"] == metric], metric, x=x, methods=methods, baseline=baseline, log_x=log_x)
         axes[-1].legend(title="method", loc="upper left", bbox_to_anchor=(1.0, 1.0))
         if title:
             fig.suptitle(title)
@@ -57,8 +73,9 @@ def plot_tradeoff(summary_df: pd.DataFrame, x: str = "n_edits", methods: Sequenc
 def _tradeoff_summary(summary_df: pd.DataFrame, x: str) -> pd.DataFrame:
     """``method``, ``x``, ``metric``, ``mean``, ``ci_low``, ``ci_high`` rows, names as strings."""
     require_columns(summary_df, ["method", x], "plot_tradeoff")
-    s = summarize_means(long_metrics(summary_df, ["method", x], "plot_tradeoff"), ["method", x, "metric"],
-                        "plot_tradeoff")
+    s = summarize_means(
+        long_metrics(summary_df, ["method", x], "plot_tradeoff"), ["method", x, "metric"], "plot_tradeoff"
+    )
     return s.assign(method=s["method"].astype(str), metric=s["metric"].astype(str))
 
 
@@ -78,14 +95,24 @@ def _spans_a_decade(xs: pd.Series) -> bool:
     return bool(len(xs)) and bool((xs > 0).all()) and bool(xs.max() / xs.min() >= 10)
 
 
-def _tradeoff_panel(ax, sm: pd.DataFrame, metric: str, *, x: str, methods: Sequence[str], baseline: str,
-                    log_x: bool) -> None:
+def _tradeoff_panel(
+    ax, sm: pd.DataFrame, metric: str, *, x: str, methods: Sequence[str], baseline: str, log_x: bool
+) -> None:
     """One metric's panel: a line with its interval band per method, then the baseline."""
     for m in methods:
         g = sm[sm["method"] == m].sort_values(x)
         if not g.empty:
-            band(ax, g[x].to_numpy(), g["mean"], g["ci_low"], g["ci_high"],
-                 color_for(m, methods), m, marker="o", markersize=4)
+            band(
+                ax,
+                g[x].to_numpy(),
+                g["mean"],
+                g["ci_low"],
+                g["ci_high"],
+                color_for(m, methods),
+                m,
+                marker="o",
+                markersize=4,
+            )
     _baseline_line(ax, sm[sm["method"] == baseline].sort_values(x), x, baseline)
     ax.set_title(_tradeoff_title(metric))
     ax.set_xlabel(label_for(x))
@@ -98,22 +125,26 @@ def _tradeoff_panel(ax, sm: pd.DataFrame, metric: str, *, x: str, methods: Seque
 def _baseline_line(ax, b: pd.DataFrame, x: str, baseline: str) -> None:
     """The unedited model as a dashed line: horizontal when it was measured at one x only."""
     if len(b) == 1:
-        ax.axhline(float(b["mean"].iloc[0]), color=color_for(baseline), linestyle="--",
-                   linewidth=1.2, label=baseline)
+        ax.axhline(float(b["mean"].iloc[0]), color=color_for(baseline), linestyle="--", linewidth=1.2, label=baseline)
     elif len(b) > 1:
-        ax.plot(b[x].to_numpy(), b["mean"], color=color_for(baseline), linestyle="--",
-                linewidth=1.2, label=baseline)
+        ax.plot(b[x].to_numpy(), b["mean"], color=color_for(baseline), linestyle="--", linewidth=1.2, label=baseline)
 
 
 def _tradeoff_title(metric: str) -> str:
     """The metric's label, with "(reliability)" or "(specificity)" when it is one of those."""
-    kind = ("reliability" if metric.lower() in _RELIABILITY
-            else "specificity" if metric.lower() in _SPECIFICITY else None)
+    kind = (
+        "reliability" if metric.lower() in _RELIABILITY else "specificity" if metric.lower() in _SPECIFICITY else None
+    )
     return f"{label_for(metric)} ({kind})" if kind else label_for(metric)
 
 
-def plot_ablation(df: pd.DataFrame, *, variants: Sequence[str] | None = None,
-                  metrics: Sequence[str] | None = None, title: str | None = None) -> Figure:
+def plot_ablation(
+    df: pd.DataFrame,
+    *,
+    variants: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
     """Grouped bars with confidence intervals: one group per metric, one bar per ablation variant.
 
     Args:
@@ -141,9 +172,16 @@ def plot_ablation(df: pd.DataFrame, *, variants: Sequence[str] | None = None,
             lo, hi = g["ci_low"].to_numpy(dtype=float), g["ci_high"].to_numpy(dtype=float)
             err = np.vstack([mean - lo, hi - mean])
             err = None if not np.isfinite(err).any() else np.nan_to_num(err, nan=0.0)
-            ax.bar(pos + (i - (len(variants) - 1) / 2) * width, mean, width=width * 0.95,
-                   yerr=err, capsize=3, color=color_for(v, variants), label=v,
-                   error_kw={"linewidth": 1})
+            ax.bar(
+                pos + (i - (len(variants) - 1) / 2) * width,
+                mean,
+                width=width * 0.95,
+                yerr=err,
+                capsize=3,
+                color=color_for(v, variants),
+                label=v,
+                error_kw={"linewidth": 1},
+            )
         ax.set_xticks(pos, [label_for(m) for m in metrics])
         ax.set_ylabel("score")
         ax.legend(title="variant", loc="upper left", bbox_to_anchor=(1.0, 1.0))

@@ -40,6 +40,7 @@ Modules: :mod:`~pmetlab.runs.spec` (``RunSpec``, ``resolve_hparams``), :mod:`~pm
 :mod:`~pmetlab.runs.edits` (combining batches, target reach), :mod:`~pmetlab.runs.pre_eval`,
 :mod:`~pmetlab.runs.sweep` and :mod:`~pmetlab.runs.load`.
 """
+
 from __future__ import annotations
 
 from .edits import target_summary
@@ -50,6 +51,23 @@ from .rundir import PHASES, RunDir, RunMismatchError, RunState
 from .spec import DATASETS, DEFAULT_MODEL, METHODS, MODES, SUBSETS, RunSpec, resolve_hparams
 from .sweep import run_sweep
 
-__all__ = ["ExperimentResult", "RunMismatchError", "RunSpec", "RunDir", "RunState", "run_experiment", "run_sweep",
-           "load_run", "summarize_runs", "with_run_columns", "resolve_hparams", "target_summary", "METHODS",
-           "DATASETS", "MODES", "SUBSETS", "PHASES", "DEFAULT_MODEL"]
+__all__ = [
+    "ExperimentResult",
+    "RunMismatchError",
+    "RunSpec",
+    "RunDir",
+    "RunState",
+    "run_experiment",
+    "run_sweep",
+    "load_run",
+    "summarize_runs",
+    "with_run_columns",
+    "resolve_hparams",
+    "target_summary",
+    "METHODS",
+    "DATASETS",
+    "MODES",
+    "SUBSETS",
+    "PHASES",
+    "DEFAULT_MODEL",
+]

@@ -1,5 +1,6 @@
 """What the phases of one run share besides its :class:`~pmetlab.runs.spec.RunSpec`: where the
 model comes from, the run directory and its ``run.json`` state, and what the load phase found."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -31,8 +32,9 @@ class GivenModel:
         try:
             model, tok = pair
         except (TypeError, ValueError):
-            raise ValueError("model_and_tokenizer must be a (model, tokenizer) pair, got "
-                             f"{type(pair).__name__}") from None
+            raise ValueError(
+                f"model_and_tokenizer must be a (model, tokenizer) pair, got {type(pair).__name__}"
+            ) from None
         self.pair: ModelPair = (model, tok)
 
     def get(self, name: str) -> ModelPair:
@@ -60,8 +62,10 @@ def check_model_name(model: Any, name: str) -> None:
     follow the name)."""
     src = getattr(model, "pmetlab_source", None)
     if src is not None and str(src).lower() != str(name).lower():
-        raise ValueError(f"model={name!r} but model_and_tokenizer holds {src!r}; pass model={src!r} so that "
-                         f"the run uses that model's preset and is recorded under its name")
+        raise ValueError(
+            f"model={name!r} but model_and_tokenizer holds {src!r}; pass model={src!r} so that "
+            f"the run uses that model's preset and is recorded under its name"
+        )
 
 
 @dataclass

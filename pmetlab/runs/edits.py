@@ -1,5 +1,6 @@
 """The edit of a run as a whole: the batches' updates combined into one :class:`Deltas`, and how
 far the target optimisation got over all of them."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,10 +25,17 @@ def combine_batches(parts: Sequence[Deltas], mode: str) -> Deltas:
     meta["requests"] = [r for d in parts for r in d.meta.get("requests", [])]
     meta["mode"] = mode
     meta["n_batches"] = len(parts)
-    meta["batches"] = [{"batch": i, "n_requests": len(d.meta.get("requests", [])),
-                        "base_fingerprint": d.meta.get("base_fingerprint"), "timings": d.meta.get("timings"),
-                        "targets": d.meta.get("targets"), "diagnostics": d.meta.get("diagnostics")}
-                       for i, d in enumerate(parts)]
+    meta["batches"] = [
+        {
+            "batch": i,
+            "n_requests": len(d.meta.get("requests", [])),
+            "base_fingerprint": d.meta.get("base_fingerprint"),
+            "timings": d.meta.get("timings"),
+            "targets": d.meta.get("targets"),
+            "diagnostics": d.meta.get("diagnostics"),
+        }
+        for i, d in enumerate(parts)
+    ]
     meta["diagnostics"] = [dict(row, batch=i) for i, d in enumerate(parts) for row in d.meta.get("diagnostics", [])]
     timings: dict[str, float] = {}
     for d in parts:
@@ -55,6 +63,10 @@ def target_summary(deltas: Deltas, hp: EditHyperParams) -> dict[str, float]:
         for space, norms in (t.get("delta_norms") or {}).items():
             inits = t.get("init_norms", {}).get(space, [])
             clamped += [d >= hp.clamp_norm_factor * i * (1 - 1e-4) for d, i in zip(norms, inits) if i > 0 and d > 0]
-    return {"n_requests": len(p), "p_target_final_mean": _mean(p), "steps_mean": _mean(steps),
-            "share_at_step_cap": _mean([s >= hp.v_num_grad_steps for s in steps]),
-            "share_delta_at_clamp": _mean(clamped)}
+    return {
+        "n_requests": len(p),
+        "p_target_final_mean": _mean(p),
+        "steps_mean": _mean(steps),
+        "share_at_step_cap": _mean([s >= hp.v_num_grad_steps for s in steps]),
+        "share_delta_at_clamp": _mean(clamped),
+    }

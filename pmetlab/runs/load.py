@@ -1,6 +1,7 @@
 """Reading runs back: :func:`load_run` (one directory, finished or not), :func:`summarize_runs`
 (many, or a sweep directory) and :func:`with_run_columns`, which gives summary rows the run's
 resolved settings and hyperparameters."""
+
 from __future__ import annotations
 
 import logging
@@ -40,12 +41,25 @@ def load_run(run_dir: str | Path) -> ExperimentResult:
     summary = store.read_summary()
     if summary is None:
         p = run.get("params", {})
-        summary = summary_table(records, summary_columns(
-            label=run.get("label"), model=p.get("model"), method=p.get("method"), dataset=p.get("dataset"),
-            n_edits=p.get("n_edits"), mode=p.get("mode"), batch_size=p.get("batch_size"), seed=p.get("seed")))
+        summary = summary_table(
+            records,
+            summary_columns(
+                label=run.get("label"),
+                model=p.get("model"),
+                method=p.get("method"),
+                dataset=p.get("dataset"),
+                n_edits=p.get("n_edits"),
+                mode=p.get("mode"),
+                batch_size=p.get("batch_size"),
+                seed=p.get("seed"),
+            ),
+        )
     if run.get("status") != "complete":
-        logger.warning("run %s is not complete (phases done: %s)", store.path,
-                       [k for k, v in run.get("phases", {}).items() if v.get("status") == "done"])
+        logger.warning(
+            "run %s is not complete (phases done: %s)",
+            store.path,
+            [k for k, v in run.get("phases", {}).items() if v.get("status") == "done"],
+        )
     return ExperimentResult(store.path, summary, records, run)
 
 
@@ -60,8 +74,9 @@ def _expand_run_dirs(run_dirs: str | Path | Iterable[str | Path]) -> list[Path]:
         elif d.is_dir() and (subs := sorted(p.parent for p in d.glob("*/run.json"))):
             out.extend(subs)  # a sweep directory
         elif d.is_dir():
-            raise FileNotFoundError(f"{str(d)!r} is not a pmetlab run directory (no run.json in it or in its "
-                                    f"sub-directories)")
+            raise FileNotFoundError(
+                f"{str(d)!r} is not a pmetlab run directory (no run.json in it or in its sub-directories)"
+            )
         else:
             raise FileNotFoundError(f"run directory {str(d)!r} does not exist")
     if not out:

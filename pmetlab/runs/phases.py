@@ -4,6 +4,7 @@ and :func:`run_experiment`, which composes them (see :mod:`pmetlab.runs` for the
 Everything that does heavy work (loading, statistics, editing, evaluation) is called through a
 name of this module, so tests can replace it here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,14 +46,22 @@ from .spec import DEFAULT_MODEL, RunSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_experiment", "execute", "default_model_pool", "load_phase", "covariance_phase", "edit_phase",
-           "eval_pre_phase", "eval_post_phase"]
+__all__ = [
+    "run_experiment",
+    "execute",
+    "default_model_pool",
+    "load_phase",
+    "covariance_phase",
+    "edit_phase",
+    "eval_pre_phase",
+    "eval_post_phase",
+]
 
 
 def seed_all(seed: int) -> None:
     """Seed Python's, NumPy's and torch's generators (each phase seeds before random work)."""
     random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
+    np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
@@ -75,8 +84,11 @@ def _dataset_records(dataset: str) -> tuple[Records, str | None]:
             return load_dataset("multi_counterfact"), None
         except DatasetNotFoundError as exc:
             cf = load_counterfact()
-            logger.warning("multi_counterfact.json is not available (%s); using CounterFact without "
-                           "conflicting (subject, relation) pairs instead", str(exc).splitlines()[0])
+            logger.warning(
+                "multi_counterfact.json is not available (%s); using CounterFact without "
+                "conflicting (subject, relation) pairs instead",
+                str(exc).splitlines()[0],
+            )
             return Records(drop_conflicting(cf), cf.info), "drop_conflicting(counterfact)"
     return load_dataset(dataset), None
 
@@ -87,14 +99,22 @@ def load_phase(spec: RunSpec, ctx: RunContext) -> None:
     records_all, derived = _dataset_records(spec.dataset)
     sel = select(records_all, spec.n_edits, mode=spec.subset, seed=spec.seed)
     info = records_all.info.to_dict() if records_all.info is not None else None
-    ds = {"name": spec.dataset, "info": info, "derived": derived,
-          "selection": {k: v for k, v in sel.description.items() if k != "dataset"}}
+    ds = {
+        "name": spec.dataset,
+        "info": info,
+        "derived": derived,
+        "selection": {k: v for k, v in sel.description.items() if k != "dataset"},
+    }
     old = ctx.state.data.get("dataset")
-    if old is not None and ((old.get("info") or {}).get("sha256") != (info or {}).get("sha256")
-                            or old["selection"].get("ids_hash") != ds["selection"]["ids_hash"]):
-        raise RunMismatchError(f"{ctx.store.path}: the dataset file or the selected records changed since the run "
-                               f"started ({(old.get('info') or {}).get('path')} -> {(info or {}).get('path')}); "
-                               f"use another out_dir or resume=False")
+    if old is not None and (
+        (old.get("info") or {}).get("sha256") != (info or {}).get("sha256")
+        or old["selection"].get("ids_hash") != ds["selection"]["ids_hash"]
+    ):
+        raise RunMismatchError(
+            f"{ctx.store.path}: the dataset file or the selected records changed since the run "
+            f"started ({(old.get('info') or {}).get('path')} -> {(info or {}).get('path')}); "
+            f"use another out_dir or resume=False"
+        )
     ctx.state.data["dataset"] = ds
     ctx.selection = sel
     ctx.requests = zsre_requests(sel.records) if spec.dataset == "zsre" else counterfact_requests(sel.records)
@@ -112,8 +132,10 @@ def get_model(spec: RunSpec, ctx: RunContext) -> ModelPair:
         ident = model_identity(pair[0])
         prev = ctx.state.data.get("model")
         if prev is not None and (prev.get("class"), prev.get("n_params")) != (ident["class"], ident["n_params"]):
-            raise RunMismatchError(f"{ctx.store.path} was started with model {prev} but this model is {ident}; use "
-                                   f"another out_dir or resume=False")
+            raise RunMismatchError(
+                f"{ctx.store.path} was started with model {prev} but this model is {ident}; use "
+                f"another out_dir or resume=False"
+            )
         ctx.state.data["model"] = ident
         ctx.load_s += time.perf_counter() - t
         ctx.state.save()
@@ -125,8 +147,9 @@ def close_load_phase(ctx: RunContext) -> None:
     """Record the load time of the invocation that loaded the model (else of the first one); saves."""
     if ctx.model_loaded or not ctx.state.done("load"):
         ctx.state.data.setdefault("wall_s", {})["load"] = round(ctx.load_s, 3)
-        ctx.state.phase("load").update(status="done", wall_s=round(ctx.load_s, 3), finished_at=now(),
-                                       model_loaded=ctx.model_loaded)
+        ctx.state.phase("load").update(
+            status="done", wall_s=round(ctx.load_s, 3), finished_at=now(), model_loaded=ctx.model_loaded
+        )
     ctx.state.save()
 
 
@@ -176,8 +199,9 @@ def _edit_batch(spec: RunSpec, ctx: RunContext, i: int, batch: list, n_batches: 
         logger.info("edit batch %d/%d reused from %s", i + 1, n_batches, path)
         return Deltas.load(path)
     seed_all(spec.seed + i)
-    d = compute_deltas(model, tok, batch, spec.hp, progress=ctx.progress, covariances=stats.ffn,
-                       attn_covariances=stats.attn or None)
+    d = compute_deltas(
+        model, tok, batch, spec.hp, progress=ctx.progress, covariances=stats.ffn, attn_covariances=stats.attn or None
+    )
     if n_batches > 1:
         d.save(path)
         ph["batches_done"] = i + 1
@@ -188,12 +212,16 @@ def _edit_batch(spec: RunSpec, ctx: RunContext, i: int, batch: list, n_batches: 
 def _edit_batches(spec: RunSpec, ctx: RunContext, stats: EditStatistics) -> Deltas:
     model, _ = get_model(spec, ctx)
     bs = spec.batches_of
-    batches = [ctx.requests[i:i + bs] for i in range(0, len(ctx.requests), bs)]
+    batches = [ctx.requests[i : i + bs] for i in range(0, len(ctx.requests), bs)]
     parts: list[Deltas] = []
     undo_stack: list[dict] = []
     try:
-        with tqdm(total=len(batches), desc=f"{spec.method} {spec.mode} edit", unit="batch",
-                  disable=not ctx.progress or len(batches) == 1) as bar:
+        with tqdm(
+            total=len(batches),
+            desc=f"{spec.method} {spec.mode} edit",
+            unit="batch",
+            disable=not ctx.progress or len(batches) == 1,
+        ) as bar:
             for i, batch in enumerate(batches):
                 d = _edit_batch(spec, ctx, i, batch, len(batches), stats)
                 parts.append(d)
@@ -202,7 +230,7 @@ def _edit_batches(spec: RunSpec, ctx: RunContext, stats: EditStatistics) -> Delt
                     # batch's base fingerprint must match the current weights)
                     undo_stack.append(apply_deltas_(model, d))
                 bar.update(1)
-                bar.set_postfix(edits=sum(len(b) for b in batches[:i + 1]))
+                bar.set_postfix(edits=sum(len(b) for b in batches[: i + 1]))
     finally:
         for undo in reversed(undo_stack):
             restore_(model, undo)
@@ -217,9 +245,14 @@ def edit_phase(spec: RunSpec, ctx: RunContext, stats: EditStatistics) -> Deltas:
     deltas = _edit_batches(spec, ctx, stats)
     deltas.save(ctx.store.deltas)
     ctx.state.set_output("deltas", ctx.store.deltas)
-    ctx.state.data["deltas"] = {"file": ctx.store.deltas.name, "content": "sum of all batches", "mode": spec.mode,
-                                "n_batches": int(deltas.meta.get("n_batches", 1)), "batch_size": spec.batches_of,
-                                "norms": deltas.norms()}
+    ctx.state.data["deltas"] = {
+        "file": ctx.store.deltas.name,
+        "content": "sum of all batches",
+        "mode": spec.mode,
+        "n_batches": int(deltas.meta.get("n_batches", 1)),
+        "batch_size": spec.batches_of,
+        "norms": deltas.norms(),
+    }
     ctx.state.data["targets"] = target_summary(deltas, spec.hp)
     ctx.state.finish("edit", time.perf_counter() - t0)
     ctx.store.remove_batches()
@@ -237,17 +270,26 @@ def consistency_reference(spec: RunSpec, ctx: RunContext) -> ConsistencyReferenc
     return ctx.reference
 
 
-def evaluate_records(spec: RunSpec, ctx: RunContext, model: Any, tok: Any, phase: str,
-                     records: list | None = None) -> pd.DataFrame:
+def evaluate_records(
+    spec: RunSpec, ctx: RunContext, model: Any, tok: Any, phase: str, records: list | None = None
+) -> pd.DataFrame:
     """Per-record metrics of ``model`` on ``records`` (default: the selection), with a ``phase`` column."""
     records = ctx.records if records is None else records
     seed_all(spec.seed)
     if spec.dataset == "zsre":
         df = evaluate_zsre(model, tok, records, batch_size=spec.eval_batch_size, progress=ctx.progress)
     else:
-        df = evaluate_counterfact(model, tok, records, generation=spec.generation, n_gen_tokens=spec.n_gen_tokens,
-                                  batch_size=spec.eval_batch_size, seed=spec.seed,
-                                  reference=consistency_reference(spec, ctx), progress=ctx.progress)
+        df = evaluate_counterfact(
+            model,
+            tok,
+            records,
+            generation=spec.generation,
+            n_gen_tokens=spec.n_gen_tokens,
+            batch_size=spec.eval_batch_size,
+            seed=spec.seed,
+            reference=consistency_reference(spec, ctx),
+            progress=ctx.progress,
+        )
     df.insert(0, "phase", phase)
     return df
 
@@ -262,8 +304,9 @@ def eval_pre_phase(spec: RunSpec, ctx: RunContext, records: pd.DataFrame) -> pd.
     has_reference = consistency_reference(spec, ctx) is not None
     evaluate = partial(evaluate_records, spec, ctx, model, tok, "pre")
     if ctx.reuse_pre_eval:
-        records, n_reused = cached_pre_eval(model, tok, spec, ctx.records, has_reference=has_reference,
-                                            evaluate=evaluate)
+        records, n_reused = cached_pre_eval(
+            model, tok, spec, ctx.records, has_reference=has_reference, evaluate=evaluate
+        )
     else:
         records, n_reused = evaluate(ctx.records), 0
     ctx.state.set_output("records", ctx.store.write_records(records))
@@ -301,20 +344,27 @@ def eval_post_phase(spec: RunSpec, ctx: RunContext, records: pd.DataFrame, delta
     ctx.state.finish("eval_post", time.perf_counter() - t0, **extra)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
-def execute(spec: RunSpec, *, out_dir: str | Path | None, models: ModelSource, resume: bool = True,
-            progress: bool = True, reuse_pre_eval: bool = True) -> ExperimentResult:
+def execute(
+    spec: RunSpec,
+    *,
+    out_dir: str | Path | None,
+    models: ModelSource,
+    resume: bool = True,
+    progress: bool = True,
+    reuse_pre_eval: bool = True,
+) -> ExperimentResult:
     """Run (or resume) ``spec`` in ``out_dir``: load, covariance, edit, eval_pre, eval_post; a
     failure marks the run failed in run.json and is raised."""
     t_run = time.perf_counter()
     if models.preloaded:
         check_model_name(models.get(spec.model)[0], spec.model)
     store = RunDir.for_spec(spec, out_dir)
-    ctx = RunContext(store, RunState.open(store, spec, resume=resume), models, progress=progress,
-                     reuse_pre_eval=reuse_pre_eval)
+    ctx = RunContext(
+        store, RunState.open(store, spec, resume=resume), models, progress=progress, reuse_pre_eval=reuse_pre_eval
+    )
     load_phase(spec, ctx)
     records = store.read_records()
     try:
@@ -340,12 +390,27 @@ def execute(spec: RunSpec, *, out_dir: str | Path | None, models: ModelSource, r
     return ExperimentResult(store.path, summary, records, ctx.state.data)
 
 
-def run_experiment(model: str = DEFAULT_MODEL, method: str = "pmet", dataset: str = "counterfact",
-                   n_edits: int = 10, *, batch_size: int | None = None, mode: str = "batch",
-                   hparams: dict | None = None, seed: int = 0, subset: str = "first",
-                   out_dir: str | Path | None = None, generation: bool = True, n_gen_tokens: int = 100,
-                   eval_batch_size: int = 32, label: str | None = None, resume: bool = True,
-                   progress: bool = True, model_and_tokenizer=None, reuse_pre_eval: bool = True) -> ExperimentResult:
+def run_experiment(
+    model: str = DEFAULT_MODEL,
+    method: str = "pmet",
+    dataset: str = "counterfact",
+    n_edits: int = 10,
+    *,
+    batch_size: int | None = None,
+    mode: str = "batch",
+    hparams: dict | None = None,
+    seed: int = 0,
+    subset: str = "first",
+    out_dir: str | Path | None = None,
+    generation: bool = True,
+    n_gen_tokens: int = 100,
+    eval_batch_size: int = 32,
+    label: str | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    model_and_tokenizer=None,
+    reuse_pre_eval: bool = True,
+) -> ExperimentResult:
     """Edit ``n_edits`` facts of ``dataset`` into ``model`` with ``method`` and evaluate the model
     before and after, on the same records (method.md §6). See :mod:`pmetlab.runs` for the files.
 
@@ -382,8 +447,21 @@ def run_experiment(model: str = DEFAULT_MODEL, method: str = "pmet", dataset: st
         holds a run with other parameters. DatasetNotFoundError: dataset file unavailable.
     """
     models = GivenModel(model_and_tokenizer) if model_and_tokenizer is not None else default_model_pool()
-    spec = RunSpec.build(model=model, method=method, dataset=dataset, n_edits=n_edits, batch_size=batch_size,
-                         mode=mode, hparams=hparams, seed=seed, subset=subset, generation=generation,
-                         n_gen_tokens=n_gen_tokens, eval_batch_size=eval_batch_size, label=label)
-    return execute(spec, out_dir=out_dir, models=models, resume=resume, progress=progress,
-                   reuse_pre_eval=reuse_pre_eval)
+    spec = RunSpec.build(
+        model=model,
+        method=method,
+        dataset=dataset,
+        n_edits=n_edits,
+        batch_size=batch_size,
+        mode=mode,
+        hparams=hparams,
+        seed=seed,
+        subset=subset,
+        generation=generation,
+        n_gen_tokens=n_gen_tokens,
+        eval_batch_size=eval_batch_size,
+        label=label,
+    )
+    return execute(
+        spec, out_dir=out_dir, models=models, resume=resume, progress=progress, reuse_pre_eval=reuse_pre_eval
+    )

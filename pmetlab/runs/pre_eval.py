@@ -9,6 +9,7 @@ the consistency reference is present, and the record itself). Generation is seed
 record's metrics do not depend on the others. The store writes atomically, checks the key and a
 checksum on load and treats a damaged entry as missing, so that record is evaluated again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,10 +36,19 @@ PRE_EVAL_FORMAT = 3
 
 def pre_eval_setting(model: Model, tok: Tokenizer, spec: RunSpec, *, has_reference: bool) -> dict[str, Any]:
     """Everything but the record that the pre-edit metrics of one record depend on."""
-    return {"format": PRE_EVAL_FORMAT, "pmetlab": __version__, "model_class": type(model).__name__,
-            "weights": weights_fingerprint(model), "tokenizer": tokenizer_identity(tok), "dataset": spec.dataset,
-            "generation": spec.generation, "n_gen_tokens": spec.n_gen_tokens, "seed": spec.seed,
-            "eval_batch_size": spec.eval_batch_size, "consistency_reference": has_reference}
+    return {
+        "format": PRE_EVAL_FORMAT,
+        "pmetlab": __version__,
+        "model_class": type(model).__name__,
+        "weights": weights_fingerprint(model),
+        "tokenizer": tokenizer_identity(tok),
+        "dataset": spec.dataset,
+        "generation": spec.generation,
+        "n_gen_tokens": spec.n_gen_tokens,
+        "seed": spec.seed,
+        "eval_batch_size": spec.eval_batch_size,
+        "consistency_reference": has_reference,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,15 +67,22 @@ def _plain(v: Any) -> Any:
 
 def _encode_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
     cols, dtypes = [str(c) for c in df.columns], [str(t) for t in df.dtypes]
-    return [{"columns": cols, "dtypes": dtypes, "values": [_plain(v) for v in row]}
-            for row in df.itertuples(index=False, name=None)]
+    return [
+        {"columns": cols, "dtypes": dtypes, "values": [_plain(v) for v in row]}
+        for row in df.itertuples(index=False, name=None)
+    ]
 
 
 def _valid_entry(entry: Any) -> bool:
-    return (isinstance(entry, dict) and isinstance(entry.get("columns"), list)
-            and isinstance(entry.get("dtypes"), list) and isinstance(entry.get("values"), list)
-            and len(entry["columns"]) == len(entry["dtypes"]) == len(entry["values"]) and "phase" in entry["columns"]
-            and entry["values"][entry["columns"].index("phase")] == "pre")
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("columns"), list)
+        and isinstance(entry.get("dtypes"), list)
+        and isinstance(entry.get("values"), list)
+        and len(entry["columns"]) == len(entry["dtypes"]) == len(entry["values"])
+        and "phase" in entry["columns"]
+        and entry["values"][entry["columns"].index("phase")] == "pre"
+    )
 
 
 def _decode_rows(entries: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -111,9 +128,16 @@ def _save(store: KeyedStore, setting: Mapping[str, Any], prefix: str, keys: Sequ
         store.save_json({**setting, "record": k}, row, prefix=prefix)
 
 
-def cached_pre_eval(model: Model, tok: Tokenizer, spec: RunSpec, records: Sequence[Mapping[str, Any]], *,
-                    has_reference: bool, evaluate: Callable[[list], pd.DataFrame],
-                    store: KeyedStore | None = None) -> tuple[pd.DataFrame, int]:
+def cached_pre_eval(
+    model: Model,
+    tok: Tokenizer,
+    spec: RunSpec,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    has_reference: bool,
+    evaluate: Callable[[list], pd.DataFrame],
+    store: KeyedStore | None = None,
+) -> tuple[pd.DataFrame, int]:
     """The unedited model's metrics of ``records`` (one row each, in order), evaluating with
     ``evaluate(records) -> DataFrame`` only the records not in the cache.
 

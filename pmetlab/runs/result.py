@@ -1,5 +1,6 @@
 """What a run produced: :class:`ExperimentResult` (returned by ``run_experiment``, read back by
 ``load_run``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -2,6 +2,7 @@
 (phases, status, atomic saves), per-record metrics (parquet, or CSV without pyarrow) and
 ``summary.csv``. See :mod:`pmetlab.runs` for what each file holds.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,19 @@ from .spec import RunSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunDir", "RunState", "RunMismatchError", "RUN_FORMAT", "PHASES", "DEFAULT_RUNS_DIR", "LIST_COLUMNS",
-           "read_records", "write_records", "summary_table", "parquet_ok"]
+__all__ = [
+    "RunDir",
+    "RunState",
+    "RunMismatchError",
+    "RUN_FORMAT",
+    "PHASES",
+    "DEFAULT_RUNS_DIR",
+    "LIST_COLUMNS",
+    "read_records",
+    "write_records",
+    "summary_table",
+    "parquet_ok",
+]
 
 RUN_FORMAT = 1
 PHASES = ("load", "covariance", "edit", "eval_pre", "eval_post")
@@ -50,6 +62,7 @@ def parquet_ok() -> bool:
     """Whether records are written as parquet (pyarrow importable) rather than CSV."""
     try:
         import pyarrow  # noqa: F401
+
         return True
     except ImportError:
         return False
@@ -74,8 +87,12 @@ def write_records(folder: Path, df: pd.DataFrame) -> Path:
         path = folder / "records.csv"
         for c in LIST_COLUMNS:
             if c in out.columns:
-                out[c] = [json.dumps([x.item() if hasattr(x, "item") else x for x in v])
-                          if isinstance(v, (list, tuple, np.ndarray)) else None for v in out[c]]
+                out[c] = [
+                    json.dumps([x.item() if hasattr(x, "item") else x for x in v])
+                    if isinstance(v, (list, tuple, np.ndarray))
+                    else None
+                    for v in out[c]
+                ]
         with atomic_path(path) as tmp:
             out.to_csv(tmp, index=False)
     return path
@@ -186,8 +203,9 @@ class RunDir:
         try:
             return json.loads(self.run_json.read_text())
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{self.run_json} is unreadable ({type(exc).__name__}: {exc}); pass resume=False to "
-                             f"start the run over") from None
+            raise ValueError(
+                f"{self.run_json} is unreadable ({type(exc).__name__}: {exc}); pass resume=False to start the run over"
+            ) from None
 
     def read_records(self) -> pd.DataFrame:
         return read_records(self.path)
@@ -238,10 +256,23 @@ class RunState:
             logger.info("resume=False: deleting the previous run in %s", store.path)
         store.clear()
         store.path.mkdir(parents=True, exist_ok=True)
-        data = {"format": RUN_FORMAT, "status": "running", "created_at": now(), "params": spec.params,
-                "spec": spec.to_dict(), "label": spec.label, "hparams_overrides": spec.overrides,
-                "hparams_preset": spec.preset, "seed": spec.seed, "versions": versions(), "model": None,
-                "dataset": None, "phases": {p: {"status": "pending"} for p in PHASES}, "wall_s": {}, "outputs": {}}
+        data = {
+            "format": RUN_FORMAT,
+            "status": "running",
+            "created_at": now(),
+            "params": spec.params,
+            "spec": spec.to_dict(),
+            "label": spec.label,
+            "hparams_overrides": spec.overrides,
+            "hparams_preset": spec.preset,
+            "seed": spec.seed,
+            "versions": versions(),
+            "model": None,
+            "dataset": None,
+            "phases": {p: {"status": "pending"} for p in PHASES},
+            "wall_s": {},
+            "outputs": {},
+        }
         state = cls(store, data)
         state.save()
         return state
@@ -251,23 +282,32 @@ class RunState:
         data = store.read_run()
         where = store.path
         if data.get("format") != RUN_FORMAT:
-            raise RunMismatchError(f"{where} holds a run of format {data.get('format')!r}, not {RUN_FORMAT}; "
-                                   f"use another out_dir or resume=False to start over")
+            raise RunMismatchError(
+                f"{where} holds a run of format {data.get('format')!r}, not {RUN_FORMAT}; "
+                f"use another out_dir or resume=False to start over"
+            )
         params = spec.params
         if data.get("params") != params:
             changes = diff(data.get("params") or {}, params)
             raise RunMismatchError(
                 f"{where} already holds a run with other parameters ({'; '.join(changes[:8])}"
-                f"{'; ...' if len(changes) > 8 else ''}); use another out_dir, or resume=False to start over")
+                f"{'; ...' if len(changes) > 8 else ''}); use another out_dir, or resume=False to start over"
+            )
         cur = versions()
         if data.get("versions") != cur:
-            logger.warning("resuming %s with other package versions than it started with: %s", where,
-                           "; ".join(diff(data.get("versions") or {}, cur)))
+            logger.warning(
+                "resuming %s with other package versions than it started with: %s",
+                where,
+                "; ".join(diff(data.get("versions") or {}, cur)),
+            )
             data.setdefault("resumes", []).append({"at": now(), "versions": cur})
         data["label"] = spec.label
         data["spec"] = spec.to_dict()  # the label and the evaluation batch size may differ between invocations
-        logger.info("resuming %s (done: %s)", where,
-                    [p for p, v in data.get("phases", {}).items() if v.get("status") == "done"] or "nothing")
+        logger.info(
+            "resuming %s (done: %s)",
+            where,
+            [p for p, v in data.get("phases", {}).items() if v.get("status") == "done"] or "nothing",
+        )
         return cls(store, data)
 
     def save(self) -> None:
@@ -302,4 +342,3 @@ class RunState:
         self.data.pop("error", None)
         self.data.setdefault("wall_s", {})["last_invocation"] = round(last_invocation_s, 3)
         self.save()
-

@@ -5,6 +5,7 @@ hyperparameters for the model (:func:`resolve_hparams`: the preset for the model
 overrides) and returns the spec that the phases, the run directory, the summaries and the sweeps
 all read. Nothing here loads a model or a dataset, so a bad argument fails before any work.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,18 @@ from ..hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunSpec", "resolve_hparams", "preset_name", "summary_columns", "safe_name", "METHODS", "DATASETS",
-           "MODES", "SUBSETS", "DEFAULT_MODEL"]
+__all__ = [
+    "RunSpec",
+    "resolve_hparams",
+    "preset_name",
+    "summary_columns",
+    "safe_name",
+    "METHODS",
+    "DATASETS",
+    "MODES",
+    "SUBSETS",
+    "DEFAULT_MODEL",
+]
 
 METHODS = ("pmet", "memit", "none")
 DATASETS = ("counterfact", "multi_counterfact", "zsre")
@@ -39,8 +50,7 @@ _HP_CLASSES: dict[str, type[EditHyperParams]] = {"pmet": PMETHyperParams, "memit
 # ---------------------------------------------------------------------------------------------
 # hyperparameters
 # ---------------------------------------------------------------------------------------------
-def resolve_hparams(model: str, method: str, overrides: Mapping[str, Any] | None = None
-                    ) -> EditHyperParams | None:
+def resolve_hparams(model: str, method: str, overrides: Mapping[str, Any] | None = None) -> EditHyperParams | None:
     """The hyperparameters a run uses: the method's preset for ``model`` (class defaults when there
     is none) with ``overrides`` applied. None for method "none" (overrides are still checked).
 
@@ -125,11 +135,20 @@ def safe_name(s: Any) -> str:
     return s or "x"
 
 
-def summary_columns(*, label: str | None, model: Any, method: Any, dataset: Any, n_edits: Any, mode: Any,
-                    batch_size: Any, seed: Any) -> dict[str, Any]:
+def summary_columns(
+    *, label: str | None, model: Any, method: Any, dataset: Any, n_edits: Any, mode: Any, batch_size: Any, seed: Any
+) -> dict[str, Any]:
     """The run columns at the front of every ``summary.csv`` (``label`` only when given)."""
-    cols = {"label": label, "model": model, "method": method, "dataset": dataset, "n_edits": n_edits,
-            "mode": mode, "batch_size": batch_size, "seed": seed}
+    cols = {
+        "label": label,
+        "model": model,
+        "method": method,
+        "dataset": dataset,
+        "n_edits": n_edits,
+        "mode": mode,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
     if label is None:
         cols.pop("label")
     return cols
@@ -177,11 +196,23 @@ class RunSpec:
     preset: str | None = None
 
     @classmethod
-    def build(cls, *, model: str = DEFAULT_MODEL, method: str = "pmet", dataset: str = "counterfact",
-              n_edits: int = 10, batch_size: int | None = None, mode: str = "batch",
-              hparams: Mapping[str, Any] | None = None, seed: int = 0, subset: str = "first",
-              generation: bool = True, n_gen_tokens: int = 100, eval_batch_size: int = 32,
-              label: str | None = None) -> RunSpec:
+    def build(
+        cls,
+        *,
+        model: str = DEFAULT_MODEL,
+        method: str = "pmet",
+        dataset: str = "counterfact",
+        n_edits: int = 10,
+        batch_size: int | None = None,
+        mode: str = "batch",
+        hparams: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        subset: str = "first",
+        generation: bool = True,
+        n_gen_tokens: int = 100,
+        eval_batch_size: int = 32,
+        label: str | None = None,
+    ) -> RunSpec:
         """Check every argument and resolve the hyperparameters (see :func:`run_experiment` for
         what each means). ``hparams`` overrides the method's preset for ``model``; its ``seed``
         defaults to ``seed``.
@@ -210,10 +241,23 @@ class RunSpec:
         # one seed for everything unless the hyperparameters set their own
         effective = overrides if method == "none" or "seed" in overrides else {**overrides, "seed": seed}
         hp = resolve_hparams(model, method, effective)
-        return cls(model=model, method=method, dataset=dataset, n_edits=n_edits, batch_size=batch_size, mode=mode,
-                   seed=seed, subset=subset, generation=generation, n_gen_tokens=n_gen_tokens,
-                   eval_batch_size=eval_batch_size, label=label, hp=hp, overrides=overrides,
-                   preset=preset_name(model, method))
+        return cls(
+            model=model,
+            method=method,
+            dataset=dataset,
+            n_edits=n_edits,
+            batch_size=batch_size,
+            mode=mode,
+            seed=seed,
+            subset=subset,
+            generation=generation,
+            n_gen_tokens=n_gen_tokens,
+            eval_batch_size=eval_batch_size,
+            label=label,
+            hp=hp,
+            overrides=overrides,
+            preset=preset_name(model, method),
+        )
 
     # --- derived settings ------------------------------------------------------------------
     @property
@@ -235,26 +279,47 @@ class RunSpec:
     def params(self) -> dict[str, Any]:
         """What identifies the run on disk (``run.json["params"]``): resuming with other params is
         refused. The label, the evaluation batch size and the run options are not part of it."""
-        p = {"model": self.model, "method": self.method, "dataset": self.dataset, "n_edits": self.n_edits,
-             "batch_size": self.batch_size, "mode": self.mode, "seed": self.seed, "subset": self.subset,
-             "generation": self.generation if self.dataset != "zsre" else None,
-             "n_gen_tokens": self.n_gen_tokens if self.generates else None,
-             "hparams": self.hp.to_dict() if self.hp is not None else None}
+        p = {
+            "model": self.model,
+            "method": self.method,
+            "dataset": self.dataset,
+            "n_edits": self.n_edits,
+            "batch_size": self.batch_size,
+            "mode": self.mode,
+            "seed": self.seed,
+            "subset": self.subset,
+            "generation": self.generation if self.dataset != "zsre" else None,
+            "n_gen_tokens": self.n_gen_tokens if self.generates else None,
+            "hparams": self.hp.to_dict() if self.hp is not None else None,
+        }
         return json.loads(json.dumps(p))  # tuples -> lists, as they come back from run.json
 
     def to_dict(self) -> dict[str, Any]:
         """Every setting, JSON-able (``run.json["spec"]``): the params plus the evaluation batch
         size, the label, the overrides as given, the preset and the covariance spec."""
         cov = self.covariance
-        d = {**self.params, "eval_batch_size": self.eval_batch_size, "label": self.label,
-             "hparams_overrides": self.overrides, "hparams_preset": self.preset,
-             "covariance": cov.to_dict() if cov is not None else None}
+        d = {
+            **self.params,
+            "eval_batch_size": self.eval_batch_size,
+            "label": self.label,
+            "hparams_overrides": self.overrides,
+            "hparams_preset": self.preset,
+            "covariance": cov.to_dict() if cov is not None else None,
+        }
         return json.loads(json.dumps(d, default=str))
 
     def summary_columns(self) -> dict[str, Any]:
         """The run columns of this run's ``summary.csv`` rows."""
-        return summary_columns(label=self.label, model=self.model, method=self.method, dataset=self.dataset,
-                               n_edits=self.n_edits, mode=self.mode, batch_size=self.batch_size, seed=self.seed)
+        return summary_columns(
+            label=self.label,
+            model=self.model,
+            method=self.method,
+            dataset=self.dataset,
+            n_edits=self.n_edits,
+            mode=self.mode,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
 
     def default_dir_name(self) -> str:
         """``<model>_<method>_<dataset>_n<n>[_bs<b>][_sequential][_sample]_seed<s>[_hp<hash>]``."""

@@ -1,6 +1,7 @@
 """Sweeps: one run per grid entry, each in its own sub-directory, every entry validated (as a
 :class:`RunSpec`) before anything runs; the rows carry the grid keys and every run's resolved
 settings and hyperparameters."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,21 @@ logger = logging.getLogger(__name__)
 __all__ = ["run_sweep", "SPEC_KEYS", "OPTION_KEYS", "SWEEP_KEYS"]
 
 #: Keys that make up a run (the arguments of :meth:`RunSpec.build`).
-SPEC_KEYS = ("model", "method", "dataset", "n_edits", "batch_size", "mode", "hparams", "seed", "subset",
-             "generation", "n_gen_tokens", "eval_batch_size", "label")
+SPEC_KEYS = (
+    "model",
+    "method",
+    "dataset",
+    "n_edits",
+    "batch_size",
+    "mode",
+    "hparams",
+    "seed",
+    "subset",
+    "generation",
+    "n_gen_tokens",
+    "eval_batch_size",
+    "label",
+)
 #: How runs execute, not what they are (defaults: True).
 OPTION_KEYS = ("resume", "progress", "reuse_pre_eval")
 #: An already loaded (model, tokenizer) for the runs (not part of slugs or columns).
@@ -49,8 +63,10 @@ def _grid_slug(entry: Mapping[str, Any]) -> str:
         if k == MODEL_KEY:
             continue
         if isinstance(v, Mapping):
-            parts += [f"{safe_name(sk)}-{safe_name(json.dumps(sv) if isinstance(sv, (list, tuple)) else sv)}"
-                      for sk, sv in v.items()]
+            parts += [
+                f"{safe_name(sk)}-{safe_name(json.dumps(sv) if isinstance(sv, (list, tuple)) else sv)}"
+                for sk, sv in v.items()
+            ]
         else:
             parts.append(f"{safe_name(k)}-{safe_name(v)}")
     slug = "__".join(parts) or "default"
@@ -81,8 +97,9 @@ def _check_keys(grid: list, common: Mapping[str, Any]) -> None:
             raise ValueError(f"grid entry {i} must be a dict of run arguments, got {type(g).__name__}: {g!r}")
     bad = sorted({str(k) for g in [common, *grid] for k in g if k not in SWEEP_KEYS})
     if bad:
-        raise KeyError(f"unknown run_experiment argument(s) {bad} in the sweep (out_dir is the sweep's); "
-                       f"valid: {list(SWEEP_KEYS)}")
+        raise KeyError(
+            f"unknown run_experiment argument(s) {bad} in the sweep (out_dir is the sweep's); valid: {list(SWEEP_KEYS)}"
+        )
 
 
 def _plan(grid: Sequence[Mapping], common: Mapping[str, Any]) -> list[_Planned]:
