@@ -1,5 +1,6 @@
 """Model loading and architecture adapters."""
 
+from . import families  # noqa: F401  (registers the built-in adapters)
 from .adapters import (
     ArchSpec,
     ModelAdapter,

@@ -44,8 +44,8 @@ Modules: :mod:`~pmetlab.runs.spec` (``RunSpec``, ``resolve_hparams``), :mod:`~pm
 from __future__ import annotations
 
 from .edits import target_summary
+from .experiment import run_experiment
 from .load import load_run, summarize_runs, with_run_columns
-from .phases import run_experiment
 from .result import ExperimentResult
 from .rundir import PHASES, RunDir, RunMismatchError, RunState
 from .spec import DATASETS, DEFAULT_MODEL, METHODS, MODES, SUBSETS, RunSpec, resolve_hparams

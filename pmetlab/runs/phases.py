@@ -1,5 +1,5 @@
 """The phases of a run, each a short function of the :class:`RunSpec` and the :class:`RunContext`,
-and :func:`run_experiment`, which composes them (see :mod:`pmetlab.runs` for the files).
+composed by :func:`pmetlab.runs.experiment.run_experiment` (see :mod:`pmetlab.runs` for the files).
 
 Everything that does heavy work (loading, statistics, editing, evaluation) is called through a
 name of this module, so tests can replace it here.
@@ -12,7 +12,6 @@ import random
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,18 +36,15 @@ from ..editing.deltas import Deltas, apply_deltas_, restore_
 from ..evaluation import evaluate_counterfact, evaluate_zsre, relative_specificity
 from ..models.loading import load_model, model_identity
 from ..stats import layer_covariances
-from .context import GivenModel, ModelPair, ModelPool, ModelSource, RunContext, check_model_name
+from .context import ModelPair, ModelPool, RunContext, check_model_name
 from .edits import combine_batches, target_summary
 from .pre_eval import cached_pre_eval
-from .result import ExperimentResult
-from .rundir import RunDir, RunMismatchError, RunState, now, summary_table
-from .spec import DEFAULT_MODEL, RunSpec
+from .rundir import RunMismatchError, now, summary_table
+from .spec import RunSpec
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "run_experiment",
-    "execute",
     "default_model_pool",
     "load_phase",
     "covariance_phase",
@@ -342,126 +338,3 @@ def eval_post_phase(spec: RunSpec, ctx: RunContext, records: pd.DataFrame, delta
     post = post.drop(columns="relative_specificity", errors="ignore").merge(rs, on="case_id", how="left")
     ctx.state.set_output("records", ctx.store.write_records(pd.concat([pre, post], ignore_index=True)))
     ctx.state.finish("eval_post", time.perf_counter() - t0, **extra)
-
-
-# ---------------------------------------------------------------------------------------------
-# the run
-# ---------------------------------------------------------------------------------------------
-def execute(
-    spec: RunSpec,
-    *,
-    out_dir: str | Path | None,
-    models: ModelSource,
-    resume: bool = True,
-    progress: bool = True,
-    reuse_pre_eval: bool = True,
-) -> ExperimentResult:
-    """Run (or resume) ``spec`` in ``out_dir``: load, covariance, edit, eval_pre, eval_post; a
-    failure marks the run failed in run.json and is raised."""
-    t_run = time.perf_counter()
-    if models.preloaded:
-        check_model_name(models.get(spec.model)[0], spec.model)
-    store = RunDir.for_spec(spec, out_dir)
-    ctx = RunContext(
-        store, RunState.open(store, spec, resume=resume), models, progress=progress, reuse_pre_eval=reuse_pre_eval
-    )
-    load_phase(spec, ctx)
-    records = store.read_records()
-    try:
-        deltas = None
-        if spec.method == "none":
-            skip_edit(ctx)
-        elif edit_needed(spec, ctx):
-            deltas = edit_phase(spec, ctx, covariance_phase(spec, ctx))
-        else:
-            logger.info("edit reused from %s", store.deltas)
-        records = eval_pre_phase(spec, ctx, records)
-        eval_post_phase(spec, ctx, records, deltas)
-    except BaseException as exc:
-        ctx.state.fail(exc)
-        raise
-    finally:
-        close_load_phase(ctx)
-    records = store.read_records()
-    summary = summary_table(records, spec.summary_columns())
-    ctx.state.set_output("summary", store.write_summary(summary))
-    ctx.state.complete(time.perf_counter() - t_run)
-    logger.info("run %s complete", store.path)
-    return ExperimentResult(store.path, summary, records, ctx.state.data)
-
-
-def run_experiment(
-    model: str = DEFAULT_MODEL,
-    method: str = "pmet",
-    dataset: str = "counterfact",
-    n_edits: int = 10,
-    *,
-    batch_size: int | None = None,
-    mode: str = "batch",
-    hparams: dict | None = None,
-    seed: int = 0,
-    subset: str = "first",
-    out_dir: str | Path | None = None,
-    generation: bool = True,
-    n_gen_tokens: int = 100,
-    eval_batch_size: int = 32,
-    label: str | None = None,
-    resume: bool = True,
-    progress: bool = True,
-    model_and_tokenizer=None,
-    reuse_pre_eval: bool = True,
-) -> ExperimentResult:
-    """Edit ``n_edits`` facts of ``dataset`` into ``model`` with ``method`` and evaluate the model
-    before and after, on the same records (method.md §6). See :mod:`pmetlab.runs` for the files.
-
-    Args:
-        model: an embedded model name or a path (what :func:`pmetlab.load_model` takes); also the
-            preset looked up for ``hparams``. With ``model_and_tokenizer`` it names that model.
-        method: "pmet", "memit", or "none" (no edit: post = pre, a baseline row).
-        dataset: "counterfact", "multi_counterfact" (without its file: CounterFact minus conflicting
-            (subject, relation) pairs, recorded in run.json) or "zsre".
-        n_edits: number of records edited and evaluated.
-        batch_size: requests per compute_deltas call (None: all in one batch).
-        mode: "batch": every batch computed on the unedited model, all applied together;
-            "sequential": batch i computed on the model edited by batches < i (covariances are
-            those of the unedited model).
-        hparams: overrides of the method's preset for ``model`` (class defaults when there is none);
-            an unknown key raises KeyError before any work. ``seed`` defaults to the run's seed.
-        seed: seeds the subset ("sample"), the edit (context prefixes) and generation sampling.
-        subset: "first" n_edits records or a seeded "sample".
-        out_dir: the run directory (default ``runs/<model>_<method>_<dataset>_n<n>_..._seed<seed>``).
-        generation: CounterFact fluency/consistency (generates ``n_gen_tokens`` per prompt).
-        eval_batch_size: prompt pairs per forward pass in evaluation.
-        label: a free name carried into the summary (not part of the run's identity).
-        resume: reuse the finished phases of a run with the same parameters in ``out_dir``;
-            False deletes that run and starts over.
-        model_and_tokenizer: an already loaded ``(model, tokenizer)``; it is left unedited.
-        reuse_pre_eval: reuse the unedited model's metrics of records evaluated by earlier runs
-            with the same model and settings (:mod:`pmetlab.runs.pre_eval`); False evaluates all.
-
-    Returns:
-        :class:`ExperimentResult` (run_dir, summary, records, run).
-
-    Raises:
-        KeyError: unknown hyperparameter. ValueError: bad argument. RunMismatchError: ``out_dir``
-        holds a run with other parameters. DatasetNotFoundError: dataset file unavailable.
-    """
-    models = GivenModel(model_and_tokenizer) if model_and_tokenizer is not None else default_model_pool()
-    spec = RunSpec.build(
-        model=model,
-        method=method,
-        dataset=dataset,
-        n_edits=n_edits,
-        batch_size=batch_size,
-        mode=mode,
-        hparams=hparams,
-        seed=seed,
-        subset=subset,
-        generation=generation,
-        n_gen_tokens=n_gen_tokens,
-        eval_batch_size=eval_batch_size,
-        label=label,
-    )
-    return execute(
-        spec, out_dir=out_dir, models=models, resume=resume, progress=progress, reuse_pre_eval=reuse_pre_eval
-    )

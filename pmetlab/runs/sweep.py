@@ -15,8 +15,9 @@ import pandas as pd
 
 from ..cache import stable_hash
 from .context import GivenModel, ModelSource
+from .experiment import execute
 from .load import with_run_columns
-from .phases import default_model_pool, execute
+from .phases import default_model_pool
 from .spec import RunSpec, safe_name
 
 logger = logging.getLogger(__name__)

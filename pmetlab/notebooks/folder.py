@@ -1,0 +1,182 @@
+"""The notebook folder: where it is, which notebooks it holds, their parameters and outputs."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: ``<repo>/notebooks`` (the package is installed editable, so the repo is its parent).
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent.parent / "notebooks"
+
+#: Files each notebook writes into its ``OUTPUT_DIR`` (figures: PNG, PDF and the CSV of the
+#: numbers drawn; tables: CSV; text: Markdown). Names carry the notebook's number, so all
+#: notebooks can share one output folder.
+EXPECTED_OUTPUTS: dict[str, list[str]] = {
+    "01_component_similarity": [
+        "01_similarity.png",
+        "01_similarity.pdf",
+        "01_similarity.csv",
+        "01_similarity_residual.png",
+        "01_similarity_residual.pdf",
+        "01_similarity_residual.csv",
+        "01_similarity_by_depth.csv",
+        "01_reading.md",
+    ],
+    "02_edit_walkthrough": [
+        "02_optimization_trace.png",
+        "02_optimization_trace.pdf",
+        "02_optimization_trace.csv",
+        "02_update_norms.png",
+        "02_update_norms.pdf",
+        "02_update_norms.csv",
+        "02_predictions.csv",
+        "02_record_metrics.csv",
+        "02_generations.csv",
+        "02_checks.csv",
+    ],
+    "03_reliability_specificity": [
+        "03_tradeoff.png",
+        "03_tradeoff.pdf",
+        "03_tradeoff.csv",
+        "03_reliability_specificity.csv",
+    ],
+    "04_ablations": [
+        "04_ablation.png",
+        "04_ablation.pdf",
+        "04_ablation.csv",
+        "04_spread_sweep.png",
+        "04_spread_sweep.pdf",
+        "04_spread_sweep.csv",
+        "04_lambda_sweep.png",
+        "04_lambda_sweep.pdf",
+        "04_lambda_sweep.csv",
+        "04_ablations.csv",
+    ],
+}
+
+#: jupytext's ``formats`` metadata of every notebook: the .ipynb paired with a percent-format .py.
+PAIRED_FORMATS = "ipynb,py:percent"
+
+_REPORT = "report.json"
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f", ""}
+
+
+def _locate_dir(path: str | os.PathLike | None = None) -> Path:
+    """The folder holding the notebooks: ``path`` when given, else ``<repo>/notebooks``."""
+    d = Path(path).expanduser() if path is not None else NOTEBOOKS_DIR
+    if not d.is_dir():
+        hint = (
+            ""
+            if path is not None
+            else " (pmetlab must be installed editable from its repository, "
+            "`pip install -e .`, for the notebooks to be found; or pass notebooks_dir=)"
+        )
+        raise FileNotFoundError(f"notebook folder {str(d)!r} does not exist{hint}")
+    return d
+
+
+def list_notebooks(notebooks_dir: str | os.PathLike | None = None) -> list[str]:
+    """Names (file stems, e.g. ``"01_component_similarity"``) of the notebooks, in order.
+
+    Every ``*.ipynb`` of the folder except hidden files, names starting with ``_`` and
+    checkpoint copies.
+    """
+    d = _locate_dir(notebooks_dir)
+    return sorted(
+        p.stem for p in d.glob("*.ipynb") if not p.name.startswith((".", "_")) and not p.stem.endswith("-checkpoint")
+    )
+
+
+def _resolve_names(names: Sequence[str] | str | None, available: list[str]) -> list[str]:
+    """Accept full stems, file names (``.ipynb``), the number prefix ("01", "1") or the title part
+    ("edit_walkthrough"); unknown or ambiguous names are an error naming the choices."""
+    if names is None:
+        return list(available)
+    if isinstance(names, str):
+        names = [names]
+    out: list[str] = []
+    for raw in names:
+        name = Path(str(raw)).name
+        name = name[: -len(".ipynb")] if name.endswith(".ipynb") else name
+        if name in available:
+            hits = [name]
+        else:
+            number = name.zfill(2) if name.isdigit() else None
+            hits = [
+                a
+                for a in available
+                if (number is not None and a.split("_", 1)[0] == number) or (a.split("_", 1)[-1] == name)
+            ]
+        if len(hits) != 1:
+            what = "matches several notebooks: " + ", ".join(hits) if hits else "is not a notebook"
+            raise ValueError(f"notebook {raw!r} {what}; available: {', '.join(available) or '(none)'}")
+        if hits[0] not in out:
+            out.append(hits[0])
+    return out
+
+
+def notebook_parameters(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The parameters a notebook declares in its ``parameters`` cell:
+    ``{name: {"default": source text, "type": the default's type name ("int", "str", ...) or None}}``."""
+    import papermill
+
+    out = {}
+    for k, v in papermill.inspect_notebook(str(path)).items():
+        declared = v.get("inferred_type_name")  # papermill infers it from annotations only
+        try:
+            declared = type(ast.literal_eval(v.get("default") or "")).__name__
+        except (ValueError, SyntaxError):
+            pass
+        out[k] = {"default": v.get("default"), "type": declared if declared not in ("None", "NoneType") else None}
+    return out
+
+
+def _coerce(name: str, value: Any, declared_type: str | None, notebook: str) -> Any:
+    """Turn a string given on the command line into the declared parameter's type."""
+    if not isinstance(value, str) or declared_type in (None, "None", "str"):
+        return value
+    v = value.strip()
+    try:
+        if declared_type == "bool":
+            if v.lower() in _TRUE:
+                return True
+            if v.lower() in _FALSE:
+                return False
+            raise ValueError(v)
+        if declared_type == "int":
+            return int(v)
+        if declared_type == "float":
+            return float(v)
+    except ValueError:
+        raise ValueError(
+            f"parameter {name}={value!r} for notebook {notebook}: expected type {declared_type} "
+            f"(the type of its default), got {value!r}"
+        ) from None
+    return value
+
+
+def _files(out: Path) -> dict[str, tuple[int, int]]:
+    """``{relative path: (mtime_ns, size)}`` of the plain files under ``out``."""
+    res = {}
+    for p in out.rglob("*"):
+        if p.is_file() and not p.name.startswith("."):
+            st = p.stat()
+            res[p.relative_to(out).as_posix()] = (st.st_mtime_ns, st.st_size)
+    return res
+
+
+def _error_of(exc: BaseException) -> tuple[str, int | None]:
+    """One line naming the error, and the failing cell's index when known."""
+    ename = getattr(exc, "ename", None)
+    if ename is not None:  # papermill.PapermillExecutionError
+        evalue = str(getattr(exc, "evalue", "")).strip().splitlines()
+        return f"{ename}: {evalue[-1] if evalue else ''}".strip().rstrip(":"), getattr(exc, "cell_index", None)
+    lines = [l for l in str(exc).strip().splitlines() if l.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}".strip().rstrip(":"), None

@@ -1,0 +1,260 @@
+"""Executing notebooks with papermill, one fresh kernel each, with a report of what ran."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..cache import atomic_write_json
+from .folder import (
+    _REPORT,
+    EXPECTED_OUTPUTS,
+    _coerce,
+    _error_of,
+    _files,
+    _locate_dir,
+    _resolve_names,
+    list_notebooks,
+    notebook_parameters,
+)
+from .pairs import check_pairs
+
+logger = logging.getLogger(__name__)
+
+
+def run_notebooks(
+    out_dir: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    smoke: bool = False,
+    notebooks_dir: str | os.PathLike | None = None,
+    timeout: int | None = None,
+    *,
+    kernel_name: str | None = None,
+    threads: int | None = None,
+) -> list[dict]:
+    """Execute notebooks with papermill, one at a time, each in a fresh kernel.
+
+    Args:
+        out_dir: where the executed copies (``NAME.ipynb``), the figures/tables and
+            ``report.json`` go; created when missing. It is passed as ``OUTPUT_DIR`` and is the
+            kernels' working directory.
+        names: notebooks to run (stems such as ``"02_edit_walkthrough"``, the number ``"02"`` or
+            the title ``"edit_walkthrough"``); default: all of :func:`list_notebooks`.
+        parameters: overrides of the notebooks' ``parameters`` cells. A notebook gets only the
+            names it declares; strings are converted to the declared type (``"8"`` -> 8,
+            ``"true"`` -> True). A name no selected notebook declares is an error.
+        smoke: run with ``SMOKE=True`` (tiny sizes, every file still written), unless
+            ``parameters`` sets ``SMOKE`` itself.
+        notebooks_dir: folder of the notebooks (default ``<repo>/notebooks``).
+        timeout: per-cell time limit in seconds (papermill's ``execution_timeout``); None: no limit.
+        kernel_name: Jupyter kernel (default: the one each notebook names, ``python3``).
+        threads: CPU threads of each kernel's torch/BLAS (``OMP_NUM_THREADS`` and
+            ``MKL_NUM_THREADS`` for the kernels). None: ``$OMP_NUM_THREADS`` when set, else 1 —
+            on a 2-core machine shared with other jobs, two spin-waiting threads per process made
+            the model ~5x slower than one (the test suite runs single-threaded for the same
+            reason). 0: leave it to torch (all cores).
+
+    Returns:
+        One dict per notebook, in run order: ``name``, ``status`` ("ok" or "failed"),
+        ``seconds``, ``error`` (one line, None when ok), ``cell`` (index of the failing cell in
+        the executed copy, or None), ``notebook`` (the executed copy), ``outputs`` (files written
+        or updated during the run, relative to ``out_dir``), ``missing`` (expected files of
+        :data:`EXPECTED_OUTPUTS` not written, or empty). A notebook that ran without error but
+        left an expected file missing counts as failed.
+
+    Raises:
+        NotebookPairError: a chosen notebook's ``.ipynb`` and ``.py`` disagree (see
+            :func:`check_pairs`; nothing is run or rewritten).
+        ValueError: an unknown notebook name or parameter (nothing is run).
+        ImportError: papermill (or, for paired notebooks, jupytext) is not installed.
+    """
+    papermill = _import_papermill()
+    src_dir = _locate_dir(notebooks_dir)
+    selected = _resolve_names(names, list_notebooks(src_dir))
+    if not selected:
+        raise ValueError(f"no notebooks to run in {src_dir}")
+    threads = _kernel_threads(threads)
+    check_pairs(src_dir, names)
+    out = Path(out_dir).expanduser().resolve()
+    given = dict(parameters or {})
+    given.setdefault("SMOKE", bool(smoke))
+    given["OUTPUT_DIR"] = str(out)
+    plans = _plan_parameters(given, src_dir, selected)
+    out.mkdir(parents=True, exist_ok=True)
+    report = _new_report(out, src_dir, given, threads)
+    with _thread_env(threads):
+        return _run_all(papermill, src_dir, selected, plans, out, timeout, kernel_name, report)
+
+
+def _import_papermill():
+    try:
+        import papermill
+    except ImportError as exc:
+        raise ImportError("running notebooks needs papermill and ipykernel: pip install -e '.[notebooks]'") from exc
+    return papermill
+
+
+def _new_report(out: Path, src_dir: Path, given: Mapping[str, Any], threads: int | None) -> dict[str, Any]:
+    """The head of ``report.json``; :func:`_run_all` adds the notebooks as they finish."""
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "out_dir": str(out),
+        "notebooks_dir": str(src_dir),
+        "smoke": bool(given["SMOKE"]),
+        "parameters": dict(given),
+        "host": platform.node(),
+        "threads": threads if threads is not None else os.environ.get("OMP_NUM_THREADS"),  # 0: torch's default
+        "notebooks": [],
+    }
+
+
+def _kernel_threads(threads: int | None) -> int | None:
+    """The kernels' thread count: ``threads`` checked; None -> 1 unless ``$OMP_NUM_THREADS`` is set."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise ValueError(f"threads must be a non-negative integer (0: torch's default) or None, got {threads!r}")
+    if threads is None:
+        return None if os.environ.get("OMP_NUM_THREADS") else 1
+    return threads
+
+
+def _plan_parameters(given: Mapping[str, Any], src_dir: Path, selected: list[str]) -> dict[str, dict]:
+    """The parameters each notebook gets: those of ``given`` it declares, typed as its defaults.
+
+    Raises:
+        ValueError: a name in ``given`` (other than SMOKE and OUTPUT_DIR) that no notebook declares,
+            or a value that does not convert to the declared type.
+    """
+    declared = {n: notebook_parameters(src_dir / f"{n}.ipynb") for n in selected}
+    unknown = sorted(
+        k for k in given if k not in {"SMOKE", "OUTPUT_DIR"} and not any(k in d for d in declared.values())
+    )
+    if unknown:
+        known = sorted(set().union(*(d.keys() for d in declared.values())))
+        raise ValueError(
+            f"parameter(s) {unknown} are declared by none of the notebooks {selected}; their parameters: {known}"
+        )
+    plans = {}
+    for n in selected:
+        params = {k: _coerce(k, v, declared[n][k]["type"], n) for k, v in given.items() if k in declared[n]}
+        skipped = sorted(set(given) - set(params))
+        if skipped:
+            logger.info("%s does not declare %s; not passed to it", n, skipped)
+        plans[n] = params
+    return plans
+
+
+@contextmanager
+def _thread_env(threads: int | None) -> Iterator[None]:
+    """Set the thread variables the kernels inherit, and put the old values back."""
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    old = {k: os.environ.get(k) for k in keys}
+    try:
+        if threads == 0:
+            for k in keys:
+                os.environ.pop(k, None)
+        elif threads is not None:
+            os.environ.update({k: str(threads) for k in keys})
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_all(
+    papermill,
+    src_dir: Path,
+    selected: list[str],
+    plans: dict[str, dict],
+    out: Path,
+    timeout: int | None,
+    kernel_name: str | None,
+    report: dict,
+) -> list[dict]:
+    """Run the notebooks in order; ``report.json`` is rewritten after each one."""
+    results: list[dict] = []
+    skip = {f"{n}.ipynb" for n in selected} | {_REPORT}  # not outputs of the notebooks
+    for i, name in enumerate(selected, 1):
+        step = f"[{i}/{len(selected)}]"
+        logger.info("%s running %s (parameters %s)", step, name, plans[name])
+        res = _run_one(papermill, src_dir / f"{name}.ipynb", out, plans[name], timeout, kernel_name, skip)
+        if res["status"] == "ok":
+            logger.info("%s %s ok in %.1fs (%d files)", step, name, res["seconds"], len(res["outputs"]))
+        else:
+            where = f" in cell {res['cell']}" if res["cell"] is not None else ""
+            logger.error(
+                "%s %s FAILED%s after %.1fs: %s (executed copy: %s)",
+                step,
+                name,
+                where,
+                res["seconds"],
+                res["error"],
+                out / f"{name}.ipynb",
+            )
+        results.append(res)
+        report["notebooks"] = results
+        report["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        atomic_write_json(out / _REPORT, report)  # after each notebook: a partial run leaves a report
+    return results
+
+
+def _run_one(
+    papermill, source: Path, out: Path, params: dict, timeout: int | None, kernel_name: str | None, skip: set[str]
+) -> dict:
+    """Execute one notebook into ``out`` and say what it wrote (the dicts of :func:`run_notebooks`)."""
+    name = source.stem
+    executed = out / f"{name}.ipynb"
+    before = _files(out)
+    t0 = time.perf_counter()
+    error, cell = _execute(papermill, source, executed, params, out, timeout, kernel_name)
+    seconds = time.perf_counter() - t0
+    after = _files(out)
+    written = sorted(f for f, st in after.items() if f not in skip and before.get(f) != st)
+    missing = [f for f in EXPECTED_OUTPUTS.get(name, []) if f not in written or after[f][1] == 0]
+    if error is None and missing:
+        error = f"missing expected output(s): {', '.join(missing)}"
+    return {
+        "name": name,
+        "status": "ok" if error is None else "failed",
+        "seconds": round(seconds, 2),
+        "error": error,
+        "cell": cell,
+        "notebook": str(executed) if executed.is_file() else None,
+        "parameters": params,
+        "outputs": written,
+        "missing": missing,
+    }
+
+
+def _execute(
+    papermill, source: Path, executed: Path, params: dict, cwd: Path, timeout: int | None, kernel_name: str | None
+) -> tuple[str | None, int | None]:
+    """Run ``source`` with papermill into ``executed``: (None, None), or the error line and failing cell."""
+    try:
+        papermill.execute_notebook(
+            str(source),
+            str(executed),
+            parameters=params,
+            kernel_name=kernel_name,
+            cwd=str(cwd),
+            execution_timeout=timeout,
+            progress_bar=False,
+            log_output=False,
+            report_mode=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - one failing notebook must not stop the others
+        error, cell = _error_of(exc)
+        if type(exc).__name__ == "NoSuchKernel":
+            error += " (register the kernel: python -m ipykernel install --sys-prefix --name python3)"
+        return error, cell
+    return None, None

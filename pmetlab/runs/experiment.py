@@ -1,0 +1,148 @@
+"""A run end to end: :func:`execute` runs the phases of :mod:`pmetlab.runs.phases` in order and
+:func:`run_experiment` is the public entry point (see :mod:`pmetlab.runs` for the files)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .context import GivenModel, ModelSource, RunContext, check_model_name
+from .phases import (
+    close_load_phase,
+    covariance_phase,
+    default_model_pool,
+    edit_needed,
+    edit_phase,
+    eval_post_phase,
+    eval_pre_phase,
+    load_phase,
+    skip_edit,
+)
+from .result import ExperimentResult
+from .rundir import RunDir, RunState, summary_table
+from .spec import DEFAULT_MODEL, RunSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["execute", "run_experiment"]
+
+
+def execute(
+    spec: RunSpec,
+    *,
+    out_dir: str | Path | None,
+    models: ModelSource,
+    resume: bool = True,
+    progress: bool = True,
+    reuse_pre_eval: bool = True,
+) -> ExperimentResult:
+    """Run (or resume) ``spec`` in ``out_dir``: load, covariance, edit, eval_pre, eval_post; a
+    failure marks the run failed in run.json and is raised."""
+    t_run = time.perf_counter()
+    if models.preloaded:
+        check_model_name(models.get(spec.model)[0], spec.model)
+    store = RunDir.for_spec(spec, out_dir)
+    ctx = RunContext(
+        store, RunState.open(store, spec, resume=resume), models, progress=progress, reuse_pre_eval=reuse_pre_eval
+    )
+    load_phase(spec, ctx)
+    records = store.read_records()
+    try:
+        deltas = None
+        if spec.method == "none":
+            skip_edit(ctx)
+        elif edit_needed(spec, ctx):
+            deltas = edit_phase(spec, ctx, covariance_phase(spec, ctx))
+        else:
+            logger.info("edit reused from %s", store.deltas)
+        records = eval_pre_phase(spec, ctx, records)
+        eval_post_phase(spec, ctx, records, deltas)
+    except BaseException as exc:
+        ctx.state.fail(exc)
+        raise
+    finally:
+        close_load_phase(ctx)
+    records = store.read_records()
+    summary = summary_table(records, spec.summary_columns())
+    ctx.state.set_output("summary", store.write_summary(summary))
+    ctx.state.complete(time.perf_counter() - t_run)
+    logger.info("run %s complete", store.path)
+    return ExperimentResult(store.path, summary, records, ctx.state.data)
+
+
+def run_experiment(
+    model: str = DEFAULT_MODEL,
+    method: str = "pmet",
+    dataset: str = "counterfact",
+    n_edits: int = 10,
+    *,
+    batch_size: int | None = None,
+    mode: str = "batch",
+    hparams: dict | None = None,
+    seed: int = 0,
+    subset: str = "first",
+    out_dir: str | Path | None = None,
+    generation: bool = True,
+    n_gen_tokens: int = 100,
+    eval_batch_size: int = 32,
+    label: str | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    model_and_tokenizer=None,
+    reuse_pre_eval: bool = True,
+) -> ExperimentResult:
+    """Edit ``n_edits`` facts of ``dataset`` into ``model`` with ``method`` and evaluate the model
+    before and after, on the same records (method.md §6). See :mod:`pmetlab.runs` for the files.
+
+    Args:
+        model: an embedded model name or a path (what :func:`pmetlab.load_model` takes); also the
+            preset looked up for ``hparams``. With ``model_and_tokenizer`` it names that model.
+        method: "pmet", "memit", or "none" (no edit: post = pre, a baseline row).
+        dataset: "counterfact", "multi_counterfact" (without its file: CounterFact minus conflicting
+            (subject, relation) pairs, recorded in run.json) or "zsre".
+        n_edits: number of records edited and evaluated.
+        batch_size: requests per compute_deltas call (None: all in one batch).
+        mode: "batch": every batch computed on the unedited model, all applied together;
+            "sequential": batch i computed on the model edited by batches < i (covariances are
+            those of the unedited model).
+        hparams: overrides of the method's preset for ``model`` (class defaults when there is none);
+            an unknown key raises KeyError before any work. ``seed`` defaults to the run's seed.
+        seed: seeds the subset ("sample"), the edit (context prefixes) and generation sampling.
+        subset: "first" n_edits records or a seeded "sample".
+        out_dir: the run directory (default ``runs/<model>_<method>_<dataset>_n<n>_..._seed<seed>``).
+        generation: CounterFact fluency/consistency (generates ``n_gen_tokens`` per prompt).
+        eval_batch_size: prompt pairs per forward pass in evaluation.
+        label: a free name carried into the summary (not part of the run's identity).
+        resume: reuse the finished phases of a run with the same parameters in ``out_dir``;
+            False deletes that run and starts over.
+        model_and_tokenizer: an already loaded ``(model, tokenizer)``; it is left unedited.
+        reuse_pre_eval: reuse the unedited model's metrics of records evaluated by earlier runs
+            with the same model and settings (:mod:`pmetlab.runs.pre_eval`); False evaluates all.
+
+    Returns:
+        :class:`ExperimentResult` (run_dir, summary, records, run).
+
+    Raises:
+        KeyError: unknown hyperparameter. ValueError: bad argument. RunMismatchError: ``out_dir``
+        holds a run with other parameters. DatasetNotFoundError: dataset file unavailable.
+    """
+    models = GivenModel(model_and_tokenizer) if model_and_tokenizer is not None else default_model_pool()
+    spec = RunSpec.build(
+        model=model,
+        method=method,
+        dataset=dataset,
+        n_edits=n_edits,
+        batch_size=batch_size,
+        mode=mode,
+        hparams=hparams,
+        seed=seed,
+        subset=subset,
+        generation=generation,
+        n_gen_tokens=n_gen_tokens,
+        eval_batch_size=eval_batch_size,
+        label=label,
+    )
+    return execute(
+        spec, out_dir=out_dir, models=models, resume=resume, progress=progress, reuse_pre_eval=reuse_pre_eval
+    )
