@@ -6,7 +6,15 @@ import os
 
 import torch
 
-__all__ = ["resolve_device", "worker_device", "collective_backend", "resolve_dtype", "model_device", "model_dtype"]
+__all__ = [
+    "resolve_device",
+    "available_devices",
+    "worker_device",
+    "collective_backend",
+    "resolve_dtype",
+    "model_device",
+    "model_dtype",
+]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -20,8 +28,51 @@ _DTYPES = {
 }
 
 
+def available_devices() -> list[str]:
+    """The devices this torch build can use here, e.g. ``["cpu"]`` or ``["cpu", "cuda:0", "cuda:1"]``."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    for name in ("xpu", "npu", "hpu"):
+        backend = getattr(torch, name, None)
+        if backend is not None and hasattr(backend, "is_available") and backend.is_available():
+            out += (
+                [f"{name}:{i}" for i in range(backend.device_count())] if hasattr(backend, "device_count") else [name]
+            )
+    return out
+
+
+_CHECKED_TYPES = ("cuda", "mps", "xpu", "npu", "hpu")  # others (xla, meta, ...) are passed through
+
+
+def _require_available(dev: torch.device, given: object) -> torch.device:
+    """``dev`` when this machine has it (or it is of a type not checked here), else a ValueError
+    that says why and names the available devices."""
+    if dev.type not in _CHECKED_TYPES:
+        return dev
+    avail = available_devices()
+    if dev.type == "mps" or dev.index is None:
+        found = any(a.split(":")[0] == dev.type for a in avail)
+    else:
+        found = str(dev) in avail
+    if found:
+        return dev
+    n = sum(a.split(":")[0] == dev.type for a in avail)
+    if dev.type == "cuda" and not n and torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        why = f"this torch build ({torch.__version__}) has no CUDA support"
+    else:
+        why = f"this machine has {n} {dev.type} device(s)"
+    raise ValueError(
+        f"device {str(given)!r} is not available: {why}; available here: {', '.join(avail)}. "
+        f"Use 'auto' (the best available) or one of those"
+    )
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """Resolve ``"auto"`` (or None) to the best available accelerator, else the CPU."""
+    """Resolve ``"auto"`` (or None) to the best available accelerator, else the CPU. A named
+    device must exist on this machine (else a ValueError that lists the available ones)."""
     if device is None or device == "auto":
         if torch.cuda.is_available():
             return (
@@ -33,12 +84,13 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(
-            f"device={device!r} is not a valid torch device; expected 'auto', 'cpu' "
-            f"or an accelerator name such as 'cuda:0'"
+            f"device {device!r} is not a valid torch device; expected 'auto', 'cpu' "
+            f"or an accelerator name such as 'cuda:0' (available here: {', '.join(available_devices())})"
         ) from exc
+    return _require_available(dev, device)
 
 
 def worker_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -48,7 +100,7 @@ def worker_device(device: str | torch.device | None = "auto") -> torch.device:
     rank = os.environ.get("LOCAL_RANK")
     named_index = device not in (None, "auto") and torch.device(device).index is not None
     if rank is not None and dev.type != "cpu" and not named_index:
-        dev = torch.device(dev.type, int(rank))
+        dev = _require_available(torch.device(dev.type, int(rank)), f"{dev.type}:{rank} (LOCAL_RANK={rank})")
     return dev
 
 

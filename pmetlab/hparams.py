@@ -11,6 +11,7 @@ The ablations of the PMET paper are fields, not separate methods:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import numbers
@@ -21,13 +22,57 @@ from typing import Any, ClassVar
 
 from .covspec import CovarianceSpec
 
-__all__ = ["EditHyperParams", "PMETHyperParams", "MEMITHyperParams", "hparams_from_dict", "list_presets"]
+__all__ = [
+    "EditHyperParams",
+    "PMETHyperParams",
+    "MEMITHyperParams",
+    "hparams_from_dict",
+    "list_presets",
+    "check_layer_indices",
+]
 
 DEFAULT_PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
 #: Early-stopping rules of the target optimisation (method.md §2).
 STOP_RULES = ("loss", "pmet")
 #: Orders of the MHSA and FFN updates at a critical layer when both are updated (method.md §3).
 ATTN_UPDATE_ORDERS = ("attn_first", "simultaneous")
+
+
+def _check_keys(cls: type, given: Mapping[str, Any], names: set[str]) -> None:
+    """KeyError naming the unknown keys, their close matches and the valid keys."""
+    unknown = sorted((k for k in given if k not in names), key=repr)
+    if not unknown:
+        return
+    close = {k: difflib.get_close_matches(str(k).strip().lower(), names, n=1) for k in unknown}
+    hints = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
+    method = " (the method is set by the class: PMETHyperParams or MEMITHyperParams)" if "method" in unknown else ""
+    raise KeyError(
+        f"unknown {cls.__name__} keys {unknown}{method}{'; ' + hints if hints else ''}; valid keys: {sorted(names)}"
+    )
+
+
+def check_layer_indices(layers: tuple[int, ...], n_layers: int | None = None, *, owner: str = "the model") -> None:
+    """Critical layers are absolute indices 0..n_layers-1 on every surface that takes them
+    (hyperparameters, ``compute_deltas``, run overrides), strictly increasing: they name cache
+    entries and result rows, so "-1" and "n_layers-1" must not be two names of one layer.
+    With ``n_layers`` they are also checked against the model's depth.
+
+    Raises:
+        ValueError: naming the offending indices, the valid range and how to fix them.
+    """
+    valid = f"0..{n_layers - 1}" if n_layers is not None else "0..n_layers-1"
+    negative = [l for l in layers if l < 0]
+    if negative:
+        hint = f" (layer {n_layers + negative[0]} here)" if n_layers is not None and n_layers + negative[0] >= 0 else ""
+        raise ValueError(
+            f"layers {tuple(layers)} contain negative indices {negative}; critical layers are absolute "
+            f"indices {valid}, counted from the input: write n_layers-1 for the last layer{hint}, not -1"
+        )
+    if n_layers is not None and layers and max(layers) >= n_layers:
+        raise ValueError(
+            f"critical layers {tuple(layers)} exceed the {n_layers} layers of {owner} (valid: {valid}); "
+            f"use layers within {valid}"
+        )
 
 
 @dataclass(frozen=True)
@@ -38,7 +83,8 @@ class EditHyperParams:
     #: Space of the hidden state whose target drives the weight update and where the residual
     #: R = V - M is measured (method.md §2 step 3): "layer" (h^L, MEMIT) or "ffn" (m^L, PMET).
     residual_space: ClassVar[str] = "layer"
-    #: Critical layers R = (l_0, ..., l_{n-1}); the target is optimised at the last one.
+    #: Critical layers R = (l_0, ..., l_{n-1}), absolute indices 0..n_layers-1 (no negative
+    #: "from the end" indices); the target is optimised at the last one.
     layers: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
     #: Adam learning rate of the target optimisation.
     v_lr: float = 0.5
@@ -91,10 +137,12 @@ class EditHyperParams:
         layers = self.layers
         if not layers:
             raise ValueError("layers must name at least one critical layer, got ()")
+        check_layer_indices(layers)
         if list(layers) != sorted(set(layers)):
-            raise ValueError(f"layers must be strictly increasing, got {layers}")
-        if min(layers) < 0:
-            raise ValueError(f"layers must be non-negative, got {layers}")
+            raise ValueError(
+                f"layers must be strictly increasing (each critical layer once), got {layers}; "
+                f"e.g. {tuple(sorted(set(layers)))}"
+            )
         for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -171,9 +219,7 @@ class EditHyperParams:
         method = d.pop("method", cls.method)
         if method != cls.method:
             raise ValueError(f"hyperparameters are for method {method!r}, not {cls.method!r}")
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise KeyError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(names)}")
+        _check_keys(cls, d, names)
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,9 +229,7 @@ class EditHyperParams:
         return {"method": self.method, **d}
 
     def replace(self, **changes: Any) -> EditHyperParams:
-        unknown = sorted(set(changes) - {f.name for f in fields(self)})
-        if unknown:
-            raise KeyError(f"unknown {type(self).__name__} keys {unknown}")
+        _check_keys(type(self), changes, {f.name for f in fields(self)})
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -298,6 +342,8 @@ def list_presets(method: str = "pmet") -> list[str]:
 def hparams_from_dict(d: Mapping[str, Any]) -> EditHyperParams:
     """Rebuild hyperparameters saved with ``to_dict()`` (the ``method`` key picks the class)."""
     method = d.get("method")
-    if method not in _METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {sorted(_METHODS)}")
+    if not isinstance(method, str) or method not in _METHODS:
+        raise ValueError(
+            f"unknown method {method!r} in the hyperparameters' 'method' key; expected one of {sorted(_METHODS)}"
+        )
     return _METHODS[method].from_dict(d)

@@ -27,12 +27,24 @@ from .tracing import TraceDict, get_module
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SecondMoment", "collect_second_moments", "symmetric_accumulate_", "symmetrize", "plan_batches"]
+__all__ = [
+    "SecondMoment",
+    "NonFiniteStatisticsError",
+    "collect_second_moments",
+    "symmetric_accumulate_",
+    "symmetrize",
+    "plan_batches",
+    "CHECKPOINT_SECONDS",
+]
 
 _BLOCK = 256
 
 #: ``checkpoint(stats, next_batch_index)``: called by :func:`collect_second_moments` to save progress.
 Checkpoint = Callable[[dict[str, "SecondMoment"], int], None]
+
+#: Seconds of collection between two checkpoints by default: an interruption loses at most about
+#: this much work (plus the batch that was running).
+CHECKPOINT_SECONDS = 60.0
 
 
 def symmetric_accumulate_(acc: torch.Tensor, x: torch.Tensor, block: int = _BLOCK) -> None:
@@ -52,6 +64,10 @@ def symmetrize(acc: torch.Tensor) -> torch.Tensor:
     return torch.triu(acc) + torch.triu(acc, 1).T
 
 
+class NonFiniteStatisticsError(ValueError):
+    """Second moments holding NaN or inf: every edit solved with them would be NaN."""
+
+
 @dataclass
 class SecondMoment:
     """Uncentered second moment of one module's input: ``sum`` (d, d) of k kᵀ over ``count``
@@ -67,6 +83,21 @@ class SecondMoment:
         if self.count == 0:
             raise ValueError("no tokens were accumulated")
         return self.sum / self.count
+
+    def require_finite(self, module: str, *, model_dtype: torch.dtype, spec_dtype: str) -> SecondMoment:
+        """``self`` when its sum is finite, else :class:`NonFiniteStatisticsError` naming
+        ``module``, how many entries are NaN/inf, the likely cause and what to do."""
+        bad = int((~torch.isfinite(self.sum)).sum())
+        if not bad:
+            return self
+        raise NonFiniteStatisticsError(
+            f"the covariance statistics of {module} hold {bad} non-finite value(s) (NaN or inf) after "
+            f"{self.count} tokens, so every edit solved with them would be NaN; nothing was cached. "
+            f"Likely cause: the model's activations overflow in its dtype {model_dtype} or its weights "
+            f"are not finite (sums accumulated in {spec_dtype}). To fix: load the model in float32 "
+            f"(load_model(..., dtype='float32')) or check its weights; accumulating in float64 "
+            f"(spec.replace(dtype='float64')) helps only when the sums themselves overflow."
+        )
 
     def merge(self, other: SecondMoment) -> SecondMoment:
         """Combine partial statistics of the same quantity (e.g. from two workers)."""
@@ -178,6 +209,36 @@ def _accumulate_batch(
     return int(keep.sum())
 
 
+class _CheckpointSchedule:
+    """When to save progress: once ``seconds`` have passed since the last checkpoint (or the
+    start), and every ``batches`` batches (by absolute batch index); either may be None. Writing a
+    checkpoint never takes more than about a tenth of the time: when one write takes longer than
+    ``seconds / 10``, the interval grows to ten times that write."""
+
+    def __init__(self, seconds: float | None, batches: int | None, clock: Callable[[], float]) -> None:
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0):
+            raise ValueError(f"checkpoint_seconds must be a number >= 0 or None, got {seconds!r}")
+        if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
+            raise ValueError(f"checkpoint_every must be a positive number of batches or None, got {batches!r}")
+        self.seconds, self.batches, self.clock = seconds, batches, clock
+        self.interval = seconds
+        self.last = clock()
+
+    def due(self, next_batch: int) -> bool:
+        if self.batches is not None and next_batch % self.batches == 0:
+            return True
+        return self.interval is not None and self.clock() - self.last >= self.interval
+
+    def saved(self, began: float) -> None:
+        """Record a checkpoint whose write began at ``began`` (a reading of the clock)."""
+        self.last = self.clock()
+        if self.seconds is not None and 10 * (self.last - began) > self.interval:
+            self.interval = 10 * (self.last - began)
+            logger.info(
+                "a covariance checkpoint took %.1fs; checkpointing every %.0fs", self.last - began, self.interval
+            )
+
+
 @torch.no_grad()
 def collect_second_moments(
     model: torch.nn.Module,
@@ -190,14 +251,21 @@ def collect_second_moments(
     start: int = 0,
     init: Mapping[str, SecondMoment] | None = None,
     checkpoint: Checkpoint | None = None,
-    checkpoint_every: int = 20,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
     progress: bool = True,
     shard: Shard | None = None,
 ) -> dict[str, SecondMoment]:
     """Accumulate E[k kᵀ] of each named module's input over ``chunks`` (lists of token ids) in
     one forward per batch, stopping after the deepest module. Returns ``{name: SecondMoment}``
     with (d, d) sums on the CPU. ``start``/``init`` resume from a checkpoint;
-    ``checkpoint(stats, next_batch_index)`` is called every ``checkpoint_every`` batches.
+    ``checkpoint(stats, next_batch_index)`` is called after the first batch that ends
+    ``checkpoint_seconds`` (by ``clock``) after the previous checkpoint, and every
+    ``checkpoint_every`` batches when that is set; so an interruption loses at most
+    ``checkpoint_seconds`` of work plus the batch that was running (the interval grows when a
+    checkpoint write itself takes over a tenth of it). Where checkpoints fall does not change
+    the result: a resumed run is bit-identical to an uninterrupted one.
 
     With ``shard`` only this worker's batches are run (indices refer to them) and the result
     is a partial sum: merge the workers' results with :func:`pmetlab.distributed.all_reduce_moments`
@@ -212,6 +280,7 @@ def collect_second_moments(
     batches = (shard or Shard()).take(plan_batches(chunks, tokens_per_batch))
     if not 0 <= start <= len(batches):
         raise ValueError(f"start={start} is outside the {len(batches)} batches of this run")
+    schedule = _CheckpointSchedule(checkpoint_seconds, checkpoint_every, clock)
     acc: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {n: 0 for n in module_names}
     if init:
@@ -233,8 +302,10 @@ def collect_second_moments(
             done += ntok
             bar.update(ntok)
             bar.set_postfix(tok_s=f"{done / max(time.perf_counter() - t0, 1e-9):.0f}")
-            if checkpoint is not None and (bi + 1) % checkpoint_every == 0 and bi + 1 < len(batches):
+            if checkpoint is not None and bi + 1 < len(batches) and schedule.due(bi + 1):
+                began = schedule.clock()
                 checkpoint({n: SecondMoment(symmetrize(acc[n]).cpu(), counts[n]) for n in module_names}, bi + 1)
+                schedule.saved(began)
     finally:
         bar.close()
     for n in module_names:  # a worker whose shard is empty contributes zeros

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["EditRequest"]
+__all__ = ["EditRequest", "find_conflicts", "conflict_free_batches"]
+
+
+def _norm(text: str) -> str:
+    """The form two fields are compared in: NFKC-normalised, case-folded, runs of whitespace as
+    one space, trimmed."""
+    return " ".join(unicodedata.normalize("NFKC", text).split()).casefold()
 
 
 @dataclass(frozen=True)
@@ -17,7 +24,9 @@ class EditRequest:
         prompt: template with exactly one ``{}`` where the subject goes, e.g. "{} plays the".
         subject: the subject string, e.g. "LeBron James".
         target_new: the new object, e.g. "football" (a leading space is added when tokenizing).
-        target_true: the current object (used by the evaluation), optional.
+        target_true: the current object (used by the evaluation), optional; when given it must
+            differ from ``target_new`` ignoring case and spacing (an edit to the current answer
+            writes nothing and its CounterFact efficacy can never succeed).
         case_id: the record id in its dataset, optional.
     """
 
@@ -39,6 +48,7 @@ class EditRequest:
                 f"EditRequest.target_true must be a string or None, got "
                 f"{type(self.target_true).__name__}: {self.target_true!r}"
             )
+        self._check_target_true()
         n = self.prompt.count("{}")
         if n != 1:
             raise ValueError(
@@ -48,6 +58,30 @@ class EditRequest:
         stripped = self.prompt.replace("{}", "")
         if "{" in stripped or "}" in stripped:
             raise ValueError(f"EditRequest.prompt has a stray brace besides the one '{{}}': {self.prompt!r}")
+
+    def _check_target_true(self) -> None:
+        """A given current object must be non-blank and differ from the new one: an edit that asks
+        for the current answer writes nothing, and CounterFact's P(new) > P(true) can never hold."""
+        if self.target_true is None:
+            return
+        if not self.target_true.strip():
+            raise ValueError(
+                f"EditRequest.target_true must be non-empty or None, got {self.target_true!r}; "
+                f"pass target_true=None when the current object is unknown"
+            )
+        if _norm(self.target_true) == _norm(self.target_new):
+            raise ValueError(
+                f"EditRequest.target_new {self.target_new!r} is the current object target_true "
+                f"{self.target_true!r} (compared ignoring case and spacing): the edit would ask for the answer "
+                f"the model is meant to give already, and CounterFact's efficacy P(new) > P(true) could "
+                f"never succeed; choose a different target_new"
+            )
+
+    @property
+    def conflict_key(self) -> tuple[str, str]:
+        """(subject, prompt), ignoring case and spacing: two requests with the same key and
+        different targets ask for two objects of one fact (see :func:`find_conflicts`)."""
+        return _norm(self.subject), _norm(self.prompt)
 
     @property
     def text(self) -> str:
@@ -108,3 +142,35 @@ class EditRequest:
         return cls(
             prompt=prompt, subject=subject, target_new=answers[0], target_true=None, case_id=record.get("case_id")
         )
+
+
+def find_conflicts(requests: Sequence[EditRequest]) -> list[tuple[int, int]]:
+    """Index pairs ``(i, j)``, ``i < j``, of requests with the same subject and prompt but
+    different targets (all compared ignoring case and spacing), each later request paired with
+    the first one of its key. Identical duplicates are no conflict."""
+    first: dict[tuple[str, str], tuple[int, str]] = {}
+    out: list[tuple[int, int]] = []
+    for j, r in enumerate(requests):
+        i, target = first.setdefault(r.conflict_key, (j, _norm(r.target_new)))
+        if i != j and target != _norm(r.target_new):
+            out.append((i, j))
+    return out
+
+
+def conflict_free_batches(requests: Sequence[EditRequest]) -> list[list[EditRequest]]:
+    """Split ``requests`` into as few batches as possible with no conflict inside a batch
+    (:func:`find_conflicts`): the k-th distinct target of a (subject, prompt) goes into batch k,
+    duplicates with their target; the order of the input is kept within each batch.
+
+    Apply the batches one after another (e.g. ``mode="sequential"`` in a run): each later batch
+    then overwrites the earlier object of the conflicting fact."""
+    targets: dict[tuple[str, str], list[str]] = {}
+    batches: list[list[EditRequest]] = []
+    for r in requests:
+        seen = targets.setdefault(r.conflict_key, [])
+        if _norm(r.target_new) not in seen:
+            seen.append(_norm(r.target_new))
+        k = seen.index(_norm(r.target_new))
+        batches += [[] for _ in range(k + 1 - len(batches))]
+        batches[k].append(r)
+    return batches

@@ -8,9 +8,11 @@ forward pass that stops after the deepest of them (:mod:`pmetlab.moments`).
 
 Every file goes through :class:`pmetlab.store.KeyedStore` under ``stats/<model class>/``:
 ``<kind>-L<layer>-<hash of key>.safetensors`` per layer, and ``partial-<kind>-<hash>.safetensors``
-while a pass runs (the sums of every layer and the next batch index in one atomic file, so an
-interrupted pass resumes exactly). A damaged, foreign or non-finite file is logged with its path
-and recomputed.
+while a pass runs (the sums of every layer and the next batch index in one atomic file, written
+about every minute of collection, so an interrupted pass loses at most about a minute and resumes
+exactly). A damaged, foreign or non-finite file is logged with its path
+and recomputed; statistics that come out non-finite are refused with
+:class:`~pmetlab.moments.NonFiniteStatisticsError` (naming the module), never cached or returned.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from .corpus import Corpus, resolve_corpus, tokenize_corpus
 from .covspec import CovarianceSpec
 from .distributed import Shard, all_reduce_moments, barrier, consensus, current_shard
 from .models.adapters import get_adapter
-from .moments import SecondMoment, collect_second_moments, plan_batches, symmetric_accumulate_, symmetrize
+from .moments import (
+    CHECKPOINT_SECONDS,
+    NonFiniteStatisticsError,
+    SecondMoment,
+    collect_second_moments,
+    plan_batches,
+    symmetric_accumulate_,
+    symmetrize,
+)
 from .store import DamagedEntryError, KeyedStore
 from .tokens import tokenizer_identity
 from .types import Model, Tokenizer
@@ -128,7 +138,7 @@ def covariance_cache_paths(
     model: torch.nn.Module, covs: Mapping[int, SecondMoment], *, kind: str = "ffn"
 ) -> dict[int, Path]:
     """Where the store keeps each of ``covs`` (as returned by :func:`layer_covariances` for this
-    ``model`` and ``kind``); a path need not exist (``use_cache=False``, non-finite values)."""
+    ``model`` and ``kind``); a path need not exist (``use_cache=False``)."""
     store = _store(model)
     return {l: store.path(sm.key, prefix=_prefix(kind, l)) for l, sm in covs.items()}
 
@@ -162,7 +172,8 @@ def layer_covariances(
     use_cache: bool = True,
     progress: bool = True,
     tokens_per_batch: int = 4096,
-    checkpoint_every: int = 20,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
     shard: Shard | None = None,
     corpus: str | Corpus | None = None,
     n_tokens: int | None = None,
@@ -176,7 +187,12 @@ def layer_covariances(
 
     Returns ``{layer: SecondMoment}``; ``.mom2`` is the (d, d) matrix C_l of method.md §2 step 4
     (d = d_ff for "ffn", the attention width for "attn"). With ``use_cache``, a checkpoint is
-    written every ``checkpoint_every`` batches and an interrupted run resumes from it.
+    written once ``checkpoint_seconds`` of collection have passed since the last one (and every
+    ``checkpoint_every`` batches when set), so an interruption loses at most about that much work;
+    the next call resumes from it and returns bit-identical statistics.
+
+    A budget ``spec.n_tokens`` below d, or a corpus yielding fewer than d tokens, is refused:
+    C would be singular (:meth:`CovarianceSpec.check_key_dim`).
 
     ``corpus``, ``n_tokens``, ``seq_len``, ``dtype`` and ``seed`` are the older form of ``spec``,
     kept for backward compatibility (unset ones take :class:`CovarianceSpec`'s defaults; a
@@ -195,6 +211,9 @@ def layer_covariances(
         adapter.layer_name(l)  # range check with a clear message
     fps = _layer_fingerprints(model, adapter)
     names = {l: adapter.ffn_out_name(l) if kind == "ffn" else adapter.attn_out_name(l) for l in layers}
+    key_dim = adapter.d_ff if kind == "ffn" else adapter.d_attn
+    if layers:
+        spec.check_key_dim(key_dim, names[layers[0]])
     tok_id = tokenizer_identity(tok)
     keys = {l: stats_key(model, names[l], fps[l], spec, corpus=corp, tokenizer=tok_id) for l in layers}
     store = _store(model)
@@ -208,6 +227,7 @@ def layer_covariances(
     if missing:
         shard = shard if shard is not None else current_shard()
         chunks = tokenize_corpus(tok, corp, spec.n_tokens, spec.seq_len, model=model, seed=spec.seed)
+        spec.check_key_dim(key_dim, names[missing[0]], yielded=sum(len(c) for c in chunks))
         run = _PartialRun.plan(store, kind, {l: keys[l] for l in missing}, names, chunks, tokens_per_batch, shard)
         out.update(
             _compute(
@@ -220,6 +240,7 @@ def layer_covariances(
                 progress=progress,
                 tokens_per_batch=tokens_per_batch,
                 checkpoint_every=checkpoint_every,
+                checkpoint_seconds=checkpoint_seconds,
             )
         )
     return {l: out[l] for l in layers}
@@ -322,11 +343,25 @@ def _compute(
     use_cache: bool,
     progress: bool,
     tokens_per_batch: int,
-    checkpoint_every: int,
+    checkpoint_every: int | None,
+    checkpoint_seconds: float | None,
 ) -> dict[int, SecondMoment]:
     """Collect the missing layers of ``run`` (resuming its checkpoint), merge the workers' sums,
-    and let the main worker store each finite result."""
+    and let the main worker store them.
+
+    Raises:
+        NonFiniteStatisticsError: a layer's sums hold NaN/inf (nothing is cached: every edit
+            solved with them would be NaN).
+    """
     start, init = run.resume() if use_cache else (0, None)
+    if run.shard.is_main:
+        logger.info(
+            "computing covariance statistics once: ~%d tokens of corpus %r through %s; %s",
+            spec.n_tokens,
+            spec.corpus,
+            ", ".join(run.names.values()),
+            f"cached in {run.store.folder}" if use_cache else "not cached (use_cache=False)",
+        )
     res = collect_second_moments(
         model,
         tok,
@@ -338,21 +373,22 @@ def _compute(
         init=init,
         checkpoint=run.save if use_cache else None,
         checkpoint_every=checkpoint_every,
+        checkpoint_seconds=checkpoint_seconds,
         progress=progress and run.shard.is_main,
         shard=run.shard,
     )
     sums, counts = all_reduce_moments({n: r.sum for n, r in res.items()}, {n: r.count for n, r in res.items()})
     out = {l: SecondMoment(sums[n], counts[n], run.keys[l]) for l, n in run.names.items()}
+    for l, sm in out.items():  # every worker holds the merged sums, so all of them stop here
+        try:
+            sm.require_finite(run.names[l], model_dtype=next(model.parameters()).dtype, spec_dtype=spec.dtype)
+        except NonFiniteStatisticsError:
+            if use_cache:
+                run.discard()
+            raise
     if use_cache and run.shard.is_main:
         for l, sm in out.items():
-            if torch.isfinite(sm.sum).all():
-                sm.save_to(run.store, prefix=_prefix(run.kind, l))
-            else:
-                logger.warning(
-                    "covariance of %s has non-finite values (activations overflowed in the model's "
-                    "dtype?); not caching it",
-                    run.names[l],
-                )
+            sm.save_to(run.store, prefix=_prefix(run.kind, l))
     barrier()  # the main worker's files exist before anyone returns
     if use_cache:
         run.discard()

@@ -9,7 +9,8 @@ The subject's last token is found from the tokenizer's character offsets (method
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,17 @@ __all__ = [
     "pad_token_id",
     "tokenizer_identity",
     "Batch",
+    "context_length",
+    "check_context_length",
+    "CONTEXT_ATTRS",
+    "short_text",
+    "check_prompt_target_lengths",
 ]
+
+#: Config attributes that state how many positions a model reads, in the order they are tried
+#: (GPT-2/GPT-J map ``max_position_embeddings`` to ``n_positions`` themselves; the rest cover
+#: families whose configs use another name).
+CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "max_seq_len", "n_ctx")
 
 
 def target_ids(tok, target: str) -> list[int]:
@@ -246,3 +257,82 @@ def tokenizer_identity(tok) -> dict:
 
 
 _PROBE = "The Quick brown fox, 1984: naïve café -- Mr. O'Neil's ‘test’ \t  end."
+
+
+def _context_entry(model_or_config) -> tuple[str, int] | None:
+    """(attribute, value) of the first positive int among :data:`CONTEXT_ATTRS` on the model's
+    text config (the config itself for a text-only model), or None."""
+    config = getattr(model_or_config, "config", model_or_config)
+    try:
+        config = config.get_text_config() or config
+    except (AttributeError, ValueError):  # not a transformers config, or several text configs
+        pass
+    for attr in CONTEXT_ATTRS:
+        v = getattr(config, attr, None)
+        if isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0:
+            return attr, int(v)
+    return None
+
+
+def context_length(model_or_config) -> int | None:
+    """How many positions a model reads: ``max_position_embeddings`` of its config or the family's
+    equivalent (:data:`CONTEXT_ATTRS`), read from a model or a config; None when the config states none."""
+    entry = _context_entry(model_or_config)
+    return entry[1] if entry else None
+
+
+def check_context_length(
+    model_or_config,
+    lengths: Sequence[int],
+    *,
+    what: str,
+    fix: str,
+    describe: Callable[[int], str] | None = None,
+) -> None:
+    """Raise a ValueError naming the longest sequence when it does not fit the model's context.
+
+    Args:
+        lengths: tokens of each sequence the model will read.
+        what: what a sequence is, e.g. "prompt + candidate".
+        fix: how to make it fit, e.g. "shorten the prompt".
+        describe: index -> a short description of that sequence, for the message.
+
+    A model whose config states no context length (:func:`context_length`) is not checked.
+    """
+    lengths = list(lengths)
+    entry = _context_entry(model_or_config)
+    if not lengths or entry is None:
+        if lengths:
+            logger.debug("%s states no context length; %s not checked", type(model_or_config).__name__, what)
+        return
+    attr, ctx = entry
+    i = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[i] > ctx:
+        who = f" ({describe(i)})" if describe else ""
+        raise ValueError(
+            f"{what}{who} is {lengths[i]} tokens, more than the {ctx} positions "
+            f"{type(model_or_config).__name__} reads (config.{attr}); {fix}"
+        )
+
+
+def check_prompt_target_lengths(
+    model_or_config,
+    encoded: Sequence[tuple[Sequence[int], Sequence[int]]],
+    prompts: Sequence[str],
+    targets: Sequence[str],
+) -> None:
+    """:func:`check_context_length` of each (prompt ids, target ids) pair of
+    :func:`encode_prompt_targets`, naming the longest pair when it does not fit."""
+    check_context_length(
+        model_or_config,
+        [len(p) + len(t) for p, t in encoded],
+        what="prompt + target",
+        fix="shorten the prompt or the target",
+        describe=lambda i: f"{short_text(prompts[i])} + {short_text(targets[i])}",
+    )
+
+
+def short_text(text: str, n: int = 60) -> str:
+    """``repr(text)``, cut in the middle to about ``n`` characters (for messages about long inputs)."""
+    r = repr(text)
+    return r if len(r) <= n else f"{r[: n // 2]}...{r[-n // 2 :]} ({len(text)} characters)"

@@ -123,7 +123,8 @@ def test_run_and_summarize(tiny_env, tiny_dir, tmp_path, capsys):  # noqa: F811
     # the same directory with other parameters: a one-line error that says what to do
     argv[argv.index("--n-edits") + 1] = "3"
     assert main(argv) == 2
-    assert "resume" in _one_line_error(capsys.readouterr().err)
+    line = _one_line_error(capsys.readouterr().err)
+    assert "--no-resume" in line and "resume=False" not in line and "out_dir" not in line  # the CLI's words
     assert main(argv + ["--no-resume"]) == 0
 
 
@@ -223,3 +224,217 @@ def test_module_and_console_script_entry_points(monkeypatch, capsys):
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "pmetlab.cli"]
     r = subprocess.run(cmd + ["run", "--method", "rome"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "invalid choice: 'rome'" in r.stderr
+
+
+# --- hardening: paths, OS errors, devices, the CLI's own words -------------------------------
+
+
+@pytest.mark.parametrize("sub", [None] + SUBCOMMANDS)
+def test_help_states_each_default_once(sub, capsys):
+    """argparse's "(default: X)" is not added where the help text speaks of the default already,
+    nor for None, flags and counters (they said "(default: None)", "(default: False)")."""
+    from pmetlab.cli.parser import build_parser
+
+    parser = build_parser()
+    if sub is not None:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[sub]
+    formatter = parser._get_formatter()
+    for action in (a for a in parser._actions if a.help):
+        text = formatter._expand_help(action).lower()
+        assert text.count("(default") <= 1, (action.option_strings, text)
+    assert main(([sub] if sub else []) + ["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_help_keeps_informative_defaults(capsys):
+    assert main(["run", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: pmet)" in out and "(default: 10)" in out and "(default: all at once)" in out
+    assert "(default: runs/<model>_<method>_..._seed<seed>)" in out
+
+
+@pytest.fixture
+def paths(tmp_path) -> dict[str, Path]:
+    """A file, a directory and a finished-looking run directory (run.json) under tmp_path."""
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "a-run").mkdir()
+    (tmp_path / "a-run" / "run.json").write_text("{}")
+    return {"file": tmp_path / "a-file", "dir": tmp_path / "a-dir", "run": tmp_path / "a-run"}
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["run", "--out", "{file}"], "argument --out: '{file}' is a file, not a directory; give a directory"),
+        (["run", "--out", "{file}/sub"], "'{file}/sub' cannot be created: '{file}' is a file, not a directory"),
+        (["notebooks", "--out", "{file}"], "argument --out: '{file}' is a file, not a directory"),
+        (["summarize", "{file}"], "argument RUN_DIR: '{file}' is a file, not a run directory; give a run directory"),
+        (
+            ["summarize", "{run}/run.json"],
+            "'{run}/run.json' is a file, not a run directory; give its directory '{run}'",
+        ),
+        (["summarize", "{run}", "--out", "{dir}"], "argument --out: '{dir}' is a directory; give a file path"),
+        (["summarize", "{run}", "--out", "{file}/t.csv"], "'{file}' is a file, not a directory"),
+        (["run", "--out", "~no-such-user-x/run"], "cannot expand the '~' in '~no-such-user-x/run'"),
+    ],
+)
+def test_unusable_paths_are_refused_before_any_work(argv, expected, paths, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    fill = {k: str(v) for k, v in paths.items()}
+    assert main([a.format(**fill) for a in argv]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert expected.format(**fill) in line
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_seq_len_below_the_minimum_is_refused_with_the_reason(capsys):
+    assert main(["stats", "--seq-len", "8"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "--seq-len" in line and "at least 16 tokens, got '8'" in line and "pieces under 8 tokens" in line
+
+
+def _raising(exc: BaseException):
+    def command(args):
+        raise exc
+
+    return command
+
+
+@pytest.mark.parametrize(
+    "sub, exc, expected",
+    [
+        (
+            "run",
+            PermissionError(13, "Permission denied", "/ro/run"),
+            "permission denied: '/ro/run' (PermissionError); choose another --out (one you can write to)",
+        ),
+        (
+            "notebooks",
+            OSError(30, "Read-only file system", "/mnt/ro/figures"),
+            "read-only file system: '/mnt/ro/figures' (OSError); choose another --out",
+        ),
+        (
+            "summarize",
+            IsADirectoryError(21, "Is a directory", "tables"),
+            "is a directory: 'tables' (IsADirectoryError); a file path is expected there",
+        ),
+        (
+            "run",
+            OSError(28, "No space left on device", "/full/run/records.parquet"),
+            "no space left on device: '/full/run/records.parquet' (OSError); free some space",
+        ),
+        (
+            "run",
+            NotADirectoryError(20, "Not a directory", "f/sub"),
+            "not a directory: 'f/sub' (NotADirectoryError); a part of that path is a file",
+        ),
+        ("demo", FileExistsError(17, "File exists", ".tmp", None, "x"), "file exists: 'x' (FileExistsError)"),
+        ("stats", OSError("cannot save the deltas to 'x': reason; do this"), "cannot save the deltas to 'x'"),
+    ],
+)
+def test_os_errors_are_one_line_with_exit_2(sub, exc, expected, capsys, monkeypatch):
+    monkeypatch.setattr(f"pmetlab.cli.parser.cmd_{sub}", _raising(exc))
+    argv = [sub] + (["some-run"] if sub == "summarize" else [])
+    assert main(argv) == 2
+    assert expected in _one_line_error(capsys.readouterr().err)
+    assert main([*argv, "-v"]) == 2  # -v: the traceback too, in the log
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_permission_error_in_the_cache_points_at_the_cache_dir(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("PMETLAB_CACHE_DIR", str(tmp_path / "cache"))
+    exc = PermissionError(13, "Permission denied", str(tmp_path / "cache" / "stats" / "x.tmp"))
+    monkeypatch.setattr("pmetlab.cli.parser.cmd_stats", _raising(exc))
+    assert main(["stats"]) == 2
+    assert "point PMETLAB_CACHE_DIR at a directory you can write to" in _one_line_error(capsys.readouterr().err)
+
+
+def test_unwritable_run_directory_is_one_line(tiny_env, tiny_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """A real run whose --out cannot be created (root ignores chmod, so mkdir is made to fail as
+    on a read-only directory)."""
+    ro = tmp_path / "ro"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if str(self).startswith(str(ro)):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    argv = ["run", "--model", str(tiny_dir), "--n-edits", "1", "--no-generation", "--out", str(ro / "run")]
+    assert main([*argv, "--no-progress", *_hp_args(tiny_env)]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"permission denied: '{ro / 'run'}'" in line and "choose another --out" in line
+
+
+def test_unavailable_device_names_what_is_available(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert main(["stats", "--device", "cuda"]) == 2  # refused before the model is loaded
+    line = _one_line_error(capsys.readouterr().err)
+    assert "--device 'cuda' is not available" in line and "available here: cpu" in line and "'auto'" in line
+
+
+@pytest.mark.parametrize(
+    "command, message, expected",
+    [
+        (
+            "run",
+            "run.json is unreadable (x); pass resume=False to start the run over",
+            "run.json is unreadable (x); pass --no-resume to start the run over",
+        ),
+        (
+            "run",
+            "its parameters differ (n_edits); use another out_dir, or resume=False to start over",
+            "its parameters differ (n_edits); use another --out, or --no-resume to start over",
+        ),
+        (
+            "run",
+            "cannot select n=12 records from 10; pass n <= 10 or n=None",
+            "cannot select 12 records (--n-edits 12) from 10; pass --n-edits 10 or less",
+        ),
+        (
+            "run",
+            "n_tokens=5 is fewer than the key dimension 80 of m; use n_tokens >= 80 (more)",
+            "--hparams cov_tokens=5 is fewer than the key dimension 80 of m; "
+            "use --hparams cov_tokens=80 or more (more)",
+        ),
+        (
+            "stats",
+            "n_tokens=5 is fewer than the key dimension 80 of m; use n_tokens >= 80 (more)",
+            "--tokens 5 is fewer than the key dimension 80 of m; use --tokens 80 or more (more)",
+        ),
+        (
+            "stats",
+            "corpus 'c' yields only 9 usable tokens (n_tokens=600 asked); chunks of seq_len=32 tokens",
+            "corpus 'c' yields only 9 usable tokens (--tokens 600 asked); chunks of --seq-len 32 tokens",
+        ),
+        ("stats", "device 'cuda' is not available", "--device 'cuda' is not available"),
+        ("summarize", "pass resume=False", "pass resume=False"),  # no such flag there: left alone
+    ],
+)
+def test_library_spellings_become_flags(command, message, expected):
+    from pmetlab.cli.messages import error_line
+
+    assert error_line(ValueError(message), command) == expected
+
+
+def test_a_real_library_error_speaks_flags(tiny_env, tiny_dir, capsys, monkeypatch, tmp_path):  # noqa: F811
+    monkeypatch.chdir(tmp_path)  # the run directory is recorded (as failed) under ./runs
+    assert main(["run", "--model", str(tiny_dir), "--n-edits", "100000", "--no-generation", "--no-progress"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "(--n-edits 100000)" in line and "n=None" not in line and "n <=" not in line
+
+
+def test_stats_refuses_fewer_tokens_than_the_key_dimension(tiny_env, tiny_dir, capsys):  # noqa: F811
+    from tests.tiny_models import TINY_D_FF
+
+    argv = ["stats", "--model", str(tiny_dir), "--layers", "0", "--corpus", str(tiny_env / "corpus.txt")]
+    assert main([*argv, "--tokens", str(TINY_D_FF - 1), "--no-progress"]) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert f"--tokens {TINY_D_FF - 1} is fewer than the key dimension {TINY_D_FF}" in line
+    assert f"use --tokens {TINY_D_FF} or more" in line and "n_tokens" not in line

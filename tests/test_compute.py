@@ -162,7 +162,7 @@ def test_attn_update_order_released_reads_the_ffn_residual_after_the_attention_u
 
 def test_critical_layers_beyond_the_model_are_refused(env):
     model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
-    with pytest.raises(ValueError, match="exceed"):
+    with pytest.raises(ValueError, match=r"exceed the 3 layers of LlamaForCausalLM \(valid: 0..2\)"):
         compute_deltas(model, tok, REQUESTS[:1], _hp(env, layers=(1, 3)), progress=False)
     with pytest.raises(TypeError, match="hparams"):
         compute_deltas(model, tok, REQUESTS[:1], {"layers": [0, 1]}, progress=False)  # type: ignore[arg-type]
@@ -591,3 +591,46 @@ def test_plan_chunks_bounds_requests_and_recomputed_positions(env):
     assert len(plan_chunks(tok, reqs, ["{}"], chunk_size=8, max_tokens=1)) == len(reqs)
     with pytest.raises(ValueError, match="chunk_size and max_tokens"):
         plan_chunks(tok, reqs, ["{}"], chunk_size=0)
+
+
+# --- prompt + target length against the model's context (tiny models read 64 positions) -------
+
+
+def _long_request(n_words: int) -> EditRequest:
+    words = [w for w in _TOKENIZER_WORDS if w.isalpha()]
+    text = " ".join(words[i % len(words)] for i in range(n_words))
+    return EditRequest(prompt=text + " {} plays the sport of", subject="danny miles", target_new="jazz")
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_any_work(env):
+    model, tok = _model("GPT2LMHeadModel"), make_tiny_tokenizer()  # learned positions: 64 at most
+    state = _state(model)
+    with pytest.raises(
+        ValueError, match=r"request 1: .*is \d+ tokens, more than the 64 positions GPT2LMHeadModel"
+    ) as ei:
+        compute_deltas(model, tok, [REQUESTS[0], _long_request(70)], _hp(env), progress=False)
+    assert "config.n_positions" in str(ei.value) or "config.max_position_embeddings" in str(ei.value)
+    assert "shorten the prompt" in str(ei.value)
+    _assert_untouched(model, state)
+    assert not (env["tmp"] / "cache").exists()  # failed before any cache was written
+
+
+def test_context_prefixes_count_toward_the_context(env):
+    model, tok = _model("LlamaForCausalLM"), make_tiny_tokenizer()
+    req = _long_request(50)  # ~57 tokens: fits alone, not behind a 10-token prefix
+    compute_mod._check_inputs(model, tok, [req], _hp(env, n_prefixes=0))
+    with pytest.raises(ValueError, match="lower prefix_tokens=10"):
+        compute_mod._check_inputs(model, tok, [req], _hp(env, n_prefixes=2, prefix_tokens=10))
+
+
+def test_a_long_prompt_warns_with_the_expected_cost(env, caplog):
+    model, tok = make_tiny_model("LlamaForCausalLM", max_position_embeddings=1024), make_tiny_tokenizer()
+    hp = _hp(env)
+    with caplog.at_level("WARNING", logger="pmetlab.editing.compute"):
+        compute_mod._check_inputs(model, tok, REQUESTS, hp)
+    assert not caplog.records  # ordinary prompts: no warning
+    with caplog.at_level("WARNING", logger="pmetlab.editing.compute"):
+        compute_mod._check_inputs(model, tok, [_long_request(300)], hp)
+    (rec,) = caplog.records
+    msg = rec.getMessage()
+    assert "request 0" in msg and "over 256" in msg and "s per optimisation step" in msg and "GB" in msg

@@ -42,7 +42,8 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv(ds.DATA_DIR_ENV, str(env_dir))
     monkeypatch.setattr(ds.files, "_PROJECT_DATA_DIR", proj)
     monkeypatch.setenv("PMETLAB_CACHE_DIR", str(cache))
-    monkeypatch.delenv(ds.OFFLINE_ENV, raising=False)
+    for name in ds.OFFLINE_ENVS:  # the test command may set HF_HUB_OFFLINE
+        monkeypatch.delenv(name, raising=False)
     calls: list[str] = []
 
     def offline(url, *a, **k):
@@ -203,9 +204,61 @@ def test_offline_switches_never_touch_network(isolated, monkeypatch):
     assert isolated["calls"] == []
 
 
+@pytest.mark.parametrize("switch", ds.OFFLINE_ENVS)
+def test_every_offline_switch_stops_downloads(isolated, monkeypatch, switch):
+    monkeypatch.setenv(switch, "1")
+    assert ds.offline_switch() == switch
+    with pytest.raises(ds.DatasetNotFoundError, match=rf"no download attempted \(\${switch} is set\)"):
+        ds.load_zsre()
+    with pytest.raises(ds.DatasetNotFoundError, match=rf"unset \${switch} to allow the download"):
+        ds.load_multi_counterfact()
+    assert isolated["calls"] == []
+    monkeypatch.setenv(switch, "0")
+    assert ds.offline_switch() is None
+
+
 def test_multi_counterfact_error_suggests_subset(isolated):
-    with pytest.raises(LookupError, match="drop_conflicting"):
+    with pytest.raises(LookupError, match="drop_conflicting") as info:
         ds.load_multi_counterfact(download=False)
+    msg = str(info.value)
+    assert str(isolated["env"] / "counterfact" / "multi_counterfact.json") in msg
+    assert "'counterfact+conflict_filter'" in msg and "--dataset counterfact+conflict_filter" in msg
+
+
+def test_conflict_filtered_is_an_explicit_named_derivation(isolated):
+    dup = _cf_record(1)  # same subject and relation as record 0
+    other = _cf_record(2)
+    other["requested_rewrite"] = dict(other["requested_rewrite"], relation_id="P27")
+    (isolated["env"] / "counterfact.json").write_text(json.dumps([_cf_record(0), dup, other]))
+    for name in ("counterfact+conflict_filter", "CounterFact+Conflict-Filter", ds.CONFLICT_FILTERED):
+        recs = ds.load_dataset(name)
+        assert [r["case_id"] for r in recs] == [0, 2]
+        info = recs.info
+        assert (info.name, info.derived_from, info.n_records) == ("counterfact+conflict_filter", "counterfact", 2)
+        assert info.derivation.startswith("drop_conflicting") and "3 -> 2 records" in info.derivation
+        assert info.path == str(isolated["env"] / "counterfact.json")
+    assert ds.load_counterfact().info.derivation is None
+    with pytest.raises(KeyError, match=r"unknown dataset 'multi'.*counterfact\+conflict_filter"):
+        ds.load_dataset("multi")
+    with pytest.raises(TypeError, match="dataset name must be a string, got 3"):
+        ds.load_dataset(3)
+
+
+def test_mistyped_data_dir_is_an_error_for_every_loader(isolated, monkeypatch, tmp_path):
+    missing = tmp_path / "dataa"
+    monkeypatch.setenv(ds.DATA_DIR_ENV, str(missing))
+    for load in (ds.load_counterfact, ds.load_zsre, ds.load_idf):
+        with pytest.raises(ValueError, match=rf"\$PMETLAB_DATA_DIR='{missing}' does not exist.*unset"):
+            load()
+    afile = tmp_path / "data.json"
+    afile.write_text("[]")
+    monkeypatch.setenv(ds.DATA_DIR_ENV, str(afile))
+    with pytest.raises(ValueError, match="is a file"):
+        ds.load_counterfact()
+    monkeypatch.setenv(ds.DATA_DIR_ENV, "")  # empty: unset, the other places are searched
+    assert ds.env_data_dir() is None
+    with pytest.raises(ds.DatasetNotFoundError):
+        ds.load_counterfact(download=False)
 
 
 @needs_shared
@@ -322,6 +375,25 @@ def test_drop_conflicting_keeps_first_per_subject_relation():
     r2 = _cf_record(2)
     r2["requested_rewrite"] = dict(r2["requested_rewrite"], relation_id="P27")
     assert [r["case_id"] for r in ds.drop_conflicting([r0, r1, r2])] == [0, 2]
+
+
+def test_drop_conflicting_per_batch_keeps_other_batches_apart():
+    def rec(i, subject, rel):
+        r = _cf_record(i)
+        r["requested_rewrite"] = dict(r["requested_rewrite"], subject=subject, relation_id=rel)
+        return r
+
+    recs = [rec(0, "a", "P1"), rec(1, "a", "P1"), rec(2, "a", "P2"), rec(3, "b", "P1"), rec(4, "a", "P1")]
+    kept, dropped = ds.split_conflicting(recs)
+    assert [r["case_id"] for r in kept] == [0, 2, 3] and [r["case_id"] for r in dropped] == [1, 4]
+    cut = ds.drop_conflicting_per_batch(recs, 2)  # [0, 1] [2, 3] [4]: only 1 conflicts inside its batch
+    assert [[r["case_id"] for r in b] for b in cut.batches] == [[0], [2, 3], [4]]
+    assert [r["case_id"] for r in cut.skipped] == [1]
+    assert [r["case_id"] for r in ds.drop_conflicting_per_batch(recs, 5).skipped] == [1, 4]
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        ds.drop_conflicting_per_batch(recs, 0)
+    with pytest.raises(KeyError, match="record 1 has no requested_rewrite.subject"):
+        ds.drop_conflicting([recs[0], {"src": "a zsRE record"}])
 
 
 # ------------------------------------------------------------------------------------------

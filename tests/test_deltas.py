@@ -303,3 +303,36 @@ def test_checksum_is_the_tensor_digest_and_legacy_bfloat16_files_load(tmp_path):
     save_file(t, str(path), metadata={**header, "checksum": "0" * 32})
     with pytest.raises(ValueError, match="checksum"):
         Deltas.load(path)
+
+
+def test_saving_onto_a_directory_says_so_and_touches_nothing(tmp_path):
+    d = Deltas({"w": torch.ones(2)}, {"method": "pmet"})
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError, match=r"cannot save the deltas to '.*out': it is a directory; pass a file"):
+        d.save(target)
+    assert target.is_dir() and not list(target.iterdir()) and sorted(tmp_path.iterdir()) == [target]
+    assert torch.equal(Deltas.load(d.save(target / "deltas.safetensors")).tensors["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lambda tmp: PermissionError(13, "Permission denied", str(tmp)),
+        lambda tmp: __import__("safetensors").SafetensorError(
+            f'Error while serializing: I/O error: No space left on device (os error 28) at path "{tmp}"'
+        ),
+    ],
+)
+def test_a_failed_write_names_the_target_not_the_temporary_file(tmp_path, monkeypatch, failure):
+    import pmetlab.editing.deltas as deltas_module
+
+    def failing_save_file(tensors, tmp, metadata=None):
+        raise failure(tmp)
+
+    monkeypatch.setattr(deltas_module, "save_file", failing_save_file)
+    target = tmp_path / "edit.safetensors"
+    with pytest.raises(OSError, match=rf"cannot save the deltas to '{target}': .*writable directory") as info:
+        Deltas({"w": torch.ones(2)}, {"method": "pmet"}).save(target)
+    assert ".tmp" not in str(info.value).split(";")[0].replace(str(target), "")
+    assert not list(tmp_path.iterdir())  # the temporary file was removed

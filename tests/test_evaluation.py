@@ -33,6 +33,9 @@ from pmetlab.evaluation import (
     tfidf_cosine,
     word_tokenize,
 )
+from pmetlab.evaluation.generation import check_generation_length
+from pmetlab.tokens import check_context_length, context_length
+from tests.tiny_models import _TOKENIZER_WORDS, TINY_FAMILIES, TINY_MAX_POS, make_tiny_model, make_tiny_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -542,3 +545,90 @@ def test_real_smollm2_counterfact_and_zsre():
         za.drop(columns="neighborhood_pred"), zb.drop(columns="neighborhood_pred"), atol=1e-6, rtol=0
     )
     assert (za.efficacy_token_acc.between(0, 1)).all() and len(za) == 5
+
+
+# ------------------------------------------------------------------------------------------
+# Sequence length against the model's context; generation progress counts tokens
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_context_length_is_read_from_every_tiny_config(family):
+    model = make_tiny_model(family)
+    assert context_length(model) == context_length(model.config) == TINY_MAX_POS
+
+
+def test_context_length_from_other_attribute_names_or_none():
+    assert context_length(types.SimpleNamespace(seq_length=4096)) == 4096  # ChatGLM/Qwen-1 style
+    assert context_length(types.SimpleNamespace(n_ctx=512, max_position_embeddings=None)) == 512
+    assert context_length(types.SimpleNamespace(max_position_embeddings=True)) is None  # not a length
+    assert context_length(nn.Linear(2, 2)) is None  # no config: the checks are skipped
+    check_context_length(nn.Linear(2, 2), [10**6], what="x", fix="y")
+
+
+def _tiny_llama_and_words():
+    words = [w for w in _TOKENIZER_WORDS if w.isalpha()]
+    return make_tiny_model("LlamaForCausalLM"), make_tiny_tokenizer(), words
+
+
+def test_scoring_refuses_a_pair_longer_than_the_context():
+    model, tok, words = _tiny_llama_and_words()
+    long_prompt = " ".join(words[:70])
+    for score in (score_pairs, score_pairs_reference):
+        with pytest.raises(
+            ValueError, match=r"prompt \+ target \('the a an .*\+ 'jazz'\) is 7\d tokens, more than the 64"
+        ):
+            score(model, tok, ["the city is", long_prompt], ["paris", "jazz"])
+    assert len(score_pairs(model, tok, [" ".join(words[:60])], ["jazz"])) == 1  # 61 + BOS fits
+
+
+def test_generation_refuses_more_tokens_than_the_context():
+    model, tok, _ = _tiny_llama_and_words()
+    with pytest.raises(ValueError, match=r"n_new_tokens=20000 is 20003 tokens.*64 positions LlamaForCausalLM") as ei:
+        generate_ids(model, tok, ["the city is"], seeds=[0], n_new_tokens=20000)
+    assert "use n_new_tokens <= 61 (--n-gen-tokens)" in str(ei.value)
+    assert len(generate_ids(model, tok, ["the city is"], seeds=[0], n_new_tokens=61)[0]) == 61
+    with pytest.raises(TypeError, match="n_new_tokens must be an int, got str: '100'"):
+        check_generation_length(model, [4], "100")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n_new_tokens must be >= 1"):
+        check_generation_length(model, 4, 0)
+    with pytest.raises(ValueError, match="top_k must be an int >= 1"):
+        generate_ids(model, tok, ["the city is"], seeds=[0], top_k=0)
+
+
+def test_long_generation_warns_with_its_cost(caplog):
+    config = types.SimpleNamespace(max_position_embeddings=100_000)
+    with caplog.at_level("WARNING", logger="pmetlab.evaluation.generation"):
+        check_generation_length(config, [10, 20], 100)
+        assert not caplog.records
+        check_generation_length(config, [10, 20], 20_000)
+    assert "generating 20000 tokens per prompt" in caplog.text and "200x" in caplog.text
+
+
+def test_generation_progress_counts_tokens(monkeypatch):
+    import pmetlab.evaluation.generation as gen_mod
+
+    bars = []
+
+    class Bar:
+        def __init__(self, *args, total=None, unit=None, **kwargs):
+            self.total, self.unit, self.updates, self.postfix = total, unit, [], []
+            bars.append(self)
+
+        def update(self, n):
+            self.updates.append(n)
+
+        def set_postfix(self, **kw):
+            self.postfix.append(kw)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(gen_mod, "tqdm", Bar)
+    model, tok, _ = _tiny_llama_and_words()
+    generate_ids(model, tok, ["the city is", "a king", "paris"], seeds=[0, 1, 2], n_new_tokens=7, batch_size=2)
+    (bar,) = bars
+    assert bar.unit == "tok" and bar.total == 3 * 7
+    assert bar.updates == [2] * 7 + [1] * 7  # one step per new token of each batch
+    assert [p["batch"] for p in bar.postfix] == ["1/2", "2/2"]

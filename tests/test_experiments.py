@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ import torch
 
 import pmetlab
 from pmetlab import Deltas, edited
+from pmetlab.datasets import DatasetNotFoundError
 from pmetlab.runs import PHASES, RunMismatchError, load_run, phases, run_experiment, run_sweep, rundir, summarize_runs
+from pmetlab.runs.signals import RunTerminated
 from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -360,7 +363,7 @@ def test_bad_arguments_fail_before_any_work(tiny_env, tiny_mt, tmp_path, monkeyp
     def boom(*a, **k):
         raise AssertionError("work started")
 
-    for name in ("load_dataset", "load_counterfact", "load_model", "compute_deltas", "layer_covariances"):
+    for name in ("load_dataset", "load_model", "compute_deltas", "layer_covariances"):
         monkeypatch.setattr(phases, name, boom)
     out = tmp_path / "run"
     with pytest.raises(KeyError, match="v_num_grad_stepz"):
@@ -434,7 +437,7 @@ def test_method_none_is_a_baseline(tiny_env, tiny_mt, tmp_path, monkeypatch):
     assert post["relative_specificity"] == 100.0
 
 
-def test_zsre_and_multi_counterfact_fallback(tiny_env, tiny_mt, tmp_path):
+def test_zsre_and_multi_counterfact_never_replaced(tiny_env, tiny_mt, tmp_path):
     model, _ = tiny_mt
     before = _state(model)
     res = _run(tiny_env, tiny_mt, tmp_path / "zsre", dataset="zsre", n_edits=2)
@@ -443,11 +446,206 @@ def test_zsre_and_multi_counterfact_fallback(tiny_env, tiny_mt, tmp_path):
     for c in ("efficacy_token_acc", "paraphrase_token_acc", "neighborhood_token_acc", "relative_specificity"):
         assert c in res.summary.columns, c
     assert list(res.summary["dataset"]) == ["zsre", "zsre"]
-    # offline and without multi_counterfact.json: CounterFact minus conflicting pairs, recorded
+    # offline and without multi_counterfact.json: an error naming where it looked and the derived
+    # dataset, never CounterFact under multi_counterfact's name; the run is recorded failed
+    out = tmp_path / "mcf"
+    with pytest.raises(DatasetNotFoundError) as info:
+        _run(tiny_env, tiny_mt, out, dataset="multi_counterfact", method="none", n_edits=2, generation=False)
+    msg = str(info.value)
+    assert str(tiny_env / "multi_counterfact.json") in msg and "counterfact+conflict_filter" in msg
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and run["error"].startswith("DatasetNotFoundError: multi_counterfact file")
+    assert run["dataset"] is None and run["phases"]["load"]["status"] == "pending"
+    # the derivation, asked for by its name: recorded as such in run.json and the summary
     res = _run(
-        tiny_env, tiny_mt, tmp_path / "mcf", dataset="multi_counterfact", method="none", n_edits=2, generation=False
+        tiny_env,
+        tiny_mt,
+        tmp_path / "derived",
+        dataset="counterfact+conflict-filter",
+        method="none",
+        n_edits=2,
+        generation=False,
     )
-    assert res.run["dataset"]["derived"] == "drop_conflicting(counterfact)"
+    assert res.run["params"]["dataset"] == "counterfact+conflict_filter"
+    assert res.run["dataset"]["info"]["name"] == "counterfact+conflict_filter"
+    assert res.run["dataset"]["info"]["derived_from"] == "counterfact"
+    assert res.run["dataset"]["derived"].startswith("drop_conflicting")
+    assert set(res.summary["dataset"]) == {"counterfact+conflict_filter"}
+    assert set(summarize_runs(tmp_path / "derived")["dataset"]) == {"counterfact+conflict_filter"}
+
+
+def _conflicting_counterfact(data: Path) -> None:
+    """CounterFact whose record 1 repeats record 0's (subject, relation_id) and record 4 record 2's."""
+    recs = counterfact_records()
+    for dup, orig in ((1, 0), (4, 2)):
+        rw = recs[dup]["requested_rewrite"]
+        rw["subject"] = recs[orig]["requested_rewrite"]["subject"]
+        rw["relation_id"] = recs[orig]["requested_rewrite"]["relation_id"]
+    (data / "counterfact.json").write_text(json.dumps(recs))
+
+
+def test_conflicting_records_are_skipped_per_batch(tiny_env, tiny_mt, tmp_path, monkeypatch, caplog):
+    _conflicting_counterfact(tiny_env)
+    sizes = []
+
+    def compute(model, tok, requests, hp, **kw):
+        sizes.append([r.case_id for r in requests])
+        return pmetlab.compute_deltas(model, tok, requests, hp, **kw)
+
+    monkeypatch.setattr(phases, "compute_deltas", compute)
+    caplog.set_level("WARNING", logger="pmetlab.runs")
+    # batches [0, 1] [2, 3] [4, 5]: record 1 conflicts within its batch; record 4 only with record 2
+    # of another batch, which edits never share, so it stays
+    res = _run(tiny_env, tiny_mt, tmp_path / "run", n_edits=6, batch_size=2, generation=False)
+    assert sizes == [[0], [2, 3], [4, 5]]
+    ds_rec = res.run["dataset"]
+    assert ds_rec["skipped_conflicting"] == 1 and ds_rec["skipped_conflicting_ids"] == [1]
+    assert ds_rec["n_edited"] == 5 and ds_rec["selection"]["n"] == 6
+    assert list(res.records.loc[res.records.phase == "pre", "case_id"]) == [0, 2, 3, 4, 5]
+    assert any("1 of 6 selected records skipped" in r.getMessage() for r in caplog.records)
+    # one batch of all six: both conflicts are in it
+    sizes.clear()
+    res = _run(tiny_env, tiny_mt, tmp_path / "one", n_edits=6, generation=False)
+    assert sizes == [[0, 2, 3, 5]] and res.run["dataset"]["skipped_conflicting_ids"] == [1, 4]
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_files_of_a_complete_run_are_redone_not_reused(tiny_env, tiny_mt, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "run"
+    _run(tiny_env, tiny_mt, out, generation=False)
+    good = {n: t.clone() for n, t in Deltas.load(out / "deltas.safetensors").tensors.items()}
+    _flip_last_byte(out / "deltas.safetensors")  # tensor data: the checksum no longer matches
+    cd = Counter(pmetlab.compute_deltas)
+    ev = Counter(pmetlab.evaluation.evaluate_counterfact)
+    monkeypatch.setattr(phases, "compute_deltas", cd)
+    monkeypatch.setattr(phases, "evaluate_counterfact", ev)
+    caplog.set_level("WARNING", logger="pmetlab.runs")
+    res = _run(tiny_env, tiny_mt, out, generation=False)
+    assert cd.calls == 1 and ev.calls == 1  # the edit and the post-edit evaluation, again
+    assert any(
+        "deltas.safetensors is damaged" in r.getMessage() and "--no-resume" in r.getMessage() for r in caplog.records
+    )
+    repair = res.run["repairs"][0]
+    assert repair["file"] == "deltas.safetensors" and "checksum" in repair["problem"]
+    assert repair["redone"] == ["edit", "eval_post"] and repair["kept_as"] == "deltas.safetensors.damaged"
+    assert (out / "deltas.safetensors.damaged").is_file() and res.run["status"] == "complete"
+    for n, t in Deltas.load(out / "deltas.safetensors").tensors.items():
+        torch.testing.assert_close(t, good[n])  # the same seeded edit
+    # an unreadable records file: both evaluations are redone, the edit is reused
+    cd.calls = ev.calls = 0
+    (out / "records.parquet").write_bytes(b"not parquet")
+    res = _run(tiny_env, tiny_mt, out, generation=False)
+    assert cd.calls == 0 and ev.calls == 1  # pre rows from the pre-edit metric cache, post evaluated again
+    assert res.run["repairs"][-1]["file"] == "records.parquet" and len(res.records) == 6
+    assert res.run["status"] == "complete"
+
+
+def _other_requests(path: Path) -> None:
+    d = Deltas.load(path)
+    Deltas({n: t.clone() for n, t in d.tensors.items()}, dict(d.meta, requests=d.meta["requests"][::-1]), d.trace).save(
+        path
+    )
+
+
+@pytest.mark.parametrize("damage", [_flip_last_byte, _other_requests], ids=["flipped-byte", "other-requests"])
+def test_damaged_batch_checkpoint_is_recomputed(tiny_env, tiny_mt, tmp_path, monkeypatch, caplog, damage):
+    out = tmp_path / "run"
+    monkeypatch.setattr(phases, "compute_deltas", Counter(phases.compute_deltas, fail_on=2))
+    with pytest.raises(RuntimeError, match="injected"):
+        _run(tiny_env, tiny_mt, out, n_edits=4, batch_size=2, generation=False)
+    damage(out / "deltas_batches" / "batch_0000.safetensors")
+    cd = Counter(pmetlab.compute_deltas)
+    monkeypatch.setattr(phases, "compute_deltas", cd)
+    caplog.set_level("WARNING", logger="pmetlab.runs")
+    res = _run(tiny_env, tiny_mt, out, n_edits=4, batch_size=2, generation=False)
+    assert cd.calls == 2 and res.run["status"] == "complete"
+    assert any(
+        "edit batch 1/2" in r.getMessage() and "computing the batch again" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_every_exit_is_recorded_failed_with_its_reason(tiny_env, tiny_mt, tmp_path, monkeypatch):
+    # a dataset error before the first phase
+    (tiny_env / "counterfact.json").unlink()
+    out = tmp_path / "nodata"
+    with pytest.raises(DatasetNotFoundError):
+        _run(tiny_env, tiny_mt, out, method="none", generation=False)
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and "counterfact.json" in run["error"] and run["failed_at"]
+    write_data_dir(tiny_env.parent)
+
+    # SIGTERM in the middle of a phase: raised like Ctrl-C, recorded, and the previous handler back
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: seen.append("previous handler"))
+    try:
+
+        def terminate(*a, **k):
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not interrupt the run")
+
+        monkeypatch.setattr(phases, "layer_covariances", terminate)
+        out = tmp_path / "term"
+        with pytest.raises(RunTerminated, match="SIGTERM") as info:
+            _run(tiny_env, tiny_mt, out, generation=False)
+        assert isinstance(info.value, KeyboardInterrupt) and seen == []
+        run = json.loads((out / "run.json").read_text())
+        assert run["status"] == "failed" and run["error"] == "RunTerminated: received SIGTERM"
+        assert run["phases"]["load"]["status"] == "done" and run["phases"]["covariance"]["status"] == "pending"
+        os.kill(os.getpid(), signal.SIGTERM)  # outside a run: the handler that was there before
+        assert seen == ["previous handler"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    # a refusal to resume a directory holding another run leaves its run.json as it was
+    out = tmp_path / "done"
+    _run(tiny_env, tiny_mt, out, method="none", generation=False)
+    before = (out / "run.json").read_text()
+    recs = counterfact_records()
+    (tiny_env / "counterfact.json").write_text(json.dumps(recs + [dict(recs[0], case_id=99)]))
+    with pytest.raises(RunMismatchError, match="dataset file or the selected records changed"):
+        _run(tiny_env, tiny_mt, out, method="none", generation=False)
+    assert (out / "run.json").read_text() == before
+
+
+def test_generation_length_is_checked_before_the_edit(tiny_env, tiny_mt, tmp_path, monkeypatch):
+    order = []
+    monkeypatch.setattr(phases, "check_generation_length", lambda m, lengths, n: order.append(("check", m, lengths, n)))
+    cd = Counter(pmetlab.compute_deltas)
+    monkeypatch.setattr(phases, "compute_deltas", lambda *a, **k: order.append("edit") or cd(*a, **k))
+    _run(tiny_env, tiny_mt, tmp_path / "a", n_edits=2, n_gen_tokens=3)
+    (_, model, lengths, n), rest = order[0], order[1:]
+    assert model is tiny_mt[0] and n == 3 and rest == ["edit"]
+    assert len(lengths) == 4 and all(isinstance(x, int) and x > 0 for x in lengths)  # 2 prompts per record
+    order.clear()
+    _run(tiny_env, tiny_mt, tmp_path / "b", n_edits=2, generation=False)
+    assert order == ["edit"]  # nothing generated, nothing checked
+
+    def too_long(model, lengths, n):
+        raise ValueError(f"n_new_tokens={n} does not fit")
+
+    monkeypatch.setattr(phases, "check_generation_length", too_long)
+    cd.calls = 0
+    with pytest.raises(ValueError, match="n_new_tokens=5000 does not fit"):
+        _run(tiny_env, tiny_mt, tmp_path / "c", n_edits=2, n_gen_tokens=5000)
+    assert cd.calls == 0 and json.loads((tmp_path / "c" / "run.json").read_text())["status"] == "failed"
+
+
+def test_empty_out_dir_is_refused(tiny_env, tiny_mt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / "data")
+    before = sorted(os.listdir("."))
+    for bad in ("", "  "):
+        with pytest.raises(ValueError, match=rf"out_dir must be a directory path, got {bad!r}"):
+            _run(tiny_env, tiny_mt, bad, method="none")
+        with pytest.raises(ValueError, match="out_dir must be a directory path"):
+            run_sweep([{"method": "none"}], out_dir=bad, model="tiny", model_and_tokenizer=tiny_mt)
+    with pytest.raises(ValueError, match=r"got 3 \(int\)"):
+        _run(tiny_env, tiny_mt, 3, method="none")
+    assert sorted(os.listdir(".")) == before
 
 
 def test_csv_records_without_pyarrow(tiny_env, tiny_mt, tmp_path, monkeypatch):

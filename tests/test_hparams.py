@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pmetlab.hparams import MEMITHyperParams, PMETHyperParams, hparams_from_dict, list_presets
+from pmetlab.hparams import MEMITHyperParams, PMETHyperParams, check_layer_indices, hparams_from_dict, list_presets
 
 PRESETS = ["smollm2-135m", "gpt-j-6b", "gpt-neox-20b", "gpt2-xl", "llama-7b"]
 CLASSES = [PMETHyperParams, MEMITHyperParams]
@@ -170,3 +170,34 @@ def test_replace_returns_new_validated_object():
     assert type(hp2) is PMETHyperParams
     with pytest.raises(dataclasses.FrozenInstanceError):
         hp.v_lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("layers", [(-1,), (2, -1), (-3, -2)])
+def test_negative_layers_are_refused_with_the_absolute_convention(layers):
+    for make in (
+        lambda: PMETHyperParams(layers=layers),
+        lambda: hparams_from_dict({"method": "memit", "layers": layers}),
+    ):
+        with pytest.raises(ValueError, match=r"negative indices .* absolute indices 0..n_layers-1.*not -1"):
+            make()
+
+
+def test_check_layer_indices_against_the_model_depth():
+    check_layer_indices((0, 5), 6)  # in range: no error
+    with pytest.raises(
+        ValueError, match=r"exceed the 6 layers of GPT2LMHeadModel \(valid: 0..5\); use layers within 0..5"
+    ):
+        check_layer_indices((4, 6), 6, owner="GPT2LMHeadModel")
+    with pytest.raises(ValueError, match=r"absolute indices 0..5.*\(layer 5 here\)"):
+        check_layer_indices((-1,), 6)
+
+
+def test_unknown_keys_suggest_the_close_match_and_method_must_be_a_name():
+    with pytest.raises(KeyError, match=r"'Layers': did you mean 'layers'\?.*valid keys: \['argmax_nll_scale'"):
+        PMETHyperParams().replace(Layers=[1, 2])
+    with pytest.raises(KeyError, match=r"'v_lr ': did you mean 'v_lr'\?"):
+        PMETHyperParams.from_dict({"v_lr ": 0.1})
+    with pytest.raises(KeyError, match="the method is set by the class"):
+        PMETHyperParams().replace(method="memit")
+    with pytest.raises(ValueError, match=r"unknown method \['pmet'\] in the hyperparameters' 'method' key"):
+        hparams_from_dict({"method": ["pmet"]})  # was TypeError: unhashable type: 'list'

@@ -5,9 +5,12 @@ Tests marked ``slow`` use the real embedded models (SmolLM2-135M, Gemma 3 270M).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,6 +41,26 @@ def test_unknown_name_offline_fails_with_one_clear_line(monkeypatch) -> None:
     assert "'no-such-model-xyz'" in msg
     assert "smollm2-135m" in msg and "gemma3-270m" in msg  # says what would work
     assert "local path" in msg
+
+
+def test_pmetlab_offline_makes_no_hub_request(monkeypatch) -> None:
+    import huggingface_hub.constants
+    from transformers import AutoConfig
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("PMETLAB_OFFLINE", "1")
+    asked: list[dict] = []
+
+    def no_network(path, **kw):
+        asked.append(kw)
+        raise OSError(f"{path} is not in the local cache")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", no_network)
+    with pytest.raises(ModelLoadError) as info:
+        load_model("someone/some-model")
+    assert asked == [{"local_files_only": True}]
+    msg = _one_line(info.value)
+    assert "'someone/some-model'" in msg and "embedded name or a local path" in msg
 
 
 @pytest.mark.parametrize("bad", ["", "   "])
@@ -125,6 +148,176 @@ def test_embedded_models_are_listed() -> None:
     assert all(isinstance(v, str) and v for v in names.values())
 
 
+# --- integrity of the converted cache and of loaded weights (fast) -------------------------------
+def _flip_tensor_bytes(path: Path, n: int = 64) -> None:
+    """Overwrite ``n`` bytes at the start of a safetensors file's tensor data with 0xFF (a float32
+    NaN pattern), keeping the file's size."""
+    with open(path, "r+b") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + header_len)
+        f.write(b"\xff" * n)
+
+
+@pytest.fixture
+def tiny_embedded(tmp_path: Path, monkeypatch):
+    """An embedded model entry whose "GGUF conversion" saves a tiny Llama and tokenizer, in a
+    temporary cache; ``calls`` lists the conversions, ``dir`` is the converted copy."""
+    from pmetlab.models import loading
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    monkeypatch.setenv("PMETLAB_CACHE_DIR", str(tmp_path / "cache"))
+    calls: list[Path] = []
+    weights = {"nan": False}
+
+    def write(source: Path, folder: Path) -> None:
+        calls.append(folder)
+        model = make_tiny_model("LlamaForCausalLM", seed=3)
+        if weights["nan"]:
+            with torch.no_grad():
+                model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+        model.save_pretrained(folder)
+        make_tiny_tokenizer().save_pretrained(folder)
+
+    monkeypatch.setattr(loading, "_write_conversion", write)
+    entry = loading.EmbeddedModel("tiny-embedded", "a tiny test model", "none", lambda: gguf)
+    monkeypatch.setitem(loading._EMBEDDED, "tiny-embedded", entry)
+    folder = tmp_path / "cache" / "models" / f"tiny-embedded-v{loading.CONVERT_FORMAT}"
+    return SimpleNamespace(calls=calls, dir=folder, weights=weights, name="tiny-embedded")
+
+
+def test_first_load_converts_once_and_says_so(tiny_embedded, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="pmetlab.models.loading"):
+        load_model(tiny_embedded.name, device="cpu")
+        load_model(tiny_embedded.name, device="cpu")
+    assert len(tiny_embedded.calls) == 1
+    said = [r.getMessage() for r in caplog.records if "converting" in r.getMessage()]
+    assert len(said) == 1 and "once" in said[0] and str(tiny_embedded.dir) in said[0]
+    manifest = json.loads((tiny_embedded.dir / "pmetlab-manifest.json").read_text())
+    assert len(manifest["files"]["model.safetensors"]["sha256"]) == 64
+
+
+@pytest.mark.parametrize("damage", ["flip bytes, same size", "truncate"])
+def test_damaged_converted_model_is_converted_again_with_a_warning_naming_the_file(
+    tiny_embedded, caplog, damage: str
+) -> None:
+    loaded, _ = load_model(tiny_embedded.name, device="cpu")
+    # copies: the loaded tensors may be memory-mapped from the file that is damaged below
+    good = {n: p.detach().clone() for n, p in loaded.named_parameters()}
+    weights = tiny_embedded.dir / "model.safetensors"
+    size = weights.stat().st_size
+    if damage == "truncate":
+        with open(weights, "r+b") as f:
+            f.truncate(size // 2)
+    else:
+        _flip_tensor_bytes(weights)
+        assert weights.stat().st_size == size  # a size check alone would accept it
+    with caplog.at_level(logging.WARNING, logger="pmetlab.models.loading"):
+        again, _ = load_model(tiny_embedded.name, device="cpu")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and str(weights) in warned[0] and "sha256" in warned[0], warned
+    assert len(tiny_embedded.calls) == 2
+    for n, p in again.named_parameters():
+        torch.testing.assert_close(p, good[n], rtol=0, atol=0, msg=n)
+
+
+def test_converted_files_are_hashed_once_per_process_while_unchanged(tiny_embedded, monkeypatch) -> None:
+    from pmetlab.models import loading
+
+    load_model(tiny_embedded.name, device="cpu")  # converts; the new files count as verified
+    hashed: list[str] = []
+    real = loading.file_sha256
+    monkeypatch.setattr(loading, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+    load_model(tiny_embedded.name, device="cpu")
+    assert hashed == []
+    monkeypatch.setattr(loading, "_VERIFIED", set())  # as in a fresh process
+    load_model(tiny_embedded.name, device="cpu")
+    assert "model.safetensors" in hashed and len(tiny_embedded.calls) == 1
+    hashed.clear()
+    load_model(tiny_embedded.name, device="cpu")
+    assert hashed == []
+
+
+def test_conversion_without_checksums_is_converted_again(tiny_embedded, caplog) -> None:
+    load_model(tiny_embedded.name, device="cpu")
+    manifest_path = tiny_embedded.dir / "pmetlab-manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"] = {f: meta["size"] for f, meta in manifest["files"].items()}  # the old format
+    manifest_path.write_text(json.dumps(manifest))
+    with caplog.at_level(logging.INFO, logger="pmetlab.models.loading"):
+        load_model(tiny_embedded.name, device="cpu")
+    assert len(tiny_embedded.calls) == 2
+    assert "before pmetlab recorded checksums" in caplog.text
+    assert "sha256" in json.loads(manifest_path.read_text())["files"]["model.safetensors"]
+
+
+def test_embedded_model_with_non_finite_weights_is_refused(tiny_embedded) -> None:
+    tiny_embedded.weights["nan"] = True  # the conversion itself yields NaN (e.g. a damaged GGUF)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(tiny_embedded.name, device="cpu")
+    msg = _one_line(info.value)
+    assert "non-finite" in msg and "model.layers.1.mlp.down_proj.weight" in msg
+    assert f"delete {tiny_embedded.dir}" in msg
+
+
+def test_local_model_with_non_finite_weights_is_refused(tmp_path: Path) -> None:
+    model = make_tiny_model("LlamaForCausalLM")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[2, 1] = float("inf")
+    model.save_pretrained(tmp_path)
+    make_tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(tmp_path), device="cpu")
+    msg = _one_line(info.value)
+    assert str(tmp_path) in msg and "model.layers.0.self_attn.o_proj.weight" in msg
+    assert "non-finite" in msg and "save or download it again" in msg
+
+
+def test_finite_check_accepts_weights_whose_sum_overflows() -> None:
+    from pmetlab.models.loading import _check_finite_weights
+
+    model = make_tiny_model("LlamaForCausalLM")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.fill_(3e38)  # finite, but the sum is inf
+    _check_finite_weights(model, "tiny", "nowhere", embedded=False)
+
+
+# --- log noise (fast) ------------------------------------------------------------------------------
+def test_loading_prints_no_weight_loading_bar_and_restores_the_tqdm_hook(tmp_path: Path, capfd) -> None:
+    from transformers.utils import logging as hf_logging
+
+    make_tiny_model("LlamaForCausalLM").save_pretrained(tmp_path)
+    make_tiny_tokenizer().save_pretrained(tmp_path)
+    capfd.readouterr()
+    load_model(str(tmp_path), device="cpu")
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.set_tqdm_hook(None) is None  # nothing left installed
+
+
+def test_a_slow_weight_load_still_shows_its_bar() -> None:
+    """The hook only delays the "Loading weights" bar; other bars, and an earlier hook, are kept."""
+    from transformers.utils import logging as hf_logging
+
+    from pmetlab.models.loading import _WEIGHT_BAR_DELAY_S, _quiet_weight_bar
+
+    seen: list[tuple[str, dict]] = []
+
+    def outer(factory, args, kwargs):
+        seen.append(("outer", kwargs))
+        return factory(*args, **kwargs)
+
+    hf_logging.set_tqdm_hook(outer)
+    try:
+        with _quiet_weight_bar():
+            hf_logging.tqdm(range(2), desc="Loading weights", disable=True)
+            hf_logging.tqdm(range(2), desc="Downloading", disable=True)
+        assert hf_logging.set_tqdm_hook(outer) is outer  # restored
+    finally:
+        hf_logging.set_tqdm_hook(None)
+    assert seen[0][1]["delay"] == _WEIGHT_BAR_DELAY_S
+    assert "delay" not in seen[1][1]
+
+
 # --- the real embedded SmolLM2 (slow) -------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_is_ready_for_editing(smollm2) -> None:
@@ -205,6 +398,8 @@ def test_gemma3_loads_generates_and_fits_its_adapter() -> None:
 # --- the converted cache (slow) -------------------------------------------------------------------
 @pytest.mark.slow
 def test_corrupt_converted_cache_is_rebuilt(smollm2, tmp_path: Path, monkeypatch, caplog) -> None:
+    """Bytes flipped inside a tensor of a copy of the real conversion, the size unchanged: the
+    copy is converted again (it loaded as NaN weights before checksums were recorded)."""
     from pmetlab.models import loading
 
     model, tok = smollm2
@@ -217,13 +412,13 @@ def test_corrupt_converted_cache_is_rebuilt(smollm2, tmp_path: Path, monkeypatch
     assert loading._converted_dir(embedded) == good  # the copy is accepted as it is
     weights = good / "model.safetensors"
     size = weights.stat().st_size
-    with open(weights, "r+b") as f:
-        f.truncate(size // 2)
+    _flip_tensor_bytes(weights, n=4096)
+    assert weights.stat().st_size == size
 
     try:
         with caplog.at_level(logging.WARNING, logger="pmetlab.models.loading"):
             rebuilt, _ = load_model("smollm2-135m", device="cpu")
-        assert any("rebuilding" in r.getMessage() for r in caplog.records)
+        assert any(str(weights) in r.getMessage() and "sha256" in r.getMessage() for r in caplog.records)
         assert weights.stat().st_size == size
         ids = tok(PROMPT, return_tensors="pt").input_ids
         torch.testing.assert_close(rebuilt(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)

@@ -10,6 +10,7 @@ import torch
 
 from pmetlab import EditRequest, PMETHyperParams, compute_deltas
 from pmetlab.editing.compute import validate_requests
+from pmetlab.requests import conflict_free_batches, find_conflicts
 from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
 
 CF_RECORD = {
@@ -190,3 +191,68 @@ def test_compute_deltas_refuses_unplaceable_subject_and_leaves_model(tmp_path, m
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
     assert not any(tmp_path.iterdir())  # failed before any cache was written
+
+
+# --- degenerate requests: the current answer as target, two targets for one fact ---------------
+
+
+@pytest.mark.parametrize(
+    "new, true", [("jazz", "jazz"), ("Jazz", " jazz"), ("New  York", "new york\t"), ("É", "é"), ("Cafe\u0301", "café")]
+)
+def test_target_equal_to_the_current_object_is_refused(new, true):
+    with pytest.raises(ValueError, match=r"target_new .* is the current object target_true") as ei:
+        EditRequest(prompt="{} plays", subject="Danny", target_new=new, target_true=true)
+    assert repr(new) in str(ei.value) and repr(true) in str(ei.value) and "choose a different" in str(ei.value)
+    rec = copy.deepcopy(CF_RECORD)
+    rec["requested_rewrite"]["target_true"]["str"] = rec["requested_rewrite"]["target_new"]["str"]
+    with pytest.raises(ValueError, match="is the current object"):
+        EditRequest.from_counterfact(rec)
+    assert EditRequest(prompt="{} plays", subject="Danny", target_new="jazz", target_true="jazz band").target_true
+
+
+@pytest.mark.parametrize("true", ["", "  "])
+def test_blank_target_true_is_refused(true):
+    with pytest.raises(ValueError, match="target_true must be non-empty or None"):
+        EditRequest(prompt="{} plays", subject="Danny", target_new="jazz", target_true=true)
+
+
+def _req(subject: str, target: str, prompt: str = "{} plays the sport of") -> EditRequest:
+    return EditRequest(prompt=prompt, subject=subject, target_new=target)
+
+
+def test_find_conflicts_ignores_case_spacing_and_duplicates():
+    reqs = [
+        _req("danny miles", "jazz"),
+        _req("france", "rome", "the capital of {} is"),
+        _req("Danny  Miles", " JAZZ"),  # the same fact and target: a duplicate, no conflict
+        _req("danny miles", "football"),
+        _req("danny miles", "golf", "{} is good at"),  # another prompt: another fact
+        _req("DANNY MILES", "baseball"),
+    ]
+    assert find_conflicts(reqs) == [(0, 3), (0, 5)]
+    batches = conflict_free_batches(reqs)
+    assert batches == [[reqs[0], reqs[1], reqs[2], reqs[4]], [reqs[3]], [reqs[5]]]
+    assert all(find_conflicts(b) == [] for b in batches)
+    assert conflict_free_batches(reqs[:3]) == [reqs[:3]]
+
+
+def test_validate_requests_refuses_two_targets_for_one_fact():
+    tok = make_tiny_tokenizer()
+    reqs = [GOOD, _req("france", "rome", "the capital of {} is"), _req("Danny Miles", "football")]
+    with pytest.raises(ValueError, match=r"requests 0 and 2 ask for different objects") as ei:
+        validate_requests(tok, reqs)
+    msg = str(ei.value)
+    assert "'jazz'" in msg and "'football'" in msg and "average" in msg
+    assert "conflict_free_batches" in msg and "2 conflict-free batches" in msg and "drop_conflicting" in msg
+    assert validate_requests(tok, [GOOD, GOOD]) == [GOOD, GOOD]  # an exact duplicate is accepted
+
+
+def test_compute_deltas_refuses_conflicts_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("PMETLAB_CACHE_DIR", str(tmp_path))
+    model, tok = make_tiny_model("LlamaForCausalLM"), make_tiny_tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hp = PMETHyperParams(layers=(0, 1), cov_corpus=str(tmp_path / "absent.txt"))  # never reached
+    with pytest.raises(ValueError, match="requests 0 and 1 ask for different objects"):
+        compute_deltas(model, tok, [GOOD, _req("danny miles", "football")], hp, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(tmp_path.iterdir())

@@ -16,7 +16,15 @@ import pandas as pd
 import pytest
 
 import pmetlab
-from pmetlab.runs import RunSpec, resolve_hparams, run_sweep, summarize_runs
+from pmetlab.runs import (
+    RunSpec,
+    collect_summaries,
+    resolve_hparams,
+    run_experiment,
+    run_status,
+    run_sweep,
+    summarize_runs,
+)
 from pmetlab.runs.pre_eval import cached_pre_eval
 from pmetlab.runs.sweep import SPEC_KEYS
 from pmetlab.store import KeyedStore
@@ -94,6 +102,8 @@ def test_run_spec_resolves_every_setting():
     assert d["covariance"] == spec.hp.covariance.to_dict() and d["eval_batch_size"] == 32
     assert d["hparams_preset"] == "smollm2-135m" and d["label"] == "x"
     assert {k: d[k] for k in spec.params} == spec.params
+    derived = RunSpec.build(model="tiny", dataset="CounterFact+Conflict-Filter")
+    assert derived.dataset == pmetlab.datasets.CONFLICT_FILTERED and derived.dataset in pmetlab.runs.DATASETS
     none = RunSpec.build(model="tiny", method="none")
     assert none.hp is None and none.covariance is None and none.to_dict()["covariance"] is None
 
@@ -157,6 +167,86 @@ def test_sweep_rows_carry_the_resolved_hyperparameters(tiny_env, tiny_mt, tmp_pa
     run_json.write_text(json.dumps(run))
     old = summarize_runs(run_json.parent)
     assert set(old["subset"]) == {"first"} and "eval_batch_size" not in old and old["hp_v_lr"].notna().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# summaries of many runs: what is readable, and a list of what is not
+# ---------------------------------------------------------------------------------------------
+def _sweep_with_bad_runs(tiny_env, tiny_mt, root: Path) -> dict[str, Path]:  # noqa: F811
+    run_sweep(
+        [{"n_edits": 2}, {"n_edits": 3}],
+        out_dir=root,
+        model="tiny",
+        method="none",
+        generation=False,
+        progress=False,
+        model_and_tokenizer=tiny_mt,
+    )
+    garbled = root / "garbled"
+    garbled.mkdir()
+    (garbled / "run.json").write_text('{"status": "comp')  # a truncated write
+    listed = root / "listed"
+    listed.mkdir()
+    (listed / "run.json").write_text("[1, 2]")
+    failed = root / "failed"
+    (tiny_env / "counterfact.json").rename(tiny_env / "moved.json")
+    with pytest.raises(LookupError):
+        run_experiment("tiny", "none", out_dir=failed, generation=False, progress=False, model_and_tokenizer=tiny_mt)
+    (tiny_env / "moved.json").rename(tiny_env / "counterfact.json")
+    return {"garbled": garbled, "listed": listed, "failed": failed}
+
+
+def test_summaries_keep_what_is_readable_and_list_the_rest(tiny_env, tiny_mt, tmp_path, caplog):  # noqa: F811
+    bad = _sweep_with_bad_runs(tiny_env, tiny_mt, tmp_path / "sweep")
+    caplog.set_level("WARNING", logger="pmetlab.runs")
+    df = summarize_runs(tmp_path / "sweep")
+    assert sorted(set(df["n_edits"])) == [2, 3] and len(df) == 4 and set(df["status"]) == {"complete"}
+    warned = [r.getMessage() for r in caplog.records if "not summarised" in r.getMessage()]
+    for d in bad.values():
+        assert sum(str(d) in m for m in warned) == 1, d
+    found = collect_summaries(tmp_path / "sweep")
+    assert set(found.skipped) == {str(d) for d in bad.values()}
+    assert "unreadable" in found.skipped[str(bad["garbled"])]
+    assert "JSON list, not a run record" in found.skipped[str(bad["listed"])]
+    assert found.skipped[str(bad["failed"])].startswith("no results yet (status failed: DatasetNotFoundError")
+    only_bad = collect_summaries([bad["garbled"], bad["failed"]])
+    assert only_bad.table.empty and len(only_bad.skipped) == 2
+
+
+def test_run_status_tells_a_killed_run_from_a_live_one(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = socket.gethostname()
+    assert run_status({"status": "running", "pid": dead.pid, "host": here}) == "interrupted"
+    assert run_status({"status": "running", "pid": os.getpid(), "host": here}) == "running"
+    assert run_status({"status": "running", "pid": dead.pid, "host": "elsewhere"}) == "running"
+    assert run_status({"status": "complete"}) == "complete"
+
+
+def test_cli_summarize_and_run_report_bad_input(tiny_env, tiny_mt, tmp_path, capsys):  # noqa: F811
+    from pmetlab.cli import main
+
+    bad = _sweep_with_bad_runs(tiny_env, tiny_mt, tmp_path / "sweep")
+    capsys.readouterr()
+    assert main(["summarize", str(tmp_path / "sweep"), "-q"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    table_end = max(i for i, line in enumerate(out) if "complete" in line)
+    after = out[table_end + 1 :]
+    assert len(after) == 3 and all(line.startswith("not summarised: ") for line in after)
+    assert {line.split(": ")[1] for line in after} == {str(d) for d in bad.values()}
+    # nothing readable: an error, not an empty table
+    assert main(["summarize", str(bad["garbled"]), str(bad["failed"]), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "no run could be summarised" in err and str(bad["failed"]) in err
+    # an empty --out is refused before any work
+    for argv in (["summarize", str(tmp_path / "sweep"), "--out", ""], ["run", "--out", "", "--model", "tiny"]):
+        assert main([*argv, "-q"]) == 2
+        assert "--out must be a path, got ''" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

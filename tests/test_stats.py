@@ -470,20 +470,44 @@ def test_non_finite_cache_entry_is_refused_with_its_path_and_recomputed(env, mon
     assert torch.equal(SecondMoment.load(path, first[1].key).sum, first[1].sum)  # rewritten
 
 
-def test_non_finite_statistics_are_not_cached(env, monkeypatch, caplog):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_non_finite_statistics_are_refused_naming_the_module(env, monkeypatch, use_cache):
+    """NaN statistics would make every edit NaN: an error naming the module and what to do, and
+    nothing cached (not even the checkpoint); a later healthy pass computes them."""
+    from pmetlab.moments import NonFiniteStatisticsError
+
     model, tok, adapter, _ = _setup()
     real = stats.collect_second_moments
 
-    def overflowing(*a, **k):
-        out = real(*a, **k)
+    def overflowing(*a, checkpoint=None, **k):
+        out = real(*a, checkpoint=checkpoint, **k)
+        if checkpoint is not None:
+            checkpoint(out, 1)  # a checkpoint written before the overflow
         for sm in out.values():
             sm.sum[0, 0] = float("nan")
         return out
 
     monkeypatch.setattr(stats, "collect_second_moments", overflowing)
-    got = layer_covariances(model, tok, [1], corpus=env["corpus"], **COV_KW)
-    assert torch.isnan(got[1].sum[0, 0])
-    assert _cache_files(env["cache"]) == [] and adapter.ffn_out_name(1) in caplog.text
+    with pytest.raises(NonFiniteStatisticsError) as info:
+        layer_covariances(model, tok, [1], corpus=env["corpus"], use_cache=use_cache, **COV_KW)
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError) and "\n" not in msg
+    assert adapter.ffn_out_name(1) in msg and "1 non-finite value" in msg
+    assert "torch.float32" in msg and "load_model(..., dtype='float32')" in msg and "nothing was cached" in msg
+    assert _cache_files(env["cache"]) == [] and _partial_files(env["cache"]) == []
+    monkeypatch.setattr(stats, "collect_second_moments", real)
+    assert torch.isfinite(layer_covariances(model, tok, [1], corpus=env["corpus"], **COV_KW)[1].sum).all()
+
+
+def test_computing_statistics_is_announced_once_with_its_size_and_cache(env, caplog):
+    model, tok, adapter, _ = _setup()
+    with caplog.at_level("INFO", logger="pmetlab.stats"):
+        layer_covariances(model, tok, [1, 2], corpus=env["corpus"], **COV_KW)
+        layer_covariances(model, tok, [1, 2], corpus=env["corpus"], **COV_KW)  # from the cache
+    said = [r.getMessage() for r in caplog.records if "computing covariance statistics" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "once" in said[0] and "~600 tokens" in said[0] and adapter.ffn_out_name(2) in said[0]
+    assert str(env["cache"]) in said[0]
 
 
 def test_damaged_checkpoint_is_ignored_with_its_path(env, monkeypatch, caplog):
@@ -517,3 +541,135 @@ def test_damaged_checkpoint_is_ignored_with_its_path(env, monkeypatch, caplog):
     monkeypatch.setenv("PMETLAB_CACHE_DIR", str(env["tmp"] / "clean"))
     clean = layer_covariances(model, tok, [1], corpus=env["corpus"], **kw)
     assert torch.equal(got[1].sum, clean[1].sum) and got[1].count == clean[1].count
+
+
+# --- checkpoints by time, token budgets ------------------------------------------------------
+
+
+class FakeClock:
+    """A clock that only moves when told (each forward pass "takes" ``per_batch`` seconds)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _slow_forwards(model, clock: FakeClock, per_batch: float, die_after: int | None = None):
+    """Each forward pass advances ``clock`` by ``per_batch``; the one after ``die_after`` passes is
+    interrupted (Ctrl-C) before it does anything."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append(1)
+        if die_after is not None and len(calls) > die_after:
+            raise KeyboardInterrupt
+        clock.t += per_batch
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("done", [2, 3, 5, 7, 8])
+def test_an_interrupt_loses_at_most_the_checkpoint_interval(env, monkeypatch, tmp_path, done):
+    """A Ctrl-C after ``done`` batches of 25 s each (fake clock) resumes from a checkpoint that is
+    less than the 60 s interval old; the resumed statistics are bit-identical."""
+    model, tok, _, _ = _setup()
+    kw = dict(COV_KW, tokens_per_batch=64, checkpoint_seconds=60.0)
+    monkeypatch.setenv("PMETLAB_CACHE_DIR", str(tmp_path / "clean"))
+    clean = layer_covariances(model, tok, [0, 2], corpus=env["corpus"], **kw)
+    monkeypatch.setenv("PMETLAB_CACHE_DIR", str(env["cache"]))
+    clock, real, starts = FakeClock(), stats.collect_second_moments, []
+
+    def with_fake_clock(*a, **k):
+        starts.append(k["start"])
+        return real(*a, clock=clock, **k)
+
+    monkeypatch.setattr(stats, "collect_second_moments", with_fake_clock)
+    hook = _slow_forwards(model, clock, per_batch=25.0, die_after=done)
+    with pytest.raises(KeyboardInterrupt):
+        layer_covariances(model, tok, [0, 2], corpus=env["corpus"], **kw)
+    hook.remove()
+    partials = _partial_files(env["cache"])  # one checkpoint (the latest), or none yet
+    assert len(partials) == (done >= 3)
+    saved_at = int(KeyedStore.read_tensors(partials[0]).tensors["next_batch"]) if partials else 0
+    assert (done - saved_at) * 25.0 < 60.0  # finished work not in the checkpoint: under the interval
+    assert saved_at == 3 * (done // 3)  # 25 s batches: a checkpoint after every third
+    resumed = layer_covariances(model, tok, [0, 2], corpus=env["corpus"], **kw)
+    assert starts == [0, saved_at]
+    for l in (0, 2):
+        assert resumed[l].count == clean[l].count and torch.equal(resumed[l].sum, clean[l].sum)
+
+
+def test_the_default_checkpoints_by_time_not_every_20_batches(env):
+    model, tok, adapter, chunks = _setup(corpus=env["corpus"])
+    clock, saved = FakeClock(), []
+    hook = _slow_forwards(model, clock, per_batch=31.0)  # a slow model: over a minute for 2 batches
+    names = [adapter.ffn_out_name(1)]
+    collect_second_moments(
+        model, tok, names, chunks, tokens_per_batch=64, progress=False, clock=clock,
+        checkpoint=lambda st, nb: saved.append(nb),
+    )  # fmt: skip
+    hook.remove()
+    n_batches = len(stats.plan_batches(chunks, 64))
+    assert n_batches > 6 and saved == list(range(2, n_batches, 2))
+
+
+def test_slow_checkpoint_writes_stretch_the_interval(env):
+    """A write that takes 10 s (over a tenth of 60 s) makes the interval 100 s: checkpointing never
+    takes more than about a tenth of the time."""
+    model, tok, adapter, chunks = _setup(corpus=env["corpus"])
+    clock, saved = FakeClock(), []
+
+    def slow_write(st, nb):
+        saved.append((nb, clock.t))
+        clock.t += 10.0
+
+    hook = _slow_forwards(model, clock, per_batch=25.0)
+    collect_second_moments(
+        model, tok, [adapter.ffn_out_name(1)], chunks, tokens_per_batch=64, progress=False, clock=clock,
+        checkpoint=slow_write, checkpoint_seconds=60.0,
+    )  # fmt: skip
+    hook.remove()
+    # at 75 s, then after 100 s (10 x the write) instead of 60 s: batch 7, not 6
+    assert [nb for nb, _ in saved[:2]] == [3, 7]
+
+
+@pytest.mark.parametrize("bad", [dict(checkpoint_seconds=-1.0), dict(checkpoint_every=0), dict(checkpoint_every=1.5)])
+def test_bad_checkpoint_settings_are_refused(env, bad):
+    model, tok, adapter, chunks = _setup(corpus=env["corpus"])
+    with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):
+        collect_second_moments(model, tok, [adapter.ffn_out_name(0)], chunks, progress=False, **bad)
+
+
+@pytest.mark.parametrize("kind", ["ffn", "attn"])
+def test_a_token_budget_below_the_key_dimension_is_refused(env, monkeypatch, kind):
+    model, tok, adapter, _ = _setup()
+    d = adapter.d_ff if kind == "ffn" else adapter.d_attn
+    _forbid_collect(monkeypatch)  # refused before the pass
+    with pytest.raises(ValueError, match=rf"n_tokens={d - 1} is fewer than the key dimension {d} .*singular"):
+        layer_covariances(model, tok, [1], kind=kind, corpus=env["corpus"], **dict(COV_KW, n_tokens=d - 1))
+    monkeypatch.undo()
+    got = layer_covariances(model, tok, [1], kind=kind, corpus=env["corpus"], **dict(COV_KW, n_tokens=d))
+    assert got[1].count >= d
+
+
+def test_a_corpus_yielding_fewer_tokens_than_the_key_dimension_is_refused(env, monkeypatch):
+    model, tok, adapter, _ = _setup()
+    short = write_corpus(env["tmp"] / "short.txt", n_docs=1)
+    _forbid_collect(monkeypatch)
+    with pytest.raises(ValueError, match=rf"yields only \d+ usable tokens .* key dimension {adapter.d_ff}"):
+        layer_covariances(model, tok, [1], corpus=str(short), **COV_KW)
+
+
+def test_spec_states_its_minimums():
+    from pmetlab.covspec import MIN_SEQ_LEN
+
+    with pytest.raises(ValueError, match=rf"seq_len must be an int >= {MIN_SEQ_LEN}, got 8: .*pieces under 8"):
+        CovarianceSpec(seq_len=8)
+    spec = CovarianceSpec(n_tokens=100)
+    spec.check_key_dim(100, "m")  # exactly d tokens: allowed
+    with pytest.raises(ValueError, match="n_tokens=100 is fewer than the key dimension 101 of m"):
+        spec.check_key_dim(101, "m")
+    with pytest.raises(ValueError, match="yields only 50 usable tokens"):
+        spec.check_key_dim(80, "m", yielded=50)

@@ -47,9 +47,17 @@ def _table(df, columns: Sequence[str] = _SUMMARY_COLUMNS) -> str:
         return df[cols].to_string(index=False) if cols else df.to_string(index=False)
 
 
+def _out_path(value: str | None, option: str = "--out") -> Path | None:
+    """``--out`` as a path; an empty value is refused (it would write into the current directory)."""
+    if value is not None and not value.strip():
+        raise ValueError(f"{option} must be a path, got {value!r}; give a path or leave {option} out")
+    return Path(value) if value is not None else None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ..runs import RunDir, run_experiment
 
+    _out_path(args.out)
     res = run_experiment(
         model=args.model,
         method=args.method,
@@ -102,16 +110,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_summarize(args: argparse.Namespace) -> int:
-    from ..runs import summarize_runs
+    from ..runs import collect_summaries
 
-    df = summarize_runs(args.run_dirs)
-    shown = df.copy()
+    out = _out_path(args.out)
+    found = collect_summaries(args.run_dirs)
+    if found.table.empty:
+        raise LookupError("no run could be summarised: " + "; ".join(f"{d}: {why}" for d, why in found.skipped.items()))
+    shown = found.table.copy()
     shown["run"] = [Path(d).name for d in shown["run_dir"]]
-    _echo(_table(shown, ("run",) + _SUMMARY_COLUMNS))
-    if args.out:
-        out = Path(args.out)
+    _echo(_table(shown, ("run", "status") + _SUMMARY_COLUMNS))
+    for d, why in found.skipped.items():
+        _echo(f"not summarised: {d}: {why}")
+    if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(out, index=False)
+        found.table.to_csv(out, index=False)
         _echo(f"wrote {out}")
     return 0
 

@@ -1,5 +1,6 @@
-"""The ``pmetlab`` entry point: parse, configure logging, run the command, turn user errors into
-one line on stderr and an exit status."""
+"""The ``pmetlab`` entry point: parse, configure logging, run the command, turn user errors
+(bad values, missing or unwritable files, an unavailable device) into one line on stderr and exit
+status 2; the traceback only with ``-v``."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .messages import error_line
 from .parser import PROG, build_parser
 
 logger = logging.getLogger("pmetlab.cli")
 
 __all__ = ["main"]
 
-_USER_ERRORS = (ValueError, KeyError, LookupError, FileNotFoundError)
+#: OSError: a path that cannot be read or written (permissions, a directory where a file belongs,
+#: a full disk) is the user's to fix, like a bad value.
+_USER_ERRORS = (ValueError, KeyError, LookupError, OSError)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -39,11 +43,6 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger("pmetlab").setLevel(logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO))
 
 
-def _one_line(exc: BaseException) -> str:
-    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return " ".join(str(msg).split()) or type(exc).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pmetlab`` command line; returns the exit status (0 ok, 1 a notebook failed,
     2 a user error, 130 interrupted)."""
@@ -57,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except _USER_ERRORS as exc:
         logger.debug("error details", exc_info=True)
-        sys.stderr.write(f"{PROG}: error: {_one_line(exc)}\n")
+        sys.stderr.write(f"{PROG}: error: {error_line(exc, getattr(args, 'command', None))}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")

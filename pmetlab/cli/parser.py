@@ -5,13 +5,28 @@ from __future__ import annotations
 import argparse
 
 from .._version import __version__
-from .args import parse_key_value, parse_layers, positive
+from ..covspec import MIN_SEQ_LEN
+from .args import chunk_length, output_dir, output_file, parse_key_value, parse_layers, positive, run_dir
 from .commands import cmd_demo, cmd_notebooks, cmd_run, cmd_stats, cmd_summarize
 
 __all__ = ["PROG", "build_parser"]
 
 PROG = "pmetlab"
-_FMT = argparse.ArgumentDefaultsHelpFormatter
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where it says something: not when the help text already speaks of
+    the default, and not for a default of None, a flag (False) or a counter."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        quiet = action.default is None or action.default is False or isinstance(action, argparse._CountAction)
+        if quiet or "default" in text.lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
+_FMT = _HelpFormatter
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,8 +76,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     _verbosity(p, top=False)
     p.add_argument("--model", default="smollm2-135m", help="embedded model name or local path")
-    p.add_argument("--method", default="pmet", choices=METHODS)
-    p.add_argument("--dataset", default="counterfact", choices=DATASETS)
+    p.add_argument("--method", default="pmet", choices=METHODS, help="editing method ('none': evaluation only)")
+    p.add_argument("--dataset", default="counterfact", choices=DATASETS, help="the facts edited and evaluated")
     p.add_argument("--n-edits", type=positive, default=10, help="number of records edited and evaluated")
     p.add_argument("--batch-size", type=positive, default=None, help="requests per batch (default: all at once)")
     p.add_argument(
@@ -79,9 +94,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="override a hyperparameter of the preset (repeatable; VALUE parsed as JSON, layers also as 3-8)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the run (recorded in run.json)")
     p.add_argument("--subset", default="first", choices=SUBSETS, help="first N records or a seeded sample")
-    p.add_argument("--out", default=None, help="run directory (default runs/<model>_<method>_..._seed<seed>)")
+    p.add_argument(
+        "--out", type=output_dir, default=None, help="run directory (default: runs/<model>_<method>_..._seed<seed>)"
+    )
     p.add_argument("--no-generation", action="store_true", help="skip fluency/consistency generation")
     p.add_argument("--n-gen-tokens", type=positive, default=100, help="tokens generated per prompt")
     p.add_argument("--eval-batch-size", type=positive, default=32, help="prompt pairs per forward pass")
@@ -112,12 +129,25 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="'default', a text/JSONL file or folder, hf:<id>, model:<n> (default: the preset's)",
     )
-    p.add_argument("--tokens", type=positive, default=None, help="token budget (default: the preset's)")
-    p.add_argument("--seq-len", type=positive, default=None, help="chunk length (default: the preset's)")
-    p.add_argument("--kind", default="ffn", choices=("ffn", "attn"))
+    p.add_argument(
+        "--tokens",
+        type=positive,
+        default=None,
+        help="token budget; at least the key dimension (d_ff, e.g. 1536 for smollm2-135m), since fewer "
+        "tokens make the covariance singular (default: the preset's)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=chunk_length,
+        default=None,
+        help=f"chunk length in tokens, at least {MIN_SEQ_LEN} (default: the preset's)",
+    )
+    p.add_argument(
+        "--kind", default="ffn", choices=("ffn", "attn"), help="ffn: the FFN keys; attn: the MHSA projection inputs"
+    )
     p.add_argument("--dtype", default=None, choices=("float32", "float64"), help="accumulation dtype")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help="'auto' (the best available), 'cpu', 'cuda', 'cuda:1', 'mps', ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_stats)
 
 
@@ -129,8 +159,8 @@ def _add_summarize(sub: argparse._SubParsersAction) -> None:
         formatter_class=_FMT,
     )
     _verbosity(p, top=False)
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", default=None, help="also write the full table to this CSV file")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=run_dir, help="a run directory or a sweep directory")
+    p.add_argument("--out", type=output_file, default=None, help="also write the full table to this CSV file")
     p.set_defaults(func=cmd_summarize)
 
 
@@ -143,7 +173,9 @@ def _add_notebooks(sub: argparse._SubParsersAction) -> None:
         formatter_class=_FMT,
     )
     _verbosity(p, top=False)
-    p.add_argument("--out", default="figures", help="output directory for figures, tables and executed notebooks")
+    p.add_argument(
+        "--out", type=output_dir, default="figures", help="output directory for figures, tables and executed notebooks"
+    )
     p.add_argument("--only", metavar="NAME", action="append", default=None, help="run only this notebook (repeatable)")
     p.add_argument(
         "-p",

@@ -7,7 +7,8 @@ records. A file is looked for, in order:
 1. an explicit ``path=`` (an error if it does not exist; nothing else is tried);
 2. ``$PMETLAB_DATA_DIR`` (the shared layout, e.g. ``counterfact/counterfact_filtered.json``, or the
    canonical file names directly in the directory or in its ``counterfact/``, ``zsre/``,
-   ``knowns/`` sub-directories);
+   ``knowns/`` sub-directories); set to a path that is not a directory, it is an error (a typo
+   must not make the loaders fall back to other copies);
 3. the project's ``data/`` directory (next to the ``pmetlab`` package), same names;
 4. a copy downloaded earlier into ``cache_dir("data")``;
 5. a download of the canonical file from https://rome.baulab.info/data/dsets/ (mirror:
@@ -15,9 +16,20 @@ records. A file is looked for, in order:
    it is renamed into the cache.
 
 Nothing found and no download possible: one :class:`DatasetNotFoundError` naming the file and every
-place looked. The TF-IDF consistency reference (``attribute_snippets.json``, ``idf.npy``,
-``tfidf_vocab.json``) is looked for in the same places but is never downloaded unless asked
-(926 MB); its loaders return ``None`` when it is not available, never a stand-in.
+place looked; no other dataset ever stands in for a missing one. No download is attempted when
+``download=False`` or any offline switch is set (:data:`OFFLINE_ENVS`: ``PMETLAB_OFFLINE``,
+``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``, ``TRANSFORMERS_OFFLINE`` = 1/true/yes/on).
+
+``multi_counterfact.json`` is not in the shared data. The derived dataset
+``"counterfact+conflict_filter"`` (:data:`CONFLICT_FILTERED`, :func:`load_conflict_filtered`) is
+CounterFact with the multi-CounterFact rule applied (:func:`drop_conflicting`: the first record for
+each (subject, relation_id)); it is only used when asked for by that name, and that name is what run
+records, summaries and tables show. Runs on CounterFact data also apply the rule to each edit batch
+(:func:`drop_conflicting_per_batch`).
+
+The TF-IDF consistency reference (``attribute_snippets.json``, ``idf.npy``, ``tfidf_vocab.json``)
+is looked for in the same places but is never downloaded unless asked (926 MB); its loaders return
+``None`` when it is not available, never a stand-in.
 """
 
 from __future__ import annotations
@@ -25,15 +37,20 @@ from __future__ import annotations
 import urllib.request  # noqa: F401  (tests stub the network through pmetlab.datasets.urllib)
 
 from .files import (
+    CONFLICT_FILTERED,
     DATA_DIR_ENV,
     OFFLINE_ENV,
+    OFFLINE_ENVS,
     REMOTE_ROOTS,
+    env_data_dir,
+    load_conflict_filtered,
     load_counterfact,
     load_dataset,
     load_known_facts,
     load_multi_counterfact,
     load_zsre,
     locate_dataset_file,
+    offline_switch,
 )
 from .records import (
     DatasetInfo,
@@ -51,7 +68,17 @@ from .reference import (
     load_idf,
     load_tfidf_vocab,
 )
-from .selection import Selection, counterfact_requests, drop_conflicting, select, zsre_requests
+from .selection import (
+    Batches,
+    Conflicts,
+    Selection,
+    counterfact_requests,
+    drop_conflicting,
+    drop_conflicting_per_batch,
+    select,
+    split_conflicting,
+    zsre_requests,
+)
 
 __all__ = [
     "DatasetInfo",
@@ -61,7 +88,12 @@ __all__ = [
     "ConsistencyReference",
     "DATA_DIR_ENV",
     "OFFLINE_ENV",
+    "OFFLINE_ENVS",
+    "CONFLICT_FILTERED",
     "REMOTE_ROOTS",
+    "env_data_dir",
+    "offline_switch",
+    "load_conflict_filtered",
     "load_counterfact",
     "load_multi_counterfact",
     "load_zsre",
@@ -70,6 +102,10 @@ __all__ = [
     "locate_dataset_file",
     "select",
     "drop_conflicting",
+    "split_conflicting",
+    "drop_conflicting_per_batch",
+    "Conflicts",
+    "Batches",
     "counterfact_requests",
     "zsre_requests",
     "validate_counterfact_record",

@@ -1,152 +1,86 @@
-"""Finding, downloading and loading the dataset files (see :mod:`pmetlab.datasets` for the search order)."""
+"""Finding, downloading and loading the dataset files (see :mod:`pmetlab.datasets` for the search
+order, the offline switches and the derived dataset)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from ..cache import atomic_path, cache_dir, file_sha256
-from .records import (
-    DatasetInfo,
-    DatasetNotFoundError,
-    Records,
-    validate_counterfact_record,
-    validate_known_record,
-    validate_zsre_record,
-)
+from .records import DatasetInfo, DatasetNotFoundError, Records
+from .registry import CONFLICT_FILTERED, REMOTE_ROOTS, _Spec, dataset_key, file_spec
+from .selection import drop_conflicting
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "DATA_DIR_ENV",
+    "OFFLINE_ENV",
+    "OFFLINE_ENVS",
+    "REMOTE_ROOTS",
+    "CONFLICT_FILTERED",
+    "env_data_dir",
+    "offline_switch",
+    "load_dataset",
+    "load_conflict_filtered",
+    "locate_dataset_file",
+]
+
 DATA_DIR_ENV = "PMETLAB_DATA_DIR"
 OFFLINE_ENV = "PMETLAB_OFFLINE"
-REMOTE_ROOTS = ("https://rome.baulab.info/data/dsets/", "https://memit.baulab.info/data/dsets/")
+#: Any of these set to 1/true/yes/on: no download is attempted (the Hugging Face switches count too).
+OFFLINE_ENVS = (OFFLINE_ENV, "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 _PROJECT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "data"
 _DOWNLOAD_TIMEOUT_S = 60
 
 
 # ---------------------------------------------------------------------------------------------
-# dataset registry
+# the environment: data directory and offline switches
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Spec:
-    name: str
-    remote: str  # canonical file name under REMOTE_ROOTS
-    local_names: tuple[str, ...]  # relative paths tried in a data directory, in order
-    validate: Callable[[Any, int, str | None], dict]
-    id_key: str
-    expected_records: int | None = None  # exact count of the canonical file, when known
-    min_records: int = 1  # for a downloaded file whose count is not known
-    sha256: Mapping[str, str] = field(default_factory=dict)  # file name -> sha256 (SOURCES.md)
+def env_data_dir() -> Path | None:
+    """``$PMETLAB_DATA_DIR`` as a directory; None when it is unset or empty.
+
+    Raises:
+        ValueError: it is set to a path that is not a directory (a typo would otherwise make the
+            dataset and the corpus fall back to other copies silently).
+    """
+    raw = os.environ.get(DATA_DIR_ENV, "")
+    if not raw.strip():
+        return None
+    path = Path(raw).expanduser()
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise ValueError(
+            f"${DATA_DIR_ENV}={raw!r} {what}; expected the folder holding the data (e.g. the shared data "
+            f"folder with counterfact/, zsre/, knowns/, corpus/). Fix the path or unset ${DATA_DIR_ENV}."
+        )
+    return path
 
 
-_SUBDIRS = {"counterfact": "counterfact", "multi_counterfact": "counterfact", "zsre": "zsre", "known_facts": "knowns"}
+def offline_switch() -> str | None:
+    """The first of :data:`OFFLINE_ENVS` that is set to 1/true/yes/on, or None (downloads allowed)."""
+    for name in OFFLINE_ENVS:
+        if os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}:
+            return name
+    return None
 
 
-def _names(sub: str, canonical: Sequence[str], shared: Sequence[str] = ()) -> tuple[str, ...]:
-    out: list[str] = []
-    for c in canonical:  # the complete canonical file wins over a shared subset
-        out += [c, f"{sub}/{c}"]
-    out += list(shared)
-    return tuple(out)
-
-
-_SPECS: dict[str, _Spec] = {
-    "counterfact": _Spec(
-        "counterfact",
-        "counterfact.json",
-        _names(
-            "counterfact", ["counterfact.json"], ["counterfact/counterfact_filtered.json", "counterfact_filtered.json"]
-        ),
-        validate_counterfact_record,
-        "case_id",
-        expected_records=21919,
-        min_records=1000,
-        sha256={
-            "counterfact.json": "d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f",
-            "counterfact_filtered.json": "7e93c8e6d162997dec97875c8a9a4f46816e691e8b613f952813bd6cbe1ba574",
-        },
-    ),
-    "multi_counterfact": _Spec(
-        "multi_counterfact",
-        "multi_counterfact.json",
-        _names("counterfact", ["multi_counterfact.json"]),
-        validate_counterfact_record,
-        "case_id",
-        min_records=1000,
-    ),
-    "zsre": _Spec(
-        "zsre",
-        "zsre_mend_eval.json",
-        # zsre_mem_eval.json is the (mis)spelling in some write-ups; the file ROME loads is zsre_mend_eval.json
-        _names(
-            "zsre",
-            ["zsre_mend_eval.json", "zsre_mem_eval.json"],
-            ["zsre/zsre_mend_eval_portability_gpt4.json", "zsre_mend_eval_portability_gpt4.json"],
-        ),
-        validate_zsre_record,
-        "case_id",
-        min_records=1000,
-        sha256={
-            "zsre_mend_eval_portability_gpt4.json": "0cf155da229b2eccae19fcfe5f7a09523363d357f5f15508d1521f495ad5ecd9"
-        },
-    ),
-    "known_facts": _Spec(
-        "known_facts",
-        "known_1000.json",
-        _names("knowns", ["known_1000.json"]),
-        validate_known_record,
-        "known_id",
-        expected_records=1209,
-        sha256={"known_1000.json": "61daca55318bb5260c1e62e133debef9102c7b278bbc7b19dd2ac655543f333a"},
-    ),
-}
-
-# reference files for the consistency metric (never downloaded unless asked)
-_REFERENCE_SHA256 = {
-    "attribute_snippets.json": "10b5c1cd105e54d5983c72de1b45bfc88bc7af786f7b99def2557886ff23385b",
-    "idf.npy": "c073d642589d4ac6432f467230329b36364a01e72de63a77a3624b745b923dda",
-    "tfidf_vocab.json": "8a78c4f20d8d85dadfd14e283d71af255482ff18aa0eb8a81716024c05ff888b",
-}
-
-
-def _spec(name: str) -> _Spec:
-    key = name.lower().replace("-", "_")
-    key = {
-        "cf": "counterfact",
-        "mcf": "multi_counterfact",
-        "knowns": "known_facts",
-        "known": "known_facts",
-        "known_1000": "known_facts",
-    }.get(key, key)
-    if key not in _SPECS:
-        raise KeyError(f"unknown dataset {name!r}; expected one of {sorted(_SPECS)}")
-    return _SPECS[key]
-
-
-# ---------------------------------------------------------------------------------------------
-# finding and downloading files
-# ---------------------------------------------------------------------------------------------
 def _search_dirs() -> list[tuple[str, Path]]:
     dirs: list[tuple[str, Path]] = []
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        dirs.append(("env", Path(env).expanduser()))
+    env = env_data_dir()
+    if env is not None:
+        dirs.append(("env", env))
     dirs.append(("project", _PROJECT_DATA_DIR))
     shared = _PROJECT_DATA_DIR.parent.parent / "shared" / "data"  # a checkout beside ../shared
     if shared.is_dir():
         dirs.append(("shared", shared))
     return dirs
-
-
-def _offline() -> bool:
-    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _find_local(local_names: Sequence[str], looked: list[str]) -> tuple[str, Path] | None:
@@ -205,8 +139,9 @@ def _fetch(remote: str, verify: Callable[[Path], None], looked: list[str], *, do
         except (ValueError, KeyError) as exc:
             logger.warning("cached %s failed verification (%s); removing it and downloading again", dest, exc)
             dest.unlink()
-    if not download or _offline():
-        reason = "download=False" if not download else f"${OFFLINE_ENV} is set"
+    switch = offline_switch()
+    if not download or switch is not None:
+        reason = "download=False" if not download else f"${switch} is set"
         looked.append(f"no download attempted ({reason})")
         raise _NotFound
     for root in REMOTE_ROOTS:
@@ -232,10 +167,12 @@ class _NotFound(Exception):
 
 def _not_found(what: str, looked: list[str], hint: str = "") -> DatasetNotFoundError:
     places = "\n  ".join(looked)
+    switch = offline_switch()
+    allow = f"unset ${switch} to allow" if switch else "allow"
     return DatasetNotFoundError(
         f"{what} was not found. Looked in:\n  {places}\n"
         f"Set ${DATA_DIR_ENV} to a directory holding it (e.g. the shared data folder), pass path=..., "
-        f"or allow the download from {REMOTE_ROOTS[0]}.{hint}"
+        f"or {allow} the download from {REMOTE_ROOTS[0]}.{hint}"
     )
 
 
@@ -284,17 +221,21 @@ def _locate(spec: _Spec, path: str | os.PathLike | None, download: bool) -> tupl
         hint = ""
         if spec.name == "multi_counterfact":
             hint = (
-                " Offline, load_counterfact() (the shared 1,400-record subset) followed by "
-                "drop_conflicting() gives a conflict-free set for batch edits."
+                f" No offline copy is shared. For a conflict-free CounterFact set, use the derived dataset "
+                f"{CONFLICT_FILTERED!r} (load_dataset({CONFLICT_FILTERED!r}), run_experiment(dataset="
+                f"{CONFLICT_FILTERED!r}), --dataset {CONFLICT_FILTERED}): CounterFact after drop_conflicting(), "
+                f"recorded under that name."
             )
         raise _not_found(f"{spec.name} file {spec.remote!r}", looked, hint) from None
 
 
 def load_dataset(name: str, path: str | os.PathLike | None = None, *, download: bool = True) -> Records:
-    """Load and validate a dataset by name ("counterfact", "multi_counterfact", "zsre", "known_facts").
+    """Load and validate a dataset by name ("counterfact", "multi_counterfact", "zsre", "known_facts",
+    or the derived "counterfact+conflict_filter": see :func:`load_conflict_filtered`).
 
-    See the module docstring for where the file is looked for. ``download=False`` (or
-    ``$PMETLAB_OFFLINE=1``) never touches the network.
+    See the module docstring for where the file is looked for. ``download=False`` (or any of the
+    offline switches :data:`OFFLINE_ENVS`) never touches the network. A missing file is an error:
+    no other dataset ever stands in for it.
 
     Returns:
         :class:`Records` (a list of dicts in the original schema, ``.info`` a :class:`DatasetInfo`).
@@ -303,9 +244,12 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, *, download: 
 
     Raises:
         DatasetNotFoundError: the file is nowhere and could not be downloaded (lists every place).
-        KeyError / ValueError: a record is malformed (names the record and the field).
+        KeyError / ValueError: a record is malformed (names the record and the field), or
+            ``$PMETLAB_DATA_DIR`` is not a directory.
     """
-    spec = _spec(name)
+    if dataset_key(name) == CONFLICT_FILTERED:
+        return load_conflict_filtered(path, download=download)
+    spec = file_spec(name)
     source, found, url = _locate(spec, path, download)
     data = _parse_json_list(found, spec.name)
     if not data:
@@ -354,6 +298,23 @@ def _apply_case_id_map(data: list[dict], map_path: Path) -> list[dict]:
             )
         out.append(dict(rec, orig_case_id=int(mapping[key])))
     return out
+
+
+def load_conflict_filtered(path: str | os.PathLike | None = None, *, download: bool = True) -> Records:
+    """CounterFact keeping the first record for each (subject, relation_id) (:func:`drop_conflicting`,
+    the multi-CounterFact rule), as the dataset "counterfact+conflict_filter": its
+    :class:`DatasetInfo` carries that name, ``derived_from="counterfact"`` and the derivation."""
+    cf = load_dataset("counterfact", path, download=download)
+    kept = drop_conflicting(cf)
+    assert cf.info is not None
+    derivation = (
+        f"drop_conflicting: first record per (subject, relation_id) of {cf.info.path}, {len(cf)} -> {len(kept)} records"
+    )
+    logger.info("%s: %s", CONFLICT_FILTERED, derivation)
+    info = dataclasses.replace(
+        cf.info, name=CONFLICT_FILTERED, n_records=len(kept), derived_from="counterfact", derivation=derivation
+    )
+    return Records(kept, info)
 
 
 def load_counterfact(path: str | os.PathLike | None = None, *, download: bool = True) -> Records:

@@ -22,14 +22,17 @@ class DatasetInfo:
     """Where a dataset came from, for run records.
 
     Attributes:
-        name: "counterfact", "multi_counterfact", "zsre" or "known_facts".
+        name: "counterfact", "multi_counterfact", "zsre", "known_facts" or the derived
+            "counterfact+conflict_filter".
         path: the file read.
         sha256: its content hash.
-        n_records: number of records in the file.
+        n_records: number of records (in the file; for a derived dataset, after the derivation).
         source: how it was found: "path", "env", "project", "cache" or "download".
         url: the URL it was downloaded from (source "download" or "cache"), else None.
         case_id_map: the ``<stem>.case_id_map.json`` applied (renumbered ids), else None.
         case_id_map_sha256: its content hash, else None.
+        derived_from: for a derived dataset, the dataset it was derived from, else None.
+        derivation: for a derived dataset, how (the rule and the record counts), else None.
     """
 
     name: str
@@ -40,6 +43,8 @@ class DatasetInfo:
     url: str | None = None
     case_id_map: str | None = None
     case_id_map_sha256: str | None = None
+    derived_from: str | None = None
+    derivation: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .files import _REFERENCE_SHA256, _check_sha, _fetch, _find_local, _NotFound, _parse_json_list
+from .files import _check_sha, _fetch, _find_local, _NotFound, _parse_json_list
+from .registry import _REFERENCE_SHA256
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,30 @@ def _locate_reference(
     try:
         return _fetch(fname, verify, looked, download=download)[1]
     except _NotFound:
-        logger.info(
-            "%s is not available (looked in %s); the consistency metric will be missing", fname, "; ".join(looked)
-        )
+        logger.debug("%s not found; looked in: %s", fname, "; ".join(looked))
+        _say_unavailable_once(fname, looked[-1] if looked else "it could not be fetched")
         return None
+
+
+#: Messages already said at INFO in this process (repeats go to DEBUG): evaluation loads the
+#: reference once per run and each notebook cell may load it again; saying why it is missing
+#: once is enough.
+_SAID: set[str] = set()
+
+
+def _say_unavailable_once(fname: str, why: str) -> None:
+    """One short line, once per process, saying that consistency is unavailable and why."""
+    from .files import DATA_DIR_ENV
+
+    why = why.replace("no download attempted", "no download was attempted")
+    msg = (
+        f"consistency (RS) is unavailable and will be NaN: {fname} is not in the data folders and {why}. "
+        f"To compute it, put the reference files in ${DATA_DIR_ENV}, or call "
+        f"load_consistency_reference(download=True) once with network access and no offline switch "
+        f"set (about 1 GB); DEBUG logging lists where pmetlab looked."
+    )
+    logger.log(logging.DEBUG if msg in _SAID else logging.INFO, msg)
+    _SAID.add(msg)
 
 
 def _ref_verify(fname: str) -> Callable[[Path], None]:
@@ -132,6 +153,6 @@ def load_consistency_reference(
     vocab = load_tfidf_vocab(vocab_path, download=download) if idf is not None else None
     snippets = load_attribute_snippets(snippets_path, download=download) if vocab is not None else None
     if idf is None or vocab is None or snippets is None:
-        logger.info("consistency reference unavailable; consistency (RS) will be NaN")
+        logger.debug("consistency reference unavailable; consistency (RS) will be NaN")
         return None
     return ConsistencyReference(snippets, idf, vocab)

@@ -74,17 +74,69 @@ def select(
     return Selection(chosen, desc)
 
 
+def _conflict_key(rec: Any, i: int) -> tuple[str, str]:
+    try:
+        rw = rec["requested_rewrite"]
+        return str(rw["subject"]), str(rw["relation_id"])
+    except (KeyError, TypeError):
+        raise KeyError(
+            f"record {i} has no requested_rewrite.subject / requested_rewrite.relation_id; "
+            f"conflicts are defined on CounterFact records only (got {type(rec).__name__})"
+        ) from None
+
+
+class Conflicts(NamedTuple):
+    """Records split by the multi-CounterFact rule: ``kept`` (the first record for each
+    (subject, relation_id)) and ``dropped`` (later records repeating one), both in input order."""
+
+    kept: list[dict]
+    dropped: list[dict]
+
+
+def split_conflicting(records: Sequence[dict]) -> Conflicts:
+    """:class:`Conflicts` of ``records`` (the first record for each (subject, relation_id) is kept).
+
+    Raises:
+        KeyError: a record lacks ``requested_rewrite.subject`` or ``.relation_id``.
+    """
+    seen: set[tuple[str, str]] = set()
+    kept, dropped = [], []
+    for i, r in enumerate(records):
+        key = _conflict_key(r, i)
+        (dropped if key in seen else kept).append(r)
+        seen.add(key)
+    return Conflicts(kept, dropped)
+
+
 def drop_conflicting(records: Sequence[dict]) -> list[dict]:
     """Keep the first CounterFact record for each (subject, relation_id), as multi-CounterFact does,
     so that a batch of edits never asks for two objects of the same subject and relation."""
-    seen: set[tuple[str, str]] = set()
-    out = []
-    for r in records:
-        key = (r["requested_rewrite"]["subject"], r["requested_rewrite"]["relation_id"])
-        if key not in seen:
-            seen.add(key)
-            out.append(r)
-    return out
+    return split_conflicting(records).kept
+
+
+class Batches(NamedTuple):
+    """Edit batches of records (each without conflicts) and the records left out of them."""
+
+    batches: list[list[dict]]
+    skipped: list[dict]
+
+
+def drop_conflicting_per_batch(records: Sequence[dict], batch_size: int) -> Batches:
+    """``records`` cut into consecutive batches of ``batch_size``, each then stripped of the records
+    that repeat the (subject, relation_id) of an earlier record in the same batch (the
+    multi-CounterFact rule, applied per batch; see :func:`split_conflicting`).
+
+    Raises:
+        ValueError: ``batch_size`` is not a positive integer. KeyError: a record is not CounterFact.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batches, skipped = [], []
+    for start in range(0, len(records), int(batch_size)):
+        split = split_conflicting(records[start : start + int(batch_size)])
+        batches.append(split.kept)
+        skipped += split.dropped
+    return Batches(batches, skipped)
 
 
 def counterfact_requests(records: Iterable[Mapping[str, Any]]) -> list[EditRequest]:

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..hparams import EditHyperParams
+from ..hparams import EditHyperParams, check_layer_indices
 from ..models.adapters import get_adapter
-from ..requests import EditRequest
+from ..requests import EditRequest, conflict_free_batches, find_conflicts
 from ..stats import SecondMoment, layer_covariances
-from ..tokens import encode_prompt_target, subject_last_index
+from ..tokens import check_context_length, encode_prompt_target, short_text, subject_last_index
 from ..tracing import get_parameter
 from ..types import Model, Tokenizer
 from .deltas import Deltas, deltas_meta, param_fingerprint
@@ -34,8 +34,25 @@ logger = logging.getLogger(__name__)
 __all__ = ["compute_deltas", "validate_requests"]
 
 
+#: A target-optimisation row (context prefix + prompt + target) longer than this draws a cost warning.
+LONG_ROW_TOKENS = 256
+#: The measurement the warning's estimate is scaled from (a new-user trial): one request with a
+#: 2,000-token prompt and 5 context prefixes (6 rows of ~2,000 tokens) took 489 s and ~15 GB for
+#: three optimisation steps, i.e. ~160 s and ~15 GB per step for ~12,000 row tokens.
+_TRIAL_ROW_TOKENS, _TRIAL_S_PER_STEP, _TRIAL_GB = 12_000, 163.0, 15.0
+
+
 def validate_requests(tok, requests: Sequence[EditRequest]) -> list[EditRequest]:
-    """Check every request before anything runs (clear message naming the bad one)."""
+    """Check every request before anything runs (clear message naming the bad one): each must be
+    an :class:`EditRequest` whose subject and target the tokenizer can place, and no two may ask
+    for different objects of the same subject and prompt (:func:`~pmetlab.requests.find_conflicts`)."""
+    requests = _as_requests(requests)
+    _encoded_lengths(tok, requests)
+    _check_conflicts(requests)
+    return requests
+
+
+def _as_requests(requests) -> list[EditRequest]:
     if isinstance(requests, EditRequest):
         requests = [requests]
     requests = list(requests)
@@ -47,12 +64,78 @@ def validate_requests(tok, requests: Sequence[EditRequest]) -> list[EditRequest]
                 f"request {i} is a {type(r).__name__}, expected EditRequest "
                 f"(build one with EditRequest(prompt=..., subject=..., target_new=...))"
             )
+    return requests
+
+
+def _encoded_lengths(tok, requests: Sequence[EditRequest]) -> list[int]:
+    """Tokens of each request's prompt + target (special tokens included); a request the
+    tokenizer cannot place raises a ValueError naming it."""
+    out = []
+    for i, r in enumerate(requests):
         try:
             subject_last_index(tok, r.prompt, r.subject)
-            encode_prompt_target(tok, r.prompt.format(r.subject), r.target_new)
+            p_ids, t_ids = encode_prompt_target(tok, r.text, r.target_new)
         except ValueError as exc:
             raise ValueError(f"request {i} ({r.subject!r} -> {r.target_new!r}): {exc}") from None
-    return requests
+        out.append(len(p_ids) + len(t_ids))
+    return out
+
+
+def _check_conflicts(requests: Sequence[EditRequest]) -> None:
+    """One least-squares solve would average two targets of one fact and write neither."""
+    conflicts = find_conflicts(requests)
+    if not conflicts:
+        return
+    i, j = conflicts[0]
+    a, b = requests[i], requests[j]
+    more = f" ({len(conflicts) - 1} more conflicting pair(s) in this batch)" if len(conflicts) > 1 else ""
+    raise ValueError(
+        f"requests {i} and {j} ask for different objects of the same fact {a.prompt!r} with subject "
+        f"{a.subject!r}: request {i} -> {a.target_new!r}, request {j} -> {b.target_new!r}{more}. One "
+        f"least-squares solve would average their targets and write neither. Put them in separate "
+        f"compute_deltas calls: pmetlab.requests.conflict_free_batches(requests) splits the list into "
+        f"{len(conflict_free_batches(requests))} conflict-free batches; or drop one (CounterFact records: "
+        f"pmetlab.drop_conflicting, or dataset 'multi_counterfact' in a run)"
+    )
+
+
+def _check_lengths(model: Model, requests: Sequence[EditRequest], lengths: Sequence[int], hp: EditHyperParams) -> None:
+    """Every target-optimisation row must fit the model's context; long rows draw a warning with
+    the expected cost. A row is a context prefix (about ``prefix_tokens`` + 2 tokens with ". ")
+    + the prompt + the target without its last token (teacher forcing)."""
+    extra = hp.prefix_tokens + 2 if hp.n_prefixes else 0
+    rows = [n - 1 + extra for n in lengths]
+
+    def describe(i: int) -> str:
+        return f"request {i}: {short_text(requests[i].text)} -> {requests[i].target_new!r}"
+
+    fix = "shorten the prompt or the target" + (f", or lower prefix_tokens={hp.prefix_tokens}" if extra else "")
+    check_context_length(
+        model,
+        rows,
+        what="the longest target-optimisation row (context prefix + prompt + target)",
+        fix=fix,
+        describe=describe,
+    )
+    i = max(range(len(rows)), key=rows.__getitem__)
+    if rows[i] > LONG_ROW_TOKENS:
+        per_request = 1 + hp.n_prefixes  # rows per request
+        logger.warning(
+            "%s makes rows of %d tokens (over %d; CounterFact prompts are under 30 tokens). Expect roughly "
+            "%.0f s per optimisation step for these %d request(s), up to v_num_grad_steps=%d steps, and "
+            "%.1f GB or more for this request's rows (scaled linearly from a trial: ~%.0f s and ~%.0f GB "
+            "per step for one 2,000-token prompt; the device changes both). Shorten the prompt unless "
+            "this is intended.",
+            describe(i),
+            rows[i],
+            LONG_ROW_TOKENS,
+            _TRIAL_S_PER_STEP * sum(rows) * per_request / _TRIAL_ROW_TOKENS,
+            len(requests),
+            hp.v_num_grad_steps,
+            _TRIAL_GB * rows[i] * per_request / _TRIAL_ROW_TOKENS,
+            _TRIAL_S_PER_STEP,
+            _TRIAL_GB,
+        )
 
 
 def _delta_in_param_layout(adapter, delta: torch.Tensor) -> torch.Tensor:
@@ -154,13 +237,12 @@ def _check_inputs(model: Model, tok: Tokenizer, requests, hp) -> tuple[list[Edit
     """Validated requests and the model's adapter; clear errors before any work."""
     if not isinstance(hp, EditHyperParams):
         raise TypeError(f"hparams must be PMETHyperParams or MEMITHyperParams, got {type(hp).__name__}")
-    requests = validate_requests(tok, requests)
+    requests = _as_requests(requests)
+    lengths = _encoded_lengths(tok, requests)
+    _check_conflicts(requests)
     adapter = get_adapter(model)
-    if hp.layers[-1] >= adapter.n_layers:
-        raise ValueError(
-            f"critical layers {hp.layers} exceed the model's {adapter.n_layers} layers "
-            f"(valid: 0..{adapter.n_layers - 1})"
-        )
+    check_layer_indices(hp.layers, adapter.n_layers, owner=type(model).__name__)
+    _check_lengths(model, requests, lengths, hp)
     return requests, adapter
 
 

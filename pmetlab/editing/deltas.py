@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..cache import atomic_path, legacy_names_bytes_digest, tensor_digest
@@ -43,6 +44,16 @@ def _checksum_matches(tensors: dict[str, torch.Tensor], stored: str) -> bool:
         as_int16 = {n: t.view(torch.int16) if t.dtype == torch.bfloat16 else t for n, t in tensors.items()}
         return stored == tensor_digest(as_int16)
     return False
+
+
+def _save_error(path: Path, exc: Exception) -> OSError:
+    """An OSError (of ``exc``'s type when it is one) naming ``path``, not the temporary file the
+    write failed on, with the reason and what to do."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    why = re.sub(r'\s*at path "[^"]*"', "", why)  # safetensors names the temporary file
+    return (type(exc) if isinstance(exc, OSError) else OSError)(
+        f"cannot save the deltas to {str(path)!r}: {why}; choose a path in a writable directory (or free some space)"
+    )
 
 
 class EditMismatchError(ValueError):
@@ -87,8 +98,18 @@ class Deltas:
         return {n: float(t.float().norm()) for n, t in sorted(self.tensors.items())}
 
     def save(self, path: str | Path) -> Path:
-        """Write a safetensors file (tensors) with the metadata as JSON in its header; atomic."""
+        """Write a safetensors file (tensors) with the metadata as JSON in its header; atomic.
+
+        Raises:
+            IsADirectoryError: ``path`` is a directory. OSError: the file cannot be written there
+                (the message names ``path``, the reason and what to do).
+        """
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(
+                f"cannot save the deltas to {str(path)!r}: it is a directory; pass a file path such as "
+                f"{str(path / 'deltas.safetensors')!r}"
+            )
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         meta = {
             "pmetlab_format": str(FORMAT),
@@ -96,8 +117,11 @@ class Deltas:
             "trace": json.dumps(self.trace),
             "checksum": tensor_digest(tensors),
         }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+        try:
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata=meta)
+        except (OSError, SafetensorError) as exc:
+            raise _save_error(path, exc) from exc
         return path
 
     @classmethod

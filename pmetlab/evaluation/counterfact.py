@@ -212,6 +212,18 @@ def _generation_columns(
             rows[r]["gen_texts"] = tuple(per_rec[r])
 
 
+def _note_missing_consistency(df: pd.DataFrame, reference: ConsistencyReference | None) -> None:
+    """One line per evaluation, not one per record, when the reference lacks some records' snippets."""
+    n = int(df["consistency"].isna().sum()) if reference is not None and "consistency" in df else 0
+    if n:
+        logger.info(
+            "consistency is NaN for %d of %d record(s): the reference has no attribute snippets for their "
+            "(relation, target); DEBUG logging names them",
+            n,
+            len(df),
+        )
+
+
 def _frame(rows: list[dict[str, Any]], generation: bool) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if not generation:
@@ -289,7 +301,9 @@ def evaluate_counterfact(
             keep_texts=keep_texts,
             progress=progress,
         )
-    return _frame(rows, generation)
+    df = _frame(rows, generation)
+    _note_missing_consistency(df, reference)
+    return df
 
 
 def evaluate_counterfact_reference(
@@ -330,4 +344,6 @@ def evaluate_counterfact_reference(
                 progress=False,
             )
         all_rows += rows
-    return _frame(all_rows, generation)
+    df = _frame(all_rows, generation)
+    _note_missing_consistency(df, reference)
+    return df

@@ -11,9 +11,11 @@ continuation, decoded together without special tokens, NFKD-normalised, blank li
 from __future__ import annotations
 
 import logging
-import time
+import numbers
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -21,11 +23,63 @@ from tqdm.auto import tqdm
 from ..cache import stable_hash
 from ..devices import model_device
 from ..forward import cache_kwarg, cache_of, forward_accepts
+from ..tokens import check_context_length, context_length
 from .scoring import encode_prompt, pad_id_of, position_ids_from_mask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["generate_texts", "generate_ids", "derive_seed", "sample_top_k"]
+__all__ = [
+    "generate_texts",
+    "generate_ids",
+    "derive_seed",
+    "sample_top_k",
+    "check_generation_length",
+    "LONG_GENERATION_TOKENS",
+]
+
+#: More new tokens per prompt than this draws a cost warning (the metrics use 100, as ROME does).
+LONG_GENERATION_TOKENS = 1000
+
+
+def check_generation_length(model, prompt_lengths: Sequence[int] | int, n_new_tokens: int) -> None:
+    """Check that ``n_new_tokens`` sampled after each prompt fit the model's context.
+
+    Args:
+        model: a model or its config (the context is :func:`pmetlab.tokens.context_length`).
+        prompt_lengths: tokens of each prompt (special tokens included), or the longest one.
+        n_new_tokens: tokens to generate per prompt (``n_gen_tokens`` of a run, ``--n-gen-tokens``).
+
+    Raises:
+        TypeError: ``n_new_tokens`` or a prompt length is not an int.
+        ValueError: ``n_new_tokens < 1``, or the longest prompt + ``n_new_tokens`` exceeds the
+            context (the message gives the largest ``n_new_tokens`` that fits).
+
+    Logs a warning with the cost above :data:`LONG_GENERATION_TOKENS` new tokens.
+    """
+    lengths = [prompt_lengths] if isinstance(prompt_lengths, numbers.Integral) else list(prompt_lengths)
+    for name, v in [("n_new_tokens", n_new_tokens)] + [("a prompt length", x) for x in lengths]:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}: {v!r}")
+    if n_new_tokens < 1:
+        raise ValueError(f"n_new_tokens must be >= 1 (tokens generated per prompt), got {n_new_tokens}")
+    longest = max(lengths, default=0)
+    ctx = context_length(model)
+    room = f"use n_new_tokens <= {ctx - longest} (--n-gen-tokens)" if ctx and ctx > longest else "shorten the prompt"
+    check_context_length(
+        model,
+        [longest + n_new_tokens],
+        what=f"the longest prompt ({longest} tokens) + n_new_tokens={n_new_tokens}",
+        fix=room,
+    )
+    if n_new_tokens > LONG_GENERATION_TOKENS:
+        logger.warning(
+            "generating %d tokens per prompt (the fluency/consistency metrics use 100): one forward pass "
+            "per new token, so this takes about %.0fx as long as the default and the KV cache grows to "
+            "%d positions per prompt",
+            n_new_tokens,
+            n_new_tokens / 100,
+            longest + n_new_tokens,
+        )
 
 
 def derive_seed(*parts: object) -> int:
@@ -102,33 +156,29 @@ def generate_ids(
     progress: bool = False,
     desc: str = "generating",
 ) -> list[list[int]]:
-    """The sampled token ids: one list of ``n_new_tokens`` ids per prompt (see :func:`generate_texts`)."""
+    """The sampled token ids: one list of ``n_new_tokens`` ids per prompt (see :func:`generate_texts`).
+
+    The progress bar counts generated tokens over all prompts (its rate is tokens/s), so a long
+    generation visibly moves; the postfix names the batch.
+    """
     if len(seeds) != len(prompts):
         raise ValueError(f"need one seed per prompt, got {len(seeds)} seeds for {len(prompts)} prompts")
-    if n_new_tokens < 1 or top_k < 1 or batch_size < 1:
-        raise ValueError(f"n_new_tokens, top_k and batch_size must be >= 1, got {n_new_tokens}, {top_k}, {batch_size}")
+    for name, v in (("top_k", top_k), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {type(v).__name__}: {v!r}")
+    enc = [encode_prompt(tok, p) for p in prompts]
+    check_generation_length(model, [len(e) for e in enc], n_new_tokens)
     if getattr(model, "training", False):
         logger.warning("generating with a model in training mode (dropout is active); call model.eval() first")
-    device = model_device(model)
-    pad_id = pad_id_of(tok)
-    enc = [encode_prompt(tok, p) for p in prompts]
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
-    keep_last = forward_accepts(model, "logits_to_keep")
-    cache_kw = cache_kwarg(model)
     out_ids: list[list[int] | None] = [None] * len(enc)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    bar = tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch")
-    t0, n_gen = time.perf_counter(), 0
-    with torch.no_grad():
-        for batch in bar:
-            T = max(len(enc[i]) for i in batch)
-            ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), T), dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids[r, T - len(enc[i]) :] = torch.tensor(enc[i])
-                mask[r, T - len(enc[i]) :] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            pos = position_ids_from_mask(mask)
+    bar = tqdm(total=len(enc) * n_new_tokens, desc=desc, disable=not progress, leave=False, unit="tok")
+    sampler = _Sampler(model, top_k, forward_accepts(model, "logits_to_keep"), cache_kwarg(model), bar)
+    with torch.no_grad(), bar:
+        for b, batch in enumerate(batches):
+            bar.set_postfix(batch=f"{b + 1}/{len(batches)}")
+            ids, mask = _left_padded([enc[i] for i in batch], pad_id_of(tok), model_device(model))
             u = torch.stack(
                 [
                     torch.rand(
@@ -137,27 +187,53 @@ def generate_ids(
                     for i in batch
                 ]
             )
-            kw = {"logits_to_keep": 1} if keep_last else {}
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
-            new = []
-            last_pos = pos[:, -1]
-            for t in range(n_new_tokens):
-                nxt = sample_top_k(out.logits[:, -1, :], u[:, t], top_k)
-                new.append(nxt)
-                if t == n_new_tokens - 1:
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                last_pos = last_pos + 1
-                out = model(
-                    input_ids=nxt[:, None],
-                    attention_mask=mask,
-                    position_ids=last_pos[:, None],
-                    use_cache=True,
-                    **{cache_kw: cache_of(out)},
-                )
-            gen = torch.stack(new, dim=1).cpu().tolist()
-            for r, i in enumerate(batch):
-                out_ids[i] = gen[r]
-            n_gen += len(batch) * n_new_tokens
-            bar.set_postfix(new_tok_per_s=f"{n_gen / max(time.perf_counter() - t0, 1e-9):.1f}")
+            for i, new in zip(batch, sampler.run(ids, mask, u)):
+                out_ids[i] = new
     return out_ids  # type: ignore[return-value]
+
+
+def _left_padded(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask (B, T) of ``seqs`` padded on the left."""
+    T = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, T - len(x) :] = torch.tensor(x)
+        mask[r, T - len(x) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@dataclass
+class _Sampler:
+    """Top-k sampling of one left-padded batch with the KV cache; advances ``bar`` per new token."""
+
+    model: Any
+    top_k: int
+    keep_last: bool
+    cache_kw: str
+    bar: Any
+
+    def run(self, ids: torch.Tensor, mask: torch.Tensor, u: torch.Tensor) -> list[list[int]]:
+        """(B, n_new) sampled ids after ``ids``/``mask`` (B, T), one uniform per row and step in ``u``."""
+        n_new = u.shape[1]
+        pos = position_ids_from_mask(mask)
+        kw = {"logits_to_keep": 1} if self.keep_last else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+        new = []
+        last_pos = pos[:, -1]
+        for t in range(n_new):
+            nxt = sample_top_k(out.logits[:, -1, :], u[:, t], self.top_k)
+            new.append(nxt)
+            self.bar.update(len(nxt))
+            if t == n_new - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            last_pos = last_pos + 1
+            out = self.model(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=last_pos[:, None],
+                use_cache=True,
+                **{self.cache_kw: cache_of(out)},
+            )
+        return torch.stack(new, dim=1).cpu().tolist()

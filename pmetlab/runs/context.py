@@ -76,7 +76,9 @@ class RunContext:
         store: the run directory. state: its ``run.json``.
         models: where the model comes from; ``pair`` holds it once a phase asked for it.
         progress: show progress bars. reuse_pre_eval: use the cross-run pre-edit metric cache.
-        selection: the selected dataset records (set by the load phase); requests: their edit requests.
+        selection: the records edited and evaluated (set by the load phase: the selected records
+            less those skipped as conflicting in their batch); requests: their edit requests;
+            batches: the requests per edit batch (``requests`` cut as the load phase cut them).
         load_s: seconds spent loading the dataset and (in this invocation) the model.
         reference: the consistency reference, once loaded (``reference_loaded``).
     """
@@ -88,6 +90,7 @@ class RunContext:
     reuse_pre_eval: bool = True
     selection: Selection | None = None
     requests: list = field(default_factory=list)
+    batches: list[list] = field(default_factory=list)
     load_s: float = 0.0
     pair: ModelPair | None = None
     reference: ConsistencyReference | None = None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .context import GivenModel, ModelSource, RunContext, check_model_name
 from .phases import (
+    check_generation,
     close_load_phase,
     covariance_phase,
     default_model_pool,
@@ -20,12 +21,39 @@ from .phases import (
     skip_edit,
 )
 from .result import ExperimentResult
-from .rundir import RunDir, RunState, summary_table
+from .rundir import RunDir, RunMismatchError, RunState, summary_table
+from .signals import terminate_as_interrupt
 from .spec import DEFAULT_MODEL, RunSpec
+from .verify import verify_saved
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["execute", "run_experiment"]
+
+
+def _run_phases(spec: RunSpec, ctx: RunContext) -> None:
+    """Verify what earlier invocations saved and the generation length, then covariance, edit,
+    eval_pre and eval_post (each only when it has work left)."""
+    deltas = verify_saved(spec, ctx)
+    check_generation(spec, ctx)
+    if spec.method == "none":
+        skip_edit(ctx)
+    elif edit_needed(spec, ctx):
+        deltas = edit_phase(spec, ctx, covariance_phase(spec, ctx))
+    else:
+        logger.info("edit reused from %s (verified)", ctx.store.deltas)
+    records = eval_pre_phase(spec, ctx, ctx.store.read_records())
+    eval_post_phase(spec, ctx, records, deltas)
+
+
+def _complete(spec: RunSpec, ctx: RunContext, t_run: float) -> ExperimentResult:
+    close_load_phase(ctx)
+    records = ctx.store.read_records()
+    summary = summary_table(records, spec.summary_columns())
+    ctx.state.set_output("summary", ctx.store.write_summary(summary))
+    ctx.state.complete(time.perf_counter() - t_run)
+    logger.info("run %s complete", ctx.store.path)
+    return ExperimentResult(ctx.store.path, summary, records, ctx.state.data)
 
 
 def execute(
@@ -37,38 +65,31 @@ def execute(
     progress: bool = True,
     reuse_pre_eval: bool = True,
 ) -> ExperimentResult:
-    """Run (or resume) ``spec`` in ``out_dir``: load, covariance, edit, eval_pre, eval_post; a
-    failure marks the run failed in run.json and is raised."""
+    """Run (or resume) ``spec`` in ``out_dir``: load, covariance, edit, eval_pre, eval_post.
+
+    Any exception (a dataset error in the load phase, Ctrl-C, SIGTERM: see
+    :mod:`pmetlab.runs.signals`) marks the run failed in run.json with the reason, then is raised;
+    only a refusal to resume a directory holding another run (:class:`RunMismatchError` before this
+    invocation started working) leaves run.json as it was."""
     t_run = time.perf_counter()
+    store = RunDir.for_spec(spec, out_dir)
     if models.preloaded:
         check_model_name(models.get(spec.model)[0], spec.model)
-    store = RunDir.for_spec(spec, out_dir)
     ctx = RunContext(
         store, RunState.open(store, spec, resume=resume), models, progress=progress, reuse_pre_eval=reuse_pre_eval
     )
-    load_phase(spec, ctx)
-    records = store.read_records()
-    try:
-        deltas = None
-        if spec.method == "none":
-            skip_edit(ctx)
-        elif edit_needed(spec, ctx):
-            deltas = edit_phase(spec, ctx, covariance_phase(spec, ctx))
-        else:
-            logger.info("edit reused from %s", store.deltas)
-        records = eval_pre_phase(spec, ctx, records)
-        eval_post_phase(spec, ctx, records, deltas)
-    except BaseException as exc:
-        ctx.state.fail(exc)
-        raise
-    finally:
-        close_load_phase(ctx)
-    records = store.read_records()
-    summary = summary_table(records, spec.summary_columns())
-    ctx.state.set_output("summary", store.write_summary(summary))
-    ctx.state.complete(time.perf_counter() - t_run)
-    logger.info("run %s complete", store.path)
-    return ExperimentResult(store.path, summary, records, ctx.state.data)
+    with terminate_as_interrupt():
+        try:
+            load_phase(spec, ctx)
+            ctx.state.begin()
+            _run_phases(spec, ctx)
+            return _complete(spec, ctx, t_run)
+        except BaseException as exc:
+            if ctx.state.begun or not isinstance(exc, RunMismatchError):
+                ctx.state.fail(exc)
+                close_load_phase(ctx)  # saves
+                logger.info("run %s failed: %s", store.path, ctx.state.data["error"])
+            raise
 
 
 def run_experiment(
@@ -99,8 +120,11 @@ def run_experiment(
         model: an embedded model name or a path (what :func:`pmetlab.load_model` takes); also the
             preset looked up for ``hparams``. With ``model_and_tokenizer`` it names that model.
         method: "pmet", "memit", or "none" (no edit: post = pre, a baseline row).
-        dataset: "counterfact", "multi_counterfact" (without its file: CounterFact minus conflicting
-            (subject, relation) pairs, recorded in run.json) or "zsre".
+        dataset: "counterfact", "multi_counterfact" (its file must be available: a missing file is
+            a DatasetNotFoundError naming every place looked), "counterfact+conflict_filter"
+            (CounterFact keeping the first record per (subject, relation_id), under that name) or
+            "zsre". On CounterFact data each edit batch skips the records repeating the (subject,
+            relation_id) of an earlier record of the batch (``run["dataset"]["skipped_conflicting"]``).
         n_edits: number of records edited and evaluated.
         batch_size: requests per compute_deltas call (None: all in one batch).
         mode: "batch": every batch computed on the unedited model, all applied together;
@@ -110,12 +134,14 @@ def run_experiment(
             an unknown key raises KeyError before any work. ``seed`` defaults to the run's seed.
         seed: seeds the subset ("sample"), the edit (context prefixes) and generation sampling.
         subset: "first" n_edits records or a seeded "sample".
-        out_dir: the run directory (default ``runs/<model>_<method>_<dataset>_n<n>_..._seed<seed>``).
+        out_dir: the run directory (default ``runs/<model>_<method>_<dataset>_n<n>_..._seed<seed>``;
+            an empty path is refused).
         generation: CounterFact fluency/consistency (generates ``n_gen_tokens`` per prompt).
         eval_batch_size: prompt pairs per forward pass in evaluation.
         label: a free name carried into the summary (not part of the run's identity).
-        resume: reuse the finished phases of a run with the same parameters in ``out_dir``;
-            False deletes that run and starts over.
+        resume: reuse the finished phases of a run with the same parameters in ``out_dir`` (their
+            files are verified first; a damaged one is set aside and its phases redone, see
+            :mod:`pmetlab.runs.verify`); False deletes that run and starts over.
         model_and_tokenizer: an already loaded ``(model, tokenizer)``; it is left unedited.
         reuse_pre_eval: reuse the unedited model's metrics of records evaluated by earlier runs
             with the same model and settings (:mod:`pmetlab.runs.pre_eval`); False evaluates all.

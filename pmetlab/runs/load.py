@@ -1,11 +1,15 @@
-"""Reading runs back: :func:`load_run` (one directory, finished or not), :func:`summarize_runs`
-(many, or a sweep directory) and :func:`with_run_columns`, which gives summary rows the run's
-resolved settings and hyperparameters."""
+"""Reading runs back: :func:`load_run` (one directory, finished or not), :func:`summarize_runs` and
+:func:`collect_summaries` (many, or a sweep directory: what is readable is summarised, what is not
+is listed) and :func:`with_run_columns`, which gives summary rows the run's resolved settings and
+hyperparameters."""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +25,21 @@ from .spec import summary_columns
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_run", "summarize_runs", "with_run_columns", "SETTING_COLUMNS"]
+__all__ = [
+    "load_run",
+    "summarize_runs",
+    "collect_summaries",
+    "RunSummaries",
+    "run_status",
+    "with_run_columns",
+    "SETTING_COLUMNS",
+]
 
 #: Settings of a run added to summary rows that do not hold them already (from ``run.json``).
 SETTING_COLUMNS = ("subset", "generation", "n_gen_tokens", "eval_batch_size")
 
 
-def load_run(run_dir: str | Path) -> ExperimentResult:
-    """Read a run directory written by :func:`pmetlab.runs.run_experiment` (finished or not).
-
-    Raises:
-        FileNotFoundError: ``run_dir`` has no ``run.json``.
-    """
+def _read(run_dir: str | Path) -> ExperimentResult:
     store = RunDir(Path(run_dir))
     if not store.has_run():
         raise FileNotFoundError(f"{str(store.path)!r} is not a pmetlab run directory (no run.json there)")
@@ -54,13 +61,55 @@ def load_run(run_dir: str | Path) -> ExperimentResult:
                 seed=p.get("seed"),
             ),
         )
-    if run.get("status") != "complete":
-        logger.warning(
-            "run %s is not complete (phases done: %s)",
-            store.path,
-            [k for k, v in run.get("phases", {}).items() if v.get("status") == "done"],
-        )
     return ExperimentResult(store.path, summary, records, run)
+
+
+def _error_text(run: Mapping[str, Any], limit: int = 200) -> str:
+    """The run's recorded error on one line, shortened to ``limit`` characters ("" when none)."""
+    error = " ".join(str(run.get("error") or "").split())
+    return error[:limit] + ("..." if len(error) > limit else "")
+
+
+def load_run(run_dir: str | Path) -> ExperimentResult:
+    """Read a run directory written by :func:`pmetlab.runs.run_experiment` (finished or not; an
+    unfinished one is logged with its status and error).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no ``run.json``. ValueError: ``run.json`` is unreadable.
+    """
+    res = _read(run_dir)
+    status = run_status(res.run)
+    if status != "complete":
+        logger.warning(
+            "run %s did not complete (status %s; phases done: %s)%s",
+            res.run_dir,
+            status,
+            [k for k, v in res.run.get("phases", {}).items() if v.get("status") == "done"],
+            f": {_error_text(res.run)}" if res.run.get("error") else "",
+        )
+    return res
+
+
+def _process_gone(pid: object, host: object) -> bool:
+    """Whether ``pid`` on ``host`` (this machine only; POSIX only) no longer exists."""
+    if os.name != "posix" or host != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def run_status(run: Mapping[str, Any]) -> str:
+    """``run.json``'s status ("complete", "failed", "running"), or "interrupted" for a run recorded
+    as running on this machine whose process is gone (killed without a chance to record it)."""
+    status = str(run.get("status", "unknown"))
+    if status == "running" and _process_gone(run.get("pid"), run.get("host")):
+        return "interrupted"
+    return status
 
 
 def _expand_run_dirs(run_dirs: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -84,17 +133,57 @@ def _expand_run_dirs(run_dirs: str | Path | Iterable[str | Path]) -> list[Path]:
     return out
 
 
+@dataclass
+class RunSummaries:
+    """What :func:`collect_summaries` found.
+
+    Attributes:
+        table: the summaries of the runs that have any (see :func:`summarize_runs`).
+        skipped: run directory -> why it is not in ``table`` (unreadable, or no results yet).
+    """
+
+    table: pd.DataFrame
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _summary_rows(d: Path) -> pd.DataFrame:
+    res = _read(d)  # not load_run: the status column and the skipped list say what it would log
+    if res.summary.empty:
+        error = f": {_error_text(res.run)}" if res.run.get("error") else ""
+        raise LookupError(f"no results yet (status {run_status(res.run)}{error})")
+    s = with_run_columns(res.summary.copy(), res.run, d)
+    s["status"] = run_status(res.run)
+    s["run_dir"] = str(d)
+    return s
+
+
+def collect_summaries(run_dirs: str | Path | Iterable[str | Path]) -> RunSummaries:
+    """The summaries of the runs that have any, and the run directories that could not be
+    summarised with the reason (each also logged as a warning). See :func:`summarize_runs`."""
+    frames, skipped = [], {}
+    for d in _expand_run_dirs(run_dirs):
+        try:
+            frames.append(_summary_rows(d))
+        # one damaged run must not hide the others: run.json, records or summary.csv unreadable
+        except (OSError, ValueError, LookupError, TypeError) as exc:
+            why = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            skipped[str(d)] = " ".join(why.split())
+            logger.warning("run %s not summarised: %s", d, skipped[str(d)])
+    return RunSummaries(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), skipped)
+
+
 def summarize_runs(run_dirs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """The summaries of several runs in one table, with the run's settings and resolved
-    hyperparameters (:func:`with_run_columns`) and a ``run_dir`` column. A directory without
-    ``run.json`` whose sub-directories hold runs (a sweep) stands for all of them."""
-    frames = []
-    for d in _expand_run_dirs(run_dirs):
-        res = load_run(d)
-        s = with_run_columns(res.summary.copy(), res.run, d)
-        s["run_dir"] = str(d)
-        frames.append(s)
-    return pd.concat(frames, ignore_index=True)
+    hyperparameters (:func:`with_run_columns`), its ``status`` (:func:`run_status`) and a
+    ``run_dir`` column. A directory without ``run.json`` whose sub-directories hold runs (a sweep)
+    stands for all of them. Runs that cannot be read, or have no results yet, are left out with a
+    warning naming each (:func:`collect_summaries` also returns them); the table is empty when no
+    run has results.
+
+    Raises:
+        FileNotFoundError: a directory does not exist or holds no run. ValueError: none given.
+    """
+    return collect_summaries(run_dirs).table
 
 
 def layers_text(layers: Sequence[int]) -> str:

@@ -7,6 +7,7 @@ name of this module, so tests can replace it here.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -20,13 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..datasets import (
+    Batches,
     ConsistencyReference,
-    DatasetNotFoundError,
-    Records,
+    Selection,
     counterfact_requests,
-    drop_conflicting,
+    drop_conflicting_per_batch,
     load_consistency_reference,
-    load_counterfact,
     load_dataset,
     select,
     zsre_requests,
@@ -34,6 +34,8 @@ from ..datasets import (
 from ..editing.compute import compute_deltas
 from ..editing.deltas import Deltas, apply_deltas_, restore_
 from ..evaluation import evaluate_counterfact, evaluate_zsre, relative_specificity
+from ..evaluation.generation import check_generation_length
+from ..evaluation.scoring import encode_prompt
 from ..models.loading import load_model, model_identity
 from ..stats import layer_covariances
 from .context import ModelPair, ModelPool, RunContext, check_model_name
@@ -51,6 +53,7 @@ __all__ = [
     "edit_phase",
     "eval_pre_phase",
     "eval_post_phase",
+    "check_generation",
 ]
 
 
@@ -73,49 +76,64 @@ def default_model_pool() -> ModelPool:
 # ---------------------------------------------------------------------------------------------
 # load: the dataset now, the model only when a phase needs it
 # ---------------------------------------------------------------------------------------------
-def _dataset_records(dataset: str) -> tuple[Records, str | None]:
-    """The dataset's records and, for a derived set, how it was derived."""
-    if dataset == "multi_counterfact":
-        try:
-            return load_dataset("multi_counterfact"), None
-        except DatasetNotFoundError as exc:
-            cf = load_counterfact()
-            logger.warning(
-                "multi_counterfact.json is not available (%s); using CounterFact without "
-                "conflicting (subject, relation) pairs instead",
-                str(exc).splitlines()[0],
-            )
-            return Records(drop_conflicting(cf), cf.info), "drop_conflicting(counterfact)"
-    return load_dataset(dataset), None
-
-
-def load_phase(spec: RunSpec, ctx: RunContext) -> None:
-    """Load the dataset, select the records and refuse a changed dataset file or selection."""
-    t0 = time.perf_counter()
-    records_all, derived = _dataset_records(spec.dataset)
-    sel = select(records_all, spec.n_edits, mode=spec.subset, seed=spec.seed)
-    info = records_all.info.to_dict() if records_all.info is not None else None
-    ds = {
-        "name": spec.dataset,
-        "info": info,
-        "derived": derived,
-        "selection": {k: v for k, v in sel.description.items() if k != "dataset"},
-    }
+def _check_same_dataset(ctx: RunContext, info: dict | None, description: dict) -> None:
+    """Refuse a resumed run whose dataset file or selected records changed (run.json untouched)."""
     old = ctx.state.data.get("dataset")
     if old is not None and (
         (old.get("info") or {}).get("sha256") != (info or {}).get("sha256")
-        or old["selection"].get("ids_hash") != ds["selection"]["ids_hash"]
+        or old["selection"].get("ids_hash") != description["ids_hash"]
     ):
         raise RunMismatchError(
             f"{ctx.store.path}: the dataset file or the selected records changed since the run "
             f"started ({(old.get('info') or {}).get('path')} -> {(info or {}).get('path')}); "
             f"use another out_dir or resume=False"
         )
-    ctx.state.data["dataset"] = ds
-    ctx.selection = sel
-    ctx.requests = zsre_requests(sel.records) if spec.dataset == "zsre" else counterfact_requests(sel.records)
+
+
+def cut_batches(spec: RunSpec, records: list[dict]) -> Batches:
+    """The edit batches of ``records`` (``spec.batches_of`` each). On CounterFact data each batch
+    keeps only the first record for each (subject, relation_id) (the multi-CounterFact rule); the
+    others are skipped: neither edited nor evaluated, counted and logged."""
+    if spec.dataset == "zsre":
+        bs = spec.batches_of
+        return Batches([records[i : i + bs] for i in range(0, len(records), bs)], [])
+    cut = drop_conflicting_per_batch(records, spec.batches_of)
+    if cut.skipped:
+        logger.warning(
+            "%d of %d selected records skipped (not edited, not evaluated): each repeats the (subject, "
+            "relation_id) of an earlier record in its edit batch of %d; case_ids %s",
+            len(cut.skipped),
+            len(records),
+            spec.batches_of,
+            [r.get("case_id") for r in cut.skipped][:20],
+        )
+    return cut
+
+
+def load_phase(spec: RunSpec, ctx: RunContext) -> None:
+    """Load the dataset (a missing file is an error: no other dataset stands in), select the
+    records, refuse a changed dataset file or selection, and cut the edit batches
+    (:func:`cut_batches`; ``dataset.skipped_conflicting`` in run.json counts the skipped records)."""
+    t0 = time.perf_counter()
+    records_all = load_dataset(spec.dataset)
+    sel = select(records_all, spec.n_edits, mode=spec.subset, seed=spec.seed)
+    info = records_all.info.to_dict() if records_all.info is not None else None
+    _check_same_dataset(ctx, info, sel.description)
+    cut = cut_batches(spec, sel.records)
+    ctx.state.data["dataset"] = {
+        "name": spec.dataset,
+        "info": info,
+        "derived": (info or {}).get("derivation"),
+        "selection": {k: v for k, v in sel.description.items() if k != "dataset"},
+        "n_edited": len(sel.records) - len(cut.skipped),
+        "skipped_conflicting": len(cut.skipped),
+        "skipped_conflicting_ids": [r.get("case_id") for r in cut.skipped],
+    }
+    ctx.selection = Selection([r for b in cut.batches for r in b], sel.description)
+    to_requests = zsre_requests if spec.dataset == "zsre" else counterfact_requests
+    ctx.batches = [to_requests(b) for b in cut.batches]
+    ctx.requests = [r for b in ctx.batches for r in b]
     ctx.load_s = time.perf_counter() - t0
-    ctx.state.save()
 
 
 def get_model(spec: RunSpec, ctx: RunContext) -> ModelPair:
@@ -140,8 +158,9 @@ def get_model(spec: RunSpec, ctx: RunContext) -> ModelPair:
 
 
 def close_load_phase(ctx: RunContext) -> None:
-    """Record the load time of the invocation that loaded the model (else of the first one); saves."""
-    if ctx.model_loaded or not ctx.state.done("load"):
+    """Record the load time of the invocation that loaded the model (else of the first one), once
+    the dataset is loaded; saves."""
+    if ctx.selection is not None and (ctx.model_loaded or not ctx.state.done("load")):
         ctx.state.data.setdefault("wall_s", {})["load"] = round(ctx.load_s, 3)
         ctx.state.phase("load").update(
             status="done", wall_s=round(ctx.load_s, 3), finished_at=now(), model_loaded=ctx.model_loaded
@@ -192,8 +211,14 @@ def _edit_batch(spec: RunSpec, ctx: RunContext, i: int, batch: list, n_batches: 
     path = ctx.store.batch_deltas(i)
     ph = ctx.state.phase("edit")
     if i < int(ph.get("batches_done", 0)) and path.is_file():
-        logger.info("edit batch %d/%d reused from %s", i + 1, n_batches, path)
-        return Deltas.load(path)
+        try:
+            d = Deltas.load(path)
+            if d.meta.get("requests") != [json.loads(json.dumps(r.to_dict())) for r in batch]:
+                raise ValueError(f"{path} holds an edit of other requests than this batch")
+            logger.info("edit batch %d/%d reused from %s", i + 1, n_batches, path)
+            return d
+        except ValueError as exc:
+            logger.warning("edit batch %d/%d: %s; computing the batch again", i + 1, n_batches, exc)
     seed_all(spec.seed + i)
     d = compute_deltas(
         model, tok, batch, spec.hp, progress=ctx.progress, covariances=stats.ffn, attn_covariances=stats.attn or None
@@ -207,8 +232,7 @@ def _edit_batch(spec: RunSpec, ctx: RunContext, i: int, batch: list, n_batches: 
 
 def _edit_batches(spec: RunSpec, ctx: RunContext, stats: EditStatistics) -> Deltas:
     model, _ = get_model(spec, ctx)
-    bs = spec.batches_of
-    batches = [ctx.requests[i : i + bs] for i in range(0, len(ctx.requests), bs)]
+    batches = ctx.batches
     parts: list[Deltas] = []
     undo_stack: list[dict] = []
     try:
@@ -264,6 +288,25 @@ def consistency_reference(spec: RunSpec, ctx: RunContext) -> ConsistencyReferenc
         ctx.reference = load_consistency_reference(download=False)
         ctx.reference_loaded = True
     return ctx.reference
+
+
+def _generation_left(spec: RunSpec, ctx: RunContext) -> bool:
+    """Whether an evaluation phase that generates text is still to run in this invocation."""
+    if not spec.generates:
+        return False
+    return not ctx.state.done("eval_pre") or (spec.method != "none" and not ctx.state.done("eval_post"))
+
+
+def check_generation(spec: RunSpec, ctx: RunContext) -> None:
+    """Refuse, before any edit, ``spec.n_gen_tokens`` that does not fit in the model's context after
+    the longest generation prompt (:func:`pmetlab.evaluation.generation.check_generation_length`).
+    ``n_gen_tokens`` is part of the run's identity, so a failure in evaluation would leave an edit
+    that a rerun with a smaller value cannot reuse."""
+    if not _generation_left(spec, ctx):
+        return
+    model, tok = get_model(spec, ctx)
+    prompts = dict.fromkeys(p for r in ctx.records for p in r.get("generation_prompts", []))
+    check_generation_length(model, [len(encode_prompt(tok, p)) for p in prompts], spec.n_gen_tokens)
 
 
 def evaluate_records(

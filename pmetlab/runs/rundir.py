@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,6 +39,7 @@ __all__ = [
     "write_records",
     "summary_table",
     "parquet_ok",
+    "check_out_dir",
 ]
 
 RUN_FORMAT = 1
@@ -155,6 +158,21 @@ def diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # the directory
 # ---------------------------------------------------------------------------------------------
+def check_out_dir(out_dir: Any, what: str = "out_dir") -> Path | None:
+    """``out_dir`` as a Path (None stays None); an empty or blank path is refused, since it would
+    put the run's files into the current directory."""
+    if out_dir is None:
+        return None
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise ValueError(f"{what} must be a directory path or None, got {out_dir!r} ({type(out_dir).__name__})")
+    if not str(out_dir).strip():
+        raise ValueError(
+            f"{what} must be a directory path, got {str(out_dir)!r} (an empty path would write into the current "
+            f"directory); pass a directory, or None for the default runs/<model>_<method>_..._seed<seed>"
+        )
+    return Path(out_dir).expanduser()
+
+
 @dataclass(frozen=True)
 class RunDir:
     """The files of one run directory; ask it for paths instead of building file names."""
@@ -165,8 +183,9 @@ class RunDir:
 
     @classmethod
     def for_spec(cls, spec: RunSpec, out_dir: str | Path | None) -> RunDir:
-        """``out_dir``, or ``runs/<spec.default_dir_name()>`` when None."""
-        path = Path(out_dir) if out_dir is not None else DEFAULT_RUNS_DIR / spec.default_dir_name()
+        """``out_dir``, or ``runs/<spec.default_dir_name()>`` when None (an empty path is refused)."""
+        given = check_out_dir(out_dir)
+        path = given if given is not None else DEFAULT_RUNS_DIR / spec.default_dir_name()
         if path.exists() and not path.is_dir():
             raise ValueError(f"out_dir {str(path)!r} exists and is not a directory")
         return cls(path)
@@ -201,11 +220,17 @@ class RunDir:
 
     def read_run(self) -> dict:
         try:
-            return json.loads(self.run_json.read_text())
+            data = json.loads(self.run_json.read_text())
         except (OSError, ValueError) as exc:
             raise ValueError(
                 f"{self.run_json} is unreadable ({type(exc).__name__}: {exc}); pass resume=False to start the run over"
             ) from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{self.run_json} holds a JSON {type(data).__name__}, not a run record (an object); "
+                f"pass resume=False to start the run over"
+            )
+        return data
 
     def read_records(self) -> pd.DataFrame:
         return read_records(self.path)
@@ -223,6 +248,12 @@ class RunDir:
     def load_deltas(self) -> Deltas | None:
         return Deltas.load(self.deltas) if self.deltas.is_file() else None
 
+    def set_aside(self, path: Path) -> Path:
+        """Move a damaged file to ``<name>.damaged`` (kept for inspection; replaces an older one)."""
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        return aside
+
     def remove_batches(self) -> None:
         if self.batches_dir.is_dir():
             shutil.rmtree(self.batches_dir)
@@ -230,9 +261,9 @@ class RunDir:
     def clear(self) -> None:
         """Delete the files a run writes (and nothing else: the directory may hold the user's files)."""
         for name in self.RUN_FILES:
-            p = self.path / name
-            if p.is_file():
-                p.unlink()
+            for p in (self.path / name, self.path / f"{name}.damaged"):
+                if p.is_file():
+                    p.unlink()
         self.remove_batches()
 
 
@@ -242,9 +273,10 @@ class RunDir:
 class RunState:
     """``run.json`` in memory: status, phases, outputs; every :meth:`save` is atomic."""
 
-    def __init__(self, store: RunDir, data: dict) -> None:
+    def __init__(self, store: RunDir, data: dict, *, begun: bool = False) -> None:
         self.store = store
         self.data = data
+        self.begun = begun  # whether this invocation has marked the run running (see begin)
 
     @classmethod
     def open(cls, store: RunDir, spec: RunSpec, *, resume: bool) -> RunState:
@@ -274,7 +306,7 @@ class RunState:
             "outputs": {},
         }
         state = cls(store, data)
-        state.save()
+        state.begin()
         return state
 
     @classmethod
@@ -331,14 +363,23 @@ class RunState:
         """Record that output ``kind`` ("records", "deltas", "summary") is the file ``path``."""
         self.data.setdefault("outputs", {})[kind] = path.name
 
+    def begin(self) -> None:
+        """Mark the run running in this process (pid and host, so that a run killed without a chance
+        to record it can be told from a live one); saves."""
+        self.data.update(status="running", started_at=now(), pid=os.getpid(), host=socket.gethostname())
+        self.begun = True
+        self.save()
+
     def fail(self, exc: BaseException) -> None:
         """Mark the run failed with ``exc`` (not saved: the caller saves once it is done)."""
         self.data["status"] = "failed"
-        self.data["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        self.data["error"] = (f"{type(exc).__name__}: {exc}"[:2000]).rstrip(": ")
+        self.data["failed_at"] = now()
 
     def complete(self, last_invocation_s: float) -> None:
         """Mark the run complete; saves."""
         self.data["status"] = "complete"
         self.data.pop("error", None)
+        self.data.pop("failed_at", None)
         self.data.setdefault("wall_s", {})["last_invocation"] = round(last_invocation_s, 3)
         self.save()

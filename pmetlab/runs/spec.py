@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 METHODS = ("pmet", "memit", "none")
-DATASETS = ("counterfact", "multi_counterfact", "zsre")
+DATASETS = ("counterfact", "multi_counterfact", "counterfact+conflict_filter", "zsre")
 MODES = ("batch", "sequential")
 SUBSETS = ("first", "sample")
 DEFAULT_MODEL = "smollm2-135m"
@@ -164,7 +164,8 @@ class RunSpec:
     Attributes:
         model: an embedded model name or a path; also names the hyperparameter preset.
         method: "pmet", "memit" or "none" (no edit: a baseline).
-        dataset: "counterfact", "multi_counterfact" or "zsre".
+        dataset: "counterfact", "multi_counterfact", "counterfact+conflict_filter" (CounterFact
+            keeping the first record per (subject, relation_id), recorded under that name) or "zsre".
         n_edits: records edited and evaluated.
         batch_size: requests per ``compute_deltas`` call (None: all in one batch).
         mode: "batch" or "sequential" (see :func:`pmetlab.runs.run_experiment`).

@@ -18,6 +18,7 @@ from .context import GivenModel, ModelSource
 from .experiment import execute
 from .load import with_run_columns
 from .phases import default_model_pool
+from .rundir import check_out_dir
 from .spec import RunSpec, safe_name
 
 logger = logging.getLogger(__name__)
@@ -137,9 +138,12 @@ def run_sweep(grid: Sequence[Mapping], *, out_dir: str | Path, **common: Any) ->
         :func:`pmetlab.runs.load.with_run_columns`), ``target_*`` on post rows, and ``run_dir``.
 
     Raises:
-        KeyError: an unknown key or hyperparameter. ValueError: a bad value, an empty grid, or two
-            entries with the same slug.
+        KeyError: an unknown key or hyperparameter. ValueError: a bad value, an empty grid, an
+            empty ``out_dir``, or two entries with the same slug.
     """
+    root = check_out_dir(out_dir)
+    if root is None:
+        raise ValueError("out_dir must be a directory path for the sweep's runs, got None")
     grid = list(grid)
     if not grid:
         raise ValueError("grid is empty; expected a list of dicts of run_experiment arguments")
@@ -150,7 +154,7 @@ def run_sweep(grid: Sequence[Mapping], *, out_dir: str | Path, **common: Any) ->
     for i, p in enumerate(plans):
         models: ModelSource = p.given if p.given is not None else pool
         logger.info("sweep: run %d/%d %s", i + 1, len(plans), p.slug)
-        res = execute(p.spec, out_dir=Path(out_dir) / p.slug, models=models, **p.options)
+        res = execute(p.spec, out_dir=root / p.slug, models=models, **p.options)
         s = res.summary.copy()
         for col, val in _grid_columns(p.entry, set(s.columns)).items():
             s[col] = [val] * len(s)
