@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .cache import file_sha256
+from .datadir import env_data_dir
 from .devices import model_device
 
 logger = logging.getLogger(__name__)
@@ -26,10 +27,11 @@ _DOC_TAG = re.compile(r"</?doc[^>]*>")
 
 
 def data_dir() -> Path | None:
-    """``$PMETLAB_DATA_DIR`` if set and present, else the project's ``data/`` if it has content."""
-    env = os.environ.get("PMETLAB_DATA_DIR")
-    if env and Path(env).expanduser().is_dir():
-        return Path(env).expanduser()
+    """``$PMETLAB_DATA_DIR`` if set (an error when it is not a directory), else the project's
+    ``data/`` if it has content, else ``../shared/data`` beside the checkout."""
+    env = env_data_dir()  # a set but missing $PMETLAB_DATA_DIR is an error, as for the datasets
+    if env is not None:
+        return env
     local = Path(__file__).resolve().parent.parent / "data"
     if local.is_dir() and any(p.name != "README.md" for p in local.iterdir()):
         return local

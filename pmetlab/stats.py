@@ -29,6 +29,7 @@ from .cache import stable_hash, tensor_digest
 from .corpus import Corpus, resolve_corpus, tokenize_corpus
 from .covspec import CovarianceSpec
 from .distributed import Shard, all_reduce_moments, barrier, consensus, current_shard
+from .hparams import check_layer_indices
 from .models.adapters import get_adapter
 from .moments import (
     CHECKPOINT_SECONDS,
@@ -207,8 +208,7 @@ def layer_covariances(
         raise ValueError(f"kind must be 'ffn' or 'attn', got {kind!r}")
     spec, corp = _resolve_spec(spec, corpus, n_tokens=n_tokens, seq_len=seq_len, dtype=dtype, seed=seed)
     adapter = get_adapter(model)
-    for l in layers:
-        adapter.layer_name(l)  # range check with a clear message
+    check_layer_indices(tuple(sorted(set(layers))), adapter.n_layers, owner=type(model).__name__)
     fps = _layer_fingerprints(model, adapter)
     names = {l: adapter.ffn_out_name(l) if kind == "ffn" else adapter.attn_out_name(l) for l in layers}
     key_dim = adapter.d_ff if kind == "ffn" else adapter.d_attn

@@ -423,3 +423,11 @@ def test_consistency_reference_loads_local_files(isolated):
     ref = ds.load_consistency_reference()
     assert ref is not None and ref.texts("P17", "Q142") == ["Paris city", "France"]
     assert ref.texts("P17", "Q1") == [] and ref.vocab["city"] == 2 and ref.idf.dtype == np.float64
+
+
+def test_mistyped_data_dir_is_an_error_for_the_corpus_too(monkeypatch, tmp_path):
+    from pmetlab.corpus import data_dir
+
+    monkeypatch.setenv("PMETLAB_DATA_DIR", str(tmp_path / "typo"))
+    with pytest.raises(ValueError, match=r"PMETLAB_DATA_DIR=.*typo.* does not exist.*unset"):
+        data_dir()

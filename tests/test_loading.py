@@ -424,3 +424,11 @@ def test_corrupt_converted_cache_is_rebuilt(smollm2, tmp_path: Path, monkeypatch
         torch.testing.assert_close(rebuilt(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
     finally:
         shutil.rmtree(tmp_path / "models", ignore_errors=True)  # ~0.5 GB; pytest keeps old tmp dirs
+
+
+def test_a_bad_config_json_is_named_not_called_a_missing_directory(tmp_path):
+    from pmetlab.models.loading import ModelLoadError, load_model
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"config\.json' cannot be read as a transformers config.*save_pretrained"):
+        load_model(str(tmp_path))

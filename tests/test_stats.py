@@ -673,3 +673,9 @@ def test_spec_states_its_minimums():
         spec.check_key_dim(101, "m")
     with pytest.raises(ValueError, match="yields only 50 usable tokens"):
         spec.check_key_dim(80, "m", yielded=50)
+
+
+def test_negative_layer_indices_are_refused_as_everywhere_else(env):
+    model, tok = make_tiny_model("LlamaForCausalLM"), make_tiny_tokenizer()
+    with pytest.raises(ValueError, match=r"absolute|0\.\.2"):
+        layer_covariances(model, tok, [-1], corpus=env["corpus"], n_tokens=600, seq_len=32, progress=False)

@@ -104,7 +104,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         _echo(f"merged the statistics of {shard.world} workers")
     paths = covariance_cache_paths(model, covs, kind=args.kind)
     for l, sm in covs.items():
-        where = str(paths[l]) if paths[l].is_file() else f"{paths[l]} (not written: non-finite values, see the log)"
+        where = str(paths[l]) if paths[l].is_file() else f"{paths[l]} (not written here; see the log)"
         _echo(f"layer {l:3d} {args.kind}: {tuple(sm.sum.shape)} from {sm.count} tokens -> {where}")
     return 0
 

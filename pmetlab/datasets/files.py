@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..cache import atomic_path, cache_dir, file_sha256
+from ..datadir import DATA_DIR_ENV, env_data_dir
 from .records import DatasetInfo, DatasetNotFoundError, Records
 from .registry import CONFLICT_FILTERED, REMOTE_ROOTS, _Spec, dataset_key, file_spec
 from .selection import drop_conflicting
@@ -32,7 +33,6 @@ __all__ = [
     "locate_dataset_file",
 ]
 
-DATA_DIR_ENV = "PMETLAB_DATA_DIR"
 OFFLINE_ENV = "PMETLAB_OFFLINE"
 #: Any of these set to 1/true/yes/on: no download is attempted (the Hugging Face switches count too).
 OFFLINE_ENVS = (OFFLINE_ENV, "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -43,26 +43,6 @@ _DOWNLOAD_TIMEOUT_S = 60
 # ---------------------------------------------------------------------------------------------
 # the environment: data directory and offline switches
 # ---------------------------------------------------------------------------------------------
-def env_data_dir() -> Path | None:
-    """``$PMETLAB_DATA_DIR`` as a directory; None when it is unset or empty.
-
-    Raises:
-        ValueError: it is set to a path that is not a directory (a typo would otherwise make the
-            dataset and the corpus fall back to other copies silently).
-    """
-    raw = os.environ.get(DATA_DIR_ENV, "")
-    if not raw.strip():
-        return None
-    path = Path(raw).expanduser()
-    if not path.is_dir():
-        what = "is a file" if path.exists() else "does not exist"
-        raise ValueError(
-            f"${DATA_DIR_ENV}={raw!r} {what}; expected the folder holding the data (e.g. the shared data "
-            f"folder with counterfact/, zsre/, knowns/, corpus/). Fix the path or unset ${DATA_DIR_ENV}."
-        )
-    return path
-
-
 def offline_switch() -> str | None:
     """The first of :data:`OFFLINE_ENVS` that is set to 1/true/yes/on, or None (downloads allowed)."""
     for name in OFFLINE_ENVS:

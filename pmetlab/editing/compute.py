@@ -95,7 +95,7 @@ def _check_conflicts(requests: Sequence[EditRequest]) -> None:
         f"least-squares solve would average their targets and write neither. Put them in separate "
         f"compute_deltas calls: pmetlab.requests.conflict_free_batches(requests) splits the list into "
         f"{len(conflict_free_batches(requests))} conflict-free batches; or drop one (CounterFact records: "
-        f"pmetlab.drop_conflicting, or dataset 'multi_counterfact' in a run)"
+        f"pmetlab.drop_conflicting, or dataset 'counterfact+conflict_filter' in a run)"
     )
 
 

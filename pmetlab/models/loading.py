@@ -286,6 +286,12 @@ def _load_causal_lm(name: str, path: str, dt: torch.dtype, kwargs: dict) -> torc
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=bool(kwargs.get("local_files_only")))
     except (OSError, ValueError) as exc:
+        if Path(path).is_dir():  # a local model whose config.json is unreadable or invalid
+            raise ModelLoadError(
+                f"{str(Path(path) / 'config.json')!r} cannot be read as a transformers config "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); write it again with "
+                f"model.config.save_pretrained({path!r})"
+            ) from None
         raise ModelLoadError(
             f"cannot load model {name!r}: it is not an embedded model ({', '.join(sorted(_EMBEDDED))}), "
             f"not an existing local directory, and the hub lookup failed ({type(exc).__name__}: "
