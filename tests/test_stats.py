@@ -214,7 +214,7 @@ def test_attn_kind_has_its_own_cache(env):
     assert len(_cache_files(env["cache"])) == 2
     with pytest.raises(ValueError, match="kind"):
         layer_covariances(model, tok, [1], kind="mlp", corpus=env["corpus"], **COV_KW)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match=r"exceed the 3 layers of .* \(valid: 0\.\.2\)"):
         layer_covariances(model, tok, [5], corpus=env["corpus"], **COV_KW)
 
 
