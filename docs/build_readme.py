@@ -147,11 +147,25 @@ def benchmarks_section() -> str:
     return markdown_table(table.astype(str))
 
 
+def figures_timing_section() -> str:
+    """Wall time of each notebook in the committed ``make figures`` report."""
+    report = json.loads((RESULTS / "make_figures_report.json").read_text())
+    parts = [f"{nb['name'][:2]} {nb['seconds']:.0f} s ({nb['status']})" for nb in report["notebooks"]]
+    total = sum(nb["seconds"] for nb in report["notebooks"])
+    return (
+        f"Timings of the run behind `docs/figures/` ({report['started'][:16].replace('T', ' ')} UTC, "
+        f"{report.get('threads', '?')} torch thread per kernel, 2-core machine shared with other jobs; "
+        f"`docs/results/make_figures_report.json`): {', '.join(parts)}; {total / 60:.1f} min in all. "
+        f"{report.get('note', '')}".rstrip()
+    )
+
+
 BUILDERS: dict[str, Callable[[], str]] = {
     "stop-rule": stop_rule_section,
     "presets": presets_section,
     "similarity": similarity_section,
     "benchmarks": benchmarks_section,
+    "figures-timing": figures_timing_section,
 }
 
 
