@@ -438,3 +438,11 @@ def test_stats_refuses_fewer_tokens_than_the_key_dimension(tiny_env, tiny_dir, c
     line = _one_line_error(capsys.readouterr().err)
     assert f"--tokens {TINY_D_FF - 1} is fewer than the key dimension {TINY_D_FF}" in line
     assert f"use --tokens {TINY_D_FF} or more" in line and "n_tokens" not in line
+
+
+def test_control_characters_in_a_value_do_not_break_the_one_line_error(capsys):
+    from pmetlab.cli import main
+
+    assert main(["run", "--method", "pm\ret\n"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\r" not in err and "pm\\ret\\n" in err

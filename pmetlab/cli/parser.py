@@ -30,8 +30,9 @@ _FMT = _HelpFormatter
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    def error(self, message: str):  # one line, no usage dump; control characters in values escaped
+        line = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
+        self.exit(2, f"{self.prog}: error: {line} (see {self.prog} --help)\n")
 
 
 def _verbosity(p: argparse.ArgumentParser, top: bool) -> None:
