@@ -45,9 +45,14 @@ DATASET = "counterfact"  # "counterfact", "counterfact+conflict_filter" (no conf
 N_EDITS = 8              # facts edited in one batch by every variant
 SUBSET = "first"         # the first N_EDITS records, or a seeded "sample"
 RESUME = False           # reuse finished runs of the same parameters in RUNS_DIR
+LAYERS = ""              # critical layers for every variant, e.g. "3-8" or "2,5,7"; empty: the preset's
 
 # %%
+import pmetlab
+
 FAST = {"v_num_grad_steps": 3, "cov_tokens": 5000} if SMOKE else {}  # preset overrides
+if LAYERS:  # e.g. the window notebook 05 located
+    FAST = {**FAST, "layers": pmetlab.layers_from_text(LAYERS)}
 if SMOKE:  # every file is still written; the numbers mean little
     N_EDITS = 2
 

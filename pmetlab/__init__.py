@@ -30,7 +30,7 @@ from .evaluation import (
     score_pairs,
     summarize,
 )
-from .hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams, hparams_from_dict
+from .hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams, hparams_from_dict, layers_from_text
 from .models import get_adapter, load_model, model_identity, supported_architectures
 from .notebooks import list_notebooks, run_notebooks
 from .plots import (
@@ -65,6 +65,7 @@ __all__ = [
     "MEMITHyperParams",
     "hparams_from_dict",
     "resolve_hparams",
+    "layers_from_text",
     "compute_deltas",
     "Deltas",
     "EditMismatchError",

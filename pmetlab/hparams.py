@@ -51,6 +51,25 @@ def _check_keys(cls: type, given: Mapping[str, Any], names: set[str]) -> None:
     )
 
 
+def layers_from_text(text: str) -> tuple[int, ...]:
+    """'3-8' -> (3, 4, 5, 6, 7, 8); '3,4,5' -> (3, 4, 5); '2,5-7' -> (2, 5, 6, 7) (notebook and CLI form)."""
+    out: list[int] = []
+    try:
+        for part in (p.strip() for p in str(text).split(",")):
+            if "-" in part[1:]:
+                lo, hi = (int(x) for x in part.split("-", 1)) if not part.startswith("-") else (int(part), None)
+                if hi is None or hi < lo:
+                    raise ValueError
+                out += list(range(lo, hi + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        out = []
+    if not out:
+        raise ValueError(f"bad layer list {text!r}; expected e.g. '3-8' or '3,4,5'")
+    return tuple(out)
+
+
 def check_layer_indices(layers: tuple[int, ...], n_layers: int | None = None, *, owner: str = "the model") -> None:
     """Critical layers are absolute indices 0..n_layers-1 on every surface that takes them
     (hyperparameters, ``compute_deltas``, run overrides), strictly increasing: they name cache

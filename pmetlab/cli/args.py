@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..covspec import MIN_SEQ_LEN
+from ..hparams import layers_from_text
 
 __all__ = [
     "parse_layers",
@@ -26,25 +27,10 @@ __all__ = [
 
 def parse_layers(text: str) -> list[int]:
     """'3-8' -> [3, 4, 5, 6, 7, 8]; '3,4,5' -> [3, 4, 5]; '2,5-7' -> [2, 5, 6, 7]."""
-    out: list[int] = []
     try:
-        for part in str(text).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
-                lo, hi = int(a), int(b)
-                if hi < lo:
-                    raise ValueError
-                out += list(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad layer list {text!r}; expected e.g. '3-8' or '3,4,5'") from None
-    if not out:
-        raise argparse.ArgumentTypeError(f"bad layer list {text!r}; expected e.g. '3-8' or '3,4,5'")
-    return out
+        return list(layers_from_text(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_key_value(text: str) -> tuple[str, Any]:
