@@ -217,6 +217,57 @@ def bench_eval(model, tok, records, n_gen_tokens: int) -> list[dict]:
     return rows
 
 
+def bench_causal_trace(model, tok, quick: bool) -> list[dict]:
+    """Causal tracing of one known fact: batched restorations vs one restoration per forward.
+
+    The figure is restorations per second (one restoration = n_samples corrupted rows); the
+    limit is the same rows run as plain forwards in the batched shapes (no hooks).
+    """
+    from pmetlab.locate import trace_fact
+    from pmetlab.locate.restore import restorations_for
+
+    if quick:
+        prompt, subject = "danny miles davis plays the music of", "miles davis"
+    else:
+        from pmetlab import load_known_facts
+
+        rec = load_known_facts()[0]
+        prompt, subject = rec["prompt"], rec["subject"]
+    kw = dict(kinds=("hidden", "mlp"), window=10, noise=0.1, n_samples=10, seed=0, progress=False)
+    t0 = time.perf_counter()
+    fast = trace_fact(model, tok, prompt, subject, batch_size=256, **kw)
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = trace_fact(model, tok, prompt, subject, reference=True, **kw)
+    t_ref = time.perf_counter() - t0
+    from pmetlab.models.adapters import get_adapter
+
+    n = 1 + sum(len(restorations_for(get_adapter(model), k, 10, len(fast.tokens))) for k in kw["kinds"])
+    ids = tok(prompt, return_tensors="pt")["input_ids"].to(model.get_input_embeddings().weight.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for c in range(0, n, 25):
+            model(input_ids=ids.expand(10 * min(25, n - c), -1))
+    t_plain = time.perf_counter() - t0
+    diff = max(float((fast.ie[k] - ref.ie[k]).abs().max()) for k in fast.ie)
+    return [
+        _row(
+            "causal_trace_restorations_per_s",
+            "restorations/s",
+            round(n / t_fast, 2),
+            round(n / t_ref, 2),
+            True,
+            round(n / t_plain, 2),
+            n_restorations=n,
+            n_tokens=len(fast.tokens),
+            n_samples=10,
+            kinds=list(kw["kinds"]),
+            seconds_per_fact_batched=round(t_fast, 2),
+            max_abs_diff_ie=diff,
+        )
+    ]
+
+
 def bench_rss(n_edits: int, quick: bool) -> list[dict]:
     """Peak RSS of a fresh process computing and applying an n-edit PMET batch (no caches)."""
     cmd = [sys.executable, "-m", "benchmarks.rss_probe", "--n", str(n_edits)] + (["--quick"] if quick else [])
@@ -247,7 +298,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cov-tokens", type=int, default=None, help="tokens for the covariance benchmark")
     ap.add_argument("--eval-records", type=int, default=None, help="CounterFact records for the eval benchmark")
     ap.add_argument("--rss-edits", type=int, default=None, help="edits in the peak-RSS probe (default 100)")
-    ap.add_argument("--only", action="append", help="run only these benchmarks (targets, keys, covariance, eval, rss)")
+    ap.add_argument(
+        "--only", action="append", help="run only these benchmarks (targets, keys, covariance, eval, rss, causal_trace)"
+    )
     ap.add_argument("--out", default=str(RESULTS / "latest.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -256,7 +309,7 @@ def main(argv=None) -> int:
     cov_tokens = args.cov_tokens or (3000 if q else 30000)
     n_eval = args.eval_records or (4 if q else 20)
     rss_edits = args.rss_edits or (4 if q else 100)
-    only = set(args.only or ["targets", "keys", "covariance", "eval", "rss"])
+    only = set(args.only or ["targets", "keys", "covariance", "eval", "causal_trace", "rss"])
     torch.manual_seed(0)
     model, tok = _model(q)
     from pmetlab import PMETHyperParams
@@ -284,6 +337,8 @@ def main(argv=None) -> int:
         rows += bench_covariance(model, tok, hp, cov_tokens)
     if "eval" in only:
         rows += bench_eval(model, tok, records[:n_eval], 20 if q else 50)
+    if "causal_trace" in only:
+        rows += bench_causal_trace(model, tok, q)
     if "rss" in only:
         del model
         gc.collect()

@@ -31,6 +31,7 @@ from .evaluation import (
     summarize,
 )
 from .hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams, hparams_from_dict, layers_from_text
+from .locate import best_window, embedding_noise_scale, trace_fact, trace_facts
 from .models import get_adapter, load_model, model_identity, supported_architectures
 from .notebooks import list_notebooks, run_notebooks
 from .plots import (
@@ -65,6 +66,10 @@ __all__ = [
     "MEMITHyperParams",
     "hparams_from_dict",
     "resolve_hparams",
+    "trace_fact",
+    "trace_facts",
+    "best_window",
+    "embedding_noise_scale",
     "layers_from_text",
     "compute_deltas",
     "Deltas",

@@ -145,8 +145,8 @@ def trace_fact(
     if tp.target_id < 0:
         tp = type(tp)(tp.ids, tp.tokens, tp.subject_range, int(probs.argmax()))
     s0, s1 = tp.subject_range
-    eps = draw_noise(n_samples, s1 - s0, int(clean[names[0]].shape[-1]), noise, seed)
     emb_w = model.get_input_embeddings().weight
+    eps = draw_noise(n_samples, s1 - s0, int(emb_w.shape[-1]), noise, seed)
     setup = TraceSetup(model, adapter, tp, eps.to(emb_w.device, emb_w.dtype), clean, embedding_name(model))
     work = {k: restorations_for(adapter, k, window, tp.n_tokens) for k in kinds}
     bar = tqdm(total=1 + sum(map(len, work.values())), disable=not progress, desc="causal trace", unit="restore")
