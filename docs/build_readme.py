@@ -160,12 +160,44 @@ def figures_timing_section() -> str:
     )
 
 
+def _window_comparison(model: str) -> str:
+    """PMET's 04 variants with the preset's window next to the located one (when both are committed)."""
+    preset = RESULTS / model / "figures" / "04_ablations.csv"
+    located = RESULTS / model / "04_ablations_located.csv"
+    if not (preset.is_file() and located.is_file()):
+        return ""
+    rows = []
+    for tag, path in (("preset", preset), ("located", located)):
+        df = pd.read_csv(path)
+        for _, r in df[(df["phase"] == "post") & df["label"].isin(["PMET", "w/o δ^a"])].iterrows():
+            rows.append({"window": f"{tag} ({r['hp_layers']})", "variant": r["label"], **_score_columns(r)})
+    return markdown_table(pd.DataFrame(rows))
+
+
+def locate_section() -> str:
+    """Notebook 05's generated reading per model, and the 04 quick profile on both windows."""
+    parts = []
+    for model, name in MODELS.items():
+        reading = RESULTS / model / "05_reading.md"
+        if reading.is_file():
+            parts.append(f"**{name}**: {reading.read_text().strip()}")
+        table = _window_comparison(model)
+        if table:
+            n = int(pd.read_csv(RESULTS / model / "04_ablations_located.csv")["n_edits"].iloc[0])
+            parts.append(
+                f"Notebook 04's quick profile ({n} CounterFact edits, one batch) on {name} with the "
+                f"preset's window and with the located one:\n\n{table}"
+            )
+    return "\n\n".join(parts)
+
+
 BUILDERS: dict[str, Callable[[], str]] = {
     "stop-rule": stop_rule_section,
     "presets": presets_section,
     "similarity": similarity_section,
     "benchmarks": benchmarks_section,
     "figures-timing": figures_timing_section,
+    "locate": locate_section,
 }
 
 

@@ -31,13 +31,15 @@ from .evaluation import (
     summarize,
 )
 from .hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams, hparams_from_dict, layers_from_text
-from .locate import best_window, embedding_noise_scale, trace_fact, trace_facts
+from .locate import best_window, embedding_noise_scale, locate_reading, trace_fact, trace_facts
 from .models import get_adapter, load_model, model_identity, supported_architectures
 from .notebooks import list_notebooks, run_notebooks
 from .plots import (
     plot_ablation,
     plot_optimization_trace,
     plot_similarity,
+    plot_trace_curves,
+    plot_trace_heatmaps,
     plot_tradeoff,
     plot_update_norms,
     save_figure,
@@ -67,9 +69,12 @@ __all__ = [
     "hparams_from_dict",
     "resolve_hparams",
     "trace_fact",
+    "plot_trace_heatmaps",
+    "plot_trace_curves",
     "trace_facts",
     "best_window",
     "embedding_noise_scale",
+    "locate_reading",
     "layers_from_text",
     "compute_deltas",
     "Deltas",

@@ -185,3 +185,46 @@ def test_best_window_picks_the_largest_contiguous_mean():
     w = best_window(summary, "mlp", width=2)
     assert (w.start, w.stop, w.layers) == (2, 4, (2, 3)) and w.mean_ie == pytest.approx(0.45)
     assert best_window(summary, "mlp", width=1).layers == (5,)
+
+
+def test_last_subject_positions_equal_that_column_of_the_full_trace(tok):
+    model = _model("LlamaForCausalLM")
+    full = trace_fact(model, tok, PROMPT, SUBJECT, **KW)
+    last = trace_fact(model, tok, PROMPT, SUBJECT, positions="last_subject", **KW)
+    t = full.subject_range[1] - 1
+    for kind in full.ie:
+        torch.testing.assert_close(last.ie[kind][:, t], full.ie[kind][:, t], atol=1e-6, rtol=0)
+        others = torch.cat([last.ie[kind][:, :t], last.ie[kind][:, t + 1 :]], 1)
+        assert torch.isnan(others).all()
+    assert set(last.to_frame()["token_role"]) == {"last_subject"}
+    with pytest.raises(ValueError, match="positions must be one of"):
+        trace_fact(model, tok, PROMPT, SUBJECT, positions="subject", **KW)
+
+
+def _summary(attn_peak: float, attn_low: float) -> pd.DataFrame:
+    rows = []
+    for layer in range(6):
+        mlp = 0.4 if layer in (1, 2) else 0.05
+        attn = attn_peak if layer == 4 else 0.0
+        rows += [("mlp", "last_subject", layer, mlp, mlp - 0.05, mlp + 0.05, 12)]
+        rows += [("attn", "last_subject", layer, attn, attn_low if layer == 4 else -0.01, attn + 0.05, 12)]
+    return pd.DataFrame(rows, columns=["kind", "token_role", "layer", "mean", "ci_low", "ci_high", "n"])
+
+
+def test_locate_reading_names_the_window_and_judges_attention():
+    from pmetlab.locate import locate_reading
+
+    text, win = locate_reading(_summary(0.05, -0.02), width=2, preset_layers=[2, 3, 4], model_name="m")
+    assert win.layers == (1, 2) and "layers 1–2" in text and "little" in text and "shares 1 of its 2" in text
+    text, _ = locate_reading(_summary(0.35, 0.2), width=2)
+    assert "does carry" in text
+
+
+def test_trace_plots_draw_a_fact_and_the_curves(tok):
+    from pmetlab import plot_trace_curves, plot_trace_heatmaps
+    from pmetlab.locate import summarize_traces
+
+    tr = trace_fact(_model("LlamaForCausalLM"), tok, PROMPT, SUBJECT, **KW)
+    assert len(plot_trace_heatmaps(tr).axes) >= len(tr.ie)
+    fig = plot_trace_curves(summarize_traces(tr.to_frame().assign(fact=0)))
+    assert fig.axes[0].get_legend() is not None

@@ -28,7 +28,13 @@ from pmetlab.notebooks import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ["01_component_similarity", "02_edit_walkthrough", "03_reliability_specificity", "04_ablations"]
+NAMES = [
+    "01_component_similarity",
+    "02_edit_walkthrough",
+    "03_reliability_specificity",
+    "04_ablations",
+    "05_locate_facts",
+]
 REQUIRED_PARAMETERS = {"MODEL", "SEED", "SMOKE", "OUTPUT_DIR"}
 OTHER_IMPORTS = ("pandas", "IPython.display")  # besides pmetlab's exports, all a notebook imports
 MAX_CELL_LINES = 15
@@ -96,7 +102,7 @@ def _write_pair(d: Path, name: str = "01_pair") -> tuple[Path, Path]:
 # --- the pairs (fast) --------------------------------------------------------------------------------
 
 
-def test_the_four_notebooks_are_listed_and_have_expected_outputs():
+def test_the_numbered_notebooks_are_listed_and_have_expected_outputs():
     assert list_notebooks() == NAMES
     assert sorted(EXPECTED_OUTPUTS) == NAMES
     for name, files in EXPECTED_OUTPUTS.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .facts import FactsTrace, LayerWindow, best_window, summarize_traces, trace_facts
 from .noise import embedding_noise_scale
+from .reading import locate_reading
 from .restore import KINDS, component_name, window_layers
 from .trace import TOKEN_ROLES, CausalTrace, token_roles, trace_fact
 
@@ -21,6 +22,7 @@ __all__ = [
     "best_window",
     "component_name",
     "embedding_noise_scale",
+    "locate_reading",
     "summarize_traces",
     "token_roles",
     "trace_fact",

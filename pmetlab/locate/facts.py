@@ -103,12 +103,14 @@ def trace_facts(
     seed: int = 0,
     batch_size: int = 256,
     target: str = "top1",
+    positions: str = "last_subject",
     progress: bool = True,
 ) -> FactsTrace:
     """:func:`trace_fact` over known-facts records (``prompt``, ``subject``, ``attribute``).
 
     ``target="top1"`` traces the model's own prediction (as ROME does on facts the model knows);
-    ``"attribute"`` traces the record's attribute. ``noise`` None: ν from
+    ``"attribute"`` traces the record's attribute. ``positions="last_subject"`` (the default) traces
+    only the subject's last token, which is what the averaged curves read; "all" for every token. ``noise`` None: ν from
     :func:`embedding_noise_scale` (known-facts subjects), computed once. Every fact uses ``seed``.
     """
     if target not in _TARGETS:
@@ -118,6 +120,7 @@ def trace_facts(
         raise ValueError("records is empty; pass known-facts records, e.g. pmetlab.load_known_facts()[:20]")
     noise = embedding_noise_scale(model, tok) if noise is None else check_noise(noise)
     kw = dict(kinds=kinds, window=window, noise=noise, n_samples=n_samples, seed=seed, batch_size=batch_size)
+    kw["positions"] = positions
     frames, facts = [], []
     bar = tqdm(records, disable=not progress, desc="causal trace (facts)", unit="fact")
     for i, rec in enumerate(bar):

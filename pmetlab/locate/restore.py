@@ -55,14 +55,18 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
     return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
-def restorations_for(adapter: ModelAdapter, kind: str, window: int, n_tokens: int) -> list[Restoration]:
+def restorations_for(
+    adapter: ModelAdapter, kind: str, window: int, n_tokens: int, tokens: Sequence[int] | None = None
+) -> list[Restoration]:
     """One restoration per (layer, token), layer-major: hidden restores h^l at the token; mlp and
-    attn restore that component at the token in every layer of the window centred on l."""
+    attn restore that component at the token in every layer of the window centred on l.
+    ``tokens``: only these token positions (default all ``n_tokens``)."""
+    positions = range(n_tokens) if tokens is None else list(tokens)
     out: list[Restoration] = []
     for layer in range(adapter.n_layers):
         span = [layer] if kind == "hidden" else window_layers(layer, window, adapter.n_layers)
         names = [component_name(adapter, kind, j) for j in span]
-        out += [tuple((n, t) for n in names) for t in range(n_tokens)]
+        out += [tuple((n, t) for n in names) for t in positions]
     return out
 
 

@@ -92,6 +92,7 @@ class CausalTrace:
             for kind, ie in self.ie.items()
             for layer in range(ie.shape[0])
             for t, v in enumerate(ie[layer].tolist())
+            if v == v  # untraced positions are NaN
         ]
         cols = ["kind", "layer", "token", "token_text", "token_role", "ie", "p_restored"]
         return pd.DataFrame(rows, columns=cols)
@@ -105,6 +106,22 @@ def _check_args(kinds, window, n_samples, batch_size) -> tuple[str, ...]:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     return kinds
+
+
+POSITIONS = ("all", "last_subject")
+
+
+def _positions(positions: str, tp) -> list[int]:
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    return list(range(tp.n_tokens)) if positions == "all" else [tp.subject_range[1] - 1]
+
+
+def _ie_matrix(values: torch.Tensor, n_layers: int, n_tokens: int, traced: list[int]) -> torch.Tensor:
+    """(n_layers, n_tokens) IE from layer-major values over the traced tokens; NaN elsewhere."""
+    out = torch.full((n_layers, n_tokens), float("nan"), dtype=values.dtype)
+    out[:, traced] = values.view(n_layers, len(traced)).to(out.device)
+    return out
 
 
 def trace_fact(
@@ -122,6 +139,7 @@ def trace_fact(
     batch_size: int = 256,
     progress: bool = True,
     reference: bool = False,
+    positions: str = "all",
 ) -> CausalTrace:
     """Causal trace of the fact ``prompt`` → o with ``subject`` corrupted (ROME §2.1).
 
@@ -135,6 +153,8 @@ def trace_fact(
         n_samples: noise draws, drawn once from ``seed`` and shared by every restoration.
         batch_size: rows (restoration × noise draw) per forward.
         reference: one restoration per forward, the simplest code (for tests and benchmarks).
+        positions: "all" tokens (the ROME heatmaps) or only the subject's "last_subject" token
+            (the averaged curves; n_tokens times cheaper); untraced entries of ``ie`` are NaN.
     """
     kinds = _check_args(kinds, window, n_samples, batch_size)
     noise = embedding_noise_scale(model, tok) if noise is None else check_noise(noise)
@@ -148,7 +168,8 @@ def trace_fact(
     emb_w = model.get_input_embeddings().weight
     eps = draw_noise(n_samples, s1 - s0, int(emb_w.shape[-1]), noise, seed)
     setup = TraceSetup(model, adapter, tp, eps.to(emb_w.device, emb_w.dtype), clean, embedding_name(model))
-    work = {k: restorations_for(adapter, k, window, tp.n_tokens) for k in kinds}
+    traced = _positions(positions, tp)
+    work = {k: restorations_for(adapter, k, window, tp.n_tokens, traced) for k in kinds}
     bar = tqdm(total=1 + sum(map(len, work.values())), disable=not progress, desc="causal trace", unit="restore")
     t0 = time.perf_counter()
 
@@ -165,8 +186,9 @@ def trace_fact(
 
     with bar:
         p_corr = float(run([()])[0])
-        ie = {k: (run(rs) - p_corr).view(adapter.n_layers, tp.n_tokens) for k, rs in work.items()}
+        ie = {k: _ie_matrix(run(rs) - p_corr, adapter.n_layers, tp.n_tokens, traced) for k, rs in work.items()}
     settings = dict(kinds=kinds, window=window, noise=noise, n_samples=n_samples, seed=seed, batch_size=batch_size)
+    settings["positions"] = positions
     settings.update(
         reference=reference, model=type(model).__name__, dtype=str(model_dtype(model)).replace("torch.", "")
     )

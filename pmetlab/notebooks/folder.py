@@ -58,6 +58,17 @@ EXPECTED_OUTPUTS: dict[str, list[str]] = {
         "04_lambda_sweep.csv",
         "04_ablations.csv",
     ],
+    "05_locate_facts": [
+        "05_trace_heatmaps.png",
+        "05_trace_heatmaps.pdf",
+        "05_trace_heatmaps.csv",
+        "05_trace_curves.png",
+        "05_trace_curves.pdf",
+        "05_trace_curves.csv",
+        "05_facts.csv",
+        "05_window.csv",
+        "05_reading.md",
+    ],
 }
 
 #: jupytext's ``formats`` metadata of every notebook: the .ipynb paired with a percent-format .py.

@@ -20,6 +20,7 @@ trace, update norms) and ``save`` (:func:`save_figure`).
 from __future__ import annotations
 
 from .editing import plot_optimization_trace, plot_update_norms
+from .locate import plot_trace_curves, plot_trace_heatmaps
 from .save import SavedFigure, save_figure
 from .similarity import plot_similarity
 from .style import color_for, plot_style
@@ -33,6 +34,8 @@ __all__ = [
     "plot_ablation",
     "plot_optimization_trace",
     "plot_update_norms",
+    "plot_trace_heatmaps",
+    "plot_trace_curves",
     "save_figure",
     "SavedFigure",
 ]
