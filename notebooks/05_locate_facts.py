@@ -16,7 +16,8 @@
 # %% [markdown]
 # # 05 · Where do facts live? Causal tracing by component, and the layer window it implies
 #
-# **Reproduces** ROME's causal tracing (Meng et al. 2022, arXiv 2202.05262 §2.1, App. B) to test the PMET paper's premise:
+# **Reproduces** ROME's causal tracing (Meng et al. 2022, arXiv 2202.05262 §2.1, App. B) to test the
+# PMET paper's premise:
 # the subject's token embeddings are corrupted with seeded Gaussian noise (ν = 3 × the embedding std over
 # the known-facts subjects), and the clean state of one layer at one token is restored at a time; the
 # indirect effect (IE) is p(o | corrupted, restored) − p(o | corrupted), o the model's own answer. Three
