@@ -46,6 +46,12 @@ def locate_reading(
     )
     if carries:
         text += "attention **does carry** a factual effect there, against the paper's claim about MHSA. "
+    elif mlp["ci_low"] <= 0:
+        text += (
+            f"neither the MLP nor the attention effect is distinguishable from zero with {n} facts, so the "
+            "located window is a weak estimate and the paper's claim about MHSA is neither supported nor "
+            "contradicted here. "
+        )
     else:
         text += "attention carries **little** factual effect there (under half the MLP peak or not above zero), "
         text += "as the paper claims for MHSA. "
