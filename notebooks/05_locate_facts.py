@@ -43,7 +43,7 @@ N_FACTS = 16            # known facts averaged at the subject's last token
 N_SAMPLES = 3           # noise draws per fact (ROME: 10)
 WINDOW = 10             # layers restored together for MLP / attention (ROME: 10 for GPT-J)
 WIDTH = 6               # width of the located window (the preset edits 6 layers)
-FACT_INDEX = 0          # which sampled fact gets the full heatmaps
+FACT_INDEX = -1         # which sampled fact gets the full heatmaps; -1: the one the model is surest of
 
 # %%
 if SMOKE:  # every file is still written; the numbers mean little
@@ -63,16 +63,6 @@ settings = dict(window=WINDOW, noise=noise, n_samples=N_SAMPLES, seed=SEED)
 pd.DataFrame(facts)[["known_id", "prompt", "attribute"]].head()
 
 # %% [markdown]
-# **One fact, every layer and token** (ROME's Figure 1): the subject's tokens are starred.
-
-# %%
-fact = facts[FACT_INDEX]
-one = trace_fact(model, tok, fact["prompt"], fact["subject"], **settings)
-fig = plot_trace_heatmaps(one)
-save_figure(fig, OUTPUT_DIR, "05_trace_heatmaps", data=one.to_frame())
-fig
-
-# %% [markdown]
 # **The average over facts** at the subject's last token, where ROME finds the MLP effect.
 
 # %%
@@ -81,6 +71,18 @@ summary = traced.summary[traced.summary["token_role"] == "last_subject"]
 fig = plot_trace_curves(summary, title=f"{MODEL}: {len(facts)} known facts, noise ν = {noise:.3f}")
 save_figure(fig, OUTPUT_DIR, "05_trace_curves", data=summary)
 traced.facts.to_csv(f"{OUTPUT_DIR}/05_facts.csv", index=False)
+fig
+
+# %% [markdown]
+# **One fact, every layer and token** (ROME's Figure 1), the fact the model is surest of unless
+# `FACT_INDEX` says otherwise: the subject's tokens are starred.
+
+# %%
+best = int(traced.facts["p_clean"].idxmax()) if FACT_INDEX < 0 else FACT_INDEX
+fact = facts[best]
+one = trace_fact(model, tok, fact["prompt"], fact["subject"], **settings)
+fig = plot_trace_heatmaps(one)
+save_figure(fig, OUTPUT_DIR, "05_trace_heatmaps", data=one.to_frame())
 fig
 
 # %% [markdown]

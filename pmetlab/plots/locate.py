@@ -14,6 +14,7 @@ __all__ = ["plot_trace_heatmaps", "plot_trace_curves"]
 
 _KIND_LABELS = {"hidden": "whole layer state h^l", "mlp": "MLP output (window)", "attn": "attention output (window)"}
 _CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+_COLORS = {"hidden": "#6a3d9a", "mlp": "#238b45", "attn": "#cb181d"}  # ROME's colours per kind
 
 
 def plot_trace_heatmaps(trace, *, title: str | None = None) -> Figure:
@@ -33,7 +34,8 @@ def plot_trace_heatmaps(trace, *, title: str | None = None) -> Figure:
             im = ax.imshow(ie, aspect="auto", cmap=_CMAPS.get(kind, "Blues"), vmin=0, interpolation="nearest")
             ax.set_yticks(range(len(labels)), labels)
             ax.set_xlabel("layer")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+            ax.grid(False)
             ax.set_title(_KIND_LABELS.get(kind, kind))
             fig.colorbar(im, ax=ax, label="indirect effect")
         fig.suptitle(
@@ -60,7 +62,8 @@ def plot_trace_curves(summary: pd.DataFrame, *, token_role: str = "last_subject"
         ax = np.atleast_1d(axes)[0]
         for kind in kinds:
             g = sel[sel["kind"].astype(str) == kind].sort_values("layer")
-            band(ax, g["layer"], g["mean"], g["ci_low"], g["ci_high"], color_for(kind, kinds), _KIND_LABELS[kind])
+            color = _COLORS.get(kind) or color_for(kind, kinds)
+            band(ax, g["layer"], g["mean"], g["ci_low"], g["ci_high"], color, _KIND_LABELS[kind])
         ax.axhline(0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("layer (window centre for MLP / attention)")
         ax.set_ylabel(f"indirect effect at {token_role.replace('_', ' ')}")
