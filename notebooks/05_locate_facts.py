@@ -44,6 +44,7 @@ N_SAMPLES = 3           # noise draws per fact (ROME: 10)
 WINDOW = 10             # layers restored together for MLP / attention (ROME: 10 for GPT-J)
 WIDTH = 6               # width of the located window (the preset edits 6 layers)
 FACT_INDEX = -1         # which sampled fact gets the full heatmaps; -1: the one the model is surest of
+KNOWN_ONLY = True       # sample only facts whose attribute's first token is the model's top-1 (as ROME)
 
 # %%
 if SMOKE:  # every file is still written; the numbers mean little
@@ -57,7 +58,10 @@ import pmetlab
 from pmetlab import locate_reading, plot_trace_curves, plot_trace_heatmaps, save_figure, trace_fact, trace_facts
 
 model, tok = pmetlab.load_model(MODEL, device=DEVICE)
-facts = pmetlab.select(pmetlab.load_known_facts(), N_FACTS, mode="sample", seed=SEED).records
+pool = pmetlab.load_known_facts()
+if KNOWN_ONLY:  # ROME traces facts the model knows
+    pool = pmetlab.known_facts_of(model, tok, pool)
+facts = pmetlab.select(pool, min(N_FACTS, len(pool)), mode="sample", seed=SEED).records
 noise = pmetlab.embedding_noise_scale(model, tok)
 settings = dict(window=WINDOW, noise=noise, n_samples=N_SAMPLES, seed=SEED)
 pd.DataFrame(facts)[["known_id", "prompt", "attribute"]].head()
@@ -68,7 +72,7 @@ pd.DataFrame(facts)[["known_id", "prompt", "attribute"]].head()
 # %%
 traced = trace_facts(model, tok, facts, **settings)
 summary = traced.summary[traced.summary["token_role"] == "last_subject"]
-fig = plot_trace_curves(summary, title=f"{MODEL}: {len(facts)} known facts, noise ν = {noise:.3f}")
+fig = plot_trace_curves(summary, title=f"{MODEL}: {len(facts)} of {len(pool)} facts it knows, noise ν = {noise:.3f}")
 save_figure(fig, OUTPUT_DIR, "05_trace_curves", data=summary)
 traced.facts.to_csv(f"{OUTPUT_DIR}/05_facts.csv", index=False)
 fig

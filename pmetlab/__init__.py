@@ -31,7 +31,7 @@ from .evaluation import (
     summarize,
 )
 from .hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams, hparams_from_dict, layers_from_text
-from .locate import best_window, embedding_noise_scale, locate_reading, trace_fact, trace_facts
+from .locate import best_window, embedding_noise_scale, known_facts_of, locate_reading, trace_fact, trace_facts
 from .models import get_adapter, load_model, model_identity, supported_architectures
 from .notebooks import list_notebooks, run_notebooks
 from .plots import (
@@ -75,6 +75,7 @@ __all__ = [
     "best_window",
     "embedding_noise_scale",
     "locate_reading",
+    "known_facts_of",
     "layers_from_text",
     "compute_deltas",
     "Deltas",

@@ -231,3 +231,20 @@ def test_trace_plots_draw_a_fact_and_the_curves(tok):
     assert len(plot_trace_heatmaps(tr).axes) >= len(tr.ie)
     fig = plot_trace_curves(summarize_traces(tr.to_frame().assign(fact=0)))
     assert fig.axes[0].get_legend() is not None
+
+
+def test_known_facts_keeps_the_records_whose_first_attribute_token_is_top1(tok):
+    from pmetlab.locate import known_facts_of
+
+    model = _model("LlamaForCausalLM")
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    logits = model(input_ids=ids).logits[0, -1]
+    order = logits.argsort(descending=True).tolist()
+    words = [tok.decode([i]).strip() for i in order]
+    top, other = next(w for w in words if w.isalpha()), next(w for w in words[5:] if w.isalpha())
+    if top != tok.decode([order[0]]).strip():
+        pytest.skip("the tiny model's top-1 is not a word")
+    recs = [{"prompt": PROMPT, "attribute": top}, {"prompt": PROMPT, "attribute": other}]
+    assert known_facts_of(model, tok, recs, progress=False) == [recs[0]]
+    with pytest.raises(ValueError, match="records is empty"):
+        known_facts_of(model, tok, [], progress=False)

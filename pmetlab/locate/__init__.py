@@ -8,6 +8,7 @@ facts, their summary and the best MLP window).
 from __future__ import annotations
 
 from .facts import FactsTrace, LayerWindow, best_window, summarize_traces, trace_facts
+from .known import known_facts_of
 from .noise import embedding_noise_scale
 from .reading import locate_reading
 from .restore import KINDS, component_name, window_layers
@@ -22,6 +23,7 @@ __all__ = [
     "best_window",
     "component_name",
     "embedding_noise_scale",
+    "known_facts_of",
     "locate_reading",
     "summarize_traces",
     "token_roles",
