@@ -215,12 +215,14 @@ def test_locate_reading_names_the_window_and_judges_attention():
     from pmetlab.locate import locate_reading
 
     text, win = locate_reading(_summary(0.05, -0.02), width=2, preset_layers=[2, 3, 4], model_name="m")
-    assert win.layers == (1, 2) and "layers 1–2" in text and "little" in text and "shares 1 of its 2" in text
+    assert win.layers == (1, 2) and "layers 1–2" in text and "**little**" in text and "shares 1 of its 2" in text
     text, _ = locate_reading(_summary(0.35, 0.2), width=2)
     assert "does carry" in text
     weak = _summary(0.05, -0.02).assign(ci_low=lambda d: d["mean"] - 0.5)
     text, _ = locate_reading(weak, width=2)
-    assert "neither the MLP nor the attention effect is distinguishable from zero with 12 facts" in text
+    assert "its interval includes zero with 12 facts, so the window is a weak estimate" in text
+    text, _ = locate_reading(_summary(0.1, 0.02), width=2)
+    assert "**small**" in text
 
 
 def test_trace_plots_draw_a_fact_and_the_curves(tok):

@@ -36,26 +36,25 @@ def locate_reading(
     win = best_window(summary, kind="mlp", width=width, token_role=role)
     mlp, attn = _peak(summary, "mlp", role), _peak(summary, "attn", role)
     n = int(mlp.get("n", 0))
-    carries = bool(attn["ci_low"] > 0 and attn["mean"] >= 0.5 * mlp["mean"])
+    mlp_above, attn_above = bool(mlp["ci_low"] > 0), bool(attn["ci_low"] > 0)
     text = (
         f"On {model_name} ({n} known facts, indirect effect at the subject's last token), MLP restoration "
         f"has its largest average effect over layers {win.start}–{win.stop - 1} (mean IE {win.mean_ie:.3f}; "
-        f"peak {mlp['mean']:.3f} [{mlp['ci_low']:.3f}, {mlp['ci_high']:.3f}] at layer {int(mlp['layer'])}). "
-        f"Attention peaks at {attn['mean']:.3f} [{attn['ci_low']:.3f}, {attn['ci_high']:.3f}] "
-        f"(layer {int(attn['layer'])}): "
+        f"peak {mlp['mean']:.3f} [{mlp['ci_low']:.3f}, {mlp['ci_high']:.3f}] at layer {int(mlp['layer'])}"
     )
-    if carries:
+    text += "). " if mlp_above else f"; its interval includes zero with {n} facts, so the window is a weak estimate). "
+    peak = f"{attn['mean']:.3f} [{attn['ci_low']:.3f}, {attn['ci_high']:.3f}]"
+    text += f"Attention peaks at {peak} (layer {int(attn['layer'])}): "
+    if attn_above and attn["mean"] >= 0.5 * mlp["mean"]:
         text += "attention **does carry** a factual effect there, against the paper's claim about MHSA. "
-    elif mlp["ci_low"] <= 0:
-        text += (
-            f"neither the MLP nor the attention effect is distinguishable from zero with {n} facts, so the "
-            "located window is a weak estimate and the paper's claim about MHSA is neither supported nor "
-            "contradicted here. "
-        )
+    elif attn_above:
+        text += "above zero but under half the MLP peak, a **small** factual effect, as the paper claims for MHSA. "
     else:
-        text += "attention carries **little** factual effect there (under half the MLP peak or not above zero), "
-        text += "as the paper claims for MHSA. "
-    text += "Test: peak attention IE with its 95% interval above zero and at least half the MLP peak."
+        text += "not distinguishable from zero, **little** factual effect, as the paper claims for MHSA. "
+    text += (
+        "Test: attention carries an effect when its peak's 95% interval is above zero and it is at least "
+        "half the MLP peak."
+    )
     if preset_layers:
         overlap = sorted(set(win.layers) & set(preset_layers))
         text += (
