@@ -147,7 +147,11 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
         "--kind", default="ffn", choices=("ffn", "attn"), help="ffn: the FFN keys; attn: the MHSA projection inputs"
     )
     p.add_argument("--dtype", default=None, choices=("float32", "float64"), help="accumulation dtype")
-    p.add_argument("--device", default="auto", help="'auto' (the best available), 'cpu', 'cuda', 'cuda:1', 'mps', ...")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="'auto' (resolved by pmetlab.devices: an accelerator when present, else the CPU) or a torch device string",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_stats)
 
