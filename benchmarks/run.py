@@ -6,7 +6,10 @@
 Prints a table and writes ``benchmarks/results/latest.json``: rows
 ``{"name", "unit", "pmetlab", "reference", "ratio", "limit"}`` where ratio = how many times
 better pmetlab is than the reference, and limit is the best achievable figure where one is
-defined (a plain forward pass of the same work).
+defined: the matmul FLOPs of the work that is needed at the peak matmul rate measured in the
+same run (:mod:`benchmarks.flops`; target optimisation, covariance), or a plain forward pass of
+the same work (causal tracing). ``--only NAME`` (repeatable) selects rows, e.g.
+``make bench BENCH_ARGS="--only workers"``.
 """
 
 from __future__ import annotations
@@ -15,12 +18,19 @@ import argparse
 import gc
 import json
 import logging
+import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from benchmarks.flops import DecoderShape, covariance_flops, peak_matmul_flops, target_optimisation_flops
 
 logger = logging.getLogger("benchmarks")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,8 +68,9 @@ def _records(n: int, quick: bool) -> list[dict]:
     return list(load_counterfact())[:n]
 
 
-def bench_targets(model, tok, records, hp) -> list[dict]:
-    """Target optimisation: batched fast path vs one request at a time with full recompute."""
+def bench_targets(model, tok, records, hp, peak: float) -> list[dict]:
+    """Target optimisation: batched fast path vs one request at a time with full recompute; the
+    limit is the matmul work of the steps the fast path took at the ``peak`` FLOP/s."""
     from pmetlab import EditRequest
     from pmetlab.editing.prefixes import context_templates
     from pmetlab.editing.targets import optimize_targets
@@ -78,21 +89,49 @@ def bench_targets(model, tok, records, hp) -> list[dict]:
         float((fast.values["ffn"][i] - r.values["ffn"][0]).norm() / r.values["ffn"][0].norm())
         for i, r in enumerate(ref)
     )
-    return [
-        _row(
-            "z_opt_seconds_per_edit",
-            "s/edit",
-            round(t_fast / len(reqs), 3),
-            round(t_ref / len(reqs), 3),
-            False,
-            None,
-            n_requests=len(reqs),
-            steps=hp.v_num_grad_steps,
-            final_p_target_pmetlab=round(p_fast, 4),
-            final_p_target_reference=round(p_ref, 4),
-            max_rel_diff_v=round(dv, 6),
-        )
-    ]
+    row = _row(
+        "z_opt_seconds_per_edit",
+        "s/edit",
+        round(t_fast / len(reqs), 3),
+        round(t_ref / len(reqs), 3),
+        False,
+        None,
+        n_requests=len(reqs),
+        steps=hp.v_num_grad_steps,
+        final_p_target_pmetlab=round(p_fast, 4),
+        final_p_target_reference=round(p_ref, 4),
+        max_rel_diff_v=round(dv, 6),
+    )
+    row.update(_z_opt_limit(model, tok, reqs, hp, templates, fast.n_steps, peak, t_fast))
+    return [row]
+
+
+Z_OPT_LIMIT_NOTE = (
+    "matmul FLOPs at the peak float32 matmul rate measured in this run: per step, layers >= L at "
+    "the positions from each row's subject token on (causal attention over their contexts) and the "
+    "vocabulary projection at the target and KL positions; a forward every step taken and a "
+    "backward (w.r.t. activations only, counted as 1x the forward) on every step but each "
+    "request's last; the initial pass (layers < L, run once) is left out"
+)
+
+
+def _z_opt_limit(model, tok, reqs, hp, templates, n_steps: list[int], peak: float, seconds: float) -> dict[str, Any]:
+    """The limit fields of the z_opt row: seconds per edit of the needed matmul work at ``peak``
+    FLOP/s, and the fraction of it that the fast path's ``seconds`` (all requests) reached."""
+    from pmetlab.editing.rows import KIND_KL, build_rows, recomputed_positions
+
+    rows = build_rows(tok, reqs, templates)
+    flops = target_optimisation_flops(DecoderShape.from_config(model.config), rows, hp.layers[-1], n_steps)
+    return {
+        "limit": _sig(flops / peak / len(reqs)),
+        "fraction_of_limit": round(flops / peak / seconds, 3),
+        "limit_gflop_per_edit": round(flops / len(reqs) / 1e9, 3),
+        "recomputed_positions": recomputed_positions(rows),
+        "loss_positions": len(rows.t_tok) + int((rows.kind == KIND_KL).sum()),
+        "steps_taken": sum(n_steps),
+        "peak_matmul_gflops": round(peak / 1e9, 2),
+        "limit_note": Z_OPT_LIMIT_NOTE,
+    }
 
 
 def _last(trace, n):
@@ -127,60 +166,68 @@ def bench_keys_solve(model, tok, records, hp) -> list[dict]:
 
 
 @torch.no_grad()
-def bench_covariance(model, tok, hp, n_tokens: int) -> list[dict]:
-    """One pass for all critical layers vs one pass per layer (reference) vs a plain forward to
-    the same depth on the same batches (limit)."""
+def bench_covariance(model, tok, hp, n_tokens: int, peak: float) -> list[dict]:
+    """One pass for all critical layers vs one pass per layer (reference); the limit is the
+    matmul work of a pass at the ``peak`` FLOP/s (:func:`benchmarks.flops.covariance_flops`)."""
     from pmetlab.corpus import resolve_corpus, tokenize_corpus
     from pmetlab.models import get_adapter
-    from pmetlab.moments import collect_second_moments, plan_batches
-    from pmetlab.tracing import Trace
+    from pmetlab.moments import collect_second_moments
 
     adapter = get_adapter(model)
     chunks = tokenize_corpus(tok, resolve_corpus(hp.cov_corpus), n_tokens, hp.cov_seq_len)
     ntok = sum(len(c) for c in chunks)
     names = [adapter.ffn_out_name(l) for l in hp.layers]
-    pad = tok.pad_token_id or 0
+    one_pass = lambda: collect_second_moments(model, tok, names, chunks, progress=False)
+    t_one = min(_seconds(one_pass) for _ in range(2))
+    t_each = _seconds(lambda: [collect_second_moments(model, tok, [n], chunks, progress=False) for n in names])
+    row = _row(
+        "covariance_tokens_per_s",
+        "tok/s",
+        round(ntok / t_one, 1),
+        round(ntok / t_each, 1),
+        True,
+        None,
+        tokens=ntok,
+        layers=list(hp.layers),
+    )
+    row.update(_covariance_limit(model, hp, [len(c) for c in chunks], peak, ntok / t_one))
+    return [row]
 
-    def one_pass() -> float:
-        t0 = time.perf_counter()
-        collect_second_moments(model, tok, names, chunks, progress=False)
-        return time.perf_counter() - t0
 
-    def plain_forward() -> float:  # the limit: a forward to the deepest critical layer, same batches
-        t0 = time.perf_counter()
-        for batch in plan_batches(chunks, 4096):
-            T = max(len(c) for c in batch)
-            ids = torch.full((len(batch), T), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, c in enumerate(batch):
-                ids[r, : len(c)] = torch.tensor(c)
-                mask[r, : len(c)] = 1
-            with Trace(model, names[-1], retain_output=False, stop=True):
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-        return time.perf_counter() - t0
+COVARIANCE_LIMIT_NOTE = (
+    "peak float32 matmul rate measured in this run / matmul FLOPs per token: the forward through "
+    "layers 0..max(layers) (the deepest without its FFN output projection, whose input is the key; "
+    "causal attention over each chunk; embedding lookup free) plus the accumulation of k kᵀ per "
+    "token and layer, upper triangle only (d_ff·(d_ff+1) FLOPs: the sum is symmetric); "
+    "limit_full_accumulation counts the full 2·d_ff²"
+)
 
-    # alternate the two and keep each one's best, so machine noise does not favour either
-    t_one, t_fwd = float("inf"), float("inf")
-    for _ in range(2):
-        t_one = min(t_one, one_pass())
-        t_fwd = min(t_fwd, plain_forward())
+
+def _covariance_limit(model, hp, chunk_lengths: list[int], peak: float, tokens_per_s: float) -> dict[str, Any]:
+    """The limit fields of the covariance row: tokens/s of the needed matmul work at ``peak``."""
+    shape, ntok = DecoderShape.from_config(model.config), sum(chunk_lengths)
+    flops = covariance_flops(shape, hp.layers, chunk_lengths)
+    full = covariance_flops(shape, hp.layers, chunk_lengths, symmetric=False)
+    return {
+        "limit": round(peak * ntok / flops, 1),
+        "fraction_of_limit": round(tokens_per_s * flops / ntok / peak, 3),
+        "limit_full_accumulation": round(peak * ntok / full, 1),
+        "limit_mflop_per_token": round(flops / ntok / 1e6, 2),
+        "peak_matmul_gflops": round(peak / 1e9, 2),
+        "limit_note": COVARIANCE_LIMIT_NOTE,
+    }
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call of ``fn``."""
     t0 = time.perf_counter()
-    for n in names:
-        collect_second_moments(model, tok, [n], chunks, progress=False)
-    t_each = time.perf_counter() - t0
-    return [
-        _row(
-            "covariance_tokens_per_s",
-            "tok/s",
-            round(ntok / t_one, 1),
-            round(ntok / t_each, 1),
-            True,
-            round(ntok / t_fwd, 1),
-            tokens=ntok,
-            layers=list(hp.layers),
-            fraction_of_limit=round(t_fwd / t_one, 3),
-        )
-    ]
+    fn()
+    return time.perf_counter() - t0
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """``x`` rounded to ``digits`` significant figures."""
+    return float(f"{x:.{digits}g}")
 
 
 def bench_eval(model, tok, records, n_gen_tokens: int) -> list[dict]:

@@ -29,6 +29,9 @@ __all__ = [
     "hparams_from_dict",
     "list_presets",
     "check_layer_indices",
+    "dataset_family",
+    "tuned_entry",
+    "load_presets",
 ]
 
 DEFAULT_PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
@@ -252,16 +255,19 @@ class EditHyperParams:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def preset(cls, name: str) -> EditHyperParams:
-        """A preset shipped in ``pmetlab/presets/<method>.json`` (keys: model names)."""
-        table = _load_presets(cls.method)
+    def preset(cls, name: str, dataset: str | None = None) -> EditHyperParams:
+        """A preset shipped in ``pmetlab/presets/<method>.json`` (keys: model names). With ``dataset``,
+        the entry's ``by_dataset`` fields for that dataset's family (:func:`dataset_family`; written
+        by ``pmetlab tune``) replace the model's."""
+        table = load_presets(cls.method)
         key = str(name).lower()
         if key not in table:
             raise KeyError(
                 f"no {cls.method} preset for {name!r}; available: {sorted(table)}. Use "
                 f"{cls.__name__}(...) or {cls.__name__}.preset(<one of them>).replace(...)"
             )
-        entry = {k: v for k, v in table[key].items() if not k.startswith("_")}
+        entry = _fields_of(table[key])
+        entry.update(_fields_of(tuned_entry(table[key], dataset) or {}))
         return cls.from_dict(entry)
 
     @property
@@ -349,13 +355,31 @@ class MEMITHyperParams(EditHyperParams):
 _METHODS: dict[str, type[EditHyperParams]] = {"pmet": PMETHyperParams, "memit": MEMITHyperParams}
 
 
-def _load_presets(method: str) -> dict[str, dict]:
+def dataset_family(name: str) -> str:
+    """The family a dataset's tuned presets are kept under: "counterfact" for CounterFact and the
+    datasets derived from it, else the dataset's own name ("zsre")."""
+    key = str(name).lower().replace("-", "_")
+    return "counterfact" if key in ("counterfact", "multi_counterfact", "counterfact+conflict_filter") else key
+
+
+def tuned_entry(entry: Mapping[str, Any], dataset: str | None) -> dict | None:
+    """The ``by_dataset`` entry of a preset for ``dataset``'s family, or None."""
+    if dataset is None:
+        return None
+    return (entry.get("by_dataset") or {}).get(dataset_family(dataset))
+
+
+def _fields_of(entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if not k.startswith("_") and k != "by_dataset"}
+
+
+def load_presets(method: str) -> dict[str, dict]:
     text = resources.files("pmetlab.presets").joinpath(f"{method}.json").read_text()
     return json.loads(text)
 
 
 def list_presets(method: str = "pmet") -> list[str]:
-    return sorted(_load_presets(method))
+    return sorted(load_presets(method))
 
 
 def hparams_from_dict(d: Mapping[str, Any]) -> EditHyperParams:

@@ -20,7 +20,17 @@ import torch
 import pmetlab
 from pmetlab import Deltas, edited
 from pmetlab.datasets import DatasetNotFoundError
-from pmetlab.runs import PHASES, RunMismatchError, load_run, phases, run_experiment, run_sweep, rundir, summarize_runs
+from pmetlab.runs import (
+    PHASES,
+    RunMismatchError,
+    batches,
+    load_run,
+    phases,
+    run_experiment,
+    run_sweep,
+    rundir,
+    summarize_runs,
+)
 from pmetlab.runs.signals import RunTerminated
 from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
 
@@ -363,8 +373,9 @@ def test_bad_arguments_fail_before_any_work(tiny_env, tiny_mt, tmp_path, monkeyp
     def boom(*a, **k):
         raise AssertionError("work started")
 
-    for name in ("load_dataset", "load_model", "compute_deltas", "layer_covariances"):
+    for name in ("load_model", "compute_deltas", "layer_covariances"):
         monkeypatch.setattr(phases, name, boom)
+    monkeypatch.setattr(batches, "load_dataset", boom)
     out = tmp_path / "run"
     with pytest.raises(KeyError, match="v_num_grad_stepz"):
         _run(tiny_env, tiny_mt, out, hparams={"v_num_grad_stepz": 2})
@@ -440,7 +451,7 @@ def test_method_none_is_a_baseline(tiny_env, tiny_mt, tmp_path, monkeypatch):
 def test_zsre_and_multi_counterfact_never_replaced(tiny_env, tiny_mt, tmp_path):
     model, _ = tiny_mt
     before = _state(model)
-    res = _run(tiny_env, tiny_mt, tmp_path / "zsre", dataset="zsre", n_edits=2)
+    res = _run(tiny_env, tiny_mt, tmp_path / "zsre", dataset="zsre", n_edits=2, split="all")
     _assert_same_state(model, before)
     assert res.run["params"]["n_gen_tokens"] is None  # no generation metrics on zsRE
     for c in ("efficacy_token_acc", "paraphrase_token_acc", "neighborhood_token_acc", "relative_specificity"):
@@ -496,7 +507,7 @@ def test_conflicting_records_are_skipped_per_batch(tiny_env, tiny_mt, tmp_path, 
     caplog.set_level("WARNING", logger="pmetlab.runs")
     # batches [0, 1] [2, 3] [4, 5]: record 1 conflicts within its batch; record 4 only with record 2
     # of another batch, which edits never share, so it stays
-    res = _run(tiny_env, tiny_mt, tmp_path / "run", n_edits=6, batch_size=2, generation=False)
+    res = _run(tiny_env, tiny_mt, tmp_path / "run", n_edits=6, batch_size=2, generation=False, split="all")
     assert sizes == [[0], [2, 3], [4, 5]]
     ds_rec = res.run["dataset"]
     assert ds_rec["skipped_conflicting"] == 1 and ds_rec["skipped_conflicting_ids"] == [1]
@@ -505,7 +516,7 @@ def test_conflicting_records_are_skipped_per_batch(tiny_env, tiny_mt, tmp_path, 
     assert any("1 of 6 selected records skipped" in r.getMessage() for r in caplog.records)
     # one batch of all six: both conflicts are in it
     sizes.clear()
-    res = _run(tiny_env, tiny_mt, tmp_path / "one", n_edits=6, generation=False)
+    res = _run(tiny_env, tiny_mt, tmp_path / "one", n_edits=6, generation=False, split="all")
     assert sizes == [[0, 2, 3, 5]] and res.run["dataset"]["skipped_conflicting_ids"] == [1, 4]
 
 

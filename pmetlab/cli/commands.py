@@ -68,6 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         hparams=pairs_to_dict(args.hparams),
         seed=args.seed,
         subset=args.subset,
+        split=args.split,
         out_dir=args.out,
         generation=not args.no_generation,
         n_gen_tokens=args.n_gen_tokens,
@@ -75,6 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         label=args.label,
         resume=not args.no_resume,
         progress=not args.no_progress,
+        workers=args.workers,
     )
     _echo(_table(res.summary))
     _echo(f"run directory: {res.run_dir}")

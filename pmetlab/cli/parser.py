@@ -8,6 +8,7 @@ from .._version import __version__
 from ..covspec import MIN_SEQ_LEN
 from .args import chunk_length, output_dir, output_file, parse_key_value, parse_layers, positive, run_dir
 from .commands import cmd_demo, cmd_notebooks, cmd_run, cmd_stats, cmd_summarize
+from .evidence import add_targets, add_tune
 
 __all__ = ["PROG", "build_parser"]
 
@@ -61,11 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for add in (_add_run, _add_stats, _add_summarize, _add_notebooks, _add_demo):
         add(sub)
+    add_tune(sub, _FMT, _verbosity)
+    add_targets(sub, _FMT, _verbosity)
     return parser
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    from ..runs.spec import DATASETS, METHODS, MODES, SUBSETS  # light: no model is loaded
+    from ..runs.spec import DATASETS, METHODS, MODES, SPLITS, SUBSETS  # light: no model is loaded
 
     p = sub.add_parser(
         "run",
@@ -98,6 +101,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed of the run (recorded in run.json)")
     p.add_argument("--subset", default="first", choices=SUBSETS, help="first N records or a seeded sample")
     p.add_argument(
+        "--split", default="eval", choices=SPLITS, help="records from the evaluation split, the tuning split or all"
+    )
+    p.add_argument(
         "--out", type=output_dir, default=None, help="run directory (default: runs/<model>_<method>_..._seed<seed>)"
     )
     p.add_argument("--no-generation", action="store_true", help="skip fluency/consistency generation")
@@ -106,6 +112,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", default=None, help="a name carried into the summary")
     p.add_argument("--no-resume", action="store_true", help="delete a previous run in --out and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--workers", type=positive, default=1, help="processes for the target optimisation")
     p.set_defaults(func=cmd_run)
 
 

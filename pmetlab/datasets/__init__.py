@@ -27,6 +27,10 @@ each (subject, relation_id)); it is only used when asked for by that name, and t
 records, summaries and tables show. Runs on CounterFact data also apply the rule to each edit batch
 (:func:`drop_conflicting_per_batch`).
 
+Every editing dataset has a tuning split (its last 200 records) and an evaluation split (the records
+before them): :mod:`.splits`. Runs evaluate the evaluation split unless told otherwise, so
+hyperparameters chosen on the tuning split (``pmetlab tune``) are never scored on their own records.
+
 The TF-IDF consistency reference (``attribute_snippets.json``, ``idf.npy``, ``tfidf_vocab.json``)
 is looked for in the same places but is never downloaded unless asked (926 MB); its loaders return
 ``None`` when it is not available, never a stand-in.
@@ -79,6 +83,7 @@ from .selection import (
     split_conflicting,
     zsre_requests,
 )
+from .splits import SPLITS, TUNE_SIZE, split_bounds, split_records, split_rule
 
 __all__ = [
     "DatasetInfo",
@@ -108,6 +113,11 @@ __all__ = [
     "Batches",
     "counterfact_requests",
     "zsre_requests",
+    "SPLITS",
+    "TUNE_SIZE",
+    "split_bounds",
+    "split_records",
+    "split_rule",
     "validate_counterfact_record",
     "validate_zsre_record",
     "validate_known_record",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "run_cached",
     "run_chunked",
+    "fill_cache_sharded",
     "plan_chunks",
     "target_keys",
     "CHUNK_SIZE",
@@ -176,39 +178,96 @@ def run_cached(
         return run_chunked(
             optimize, model, tok, requests, hp, templates, chunk_size=chunk_size, reference=reference, progress=progress
         )
-    requests = list(requests)
-    store = KeyedStore("targets", type(model).__name__)
-    keys = target_keys(model, tok, requests, hp, templates, reference=reference)
-    found: dict[int, TargetResult] = {}
-    for i, key in enumerate(keys):
-        entry = store.load_tensors(key)  # None when missing or damaged (logged)
-        if entry is not None:
-            found[i] = _from_entry(entry.tensors, entry.meta, hp)
-    missing = [i for i in range(len(requests)) if i not in found]
-    checks = ForwardChecks()  # the strategy check runs once for all chunks
-    for chunk in plan_chunks(tok, [requests[i] for i in missing], templates, chunk_size=chunk_size):
-        part = [missing[j] for j in chunk]
-        fresh = optimize(
-            model,
-            tok,
-            [requests[i] for i in part],
-            hp,
-            templates,
-            reference=reference,
-            progress=progress,
-            checks=checks,
-        )
-        logger.info(
-            "targets of requests %d-%d of %d optimised in %.1fs",
-            chunk.start + 1,
-            chunk.start + len(part),
-            len(missing),
-            fresh.seconds,
-        )
-        for j, i in enumerate(part):
-            found[i] = fresh.request(j)
-            store.save_tensors(keys[i], *_to_entry(found[i]))
-    return TargetResult.concat([found[i] for i in range(len(requests))]).to(model_device(model))
+    job = _CacheJob(optimize, model, tok, list(requests), hp, list(templates), reference, progress)
+    found, missing = job.read()
+    chunks = plan_chunks(tok, [job.requests[i] for i in missing], templates, chunk_size=chunk_size)
+    found.update(job.optimise(missing, chunks))
+    return TargetResult.concat([found[i] for i in range(len(job.requests))]).to(model_device(model))
+
+
+def fill_cache_sharded(
+    optimize: Optimizer,
+    model,
+    tok,
+    requests: Sequence[EditRequest],
+    hp: EditHyperParams,
+    templates: Sequence[str],
+    *,
+    rank: int,
+    world: int,
+    barrier: Callable[[], None],
+    progress: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+) -> int:
+    """One worker's part of filling the per-request cache for ``requests``: every worker reads
+    which requests are missing, waits at ``barrier`` (so none has written yet), plans the same
+    chunks as :func:`run_cached` would in one process, optimises chunks ``rank, rank + world,
+    ...`` and writes their entries, then waits at ``barrier`` again. Each chunk is computed
+    exactly as one process computes it, so the cache ends bit-identical to one process's.
+    Returns the number of requests this worker optimised."""
+    job = _CacheJob(optimize, model, tok, list(requests), hp, list(templates), False, progress)
+    _, missing = job.read()
+    barrier()
+    chunks = plan_chunks(tok, [job.requests[i] for i in missing], templates, chunk_size=chunk_size)
+    mine = chunks[rank::world]
+    done = job.optimise(missing, mine)
+    barrier()
+    return len(done)
+
+
+@dataclass
+class _CacheJob:
+    """The requests of one cached target optimisation and their keys."""
+
+    optimize: Optimizer
+    model: Any
+    tok: Any
+    requests: list[EditRequest]
+    hp: EditHyperParams
+    templates: list[str]
+    reference: bool
+    progress: bool
+
+    def __post_init__(self) -> None:
+        self.store = KeyedStore("targets", type(self.model).__name__)
+        self.keys = target_keys(self.model, self.tok, self.requests, self.hp, self.templates, reference=self.reference)
+
+    def read(self) -> tuple[dict[int, TargetResult], list[int]]:
+        """The cached results by request index, and the indices of the missing requests."""
+        found: dict[int, TargetResult] = {}
+        for i, key in enumerate(self.keys):
+            entry = self.store.load_tensors(key)  # None when missing or damaged (logged)
+            if entry is not None:
+                found[i] = _from_entry(entry.tensors, entry.meta, self.hp)
+        return found, [i for i in range(len(self.requests)) if i not in found]
+
+    def optimise(self, missing: list[int], chunks: Sequence[range]) -> dict[int, TargetResult]:
+        """Optimise ``chunks`` (ranges into ``missing``) one after another, writing each chunk's
+        entries as soon as it is done."""
+        checks, out = ForwardChecks(), {}  # the strategy check runs once for all chunks
+        for chunk in chunks:
+            part = [missing[j] for j in chunk]
+            fresh = self.optimize(
+                self.model,
+                self.tok,
+                [self.requests[i] for i in part],
+                self.hp,
+                self.templates,
+                reference=self.reference,
+                progress=self.progress,
+                checks=checks,
+            )
+            logger.info(
+                "targets of requests %d-%d of %d optimised in %.1fs",
+                chunk.start + 1,
+                chunk.start + len(part),
+                len(missing),
+                fresh.seconds,
+            )
+            for j, i in enumerate(part):
+                out[i] = fresh.request(j)
+                self.store.save_tensors(self.keys[i], *_to_entry(out[i]))
+        return out
 
 
 def _to_entry(one: TargetResult) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

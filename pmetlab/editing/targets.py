@@ -38,7 +38,7 @@ from ..requests import EditRequest
 from .loss import LossLayout, LossTerms, NLLTerm, decay_term, kl_term, nll_term, project_to_ball, stop_decision
 from .rows import KIND_BARE, KL_TEMPLATE, Rows, build_rows
 from .stepper import ForwardChecks, Stepper, StepSetup, initial_pass
-from .target_cache import CHUNK_SIZE, CHUNK_TOKENS, plan_chunks, run_cached, run_chunked
+from .target_cache import CHUNK_SIZE, CHUNK_TOKENS, fill_cache_sharded, plan_chunks, run_cached, run_chunked
 from .target_result import TargetResult
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ __all__ = [
     "optimize_targets",
     "optimize_targets_chunked",
     "optimize_targets_cached",
+    "fill_targets_sharded",
     "ForwardChecks",
     # re-exported from .rows and .target_cache
     "build_rows",
@@ -194,6 +195,36 @@ def optimize_targets_cached(
         reference=reference,
         progress=progress,
         use_cache=use_cache,
+        chunk_size=chunk_size,
+    )
+
+
+def fill_targets_sharded(
+    model,
+    tok,
+    requests: Sequence[EditRequest],
+    hp: EditHyperParams,
+    templates: Sequence[str],
+    *,
+    rank: int,
+    world: int,
+    barrier,
+    progress: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+) -> int:
+    """This worker's share of the per-request target cache of ``requests`` (chunks dealt
+    round-robin over ``world`` workers; see :func:`.target_cache.fill_cache_sharded`)."""
+    return fill_cache_sharded(
+        optimize_targets,
+        model,
+        tok,
+        requests,
+        hp,
+        templates,
+        rank=rank,
+        world=world,
+        barrier=barrier,
+        progress=progress,
         chunk_size=chunk_size,
     )
 

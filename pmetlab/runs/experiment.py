@@ -25,6 +25,7 @@ from .rundir import RunDir, RunMismatchError, RunState, summary_table
 from .signals import terminate_as_interrupt
 from .spec import DEFAULT_MODEL, RunSpec
 from .verify import verify_saved
+from .workers import launch_target_workers
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def run_experiment(
     hparams: dict | None = None,
     seed: int = 0,
     subset: str = "first",
+    split: str = "eval",
     out_dir: str | Path | None = None,
     generation: bool = True,
     n_gen_tokens: int = 100,
@@ -112,6 +114,7 @@ def run_experiment(
     progress: bool = True,
     model_and_tokenizer=None,
     reuse_pre_eval: bool = True,
+    workers: int = 1,
 ) -> ExperimentResult:
     """Edit ``n_edits`` facts of ``dataset`` into ``model`` with ``method`` and evaluate the model
     before and after, on the same records (method.md §6). See :mod:`pmetlab.runs` for the files.
@@ -133,7 +136,8 @@ def run_experiment(
         hparams: overrides of the method's preset for ``model`` (class defaults when there is none);
             an unknown key raises KeyError before any work. ``seed`` defaults to the run's seed.
         seed: seeds the subset ("sample"), the edit (context prefixes) and generation sampling.
-        subset: "first" n_edits records or a seeded "sample".
+        subset: "first" n_edits records or a seeded "sample" (of the split).
+        split: "eval" (the default: never a tuning record), "tune" or "all" (:mod:`pmetlab.datasets.splits`).
         out_dir: the run directory (default ``runs/<model>_<method>_<dataset>_n<n>_..._seed<seed>``;
             an empty path is refused).
         generation: CounterFact fluency/consistency (generates ``n_gen_tokens`` per prompt).
@@ -145,6 +149,8 @@ def run_experiment(
         model_and_tokenizer: an already loaded ``(model, tokenizer)``; it is left unedited.
         reuse_pre_eval: reuse the unedited model's metrics of records evaluated by earlier runs
             with the same model and settings (:mod:`pmetlab.runs.pre_eval`); False evaluates all.
+        workers: processes that optimise the targets before the edit (:mod:`pmetlab.runs.workers`;
+            they load ``model`` by name); 1: this process does it during the edit.
 
     Returns:
         :class:`ExperimentResult` (run_dir, summary, records, run).
@@ -164,11 +170,27 @@ def run_experiment(
         hparams=hparams,
         seed=seed,
         subset=subset,
+        split=split,
         generation=generation,
         n_gen_tokens=n_gen_tokens,
         eval_batch_size=eval_batch_size,
         label=label,
     )
+    if workers != 1 and needs_edit(spec, out_dir, resume):
+        launch_target_workers([spec], workers)
     return execute(
         spec, out_dir=out_dir, models=models, resume=resume, progress=progress, reuse_pre_eval=reuse_pre_eval
     )
+
+
+def needs_edit(spec: RunSpec, out_dir: str | Path | None, resume: bool) -> bool:
+    """Whether running ``spec`` in ``out_dir`` would still compute an edit (a finished run's is kept)."""
+    if spec.hp is None:
+        return False
+    store = RunDir.for_spec(spec, out_dir)
+    if not resume or not store.has_run():
+        return True
+    try:
+        return store.read_run().get("phases", {}).get("edit", {}).get("status") != "done"
+    except (OSError, ValueError):
+        return True

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 #: Settings of a run added to summary rows that do not hold them already (from ``run.json``).
-SETTING_COLUMNS = ("subset", "generation", "n_gen_tokens", "eval_batch_size")
+SETTING_COLUMNS = ("subset", "split", "generation", "n_gen_tokens", "eval_batch_size")
 
 
 def _read(run_dir: str | Path) -> ExperimentResult:

@@ -2,7 +2,8 @@
 composed by :func:`pmetlab.runs.experiment.run_experiment` (see :mod:`pmetlab.runs` for the files).
 
 Everything that does heavy work (loading, statistics, editing, evaluation) is called through a
-name of this module, so tests can replace it here.
+name of this module, so tests can replace it here; the dataset is loaded through
+:mod:`pmetlab.runs.batches` (``batches.load_dataset``), which the target workers share.
 """
 
 from __future__ import annotations
@@ -20,17 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..datasets import (
-    Batches,
-    ConsistencyReference,
-    Selection,
-    counterfact_requests,
-    drop_conflicting_per_batch,
-    load_consistency_reference,
-    load_dataset,
-    select,
-    zsre_requests,
-)
+from ..datasets import ConsistencyReference, Selection, load_consistency_reference
 from ..editing.compute import compute_deltas
 from ..editing.deltas import Deltas, apply_deltas_, restore_
 from ..evaluation import evaluate_counterfact, evaluate_zsre, relative_specificity
@@ -38,6 +29,7 @@ from ..evaluation.generation import check_generation_length
 from ..evaluation.scoring import encode_prompt
 from ..models.loading import load_model, model_identity
 from ..stats import layer_covariances
+from .batches import plan_records
 from .context import ModelPair, ModelPool, RunContext, check_model_name
 from .edits import combine_batches, target_summary
 from .pre_eval import cached_pre_eval
@@ -90,48 +82,27 @@ def _check_same_dataset(ctx: RunContext, info: dict | None, description: dict) -
         )
 
 
-def cut_batches(spec: RunSpec, records: list[dict]) -> Batches:
-    """The edit batches of ``records`` (``spec.batches_of`` each). On CounterFact data each batch
-    keeps only the first record for each (subject, relation_id) (the multi-CounterFact rule); the
-    others are skipped: neither edited nor evaluated, counted and logged."""
-    if spec.dataset == "zsre":
-        bs = spec.batches_of
-        return Batches([records[i : i + bs] for i in range(0, len(records), bs)], [])
-    cut = drop_conflicting_per_batch(records, spec.batches_of)
-    if cut.skipped:
-        logger.warning(
-            "%d of %d selected records skipped (not edited, not evaluated): each repeats the (subject, "
-            "relation_id) of an earlier record in its edit batch of %d; case_ids %s",
-            len(cut.skipped),
-            len(records),
-            spec.batches_of,
-            [r.get("case_id") for r in cut.skipped][:20],
-        )
-    return cut
-
-
 def load_phase(spec: RunSpec, ctx: RunContext) -> None:
-    """Load the dataset (a missing file is an error: no other dataset stands in), select the
-    records, refuse a changed dataset file or selection, and cut the edit batches
-    (:func:`cut_batches`; ``dataset.skipped_conflicting`` in run.json counts the skipped records)."""
+    """Load the dataset (a missing file is an error: no other dataset stands in), take the split,
+    select the records, refuse a changed dataset file or selection, and cut the edit batches
+    (:func:`~pmetlab.runs.batches.cut_batches`; ``dataset.skipped_conflicting`` in run.json
+    counts the skipped records)."""
     t0 = time.perf_counter()
-    records_all = load_dataset(spec.dataset)
-    sel = select(records_all, spec.n_edits, mode=spec.subset, seed=spec.seed)
-    info = records_all.info.to_dict() if records_all.info is not None else None
-    _check_same_dataset(ctx, info, sel.description)
-    cut = cut_batches(spec, sel.records)
+    plan = plan_records(spec)
+    sel, cut = plan.selection, plan.cut
+    _check_same_dataset(ctx, plan.info, sel.description)
     ctx.state.data["dataset"] = {
         "name": spec.dataset,
-        "info": info,
-        "derived": (info or {}).get("derivation"),
+        "info": plan.info,
+        "derived": (plan.info or {}).get("derivation"),
+        "split": plan.split,
         "selection": {k: v for k, v in sel.description.items() if k != "dataset"},
         "n_edited": len(sel.records) - len(cut.skipped),
         "skipped_conflicting": len(cut.skipped),
         "skipped_conflicting_ids": [r.get("case_id") for r in cut.skipped],
     }
     ctx.selection = Selection([r for b in cut.batches for r in b], sel.description)
-    to_requests = zsre_requests if spec.dataset == "zsre" else counterfact_requests
-    ctx.batches = [to_requests(b) for b in cut.batches]
+    ctx.batches = plan.requests(spec.dataset)
     ctx.requests = [r for b in ctx.batches for r in b]
     ctx.load_s = time.perf_counter() - t0
 

@@ -22,7 +22,15 @@ import numpy as np
 
 from ..cache import stable_hash
 from ..covspec import CovarianceSpec
-from ..hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams
+from ..datasets.splits import SPLITS
+from ..hparams import (
+    EditHyperParams,
+    MEMITHyperParams,
+    PMETHyperParams,
+    dataset_family,
+    load_presets,
+    tuned_entry,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,7 @@ __all__ = [
     "DATASETS",
     "MODES",
     "SUBSETS",
+    "SPLITS",
     "DEFAULT_MODEL",
 ]
 
@@ -50,9 +59,13 @@ _HP_CLASSES: dict[str, type[EditHyperParams]] = {"pmet": PMETHyperParams, "memit
 # ---------------------------------------------------------------------------------------------
 # hyperparameters
 # ---------------------------------------------------------------------------------------------
-def resolve_hparams(model: str, method: str, overrides: Mapping[str, Any] | None = None) -> EditHyperParams | None:
+def resolve_hparams(
+    model: str, method: str, overrides: Mapping[str, Any] | None = None, *, dataset: str | None = None
+) -> EditHyperParams | None:
     """The hyperparameters a run uses: the method's preset for ``model`` (class defaults when there
-    is none) with ``overrides`` applied. None for method "none" (overrides are still checked).
+    is none; with ``dataset``, the preset's tuned fields for that dataset, see
+    :meth:`EditHyperParams.preset`) with ``overrides`` applied. None for method "none" (overrides
+    are still checked).
 
     Raises:
         KeyError: an override names no hyperparameter (the message lists the valid ones).
@@ -71,7 +84,7 @@ def resolve_hparams(model: str, method: str, overrides: Mapping[str, Any] | None
             logger.info("method 'none' edits nothing; hyperparameter overrides %s are ignored", sorted(overrides))
         return None
     try:
-        base = cls.preset(str(model))
+        base = cls.preset(str(model), dataset)
     except KeyError:
         logger.info("no %s preset for %r; using the %s defaults", method, model, cls.__name__)
         base = cls()
@@ -83,15 +96,18 @@ def resolve_hparams(model: str, method: str, overrides: Mapping[str, Any] | None
         raise ValueError(f"bad hyperparameter value in {overrides}: {exc}") from None
 
 
-def preset_name(model: str, method: str) -> str | None:
-    """The preset ``resolve_hparams`` starts from (the lower-cased model name), or None."""
+def preset_name(model: str, method: str, dataset: str | None = None) -> str | None:
+    """The preset ``resolve_hparams`` starts from: the lower-cased model name, followed by
+    ``/<dataset family>`` when the preset holds tuned fields for ``dataset``; None when there is none."""
     if method not in _HP_CLASSES:
         return None
     try:
         _HP_CLASSES[method].preset(str(model))
-        return str(model).lower()
     except KeyError:
         return None
+    name = str(model).lower()
+    tuned = tuned_entry(load_presets(method)[name], dataset)
+    return f"{name}/{dataset_family(dataset)}" if tuned and dataset is not None else name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +186,9 @@ class RunSpec:
         batch_size: requests per ``compute_deltas`` call (None: all in one batch).
         mode: "batch" or "sequential" (see :func:`pmetlab.runs.run_experiment`).
         seed: seeds the subset, the edit and generation (and ``hp.seed`` unless overridden).
-        subset: "first" records or a seeded "sample".
+        subset: "first" records or a seeded "sample" (of the split).
+        split: the dataset split the records come from: "eval" (default), "tune" (never evaluated
+            by the notebooks; see :mod:`pmetlab.datasets.splits`) or "all".
         generation: CounterFact fluency/consistency by generation.
         n_gen_tokens: tokens generated per prompt.
         eval_batch_size: prompt pairs per forward pass in evaluation.
@@ -188,6 +206,7 @@ class RunSpec:
     mode: str
     seed: int
     subset: str
+    split: str
     generation: bool
     n_gen_tokens: int
     eval_batch_size: int
@@ -209,6 +228,7 @@ class RunSpec:
         hparams: Mapping[str, Any] | None = None,
         seed: int = 0,
         subset: str = "first",
+        split: str = "eval",
         generation: bool = True,
         n_gen_tokens: int = 100,
         eval_batch_size: int = 32,
@@ -230,6 +250,7 @@ class RunSpec:
         batch_size = _int("batch_size", batch_size, allow_none=True)
         mode = _choice("mode", mode, MODES)
         subset = _choice("subset", subset, SUBSETS)
+        split = _choice("split", split, SPLITS)
         seed = _int("seed", seed, minimum=None)
         generation = _flag("generation", generation)
         n_gen_tokens = _int("n_gen_tokens", n_gen_tokens)
@@ -241,7 +262,7 @@ class RunSpec:
         overrides = dict(hparams or {})
         # one seed for everything unless the hyperparameters set their own
         effective = overrides if method == "none" or "seed" in overrides else {**overrides, "seed": seed}
-        hp = resolve_hparams(model, method, effective)
+        hp = resolve_hparams(model, method, effective, dataset=dataset)
         return cls(
             model=model,
             method=method,
@@ -251,13 +272,14 @@ class RunSpec:
             mode=mode,
             seed=seed,
             subset=subset,
+            split=split,
             generation=generation,
             n_gen_tokens=n_gen_tokens,
             eval_batch_size=eval_batch_size,
             label=label,
             hp=hp,
             overrides=overrides,
-            preset=preset_name(model, method),
+            preset=preset_name(model, method, dataset),
         )
 
     # --- derived settings ------------------------------------------------------------------
@@ -289,6 +311,7 @@ class RunSpec:
             "mode": self.mode,
             "seed": self.seed,
             "subset": self.subset,
+            "split": self.split,
             "generation": self.generation if self.dataset != "zsre" else None,
             "n_gen_tokens": self.n_gen_tokens if self.generates else None,
             "hparams": self.hp.to_dict() if self.hp is not None else None,
@@ -332,6 +355,8 @@ class RunSpec:
             parts.append(self.mode)
         if self.subset != "first":
             parts.append(self.subset)
+        if self.split != "eval":
+            parts.append(self.split)
         parts.append(f"seed{self.seed}")
         if self.overrides:
             parts.append("hp" + stable_hash(self.overrides, 4))

@@ -15,11 +15,12 @@ import pandas as pd
 
 from ..cache import stable_hash
 from .context import GivenModel, ModelSource
-from .experiment import execute
+from .experiment import execute, needs_edit
 from .load import with_run_columns
 from .phases import default_model_pool
 from .rundir import check_out_dir
 from .spec import RunSpec, safe_name
+from .workers import launch_target_workers
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ SPEC_KEYS = (
     "hparams",
     "seed",
     "subset",
+    "split",
     "generation",
     "n_gen_tokens",
     "eval_batch_size",
@@ -122,14 +124,15 @@ def _plan(grid: Sequence[Mapping], common: Mapping[str, Any]) -> list[_Planned]:
     return plans
 
 
-def run_sweep(grid: Sequence[Mapping], *, out_dir: str | Path, **common: Any) -> pd.DataFrame:
+def run_sweep(grid: Sequence[Mapping], *, out_dir: str | Path, workers: int = 1, **common: Any) -> pd.DataFrame:
     """Run :func:`pmetlab.runs.run_experiment` for each grid entry (``**common`` updated by the
     entry; an ``hparams`` dict in both is merged) in ``out_dir/<slug of the entry>``.
 
     Keys (in entries and ``common``): :data:`SPEC_KEYS`, :data:`OPTION_KEYS` and
     ``model_and_tokenizer``. Every entry is validated (keys, arguments, hyperparameters) before
     anything runs; models are loaded once per name (lazily) unless ``model_and_tokenizer`` is given.
-    The label defaults to the entry's slug.
+    The label defaults to the entry's slug. ``workers`` > 1: the targets of every run that still
+    has to edit are first optimised by that many processes (:mod:`pmetlab.runs.workers`).
 
     Returns:
         The runs' summaries concatenated, with the grid keys as columns (a dict value such as
@@ -149,6 +152,9 @@ def run_sweep(grid: Sequence[Mapping], *, out_dir: str | Path, **common: Any) ->
         raise ValueError("grid is empty; expected a list of dicts of run_experiment arguments")
     _check_keys(grid, common)
     plans = _plan(grid, common)
+    if workers != 1:
+        todo = [p.spec for p in plans if needs_edit(p.spec, root / p.slug, bool(p.options["resume"]))]
+        launch_target_workers(todo, workers)
     pool = default_model_pool()
     frames = []
     for i, p in enumerate(plans):
