@@ -315,6 +315,128 @@ def bench_causal_trace(model, tok, quick: bool) -> list[dict]:
     ]
 
 
+WORKERS_NOTE = (
+    "cold runs into an empty target cache (converted model, prefixes and statistics from the normal "
+    "cache); each time includes starting the worker processes, loading the model and reading the "
+    "prefixes; one torch thread per worker; requests are sharded by chunk (n_chunks), so at most "
+    "n_chunks workers have work"
+)
+
+
+def bench_workers(model, tok, n_requests: int, overrides: dict[str, Any]) -> list[dict]:
+    """Filling the target cache of the first ``n_requests`` CounterFact eval records with 2
+    worker processes vs 1 (:func:`pmetlab.runs.workers.launch_target_workers`), each cold, and
+    whether the two caches hold bit-identical tensors. ``model``/``tok`` (SmolLM2) only count
+    the chunks the workers share out."""
+    from pmetlab.editing.prefixes import context_templates
+    from pmetlab.editing.target_cache import plan_chunks
+    from pmetlab.runs import RunSpec
+    from pmetlab.runs.workers import edited_first
+
+    spec = RunSpec.build(
+        model="smollm2-135m",
+        method="pmet",
+        dataset="counterfact",
+        n_edits=n_requests,
+        generation=False,
+        hparams=overrides,
+    )
+    n_chunks = len(plan_chunks(tok, edited_first(spec), context_templates(model, tok, spec.hp)))
+    if n_chunks < 2:
+        logger.warning(
+            "target workers: %d request(s) make %d chunk(s); the 2nd worker has nothing to do", n_requests, n_chunks
+        )
+    seconds, entries = {}, {}
+    with tempfile.TemporaryDirectory(prefix="pmetlab-bench-workers-") as tmp:
+        for workers in (1, 2):
+            root = _cache_without_targets(Path(tmp) / f"workers{workers}")
+            seconds[workers] = _time_workers(spec, workers, root)
+            entries[workers] = _target_entries(root)
+            logger.info("target workers: %d worker(s) took %.1fs", workers, seconds[workers])
+    return [
+        _row(
+            "target_workers_edits_per_s",
+            "edits/s",
+            round(n_requests / seconds[2], 3),
+            round(n_requests / seconds[1], 3),
+            True,
+            None,
+            n_requests=n_requests,
+            workers=2,
+            reference_workers=1,
+            threads_per_worker=1,
+            seconds_2_workers=round(seconds[2], 2),
+            seconds_1_worker=round(seconds[1], 2),
+            n_chunks=n_chunks,
+            steps=spec.hp.v_num_grad_steps,
+            n_entries=len(entries[2]),
+            caches_bit_identical=_same_entries(entries[1], entries[2]),
+            note=WORKERS_NOTE,
+        )
+    ]
+
+
+def _cache_without_targets(root: Path) -> Path:
+    """A cache folder at ``root`` whose entries (models, statistics, prefixes, ...) are symlinks
+    to the current cache's, except the targets, which start empty."""
+    from pmetlab.cache import cache_dir
+
+    real = cache_dir()
+    root.mkdir(parents=True)
+    for child in real.iterdir():
+        if child.name != "targets" and not child.name.startswith("."):
+            (root / child.name).symlink_to(child, target_is_directory=child.is_dir())
+    return root
+
+
+def _time_workers(spec, workers: int, cache_root: Path) -> float:
+    """Wall seconds of filling ``spec``'s targets with ``workers`` processes of one torch thread
+    each, with ``cache_root`` as their cache directory."""
+    from pmetlab.cache import CACHE_ENV
+    from pmetlab.runs.workers import launch_target_workers
+
+    with _environ({CACHE_ENV: str(cache_root), "OMP_NUM_THREADS": "1"}):
+        return _seconds(lambda: launch_target_workers([spec], workers))
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables (inherited by the processes started meanwhile), then restore them."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _target_entries(cache_root: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of every target cache entry under ``cache_root``, by file path (relative),
+    each file's key-independent checks (format, checksum) passed."""
+    from pmetlab.store import KeyedStore
+
+    folder = cache_root / "targets"
+    paths = sorted(folder.rglob("*.safetensors")) if folder.is_dir() else []
+    return {str(p.relative_to(folder)): KeyedStore.read_tensors(p).tensors for p in paths}
+
+
+def _same_entries(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> bool:
+    """Whether two caches hold the same files with bit-identical tensors."""
+    if a.keys() != b.keys():
+        return False
+    return all(a[f].keys() == b[f].keys() and all(_bit_equal(a[f][n], b[f][n]) for n in a[f]) for f in a)
+
+
+def _bit_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (so NaN equals itself and 0.0 differs from -0.0)."""
+    as_bytes = lambda t: t.detach().cpu().reshape(-1).contiguous().view(torch.uint8)
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(as_bytes(x), as_bytes(y))
+
+
 def bench_rss(n_edits: int, quick: bool) -> list[dict]:
     """Peak RSS of a fresh process computing and applying an n-edit PMET batch (no caches)."""
     cmd = [sys.executable, "-m", "benchmarks.rss_probe", "--n", str(n_edits)] + (["--quick"] if quick else [])
@@ -337,6 +459,10 @@ def bench_rss(n_edits: int, quick: bool) -> list[dict]:
     ]
 
 
+#: The benchmarks ``--only`` selects from, in the order they run.
+ROWS = ("targets", "keys", "covariance", "workers", "eval", "causal_trace", "rss")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny random LLaMA instead of SmolLM2 (seconds)")
@@ -346,8 +472,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-records", type=int, default=None, help="CounterFact records for the eval benchmark")
     ap.add_argument("--rss-edits", type=int, default=None, help="edits in the peak-RSS probe (default 100)")
     ap.add_argument(
-        "--only", action="append", help="run only these benchmarks (targets, keys, covariance, eval, rss, causal_trace)"
+        "--worker-requests", type=int, default=None, help="requests for the workers benchmark (default: --n-requests)"
     )
+    ap.add_argument("--only", action="append", help=f"run only these benchmarks ({', '.join(ROWS)})")
     ap.add_argument("--out", default=str(RESULTS / "latest.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -356,7 +483,10 @@ def main(argv=None) -> int:
     cov_tokens = args.cov_tokens or (3000 if q else 30000)
     n_eval = args.eval_records or (4 if q else 20)
     rss_edits = args.rss_edits or (4 if q else 100)
-    only = set(args.only or ["targets", "keys", "covariance", "eval", "causal_trace", "rss"])
+    only = set(args.only or ROWS)
+    unknown = sorted(only - set(ROWS))
+    if unknown:
+        ap.error(f"unknown benchmark(s) {unknown}; choose from {list(ROWS)}")
     torch.manual_seed(0)
     model, tok = _model(q)
     from pmetlab import PMETHyperParams
@@ -367,21 +497,28 @@ def main(argv=None) -> int:
     if args.steps:
         hp = hp.replace(v_num_grad_steps=args.steps)
     records = _records(max(n_req, n_eval), q)
+    peak = peak_matmul_flops() if only & {"targets", "covariance"} else None
     info = {
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "model": type(model).__name__,
         "quick": q,
         "hparams": hp.to_dict(),
+        "peak_matmul_gflops": None if peak is None else round(peak / 1e9, 2),
     }
     rows: list[dict] = []
     t0 = time.perf_counter()
     if "targets" in only:
-        rows += bench_targets(model, tok, records[:n_req], hp)
+        rows += bench_targets(model, tok, records[:n_req], hp, peak)
     if "keys" in only:
         rows += bench_keys_solve(model, tok, records[:n_req], hp)
     if "covariance" in only:
-        rows += bench_covariance(model, tok, hp, cov_tokens)
+        rows += bench_covariance(model, tok, hp, cov_tokens, peak)
+    if "workers" in only and q:
+        logger.info("skipping the workers benchmark: its workers load SmolLM2, not the --quick model")
+    elif "workers" in only:
+        steps = {"v_num_grad_steps": args.steps} if args.steps else {}
+        rows += bench_workers(model, tok, args.worker_requests or n_req, steps)
     if "eval" in only:
         rows += bench_eval(model, tok, records[:n_eval], 20 if q else 50)
     if "causal_trace" in only:
@@ -407,6 +544,8 @@ def main(argv=None) -> int:
 
 
 def _print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
     cols = ["name", "unit", "pmetlab", "reference", "ratio", "limit"]
     w = [max(len(c), *(len(str(r.get(c))) for r in rows)) for c in cols]
     line = "  ".join(c.ljust(x) for c, x in zip(cols, w))

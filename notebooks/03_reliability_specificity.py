@@ -22,17 +22,21 @@
 # paraphrases) and *specificity* (neighbourhood: unrelated subjects keep their true object), with
 # the unedited model as the reference. The paper reports, for 10,000 edits on GPT-J and
 # GPT-NeoX-20B, **+3.3% average reliability over the best baseline on CounterFact with
-# specificity about on par**. Here the model is SmolLM2-135M and `n` is at most a few dozen, so
-# expect the direction of the effect at best; the 95% intervals show how much the numbers can say.
+# specificity about on par**. Here the model is SmolLM2-135M; the quick profile stops at 16 edits,
+# where the 95% intervals are wide, and the paper profile goes to 512 edits in one batch. The records
+# come from the dataset's evaluation split (never the tuning split the presets were chosen on); a
+# batch never holds two requests with the same (subject, relation) (the multi-CounterFact rule).
 #
 # **Writes** to `OUTPUT_DIR`: `03_tradeoff.{png,pdf,csv}` and `03_reliability_specificity.csv`
 # (every run's summary, before and after); each run's directory (run.json, per-record metrics,
 # the weight updates) under `RUNS_DIR`.
 #
-# **Takes** about 8 min with the defaults (n ∈ {1, 4, 16}, generation off; SmolLM2-135M in
-# float32 on a CPU, one thread, `OMP_NUM_THREADS=1`): mostly the target optimisation, about 15 s per
-# fact and method, cached per request so that notebook 04 and later runs reuse it (n up to 32:
-# about 18 min). About a minute with `SMOKE = True`.
+# **Takes** about 6 min with the defaults (`PROFILE = "quick"`: n ∈ {1, 4, 16}, generation off;
+# SmolLM2-135M in float32 on a 2-core CPU, the targets optimised by `WORKERS = 2` processes, about
+# 10 s per fact and method on one core, cached per request so that notebook 04 and later runs reuse
+# them). `PROFILE = "paper"` (n ∈ {1, 8, 64, 512}) takes about 2.5 h and resumes where it stopped
+# (finished runs, cached targets, covariance and pre-edit metrics are reused). About a minute with
+# `SMOKE = True`.
 
 # %% tags=["parameters"]
 MODEL = "smollm2-135m"   # embedded model name or a local model directory
@@ -42,17 +46,20 @@ SMOKE = False            # tiny sizes: a quick end-to-end check that writes ever
 OUTPUT_DIR = "figures"   # figures (PNG, PDF, CSV) and tables go here
 RUNS_DIR = "runs"        # run directories go under here (relative to the working directory)
 DATASET = "counterfact"  # "counterfact", "counterfact+conflict_filter" (no conflicting edits) or "zsre"
-N_EDITS_MAX = 16         # largest batch; the sweep edits 1, N_EDITS_MAX // 4 and N_EDITS_MAX facts
-SUBSET = "first"         # the first n records, or a seeded "sample"
+PROFILE = "quick"        # "quick": n in {1, 4, 16}; "paper": n in {1, 8, 64, 512} (hours on a CPU; resumes)
+N_EDITS_MAX = None       # cap on the largest batch (None: the profile's)
+SUBSET = "first"         # the first n records of the evaluation split, or a seeded "sample" of it
 GENERATION = False       # CounterFact fluency/consistency: generates text, slow on a CPU
 N_GEN_TOKENS = 100       # tokens per generation prompt when GENERATION
-RESUME = False           # reuse finished runs of the same parameters in RUNS_DIR
+WORKERS = 2              # processes for the target optimisation (1 on a single core)
+RESUME = True            # reuse finished runs of the same parameters in RUNS_DIR (False: start over)
 
 # %%
 FAST = {"v_num_grad_steps": 3, "cov_tokens": 5000} if SMOKE else {}  # preset overrides
+profiles = {"quick": [1, 4, 16], "paper": [1, 8, 64, 512]}
 if SMOKE:  # every file is still written; the numbers mean little
-    N_EDITS_MAX, GENERATION = 2, False
-n_grid = sorted({n for n in (1, N_EDITS_MAX // 4, N_EDITS_MAX) if n >= 1})
+    profiles, N_EDITS_MAX, GENERATION = {PROFILE: [1, 2]}, None, False
+n_grid = [n for n in profiles[PROFILE] if N_EDITS_MAX is None or n <= N_EDITS_MAX]
 n_grid
 
 # %%
@@ -71,9 +78,9 @@ model, tok = pmetlab.load_model(MODEL, device=DEVICE)
 # %%
 grid = [{"method": m, "n_edits": n} for m in ("pmet", "memit") for n in n_grid]
 sweep = pmetlab.run_sweep(
-    grid, out_dir=f"{RUNS_DIR}/03_reliability_specificity{'_smoke' if SMOKE else ''}",
-    model=MODEL, dataset=DATASET, seed=SEED, subset=SUBSET, hparams=FAST, generation=GENERATION,
-    n_gen_tokens=N_GEN_TOKENS, resume=RESUME, model_and_tokenizer=(model, tok))
+    grid, out_dir=f"{RUNS_DIR}/03_{PROFILE}{'_smoke' if SMOKE else ''}", model=MODEL, dataset=DATASET,
+    seed=SEED, subset=SUBSET, hparams=FAST, generation=GENERATION, n_gen_tokens=N_GEN_TOKENS,
+    resume=RESUME, workers=WORKERS, model_and_tokenizer=(model, tok))
 sweep.to_csv(f"{OUTPUT_DIR}/03_reliability_specificity.csv", index=False)
 
 # %% [markdown]

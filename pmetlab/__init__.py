@@ -41,11 +41,13 @@ from .plots import (
     plot_trace_curves,
     plot_trace_heatmaps,
     plot_tradeoff,
+    plot_tuning_grid,
     plot_update_norms,
     save_figure,
 )
 from .requests import EditRequest
 from .runs import ExperimentResult, load_run, resolve_hparams, run_experiment, run_sweep, summarize_runs
+from .runs.tune import TuningGrid, tune
 from .stats import layer_covariances
 from .tracing import Trace, TraceDict
 
@@ -105,6 +107,8 @@ __all__ = [
     "ExperimentResult",
     "run_experiment",
     "run_sweep",
+    "tune",
+    "TuningGrid",
     "load_run",
     "summarize_runs",
     # analysis and figures
@@ -116,6 +120,7 @@ __all__ = [
     "plot_ablation",
     "plot_optimization_trace",
     "plot_update_norms",
+    "plot_tuning_grid",
     "save_figure",
     # notebooks
     "run_notebooks",

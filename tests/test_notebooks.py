@@ -34,6 +34,7 @@ NAMES = [
     "03_reliability_specificity",
     "04_ablations",
     "05_locate_facts",
+    "06_tuning",
 ]
 REQUIRED_PARAMETERS = {"MODEL", "SEED", "SMOKE", "OUTPUT_DIR"}
 OTHER_IMPORTS = ("pandas", "IPython.display")  # besides pmetlab's exports, all a notebook imports
@@ -314,6 +315,8 @@ def test_files_written_match_expected_outputs(name):
     for stem in re.findall(r"save_figure\([^,]+,\s*OUTPUT_DIR,\s*\"([^\"]+)\"", src):
         written |= {f"{stem}.png", f"{stem}.pdf", f"{stem}.csv"}
     written |= set(re.findall(r"\{OUTPUT_DIR\}/([^\"]+\.(?:csv|md))\"", src))
+    for stem in re.findall(r"\.save\(OUTPUT_DIR,\s*\"([^\"]+)\"\)", src):  # TuningResult.save: table + choice
+        written |= {f"{stem}.csv", f"{stem}.json"}
     assert written == set(EXPECTED_OUTPUTS[name])
 
 

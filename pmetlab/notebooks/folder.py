@@ -69,6 +69,12 @@ EXPECTED_OUTPUTS: dict[str, list[str]] = {
         "05_window.csv",
         "05_reading.md",
     ],
+    "06_tuning": [
+        "06_tuning.png",
+        "06_tuning.pdf",
+        "06_tuning.csv",
+        "06_tuning.json",
+    ],
 }
 
 #: jupytext's ``formats`` metadata of every notebook: the .ipynb paired with a percent-format .py.

@@ -14,7 +14,7 @@ per group with a Student-t 95% interval (:func:`pmetlab.analysis.mean_ci`).
 Modules: ``style`` (colours, labels, the theme, figures without pyplot), ``data`` (reading tidy
 or wide frames into means and intervals), ``similarity`` (method.md §5), ``tradeoff``
 (reliability/specificity against the number of edits, ablation bars), ``editing`` (optimisation
-trace, update norms) and ``save`` (:func:`save_figure`).
+trace, update norms), ``tuning`` (the tuning grid) and ``save`` (:func:`save_figure`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from .save import SavedFigure, save_figure
 from .similarity import plot_similarity
 from .style import color_for, plot_style
 from .tradeoff import plot_ablation, plot_tradeoff
+from .tuning import plot_tuning_grid
 
 __all__ = [
+    "plot_tuning_grid",
     "plot_style",
     "color_for",
     "plot_similarity",
