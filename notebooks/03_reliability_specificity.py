@@ -27,9 +27,10 @@
 # come from the dataset's evaluation split (never the tuning split the presets were chosen on); a
 # batch never holds two requests with the same (subject, relation) (the multi-CounterFact rule).
 #
-# **Writes** to `OUTPUT_DIR`: `03_tradeoff.{png,pdf,csv}` and `03_reliability_specificity.csv`
-# (every run's summary, before and after); each run's directory (run.json, per-record metrics,
-# the weight updates) under `RUNS_DIR`.
+# **Writes** to `OUTPUT_DIR`: `03_tradeoff.{png,pdf,csv}`, `03_reliability_specificity.csv`
+# (every run's summary, before and after), `03_phase_times.csv` (each run's wall time per phase)
+# and `03_reading.md` (the findings, generated from the numbers); each run's directory (run.json,
+# per-record metrics, the weight updates) under `RUNS_DIR`.
 #
 # **Takes** about 6 min with the defaults (`PROFILE = "quick"`: n ∈ {1, 4, 16}, generation off;
 # SmolLM2-135M in float32 on a 2-core CPU, the targets optimised by `WORKERS = 2` processes, about
@@ -64,9 +65,10 @@ n_grid
 
 # %%
 import pandas as pd
+from IPython.display import Markdown
 
 import pmetlab
-from pmetlab import plot_tradeoff, save_figure
+from pmetlab import plot_tradeoff, save_figure, tradeoff_reading
 
 model, tok = pmetlab.load_model(MODEL, device=DEVICE)
 
@@ -105,3 +107,21 @@ fig
 # %%
 metrics = ["efficacy_score", "paraphrase_score", "neighborhood_score", "score"]
 table.pivot_table(index="n_edits", columns="method", values=metrics).round(1)
+
+# %% [markdown]
+# What the numbers say, written from them (each comparison states whether the 95% intervals separate):
+
+# %%
+reading = tradeoff_reading(table, model_name=MODEL)
+with open(f"{OUTPUT_DIR}/03_reading.md", "w") as f:
+    f.write(reading + "\n")
+Markdown(reading)
+
+# %% [markdown]
+# Where the time went: each run's wall seconds per phase (targets are inside "edit"; cached
+# targets, covariance and pre-edit metrics make later runs cheap).
+
+# %%
+times = pmetlab.phase_times(sweep["run_dir"])
+times.to_csv(f"{OUTPUT_DIR}/03_phase_times.csv", index=False)
+times.pivot_table(index=["method", "n_edits"], columns="phase", values="wall_s", sort=False).round(1)

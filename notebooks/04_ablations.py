@@ -26,8 +26,9 @@
 # weights as well helps only slightly.
 #
 # **Writes** to `OUTPUT_DIR`: `04_ablation.{png,pdf,csv}` (bars per variant),
-# `04_spread_sweep.{png,pdf,csv}`, `04_lambda_sweep.{png,pdf,csv}` and `04_ablations.csv` (every
-# run's summary, before and after); the run directories under `RUNS_DIR`.
+# `04_spread_sweep.{png,pdf,csv}`, `04_lambda_sweep.{png,pdf,csv}`, `04_ablations.csv` (every
+# run's summary, before and after), `04_phase_times.csv` and `04_reading.md` (the findings,
+# generated from the numbers); the run directories under `RUNS_DIR`.
 #
 # The records come from the dataset's evaluation split, never the tuning split the presets were
 # chosen on (notebook 06).
@@ -65,9 +66,10 @@ if SMOKE:  # every file is still written; the numbers mean little
 
 # %%
 import pandas as pd
+from IPython.display import Markdown
 
 import pmetlab
-from pmetlab import plot_ablation, plot_tradeoff, resolve_hparams, save_figure
+from pmetlab import ablation_reading, plot_ablation, plot_tradeoff, resolve_hparams, save_figure
 
 model, tok = pmetlab.load_model(MODEL, device=DEVICE)
 base = resolve_hparams(MODEL, "pmet", FAST, dataset=DATASET)  # the preset each variant changes one field of
@@ -123,3 +125,11 @@ fig
 # %%
 metrics = ["efficacy_score", "paraphrase_score", "neighborhood_score", "score"]
 pd.concat([unedited, post]).set_index("variant")[metrics].round(1)
+
+# %%
+reading = ablation_reading(post, model_name=MODEL, n_edits=N_EDITS)
+with open(f"{OUTPUT_DIR}/04_reading.md", "w") as f:
+    f.write(reading + "\n")
+times = pmetlab.phase_times(sweep["run_dir"])
+times.to_csv(f"{OUTPUT_DIR}/04_phase_times.csv", index=False)
+Markdown(reading)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from .analysis import component_similarity, similarity_by_depth, similarity_reading
+from .analysis import ablation_reading, component_similarity, similarity_by_depth, similarity_reading, tradeoff_reading
 from .datasets import (
     DatasetInfo,
     counterfact_requests,
@@ -46,7 +46,7 @@ from .plots import (
     save_figure,
 )
 from .requests import EditRequest
-from .runs import ExperimentResult, load_run, resolve_hparams, run_experiment, run_sweep, summarize_runs
+from .runs import ExperimentResult, load_run, phase_times, resolve_hparams, run_experiment, run_sweep, summarize_runs
 from .runs.tune import TuningGrid, tune
 from .stats import layer_covariances
 from .tracing import Trace, TraceDict
@@ -115,6 +115,9 @@ __all__ = [
     "component_similarity",
     "similarity_by_depth",
     "similarity_reading",
+    "tradeoff_reading",
+    "ablation_reading",
+    "phase_times",
     "plot_similarity",
     "plot_tradeoff",
     "plot_ablation",

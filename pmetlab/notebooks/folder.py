@@ -45,6 +45,8 @@ EXPECTED_OUTPUTS: dict[str, list[str]] = {
         "03_tradeoff.pdf",
         "03_tradeoff.csv",
         "03_reliability_specificity.csv",
+        "03_phase_times.csv",
+        "03_reading.md",
     ],
     "04_ablations": [
         "04_ablation.png",
@@ -57,6 +59,8 @@ EXPECTED_OUTPUTS: dict[str, list[str]] = {
         "04_lambda_sweep.pdf",
         "04_lambda_sweep.csv",
         "04_ablations.csv",
+        "04_phase_times.csv",
+        "04_reading.md",
     ],
     "05_locate_facts": [
         "05_trace_heatmaps.png",

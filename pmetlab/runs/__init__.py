@@ -55,7 +55,7 @@ from __future__ import annotations
 
 from .edits import target_summary
 from .experiment import run_experiment
-from .load import RunSummaries, collect_summaries, load_run, run_status, summarize_runs, with_run_columns
+from .load import RunSummaries, collect_summaries, load_run, phase_times, run_status, summarize_runs, with_run_columns
 from .result import ExperimentResult
 from .rundir import PHASES, RunDir, RunMismatchError, RunState
 from .signals import RunTerminated
@@ -71,6 +71,7 @@ __all__ = [
     "run_experiment",
     "run_sweep",
     "load_run",
+    "phase_times",
     "summarize_runs",
     "collect_summaries",
     "RunSummaries",

@@ -225,3 +225,25 @@ def with_run_columns(summary: pd.DataFrame, run: Mapping, run_dir: Path) -> pd.D
         if k != "n_requests":
             summary[f"target_{k}"] = np.where(post, v, np.nan)
     return summary
+
+
+def phase_times(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """Wall seconds of every phase of each run (from run.json): columns ``run_dir``, ``label``,
+    ``method``, ``n_edits``, ``phase``, ``status``, ``wall_s``; one row per run and phase."""
+    rows = []
+    for d in dict.fromkeys(str(x) for x in run_dirs):
+        run = RunDir(Path(d)).read_run()
+        params, spec = run.get("params", {}), run.get("spec", {})
+        for phase, info in run.get("phases", {}).items():
+            rows.append(
+                {
+                    "run_dir": d,
+                    "label": spec.get("label"),
+                    "method": params.get("method"),
+                    "n_edits": params.get("n_edits"),
+                    "phase": phase,
+                    "status": info.get("status"),
+                    "wall_s": info.get("wall_s"),
+                }
+            )
+    return pd.DataFrame(rows, columns=["run_dir", "label", "method", "n_edits", "phase", "status", "wall_s"])
