@@ -11,6 +11,7 @@ nothing is typed by hand. ``tests/test_readme.py`` runs the check.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -199,6 +200,17 @@ BUILDERS: dict[str, Callable[[], str]] = {
     "figures-timing": figures_timing_section,
     "locate": locate_section,
 }
+
+
+def _evidence_builders() -> dict[str, Callable[[], str]]:
+    """The builders of ``docs/evidence_sections.py`` (tuning, trade-off, ablations)."""
+    spec = importlib.util.spec_from_file_location("evidence_sections", Path(__file__).with_name("evidence_sections.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.BUILDERS
+
+
+BUILDERS.update(_evidence_builders())
 
 
 def main(argv: list[str] | None = None) -> int:

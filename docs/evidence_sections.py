@@ -1,0 +1,142 @@
+"""README sections for the evidence at scale: the tuning tables, the trade-off against the number
+of edits (notebook 03) and the ablations (notebook 04), per model, from ``docs/results/<model>/``.
+
+Each builder reads only committed files; a result that is not there yet is said to be missing,
+with the command that makes it, never filled in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from pmetlab.reporting import format_ci, markdown_table
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "docs" / "results"
+MODELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}
+METHOD_NAMES = {"pmet": "PMET", "memit": "MEMIT", "unedited": "unedited"}
+DATASETS = {"counterfact": "CounterFact", "zsre": "zsRE"}
+PROFILES = ("paper", "quick")
+_PARTS = {
+    "counterfact": {"ES": "efficacy_score", "PS": "paraphrase_score", "NS": "neighborhood_score"},
+    "zsre": {"ES": "efficacy_token_acc", "PS": "paraphrase_token_acc", "NS": "neighborhood_token_acc"},
+}
+
+
+def _ci(row: pd.Series, metric: str) -> str:
+    return format_ci(row[metric], row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high"))
+
+
+def _share(v) -> str:
+    return "–" if v is None or pd.isna(v) else f"{100 * float(v):.0f}%"
+
+
+def _tuning_row(r: pd.Series, parts: dict[str, str]) -> dict[str, str]:
+    p = r.get("target_p_target_final_mean")
+    return {
+        "method": METHOD_NAMES.get(str(r["method"]), str(r["method"])),
+        "λ": "–" if pd.isna(r.get("mom2_update_weight")) else f"{r['mom2_update_weight']:g}",
+        "v_lr": "–" if pd.isna(r.get("v_lr")) else f"{r['v_lr']:g}",
+        **{k: _ci(r, c) for k, c in parts.items()},
+        "Score": "–" if pd.isna(r["tuning_score"]) else f"{r['tuning_score']:.1f}",
+        "p(o*) reached": "–" if p is None or pd.isna(p) else f"{p:.2f}",
+        "at step cap": _share(r.get("target_share_at_step_cap")),
+        "δ at norm bound": _share(r.get("target_share_delta_at_clamp")),
+        "chosen": "✓" if bool(r.get("selected")) is True else "",
+    }
+
+
+def _tuning_table(model: str, dataset: str) -> str:
+    path = RESULTS / model / f"tune_{dataset}.csv"
+    title = f"**{MODELS[model]}, {DATASETS[dataset]}**"
+    if not path.is_file():
+        return f"{title}: not run yet (`pmetlab tune --model {model} --dataset {dataset}`)."
+    df = pd.read_csv(path)
+    n = int(df["n_records"].dropna().iloc[0]) if "n_records" in df.columns else None
+    rows = [_tuning_row(r, _PARTS[dataset]) for _, r in df.iterrows()]
+    source = path.relative_to(REPO)
+    head = f"{title} ({n} tuning records in one batch; `{source}`):"
+    return head + "\n\n" + markdown_table(pd.DataFrame(rows))
+
+
+def tuning_section() -> str:
+    """Every committed tuning table, each row a grid point, the chosen one per method ticked."""
+    return "\n\n".join(_tuning_table(m, d) for m in MODELS for d in DATASETS)
+
+
+def _profile_dir(model: str, notebook: str) -> Path | None:
+    for profile in PROFILES:
+        d = RESULTS / model / profile
+        if (d / f"{notebook}_reading.md").is_file():
+            return d
+    return None
+
+
+def _tradeoff_table(d: Path) -> str:
+    df = pd.read_csv(d / "03_tradeoff.csv")
+    df = df.sort_values(["n_edits", "method"], key=lambda s: s.map({"PMET": 0, "MEMIT": 1, "unedited": 2}).fillna(s))
+    rows = [
+        {
+            "n": int(r["n_edits"]),
+            "method": r["method"],
+            "ES": _ci(r, "efficacy_score"),
+            "PS": _ci(r, "paraphrase_score"),
+            "NS": _ci(r, "neighborhood_score"),
+            "Score": _ci(r, "score"),
+        }
+        for _, r in df.iterrows()
+    ]
+    return markdown_table(pd.DataFrame(rows))
+
+
+def _wall_times(d: Path, notebook: str) -> str:
+    path = d / f"{notebook}_phase_times.csv"
+    if not path.is_file():
+        return ""
+    t = pd.read_csv(path).groupby("phase", sort=False)["wall_s"].sum() / 60
+    return "Wall time by phase, all runs (min): " + ", ".join(f"{p} {v:.1f}" for p, v in t.items()) + "."
+
+
+def _section(notebook: str, table: callable, what: str) -> str:
+    parts = []
+    for model, name in MODELS.items():
+        d = _profile_dir(model, notebook)
+        if d is None:
+            parts.append(f"**{name}**: notebook {notebook} not run yet for this model.")
+            continue
+        profile = d.name
+        parts.append(
+            f"**{name}, {profile} profile** ({what}; `{d.relative_to(REPO)}`):\n\n{table(d)}\n\n"
+            f"{(d / f'{notebook}_reading.md').read_text().strip()}\n\n{_wall_times(d, notebook)}".rstrip()
+        )
+    return "\n\n".join(parts)
+
+
+def tradeoff_section() -> str:
+    """Notebook 03 per model (the paper profile where committed, else the quick one)."""
+    return _section("03", _tradeoff_table, "CounterFact evaluation split, one batch per n, 95% intervals")
+
+
+def _ablation_table(d: Path) -> str:
+    df = pd.read_csv(d / "04_ablation.csv")
+    rows = [
+        {
+            "variant": r["variant"],
+            "ES": _ci(r, "efficacy_score"),
+            "PS": _ci(r, "paraphrase_score"),
+            "NS": _ci(r, "neighborhood_score"),
+            "Score": _ci(r, "score"),
+        }
+        for _, r in df.iterrows()
+    ]
+    return markdown_table(pd.DataFrame(rows))
+
+
+def ablations_section() -> str:
+    """Notebook 04 per model."""
+    return _section("04", _ablation_table, "CounterFact evaluation split, 95% intervals")
+
+
+BUILDERS = {"tuning": tuning_section, "tradeoff": tradeoff_section, "ablations": ablations_section}
