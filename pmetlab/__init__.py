@@ -37,6 +37,7 @@ from .notebooks import list_notebooks, run_notebooks
 from .plots import (
     plot_ablation,
     plot_optimization_trace,
+    plot_rounds,
     plot_similarity,
     plot_trace_curves,
     plot_trace_heatmaps,
@@ -47,6 +48,7 @@ from .plots import (
 )
 from .requests import EditRequest
 from .runs import ExperimentResult, load_run, phase_times, resolve_hparams, run_experiment, run_sweep, summarize_runs
+from .runs.rounds import run_rounds
 from .runs.tune import TuningGrid, tune
 from .stats import layer_covariances
 from .tracing import Trace, TraceDict
@@ -124,6 +126,8 @@ __all__ = [
     "plot_optimization_trace",
     "plot_update_norms",
     "plot_tuning_grid",
+    "plot_rounds",
+    "run_rounds",
     "save_figure",
     # notebooks
     "run_notebooks",

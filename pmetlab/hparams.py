@@ -5,7 +5,8 @@ The ablations of the PMET paper are fields, not separate methods:
 * ``spread_exponent`` p: the residual at the i-th critical layer is divided by (n - i)^p
   (PMET: p = 0.5, "square-root spread"; MEMIT: p = 1, "even spread");
 * ``optimize_attn``: optimise δ^a on the MHSA output as well as δ^m (False = "w/o δ^a");
-* ``update_attn_weights``: also update the MHSA output projection from v^a.
+* ``update_attn_weights``: also update the MHSA output projection from v^a;
+* ``null_space``: null-space preservation (AlphaEdit) in place of the λ C_l term, on either method.
 """
 
 from __future__ import annotations
@@ -153,6 +154,11 @@ class EditHyperParams:
     cov_dtype: str = "float32"
     #: Seed for everything random in an edit (context prefixes).
     seed: int = 0
+    #: Null-space preservation (AlphaEdit, arXiv 2410.02355): project each ΔW_l onto the null space of
+    #: the preserved keys (P_l from C_l) and solve against earlier edits' keys instead of λ C_l.
+    null_space: bool = False
+    #: Eigenvalues of C_l below this span P_l's null space; the scale is the covariance's, E[k kᵀ].
+    null_space_threshold: float = 1e-2
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -165,10 +171,10 @@ class EditHyperParams:
                 f"layers must be strictly increasing (each critical layer once), got {layers}; "
                 f"e.g. {tuple(sorted(set(layers)))}"
             )
-        for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor"):
+        for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor", "null_space_threshold"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_factor", "v_weight_decay", "spread_exponent"):
+        for name in ("kl_factor", "v_weight_decay", "spread_exponent", "loss_stop", "kl_stop", "argmax_nll_scale"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.v_num_grad_steps < 1:
@@ -186,9 +192,6 @@ class EditHyperParams:
             raise ValueError(f"cov_tokens must be positive, got {self.cov_tokens}")
         if self.cov_seq_len < 16:
             raise ValueError(f"cov_seq_len must be >= 16 (shorter chunks are skipped), got {self.cov_seq_len}")
-        for name in ("loss_stop", "kl_stop", "argmax_nll_scale"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.n_prefixes > 0 and not self.prefix_starts:
             raise ValueError(f"n_prefixes={self.n_prefixes} needs at least one prefix start word, got prefix_starts=()")
 

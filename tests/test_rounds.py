@@ -103,3 +103,36 @@ def test_bad_arguments_fail_clearly(tiny_env, tiny_mt, tmp_path):  # noqa: F811
         run_rounds(model="tiny", method="pmet", rounds=0, out_dir=tmp_path, model_and_tokenizer=tiny_mt)
     with pytest.raises(ValueError, match="needs an editing method"):
         run_rounds(model="tiny", method="none", rounds=1, batch_size=1, out_dir=tmp_path, model_and_tokenizer=tiny_mt)
+
+
+def test_null_space_rounds_accumulate_the_keys_of_earlier_rounds_and_resume_with_them(
+    tiny_env,  # noqa: F811
+    tiny_mt,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    from pmetlab.editing.nullspace import PreservedKeys
+
+    hp = tiny_hparams(tiny_env, null_space=True, null_space_threshold=1e6)  # every direction is null on tiny
+    seen = []
+    real = rounds_mod._Rounds._edit
+
+    def record(self, batch, stats):
+        seen.append(0 if self.preserved is None else len(self.preserved))
+        if len(seen) == 2 and not getattr(record, "failed", False):
+            record.failed = True
+            raise KeyboardInterrupt("stop in round 1")
+        return real(self, batch, stats)
+
+    monkeypatch.setattr(rounds_mod._Rounds, "_edit", record)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_env, tiny_mt, tmp_path / "n", hparams=hp)
+    res = _run(tiny_env, tiny_mt, tmp_path / "n", hparams=hp)
+    assert seen[0] == 0 and seen[1] > 0 and seen[2] == seen[1], "round 1 sees round 0's keys, also after resuming"
+    assert res.record["preserved"]["counts"]["ffn"]
+    k0 = PreservedKeys.load(tmp_path / "n" / "round_00" / "preserved.safetensors")
+    k1 = PreservedKeys.load(tmp_path / "n" / "round_01" / "preserved.safetensors")
+    layer = max(int(x) for x in k1.to_dict()["counts"]["ffn"])
+    assert k1.count(layer, "ffn") == 2 * k0.count(layer, "ffn")
+    meta = Deltas.load(tmp_path / "n" / "round_01" / "deltas.safetensors").meta
+    assert meta["null_space"]["enabled"] is True

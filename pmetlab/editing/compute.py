@@ -21,10 +21,12 @@ from ..hparams import EditHyperParams, check_layer_indices
 from ..models.adapters import get_adapter
 from ..requests import EditRequest, conflict_free_batches, find_conflicts
 from ..stats import SecondMoment, layer_covariances
+from ..store import KeyedStore
 from ..tokens import check_context_length, encode_prompt_target, short_text, subject_last_index
 from ..tracing import get_parameter
 from ..types import Model, Tokenizer
 from .deltas import Deltas, deltas_meta, param_fingerprint
+from .nullspace import NullSpaceSolve, PreservedKeys, null_space_meta
 from .prefixes import context_templates
 from .solve import keys_and_outputs, solve_update, spread_residual
 from .targets import CHUNK_SIZE, optimize_targets_cached
@@ -157,6 +159,7 @@ def compute_deltas(
     attn_covariances: Mapping[int, SecondMoment] | None = None,
     cache_targets: bool = True,
     chunk_size: int = CHUNK_SIZE,
+    preserved: PreservedKeys | None = None,
 ) -> Deltas:
     """Compute the weight updates that write ``requests`` into ``model``; the model is left
     bit-identical (the updates are applied temporarily while later layers' keys are read).
@@ -170,6 +173,8 @@ def compute_deltas(
             of the target optimisation's backward pass).
         covariances / attn_covariances: precomputed statistics per layer (e.g. those of the
             unedited model, for sequential editing); by default computed or read from the cache.
+        preserved: with ``hparams.null_space``, the keys of earlier edits to keep (read, never
+            added to: add ``Deltas.keys`` with ``preserved.add_round(deltas)`` when the round is kept).
 
     Returns:
         :class:`Deltas` with one update per edited weight and metadata (hparams, requests,
@@ -204,7 +209,10 @@ def compute_deltas(
         )
         timings["targets"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        solver = _Solver(model, tok, adapter, requests, templates, hp, targets, covs, attn_covs, diagnostics)
+        null_space = _null_space(model, hp, preserved, use_cache)
+        solver = _Solver(
+            model, tok, adapter, requests, templates, hp, targets, covs, attn_covs, diagnostics, null_space
+        )
         out = _update_layers(solver, params, layer_diag, progress)
         timings["keys_solve"] = time.perf_counter() - t0
     finally:
@@ -222,6 +230,7 @@ def compute_deltas(
         timings=timings,
         targets=_target_meta(targets, len(requests)),
         templates=templates,
+        null_space=null_space_meta(null_space),
     )
     logger.info(
         "%s: %d requests, targets %.1fs, keys+solve %.1fs",
@@ -230,7 +239,7 @@ def compute_deltas(
         timings["targets"],
         timings["keys_solve"],
     )
-    return Deltas(out, meta, targets.trace)
+    return Deltas(out, meta, targets.trace, keys=null_space.keys if null_space is not None else {})
 
 
 def _check_inputs(model: Model, tok: Tokenizer, requests, hp) -> tuple[list[EditRequest], Any]:
@@ -264,6 +273,16 @@ def _statistics(
         if l not in covs or (hp.update_attn_weights and l not in attn_covs):
             raise KeyError(f"no covariance statistics for critical layer {l}; provided layers {sorted(covs)}")
     return covs, attn_covs
+
+
+def _null_space(model, hp: EditHyperParams, preserved: PreservedKeys | None, use_cache: bool) -> NullSpaceSolve | None:
+    """The null-space solves of this call (None with ``hp.null_space`` off: the λ C_l solve)."""
+    if not hp.null_space:
+        if preserved is not None and len(preserved):
+            logger.warning("preserved keys were given but hparams.null_space is False: they are ignored")
+        return None
+    store = KeyedStore("projectors", type(model).__name__) if use_cache else None
+    return NullSpaceSolve(hp.null_space_threshold, preserved, store)
 
 
 def _edited_modules(adapter, hp: EditHyperParams) -> list[str]:
@@ -324,6 +343,7 @@ class _Solver:
     covs: Mapping[int, SecondMoment]
     attn_covs: Mapping[int, SecondMoment]
     diagnostics: bool
+    null_space: NullSpaceSolve | None = None
 
     def solve(self, kind: str, i: int, layer_diag: list[dict]) -> tuple[str, torch.Tensor]:
         """Keys at the i-th critical layer l and residual at layer L, read on the model as it is
@@ -339,13 +359,11 @@ class _Solver:
             out_mod = adapter.attn_out_name(L)
         keys, cur = keys_and_outputs(self.model, self.tok, adapter, self.requests, self.templates, [module], [out_mod])
         resid = self.targets.values[space] - cur[out_mod]
-        res = solve_update(
-            keys[module],
-            spread_residual(resid, i, n, hp.spread_exponent),
-            cov.mom2,
-            hp.mom2_update_weight,
-            diagnostics=self.diagnostics,
-        )
+        spread = spread_residual(resid, i, n, hp.spread_exponent)
+        if self.null_space is None:
+            res = solve_update(keys[module], spread, cov.mom2, hp.mom2_update_weight, diagnostics=self.diagnostics)
+        else:
+            res = self.null_space.solve(kind, l, keys[module], spread, cov.mom2, self.diagnostics)
         if not torch.isfinite(res.delta).all():
             raise FloatingPointError(f"non-finite update at layer {l} ({kind}); check λ and the covariance")
         layer_diag.append(

@@ -80,11 +80,14 @@ class Deltas:
         meta: method, resolved hyperparameters, requests, model identity, the fingerprint of the
             unedited parameters, versions, per-layer solve diagnostics.
         trace: per (request, step) optimisation records (not needed to apply the edit).
+        keys: (component, layer) -> the (N, d_in) keys the solve used there, recorded with
+            ``hparams.null_space`` for :meth:`PreservedKeys.add_round`; in memory only, not saved.
     """
 
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
     trace: list[dict] = field(default_factory=list)
+    keys: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def method(self) -> str:

@@ -8,13 +8,13 @@ the share of neighbourhood prompts on which the edited model still behaves as th
 
 The directory holds ``rounds.json`` (the protocol, the resolved parameters, the selection, versions,
 the status of every round and, with the null-space switch, the preserved keys' summary),
-``original.parquet`` (the unedited model's metrics), ``round_XX/deltas.safetensors`` (the round's
+``original/records.parquet`` (the unedited model's metrics), ``round_XX/deltas.safetensors`` (the round's
 own update, computed on the model carrying rounds < XX: apply them in order to re-create any
 round, undo them in reverse to go back) and ``round_XX/records.parquet`` (every edited record's
 metrics after round XX), ``summary.csv`` (one row per round and record group) and, with the
-null-space switch, ``preserved.safetensors`` (the accumulated keys K_p after the last finished
-round). An interrupted run resumes after its last finished round; the model passed in is left
-bit-identical.
+null-space switch, ``round_XX/preserved.safetensors`` (the accumulated keys K_p after round XX,
+from which a resumed run continues). An interrupted run resumes after its last finished round;
+the model passed in is left bit-identical.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..cache import atomic_path
+from ..devices import model_device
 from ..editing.deltas import Deltas, apply_deltas_, restore_
+from ..editing.nullspace import PreservedKeys
 from ..evaluation import relative_specificity, summarize
 from ..stats import layer_covariances
 from ..versions import versions
@@ -188,11 +190,13 @@ class _Rounds:
     model: Any
     tok: Any
     progress: bool
+    preserved: PreservedKeys | None = None
 
     def run(self) -> RoundsResult:
         batches, dataset = _round_batches(self.spec)
         self.state.data.update(dataset=dataset, versions=versions(), status="running")
         original = self._original([r for b in batches for r in b])
+        self.preserved = self._preserved_state()
         stats = layer_covariances(self.model, self.tok, self.spec.hp.layers, kind="ffn", spec=self.spec.covariance)
         undo: list[dict] = []
         try:
@@ -228,12 +232,18 @@ class _Rounds:
         if t < int(self.state.data["rounds_done"]):
             deltas = Deltas.load(folder / "deltas.safetensors")
             return apply_deltas_(self.model, deltas)  # checks the base fingerprint: rounds chain
+        if self.preserved is not None and t > 0 and len(self.preserved) == 0:
+            raise RuntimeError(f"{self.state.root}: round {t} needs the preserved keys of rounds < {t}, found none")
         t0 = time.perf_counter()
         seed_all(self.spec.seed + t)
         deltas = self._edit(batch, stats)
         folder.mkdir(parents=True, exist_ok=True)
         deltas.save(folder / "deltas.safetensors")
         undo = apply_deltas_(self.model, deltas)
+        if self.preserved is not None:  # K_p of the next rounds: this round's keys join the earlier ones
+            self.preserved.add_round(deltas)
+            self.preserved.save(folder / "preserved.safetensors")  # K_p after this round
+            self.state.data["preserved"] = self.preserved.to_dict()
         edit_s = time.perf_counter() - t0
         records = [r for b in [*earlier, batch] for r in b]
         df = _evaluate(self.spec, self.model, self.tok, records, self.progress)
@@ -253,7 +263,27 @@ class _Rounds:
         from ..editing.compute import compute_deltas
 
         requests = (zsre_requests if self.spec.dataset == "zsre" else counterfact_requests)(batch)
-        return compute_deltas(self.model, self.tok, requests, self.spec.hp, progress=self.progress, covariances=stats)
+        return compute_deltas(
+            self.model,
+            self.tok,
+            requests,
+            self.spec.hp,
+            progress=self.progress,
+            covariances=stats,
+            preserved=self.preserved,
+        )
+
+    def _preserved_state(self) -> PreservedKeys | None:
+        """With the null-space switch: the keys of the finished rounds (read back when resuming),
+        else a fresh, empty state (reset at the start of every run). None without the switch."""
+        if not self.spec.hp.null_space:
+            return None
+        done = int(self.state.data["rounds_done"])
+        if done > 0:  # a missing or damaged checkpoint is an error naming the file
+            return PreservedKeys.load(
+                self.state.round_dir(done - 1) / "preserved.safetensors", model_device(self.model)
+            )
+        return PreservedKeys(device=model_device(self.model))
 
     def _finish(self, t: int, deltas: Deltas, edit_s: float, eval_s: float) -> None:
         norms = deltas.norms()

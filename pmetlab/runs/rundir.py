@@ -22,6 +22,7 @@ import pandas as pd
 from ..cache import atomic_path, atomic_write_json
 from ..editing.deltas import Deltas
 from ..evaluation import summarize
+from ..hparams import hparams_from_dict
 from ..versions import versions
 from .spec import RunSpec
 
@@ -47,6 +48,19 @@ PHASES = ("load", "covariance", "edit", "eval_pre", "eval_post")
 DEFAULT_RUNS_DIR = Path("runs")
 #: Record columns holding a tuple per record; stored as lists (parquet) or JSON text (CSV).
 LIST_COLUMNS = ("neighborhood_prefers_true", "neighborhood_pred", "gen_texts")
+
+
+def _with_hparam_defaults(params: Any) -> Any:
+    """Saved run params with the hyperparameter fields added since the run started filled in with
+    their defaults (a new field that keeps today's behaviour must not orphan older runs)."""
+    hp = params.get("hparams") if isinstance(params, dict) else None
+    if not isinstance(hp, dict) or "method" not in hp:
+        return params
+    try:
+        full = hparams_from_dict(hp).to_dict()
+    except (KeyError, TypeError, ValueError):
+        return params
+    return json.loads(json.dumps({**params, "hparams": full}))
 
 
 class RunMismatchError(ValueError):
@@ -319,7 +333,7 @@ class RunState:
                 f"use another out_dir or resume=False to start over"
             )
         params = spec.params
-        if data.get("params") != params:
+        if _with_hparam_defaults(data.get("params")) != params:
             changes = diff(data.get("params") or {}, params)
             raise RunMismatchError(
                 f"{where} already holds a run with other parameters ({'; '.join(changes[:8])}"
