@@ -25,6 +25,7 @@ from ..cache import atomic_path
 from ..evaluation.summary import harmonic_mean
 from ..hparams import dataset_family
 from ..versions import versions
+from .spec import safe_name
 from .sweep import run_sweep
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def tune(
 
     Args:
         grid: the declared (λ, v_lr) grid; every method runs every point (an equal budget).
-        out_dir: where the runs go (``<out_dir>/runs/<slug>``; finished runs are reused).
+        out_dir: where the runs go (``<out_dir>/runs_<dataset>/<slug>``; finished runs are reused).
         hparams: overrides applied at every point (e.g. fewer steps for a smoke test); the grid's
             fields may not be among them.
         workers: processes for the target optimisation (see :func:`pmetlab.runs.run_sweep`).
@@ -149,7 +150,7 @@ def tune(
         raise ValueError(f"tuning needs an editing dataset (CounterFact or zsRE), got {dataset!r}")
     sweep = run_sweep(
         _grid_entries(methods, grid),
-        out_dir=Path(out_dir) / "runs",
+        out_dir=Path(out_dir) / f"runs_{safe_name(dataset)}",
         model=model,
         dataset=dataset,
         n_edits=n_edits,
