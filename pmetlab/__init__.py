@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import logging
 
-from .analysis import ablation_reading, component_similarity, similarity_by_depth, similarity_reading, tradeoff_reading
+from .analysis import (
+    ablation_reading,
+    component_similarity,
+    rounds_reading,
+    similarity_by_depth,
+    similarity_reading,
+    tradeoff_reading,
+)
 from .datasets import (
     DatasetInfo,
     counterfact_requests,
@@ -119,6 +126,7 @@ __all__ = [
     "similarity_reading",
     "tradeoff_reading",
     "ablation_reading",
+    "rounds_reading",
     "phase_times",
     "plot_similarity",
     "plot_tradeoff",

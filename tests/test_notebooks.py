@@ -35,6 +35,7 @@ NAMES = [
     "04_ablations",
     "05_locate_facts",
     "06_tuning",
+    "07_editing_over_time",
 ]
 REQUIRED_PARAMETERS = {"MODEL", "SEED", "SMOKE", "OUTPUT_DIR"}
 OTHER_IMPORTS = ("pandas", "IPython.display")  # besides pmetlab's exports, all a notebook imports

@@ -59,7 +59,7 @@ and ``reading`` writes the reading; ``labels`` and ``checks`` hold what they sha
 from __future__ import annotations
 
 from .depth import DEPTHS, depth_thirds, similarity_by_depth
-from .findings import ablation_reading, tradeoff_reading
+from .findings import ablation_reading, rounds_reading, tradeoff_reading
 from .intervals import mean_ci
 from .labels import COMPONENTS, DEFAULT_PROJECTION, METRICS, PROJECTIONS, PROTOCOLS
 from .projections import input_embedding_topk, logit_lens_topk, projection_topk, topk_jaccard
@@ -84,6 +84,7 @@ __all__ = [
     "similarity_reading",
     "tradeoff_reading",
     "ablation_reading",
+    "rounds_reading",
     "depth_thirds",
     "DEPTHS",
     "logit_lens_topk",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-__all__ = ["Estimate", "tradeoff_reading", "ablation_reading", "RELIABILITY", "SPECIFICITY"]
+__all__ = ["Estimate", "tradeoff_reading", "ablation_reading", "rounds_reading", "RELIABILITY", "SPECIFICITY"]
 
 RELIABILITY = ("efficacy_score", "paraphrase_score")
 SPECIFICITY = "neighborhood_score"
@@ -133,4 +133,39 @@ def ablation_reading(table: pd.DataFrame, *, model_name: str, n_edits: int) -> s
     ]
     lines = [line for b, o, what in checks if (line := _variant_line(table, b, o, what)) is not None]
     head = f"**{model_name}, PMET ablations at {n_edits} edits in one batch (95% intervals):**"
+    return "\n".join([head, "", *lines])
+
+
+_ROUND_METRICS = (
+    ("current", "efficacy_score", "efficacy on the last round's records"),
+    ("earlier", "efficacy_score", "retention of earlier rounds (ES)"),
+    ("all", "neighborhood_score", "NS over all rounds' records"),
+    ("all", "relative_specificity", "neighbourhood prompts behaving as in the original model"),
+)
+
+
+def _last_round(summary: pd.DataFrame, method: str, group: str) -> pd.Series | None:
+    rows = summary[(summary["method"] == method) & (summary["group"] == group)]
+    return rows.sort_values("after_round").iloc[-1] if len(rows) else None
+
+
+def rounds_reading(summary: pd.DataFrame, *, model_name: str, switch: str = " + null space") -> str:
+    """Markdown: for each method run with and without the null-space switch (methods named
+    ``X`` and ``X + null space``), what the switch changes after the last round, metric by
+    metric, with the 95% intervals."""
+    lines = []
+    for base in [m for m in summary["method"].unique() if not str(m).endswith(switch)]:
+        other = f"{base}{switch}"
+        if other not in set(summary["method"]):
+            continue
+        parts = []
+        for group, metric, what in _ROUND_METRICS:
+            a, b = _last_round(summary, base, group), _last_round(summary, other, group)
+            if a is None or b is None or metric not in a:
+                continue
+            ea, eb = Estimate.of(a, metric), Estimate.of(b, metric)
+            parts.append(f"{what}: {ea} → {eb} ({_compare(eb, ea, 'with the switch', 'without')})")
+        total = int(summary.loc[summary["method"] == base, "edits_total"].max())
+        lines.append(f"- **{base}** after {total} edits, without → with the null-space switch: " + "; ".join(parts))
+    head = f"**{model_name}, editing over time (95% intervals):**"
     return "\n".join([head, "", *lines])

@@ -79,6 +79,13 @@ EXPECTED_OUTPUTS: dict[str, list[str]] = {
         "06_tuning.csv",
         "06_tuning.json",
     ],
+    "07_editing_over_time": [
+        "07_rounds.png",
+        "07_rounds.pdf",
+        "07_rounds.csv",
+        "07_rounds_summary.csv",
+        "07_reading.md",
+    ],
 }
 
 #: jupytext's ``formats`` metadata of every notebook: the .ipynb paired with a percent-format .py.
