@@ -30,9 +30,9 @@
 # `07_reading.md` (the findings, generated from the numbers); the runs (every round's update, so any
 # round can be re-applied or undone) under `RUNS_DIR`.
 #
-# **Takes** about 8 min with the defaults (`PROFILE = "quick"`: B = 4, T = 3, four runs; SmolLM2-135M
-# in float32 on a CPU, one thread per run), about 1 min with `SMOKE = True`; `PROFILE = "paper"`
-# (B = 16, T = 8) takes a few hours and resumes after its last finished round.
+# **Takes** about 5 min with the defaults (`PROFILE = "quick"`: B = 2, T = 3, four runs; SmolLM2-135M
+# in float32 on a CPU, one thread), about 1 min with `SMOKE = True`; `PROFILE = "paper"` (B = 16,
+# T = 8) takes a few hours and resumes after its last finished round.
 
 # %% tags=["parameters"]
 MODEL = "smollm2-135m"   # embedded model name or a local model directory
@@ -42,7 +42,7 @@ SMOKE = False            # tiny sizes: a quick end-to-end check that writes ever
 OUTPUT_DIR = "figures"   # figures (PNG, PDF, CSV) and tables go here
 RUNS_DIR = "runs"        # run directories go under here (relative to the working directory)
 DATASET = "counterfact"  # "counterfact" or "zsre" (the evaluation split)
-PROFILE = "quick"        # "quick": 3 rounds of 4 edits; "paper": 8 rounds of 16
+PROFILE = "quick"        # "quick": 3 rounds of 2 edits; "paper": 8 rounds of 16
 THRESHOLD = 0.01         # null_space_threshold: covariance eigenvalues below it span the null space
 RESUME = True            # reuse finished rounds in RUNS_DIR (False: start over)
 
@@ -53,7 +53,7 @@ from IPython.display import Markdown
 import pmetlab
 from pmetlab import plot_rounds, save_figure
 
-B, T = {"quick": (4, 3), "paper": (16, 8)}[PROFILE]
+B, T = {"quick": (2, 3), "paper": (16, 8)}[PROFILE]
 FAST = {"v_num_grad_steps": 3, "cov_tokens": 5000} if SMOKE else {}  # preset overrides
 if SMOKE:  # every file is still written; the numbers mean little
     B, T = 1, 2
