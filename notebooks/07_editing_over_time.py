@@ -43,6 +43,8 @@ OUTPUT_DIR = "figures"   # figures (PNG, PDF, CSV) and tables go here
 RUNS_DIR = "runs"        # run directories go under here (relative to the working directory)
 DATASET = "counterfact"  # "counterfact" or "zsre" (the evaluation split)
 PROFILE = "quick"        # "quick": 3 rounds of 2 edits; "paper": 8 rounds of 16
+BATCH = None             # edits per round (None: the profile's)
+ROUNDS = None            # rounds (None: the profile's)
 THRESHOLD = 0.01         # null_space_threshold: covariance eigenvalues below it span the null space
 RESUME = True            # reuse finished rounds in RUNS_DIR (False: start over)
 
@@ -54,6 +56,7 @@ import pmetlab
 from pmetlab import plot_rounds, save_figure
 
 B, T = {"quick": (2, 3), "paper": (16, 8)}[PROFILE]
+B, T = BATCH or B, ROUNDS or T
 FAST = {"v_num_grad_steps": 3, "cov_tokens": 5000} if SMOKE else {}  # preset overrides
 if SMOKE:  # every file is still written; the numbers mean little
     B, T = 1, 2
