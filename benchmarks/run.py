@@ -472,7 +472,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-records", type=int, default=None, help="CounterFact records for the eval benchmark")
     ap.add_argument("--rss-edits", type=int, default=None, help="edits in the peak-RSS probe (default 100)")
     ap.add_argument(
-        "--worker-requests", type=int, default=None, help="requests for the workers benchmark (default: --n-requests)"
+        "--worker-requests",
+        type=int,
+        default=16,
+        help="requests for the workers benchmark (at least two chunks of 8, so both workers have work)",
     )
     ap.add_argument("--only", action="append", help=f"run only these benchmarks ({', '.join(ROWS)})")
     ap.add_argument("--out", default=str(RESULTS / "latest.json"))
@@ -518,7 +521,7 @@ def main(argv=None) -> int:
         logger.info("skipping the workers benchmark: its workers load SmolLM2, not the --quick model")
     elif "workers" in only:
         steps = {"v_num_grad_steps": args.steps} if args.steps else {}
-        rows += bench_workers(model, tok, args.worker_requests or n_req, steps)
+        rows += bench_workers(model, tok, args.worker_requests, steps)
     if "eval" in only:
         rows += bench_eval(model, tok, records[:n_eval], 20 if q else 50)
     if "causal_trace" in only:
