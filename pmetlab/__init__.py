@@ -37,6 +37,7 @@ from .evaluation import (
     score_pairs,
     summarize,
 )
+from .explore import EditSession, explore
 from .hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams, hparams_from_dict, layers_from_text
 from .locate import best_window, embedding_noise_scale, known_facts_of, locate_reading, trace_fact, trace_facts
 from .models import get_adapter, load_model, model_identity, supported_architectures
@@ -136,6 +137,8 @@ __all__ = [
     "plot_tuning_grid",
     "plot_rounds",
     "run_rounds",
+    "explore",
+    "EditSession",
     "save_figure",
     # notebooks
     "run_notebooks",
