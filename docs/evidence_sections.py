@@ -140,3 +140,60 @@ def ablations_section() -> str:
 
 
 BUILDERS = {"tuning": tuning_section, "tradeoff": tradeoff_section, "ablations": ablations_section}
+
+
+def _rounds_table(d: Path) -> str:
+    df = pd.read_csv(d / "07_rounds_summary.csv")
+    last = df[(df["group"] == "all") & (df["after_round"] == df["after_round"].max())]
+    earlier = df[(df["group"] == "earlier") & (df["after_round"] == df["after_round"].max())].set_index("method")
+    rows = [
+        {
+            "method": r["method"],
+            "edits": int(r["edits_total"]),
+            "ES (all)": _ci(r, "efficacy_score"),
+            "retention (earlier ES)": _ci(earlier.loc[r["method"]], "efficacy_score")
+            if r["method"] in earlier.index
+            else "–",
+            "NS": _ci(r, "neighborhood_score"),
+            "as original (neighbourhood)": _ci(r, "relative_specificity"),
+            "last round's update norm": f"{r['round_update_norm']:.2f}",
+        }
+        for _, r in last.iterrows()
+    ]
+    return markdown_table(pd.DataFrame(rows))
+
+
+def rounds_section() -> str:
+    """Notebook 07 per model (after the last round)."""
+    return _section("07", _rounds_table, "CounterFact evaluation split, after the last round, 95% intervals")
+
+
+def _zsre_row(r: pd.Series, name: str) -> dict[str, str]:
+    return {
+        "method": name,
+        "ES (token acc.)": _ci(r, "efficacy_token_acc"),
+        "PS": _ci(r, "paraphrase_token_acc"),
+        "NS": _ci(r, "neighborhood_token_acc"),
+        "p(o*) reached": "–"
+        if pd.isna(r.get("target_p_target_final_mean"))
+        else f"{r['target_p_target_final_mean']:.2f}",
+        "at step cap": _share(r.get("target_share_at_step_cap")),
+        "δ at norm bound": _share(r.get("target_share_delta_at_clamp")),
+    }
+
+
+def zsre_section() -> str:
+    """zsRE on SmolLM2 with the tuned presets: the evaluation-split check (64 records, one batch)."""
+    path = RESULTS / "smollm2-135m" / "zsre_eval_64.csv"
+    if not path.is_file():
+        return "Not run yet (`pmetlab run --dataset zsre --n-edits 64` for each method)."
+    df = pd.read_csv(path)
+    post = df[df["phase"] == "post"]
+    rows = [_zsre_row(r, METHOD_NAMES.get(r["method"], r["method"])) for _, r in post.iterrows()]
+    rows.append(_zsre_row(df[df["phase"] == "pre"].iloc[0], "unedited"))
+    return f"SmolLM2-135M, the first 64 zsRE evaluation records in one batch (`{path.relative_to(REPO)}`):\n\n" + (
+        markdown_table(pd.DataFrame(rows))
+    )
+
+
+BUILDERS.update(rounds=rounds_section, zsre=zsre_section)
