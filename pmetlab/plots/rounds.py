@@ -16,6 +16,7 @@ ROUND_PANELS = (
     ("retention, earlier rounds", "earlier", "efficacy_score"),
     ("neighbourhood, all rounds", "all", "neighborhood_score"),
     ("relative specificity, all rounds", "all", "relative_specificity"),
+    ("update norm, this round", "current", "round_update_norm"),
 )
 
 
@@ -35,8 +36,8 @@ def rounds_long(summary: pd.DataFrame) -> pd.DataFrame:
                     "edits_total": g["edits_total"],
                     "metric": name,
                     "mean": g[col],
-                    "ci_low": g.get(f"{col}_ci_low"),
-                    "ci_high": g.get(f"{col}_ci_high"),
+                    "ci_low": g[f"{col}_ci_low"] if f"{col}_ci_low" in g else float("nan"),
+                    "ci_high": g[f"{col}_ci_high"] if f"{col}_ci_high" in g else float("nan"),
                 }
             )
         )
