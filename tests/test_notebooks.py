@@ -36,6 +36,7 @@ NAMES = [
     "05_locate_facts",
     "06_tuning",
     "07_editing_over_time",
+    "08_explore",
 ]
 REQUIRED_PARAMETERS = {"MODEL", "SEED", "SMOKE", "OUTPUT_DIR"}
 OTHER_IMPORTS = ("pandas", "IPython.display")  # besides pmetlab's exports, all a notebook imports

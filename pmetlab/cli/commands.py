@@ -162,17 +162,42 @@ def _notebook_table(results: list[dict]) -> str:
         return pd.DataFrame(rows).to_string(index=False)
 
 
-def cmd_notebooks(args: argparse.Namespace) -> int:
+def _copy_or_list_notebooks(args: argparse.Namespace) -> int:
+    """``--list``: the notebooks and their titles; ``--copy DIR``: editable copies of the pairs."""
+    from ..notebooks import NOTEBOOKS_DIR, copy_notebooks, notebook_titles
 
+    running = [flag for flag, used in (("--out", args.out), ("--smoke", args.smoke), ("-p", args.parameter)) if used]
+    if running:
+        raise ValueError(f"--copy and --list run no notebook: leave out {' and '.join(running)}")
+    if args.list:
+        titles = notebook_titles(args.only)
+        width = max(map(len, titles), default=0)
+        for name, title in titles.items():
+            _echo(f"{name:<{width}}  {title}")
+        _echo(f"{len(titles)} notebooks in {NOTEBOOKS_DIR}; copy them to edit: pmetlab notebooks --copy DIR")
+        return 0
+    dest = _out_path(args.copy, "--copy")
+    written = copy_notebooks(dest, names=args.only, overwrite=args.force)
+    for path in written:
+        _echo(f"wrote {path}")
+    pairs = len({p.stem for p in written})
+    _echo(f"copied {pairs} notebooks ({len(written)} files) into {dest}; open them with: jupyter lab {dest}")
+    return 0
+
+
+def cmd_notebooks(args: argparse.Namespace) -> int:
+    if args.force and args.copy is None:
+        raise ValueError("--force replaces files that --copy would write; give --copy DIR with it")
+    if args.copy is not None or args.list:
+        return _copy_or_list_notebooks(args)
     try:
         from ..notebooks import run_notebooks
     except ImportError as exc:
         raise ValueError(
             f"notebook support is unavailable ({exc}); install the 'notebooks' extra (pip install 'pmetlab[notebooks]')"
         ) from None
-    results = run_notebooks(
-        args.out, names=args.only, parameters=pairs_to_dict(args.parameter) or None, smoke=args.smoke
-    )
+    out = args.out if args.out is not None else "figures"
+    results = run_notebooks(out, names=args.only, parameters=pairs_to_dict(args.parameter) or None, smoke=args.smoke)
     results = list(results or [])
     if results:
         _echo(_notebook_table(results))

@@ -179,16 +179,22 @@ def _add_summarize(sub: argparse._SubParsersAction) -> None:
 def _add_notebooks(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "notebooks",
-        help="execute the notebooks, figures and tables into --out",
+        help="execute the notebooks, figures and tables into --out (or --copy them to edit, --list them)",
         description="Execute the numbered notebooks (papermill) with their default or given "
-        "parameters; exit status 1 if any failed.",
+        "parameters; exit status 1 if any failed. --copy DIR writes editable copies of them "
+        "instead (open DIR in JupyterLab) and --list lists them; neither runs anything.",
         formatter_class=_FMT,
     )
     _verbosity(p, top=False)
     p.add_argument(
-        "--out", type=output_dir, default="figures", help="output directory for figures, tables and executed notebooks"
+        "--out",
+        type=output_dir,
+        default=None,
+        help="output directory for figures, tables and executed notebooks (default: figures)",
     )
-    p.add_argument("--only", metavar="NAME", action="append", default=None, help="run only this notebook (repeatable)")
+    p.add_argument(
+        "--only", metavar="NAME", action="append", default=None, help="only this notebook (repeatable; e.g. 02)"
+    )
     p.add_argument(
         "-p",
         "--parameter",
@@ -199,6 +205,16 @@ def _add_notebooks(sub: argparse._SubParsersAction) -> None:
         help="notebook parameter (repeatable; VALUE parsed as JSON)",
     )
     p.add_argument("--smoke", action="store_true", help="smoke parameters: tiny and fast")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument(
+        "--copy",
+        metavar="DIR",
+        type=output_dir,
+        default=None,
+        help="write editable copies of the notebooks (both files of each jupytext pair) into DIR and exit",
+    )
+    what.add_argument("--list", action="store_true", help="list the notebooks with their titles and exit")
+    p.add_argument("--force", action="store_true", help="with --copy: replace notebook files that exist in DIR")
     p.set_defaults(func=cmd_notebooks)
 
 

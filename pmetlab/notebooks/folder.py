@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import os
+import shutil
+import time
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-#: ``<repo>/notebooks`` (the package is installed editable, so the repo is its parent).
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent.parent / "notebooks"
+#: Where a wheel installs the notebook pairs inside the package (setup.py copies them there from
+#: the repository's ``notebooks/``; an editable install has no such folder).
+SHIPPED_DIR = "_notebooks"
+
+
+def find_notebooks_dir(package: str = __name__.split(".")[0]) -> Path:
+    """The folder of the numbered notebooks: ``<package>/_notebooks`` where a wheel installed them,
+    else ``notebooks/`` next to the package's folder (a checkout installed editable, ``pip install -e .``).
+    ``package`` is for tests; the folder returned may be missing (:func:`list_notebooks` says so)."""
+    root = resources.files(package)
+    shipped = root / SHIPPED_DIR
+    if shipped.is_dir():
+        return Path(str(shipped))
+    return Path(str(root)).parent / "notebooks"
+
+
+#: The notebooks' folder: the installed copy (a wheel) or ``<repo>/notebooks`` (an editable install).
+NOTEBOOKS_DIR = find_notebooks_dir()
 
 #: Files each notebook writes into its ``OUTPUT_DIR`` (figures: PNG, PDF and the CSV of the
 #: numbers drawn; tables: CSV; text: Markdown). Names carry the notebook's number, so all
@@ -86,6 +106,9 @@ EXPECTED_OUTPUTS: dict[str, list[str]] = {
         "07_rounds_summary.csv",
         "07_reading.md",
     ],
+    "08_explore": [
+        "08_outcome.csv",
+    ],
 }
 
 #: jupytext's ``formats`` metadata of every notebook: the .ipynb paired with a percent-format .py.
@@ -97,14 +120,14 @@ _FALSE = {"0", "false", "no", "off", "n", "f", ""}
 
 
 def _locate_dir(path: str | os.PathLike | None = None) -> Path:
-    """The folder holding the notebooks: ``path`` when given, else ``<repo>/notebooks``."""
+    """The folder holding the notebooks: ``path`` when given, else :data:`NOTEBOOKS_DIR`."""
     d = Path(path).expanduser() if path is not None else NOTEBOOKS_DIR
     if not d.is_dir():
         hint = (
             ""
             if path is not None
-            else " (pmetlab must be installed editable from its repository, "
-            "`pip install -e .`, for the notebooks to be found; or pass notebooks_dir=)"
+            else f" (a wheel installs them in pmetlab/{SHIPPED_DIR}, an editable install reads the "
+            "checkout's notebooks/: reinstall pmetlab, or pass notebooks_dir=)"
         )
         raise FileNotFoundError(f"notebook folder {str(d)!r} does not exist{hint}")
     return d
@@ -120,6 +143,75 @@ def list_notebooks(notebooks_dir: str | os.PathLike | None = None) -> list[str]:
     return sorted(
         p.stem for p in d.glob("*.ipynb") if not p.name.startswith((".", "_")) and not p.stem.endswith("-checkpoint")
     )
+
+
+def notebook_titles(
+    names: Sequence[str] | str | None = None, notebooks_dir: str | os.PathLike | None = None
+) -> dict[str, str]:
+    """``{name: title}`` of the notebooks (``names`` as :func:`run_notebooks` takes them; default:
+    all), in order: the first line of each one's first cell without the Markdown ``#``. Reads the
+    ``.ipynb`` as JSON (no Jupyter package needed)."""
+    d = _locate_dir(notebooks_dir)
+    out = {}
+    for name in _resolve_names(names, list_notebooks(d)):
+        cells = json.loads((d / f"{name}.ipynb").read_text(encoding="utf-8")).get("cells") or [{}]
+        source = cells[0].get("source", "")
+        text = "".join(source) if isinstance(source, list) else str(source)
+        out[name] = next((l.lstrip("#").strip() for l in text.splitlines() if l.strip()), "")
+    return out
+
+
+def copy_notebooks(
+    dest: str | os.PathLike,
+    names: Sequence[str] | str | None = None,
+    *,
+    overwrite: bool = False,
+    notebooks_dir: str | os.PathLike | None = None,
+) -> list[Path]:
+    """Copy the notebooks (both files of each jupytext pair) into ``dest``, to edit and run there.
+
+    Args:
+        dest: the folder to write into; created when missing.
+        names: which notebooks (as :func:`run_notebooks` takes them); default: all.
+        overwrite: replace files that exist in ``dest``. Without it nothing is written when one does.
+        notebooks_dir: where to copy from (default :data:`NOTEBOOKS_DIR`).
+
+    Returns:
+        The files written, in order. The two files of a pair get the same modification time, so
+        jupytext in JupyterLab opens the pair as in sync.
+
+    Raises:
+        NotADirectoryError: ``dest``, or a folder above it, is a file.
+        FileExistsError: files exist in ``dest`` and ``overwrite`` is False (the message names them).
+        ValueError: an unknown notebook name, or ``dest`` is the folder copied from.
+    """
+    src = _locate_dir(notebooks_dir)
+    files = [p for n in _resolve_names(names, list_notebooks(src)) for p in (src / f"{n}.ipynb", src / f"{n}.py")]
+    files = [p for p in files if p.is_file()]
+    out = Path(dest).expanduser()
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(
+            f"cannot copy the notebooks into {str(out)!r}: {str(blocker)!r} is a file, not a directory; "
+            "give a folder (it is created when missing)"
+        )
+    if out.is_dir() and out.resolve() == src.resolve():
+        raise ValueError(f"{str(out)!r} is the folder the notebooks are copied from; give another folder")
+    existing = [p.name for p in files if (out / p.name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{len(existing)} notebook file(s) already exist in {str(out)!r}: {', '.join(existing)}; nothing "
+            "was copied. Replace them with overwrite=True (command line: --force) or give another folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    written = []
+    for p in files:
+        shutil.copyfile(p, out / p.name)
+        os.utime(out / p.name, (now, now))
+        written.append(out / p.name)
+    logger.debug("copied %d notebook file(s) from %s to %s", len(written), src, out)
+    return written
 
 
 def _resolve_names(names: Sequence[str] | str | None, available: list[str]) -> list[str]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
+import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -53,9 +56,13 @@ def run_notebooks(
             ``"true"`` -> True). A name no selected notebook declares is an error.
         smoke: run with ``SMOKE=True`` (tiny sizes, every file still written), unless
             ``parameters`` sets ``SMOKE`` itself.
-        notebooks_dir: folder of the notebooks (default ``<repo>/notebooks``).
+        notebooks_dir: folder of the notebooks (default :data:`NOTEBOOKS_DIR`: the copy a wheel
+            installs, or the checkout's ``notebooks/`` for an editable install).
         timeout: per-cell time limit in seconds (papermill's ``execution_timeout``); None: no limit.
-        kernel_name: Jupyter kernel (default: the one each notebook names, ``python3``).
+        kernel_name: a Jupyter kernelspec to run the notebooks in, as it is. Default: the runner's own
+            kernel (:func:`kernel_spec`: IPython on the Python running this function, text progress
+            bars), standing in for ``python3``, the kernel the notebooks name, whatever kernelspecs
+            are installed.
         threads: CPU threads of each kernel's torch/BLAS (``OMP_NUM_THREADS`` and
             ``MKL_NUM_THREADS`` for the kernels). None: ``$OMP_NUM_THREADS`` when set, else 1 —
             on a 2-core machine shared with other jobs, two spin-waiting threads per process made
@@ -90,15 +97,19 @@ def run_notebooks(
     plans = _plan_parameters(given, src_dir, selected)
     out.mkdir(parents=True, exist_ok=True)
     report = _new_report(out, src_dir, given, threads)
-    with _thread_env(threads):
+    report["kernel"] = kernel_name or f"python3: {sys.executable}"
+    with _thread_env(threads), _runner_kernel(kernel_name is None):
         return _run_all(papermill, src_dir, selected, plans, out, timeout, kernel_name, report)
 
 
 def _import_papermill():
     try:
+        import ipykernel  # noqa: F401 - the kernels run it
         import papermill
     except ImportError as exc:
-        raise ImportError("running notebooks needs papermill and ipykernel: pip install -e '.[notebooks]'") from exc
+        raise ImportError(
+            f"running notebooks needs papermill and ipykernel ({exc}): pip install 'pmetlab[notebooks]'"
+        ) from exc
     return papermill
 
 
@@ -152,16 +163,16 @@ def _plan_parameters(given: Mapping[str, Any], src_dir: Path, selected: list[str
 
 
 @contextmanager
-def _thread_env(threads: int | None) -> Iterator[None]:
-    """Set the thread variables the kernels inherit, and put the old values back."""
-    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    old = {k: os.environ.get(k) for k in keys}
+def _environ(changes: Mapping[str, str | None]) -> Iterator[None]:
+    """Set (a value) or unset (None) environment variables, which the kernels inherit, and put the
+    old values back."""
+    old = {k: os.environ.get(k) for k in changes}
     try:
-        if threads == 0:
-            for k in keys:
+        for k, v in changes.items():
+            if v is None:
                 os.environ.pop(k, None)
-        elif threads is not None:
-            os.environ.update({k: str(threads) for k in keys})
+            else:
+                os.environ[k] = v
         yield
     finally:
         for k, v in old.items():
@@ -169,6 +180,14 @@ def _thread_env(threads: int | None) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _thread_env(threads: int | None) -> AbstractContextManager[None]:
+    """Set the thread variables the kernels inherit (0: unset, torch's default; None: as they are)."""
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    if threads is None:
+        return _environ({})
+    return _environ({k: (str(threads) if threads else None) for k in keys})
 
 
 def _run_all(
@@ -263,7 +282,8 @@ def _execute(
 
 
 #: Warnings the kernels need not print into every executed notebook: tqdm's "IProgress not found"
-#: (ipywidgets is not installed; the text bars work). A ``PYTHONWARNINGS`` filter: the message start.
+#: (ipywidgets is not installed; the text bars work; a kernelspec given by name may import tqdm.auto
+#: in a cell). A ``PYTHONWARNINGS`` filter: the message start.
 _KERNEL_WARNING_FILTERS = ("ignore:IProgress not found",)
 
 
@@ -281,16 +301,46 @@ def _kernel_config() -> Any:
     return config
 
 
-@contextmanager
-def _quiet_kernel_env() -> Iterator[None]:
+def _quiet_kernel_env() -> AbstractContextManager[None]:
     """Add :data:`_KERNEL_WARNING_FILTERS` to the ``PYTHONWARNINGS`` the kernel inherits (the
     user's filters kept), and put the old value back."""
     old = os.environ.get("PYTHONWARNINGS")
-    os.environ["PYTHONWARNINGS"] = ",".join(([old] if old else []) + list(_KERNEL_WARNING_FILTERS))
-    try:
+    return _environ({"PYTHONWARNINGS": ",".join(([old] if old else []) + list(_KERNEL_WARNING_FILTERS))})
+
+
+#: Run first in every kernel of :func:`kernel_spec`: ``tqdm.auto`` is made the text bar, the class it
+#: picks outside Jupyter. With ipywidgets installed it would pick the notebook widget, which renders
+#: in JupyterLab but leaves widget views and their state (JSON) in an executed copy and nothing
+#: readable in logs. Names are deleted: the notebook's namespace stays as the notebook makes it.
+TEXT_PROGRESS_LINES = (
+    "import tqdm.asyncio, tqdm.auto",
+    "tqdm.auto.tqdm = tqdm.asyncio.tqdm",
+    "del tqdm",
+)
+
+
+def kernel_spec() -> dict[str, Any]:
+    """The ``kernel.json`` of the runner's kernel: ipykernel's own spec for the Python running
+    pmetlab (``sys.executable``, not a kernelspec found on the machine, which may be another
+    environment's), with progress bars as text (:data:`TEXT_PROGRESS_LINES`)."""
+    from ipykernel.kernelspec import get_kernel_dict
+
+    spec = get_kernel_dict(extra_arguments=[f"--IPKernelApp.exec_lines={line}" for line in TEXT_PROGRESS_LINES])
+    if platform.python_implementation() == "CPython":  # as `ipykernel install` does: no debugger warning
+        spec["argv"][1:1] = ["-Xfrozen_modules=off"]
+    return spec
+
+
+@contextmanager
+def _runner_kernel(enabled: bool = True, name: str = "python3") -> Iterator[None]:
+    """While open, the kernelspec ``name`` is :func:`kernel_spec`: written to a temporary folder put
+    first on ``JUPYTER_PATH`` (Jupyter looks there before the user's and the environment's kernels)."""
+    if not enabled:
         yield
-    finally:
-        if old is None:
-            os.environ.pop("PYTHONWARNINGS", None)
-        else:
-            os.environ["PYTHONWARNINGS"] = old
+        return
+    with tempfile.TemporaryDirectory(prefix="pmetlab-kernel-") as tmp:
+        spec_dir = Path(tmp, "kernels", name)
+        spec_dir.mkdir(parents=True)
+        (spec_dir / "kernel.json").write_text(json.dumps(kernel_spec(), indent=1), encoding="utf-8")
+        with _environ({"JUPYTER_PATH": os.pathsep.join(filter(None, (tmp, os.environ.get("JUPYTER_PATH"))))}):
+            yield
