@@ -18,7 +18,7 @@ endif
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv lint test test-fast figures bench demo readme clean-venv
+.PHONY: venv lint test test-fast figures bench demo readme clean-venv browser-check
 
 venv: $(STAMP)
 
@@ -35,7 +35,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
-LINT_PATHS := pmetlab tests benchmarks docs notebooks
+LINT_PATHS := pmetlab tests benchmarks docs notebooks setup.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
@@ -59,6 +59,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# The explorer (notebooks/08_explore.ipynb) in JupyterLab and headless Chromium: run all cells, one edit
+# through the widgets, screenshots into docs/screenshots. Not part of `make test`; installs chromium,
+# chromium-driver (apt-get) and selenium (pip) when missing.
+browser-check: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) docs/browser_check.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -177,6 +177,8 @@ class Explorer:
         """HTML of an outcome: p(new)/p(true), top-k before/after per probe, norms, continuations."""
         topk = out.topk.assign(entry=lambda d: d["token"].map(repr) + " " + d["prob"].map("{:.3f}".format))
         wide = topk.pivot_table(index=["probe", "rank"], columns="state", values="entry", aggfunc="first")
+        wide = wide[[c for c in ("before", "after") if c in wide.columns]]
+        wide.columns.name = None  # no stray "state" header above the index columns
         gens = "".join(f"<p><b>{k}</b>: {html.escape(v)}</p>" for k, v in out.generations.items())
         return (
             "<h4>p(new object), p(true object)</h4>"
