@@ -169,6 +169,7 @@ def _result(sweep: pd.DataFrame, grid: TuningGrid, methods: Sequence[str], famil
     post = sweep[sweep["phase"] == "post"].reset_index(drop=True)
     scored = select_points(post, parts)
     unedited = sweep[(sweep["phase"] == "pre")].head(1).assign(method="unedited", label="unedited")
+    unedited = unedited.assign(**{f: float("nan") for f in GRID_FIELDS})  # no grid point: the model as loaded
     unedited["tuning_score"] = [_score(r, parts) for r in unedited.to_dict("records")]
     table = pd.concat([scored, unedited], ignore_index=True)
     chosen = {
