@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pmetlab.reporting import format_ci, markdown_table
@@ -33,6 +34,11 @@ def _share(v) -> str:
     return "–" if v is None or pd.isna(v) else f"{100 * float(v):.0f}%"
 
 
+def _chosen(v) -> bool:
+    """True only for a real True (the unedited row's ``selected`` is empty)."""
+    return isinstance(v, (bool, np.bool_)) and bool(v) or (isinstance(v, str) and v.strip().lower() == "true")
+
+
 def _tuning_row(r: pd.Series, parts: dict[str, str]) -> dict[str, str]:
     p = r.get("target_p_target_final_mean")
     return {
@@ -44,7 +50,7 @@ def _tuning_row(r: pd.Series, parts: dict[str, str]) -> dict[str, str]:
         "p(o*) reached": "–" if p is None or pd.isna(p) else f"{p:.2f}",
         "at step cap": _share(r.get("target_share_at_step_cap")),
         "δ at norm bound": _share(r.get("target_share_delta_at_clamp")),
-        "chosen": "✓" if bool(r.get("selected")) is True else "",
+        "chosen": "✓" if _chosen(r.get("selected")) else "",
     }
 
 
