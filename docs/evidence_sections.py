@@ -105,16 +105,16 @@ def _wall_times(d: Path, notebook: str) -> str:
     return "Wall time by phase, all runs (min): " + ", ".join(f"{p} {v:.1f}" for p, v in t.items()) + "."
 
 
-def _section(notebook: str, table: callable, what: str) -> str:
+def _section(notebook: str, table: callable, what) -> str:
     parts = []
     for model, name in MODELS.items():
         d = _profile_dir(model, notebook)
         if d is None:
             parts.append(f"**{name}**: notebook {notebook} not run yet for this model.")
             continue
-        profile = d.name
+        how = what(d) if callable(what) else f"{d.name} profile, {what}"
         parts.append(
-            f"**{name}, {profile} profile** ({what}; `{d.relative_to(REPO)}`):\n\n{table(d)}\n\n"
+            f"**{name}** ({how}; `{d.relative_to(REPO)}`):\n\n{table(d)}\n\n"
             f"{(d / f'{notebook}_reading.md').read_text().strip()}\n\n{_wall_times(d, notebook)}".rstrip()
         )
     return "\n\n".join(parts)
@@ -171,7 +171,16 @@ def _rounds_table(d: Path) -> str:
 
 def rounds_section() -> str:
     """Notebook 07 per model (after the last round)."""
-    return _section("07", _rounds_table, "CounterFact evaluation split, after the last round, 95% intervals")
+    return _section("07", _rounds_table, _rounds_setting)
+
+
+def _rounds_setting(d: Path) -> str:
+    df = pd.read_csv(d / "07_rounds_summary.csv")
+    per_round = df[df["group"] == "current"].groupby("after_round")["n_records"].first()
+    return (
+        f"{len(per_round)} rounds of {int(per_round.iloc[0])} edits, CounterFact evaluation split, "
+        "after the last round, 95% intervals"
+    )
 
 
 def _zsre_row(r: pd.Series, name: str) -> dict[str, str]:
