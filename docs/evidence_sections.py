@@ -68,8 +68,42 @@ def _tuning_table(model: str, dataset: str) -> str:
 
 
 def tuning_section() -> str:
-    """Every committed tuning table, each row a grid point, the chosen one per method ticked."""
-    return "\n\n".join(_tuning_table(m, d) for m in MODELS for d in DATASETS)
+    """Every committed tuning table, each row a grid point, the chosen one per method ticked, and
+    the boundary check where one was run."""
+    parts = []
+    for m in MODELS:
+        for d in DATASETS:
+            parts.append(_tuning_table(m, d))
+            check = _boundary_check(m, d)
+            if check:
+                parts.append(check)
+    return "\n\n".join(parts)
+
+
+def _best(df: pd.DataFrame, method: str) -> pd.Series:
+    rows = df[df["method"] == method]
+    return rows[rows["selected"].map(_chosen)].iloc[0]
+
+
+def _boundary_check(model: str, dataset: str) -> str | None:
+    """A wider grid's choice next to the preset's (``tune_<dataset>_wider.csv``), when committed."""
+    path = RESULTS / model / f"tune_{dataset}_wider.csv"
+    if not path.is_file():
+        return None
+    wide, base = pd.read_csv(path), pd.read_csv(RESULTS / model / f"tune_{dataset}.csv")
+    lams = ", ".join(f"{v:g}" for v in sorted(wide["mom2_update_weight"].dropna().unique()))
+    lines = []
+    for method in ("pmet", "memit"):
+        w, b = _best(wide, method), _best(base, method)
+        same = (w["mom2_update_weight"], w["v_lr"]) == (b["mom2_update_weight"], b["v_lr"])
+        lines.append(
+            f"{METHOD_NAMES[method]}: λ = {w['mom2_update_weight']:g}, v_lr = {w['v_lr']:g}, Score "
+            f"{w['tuning_score']:.1f} ({'the same point' if same else f'the preset: {b.tuning_score:.1f}'})"
+        )
+    return (
+        f"Boundary check ({MODELS[model]}, {DATASETS[dataset]}): the same records with λ ∈ {{{lams}}} "
+        f"(`{path.relative_to(REPO)}`) choose " + "; ".join(lines) + "."
+    )
 
 
 def _profile_dir(model: str, notebook: str) -> Path | None:
