@@ -87,10 +87,11 @@ def test_run_spec_resolves_every_setting():
         generation=np.bool_(False),
         label="x",
     )
-    assert (spec.dataset, spec.n_edits, spec.generation, spec.preset) == ("multi_counterfact", 4, False, "smollm2-135m")
+    assert (spec.dataset, spec.n_edits, spec.generation) == ("multi_counterfact", 4, False)
+    assert spec.preset == "smollm2-135m/counterfact"  # the tuned entry of the dataset family
     assert type(spec.n_edits) is int and type(spec.generation) is bool
     # the preset for the model, the overrides, and the run's seed unless the overrides set one
-    assert spec.hp == resolve_hparams("smollm2-135m", "pmet", {"v_lr": 0.3, "seed": 7})
+    assert spec.hp == resolve_hparams("smollm2-135m", "pmet", {"v_lr": 0.3, "seed": 7}, dataset="multi_counterfact")
     assert spec.hp.seed == 7 and spec.overrides == {"v_lr": 0.3}
     assert RunSpec.build(model="tiny", seed=7, hparams={"seed": 1}).hp.seed == 1
     assert spec.covariance == spec.hp.covariance and spec.covariance.seed == 7

@@ -53,9 +53,11 @@ def _mean(x: Sequence[float]) -> float:
 def target_summary(deltas: Deltas, hp: EditHyperParams) -> dict[str, float]:
     """How far the target optimisation got, over all requests of an edit (every batch): mean final
     p(o*) (mean over the rewrite prompts), mean steps, the share that ran to ``v_num_grad_steps``
-    and the share whose δ ended on the norm-ball boundary (clamp_norm_factor · ‖init‖)."""
+    and the share whose δ ended on the norm-ball boundary (clamp_norm_factor · ‖init‖), and per
+    optimised space the mean ‖init‖ (the scale of that bound) and mean ‖δ‖."""
     parts = deltas.meta.get("batches") or [{"targets": deltas.meta.get("targets")}]
     p, steps, clamped = [], [], []
+    norms_of: dict[str, tuple[list, list]] = {}
     for part in parts:
         t = part.get("targets") or {}
         p += list(t.get("final_p_target", []))
@@ -63,10 +65,16 @@ def target_summary(deltas: Deltas, hp: EditHyperParams) -> dict[str, float]:
         for space, norms in (t.get("delta_norms") or {}).items():
             inits = t.get("init_norms", {}).get(space, [])
             clamped += [d >= hp.clamp_norm_factor * i * (1 - 1e-4) for d, i in zip(norms, inits) if i > 0 and d > 0]
-    return {
+            norms_of.setdefault(space, ([], []))[0].extend(inits)
+            norms_of[space][1].extend(norms)
+    out = {
         "n_requests": len(p),
         "p_target_final_mean": _mean(p),
         "steps_mean": _mean(steps),
         "share_at_step_cap": _mean([s >= hp.v_num_grad_steps for s in steps]),
         "share_delta_at_clamp": _mean(clamped),
     }
+    for space, (inits, deltas) in sorted(norms_of.items()):  # the scale the norm bound is relative to
+        out[f"init_norm_mean_{space}"] = _mean(inits)
+        out[f"delta_norm_mean_{space}"] = _mean(deltas)
+    return out
