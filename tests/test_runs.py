@@ -101,7 +101,7 @@ def test_run_spec_resolves_every_setting():
     d = spec.to_dict()
     assert d == json.loads(json.dumps(d))
     assert d["covariance"] == spec.hp.covariance.to_dict() and d["eval_batch_size"] == 32
-    assert d["hparams_preset"] == "smollm2-135m" and d["label"] == "x"
+    assert d["hparams_preset"] == "smollm2-135m/counterfact" and d["label"] == "x"
     assert {k: d[k] for k in spec.params} == spec.params
     derived = RunSpec.build(model="tiny", dataset="CounterFact+Conflict-Filter")
     assert derived.dataset == pmetlab.datasets.CONFLICT_FILTERED and derived.dataset in pmetlab.runs.DATASETS
