@@ -240,8 +240,36 @@ def zsre_section() -> str:
     post = df[df["phase"] == "post"]
     rows = [_zsre_row(r, METHOD_NAMES.get(r["method"], r["method"])) for _, r in post.iterrows()]
     rows.append(_zsre_row(df[df["phase"] == "pre"].iloc[0], "unedited"))
-    return f"SmolLM2-135M, the first 64 zsRE evaluation records in one batch (`{path.relative_to(REPO)}`):\n\n" + (
-        markdown_table(pd.DataFrame(rows))
+    head = f"SmolLM2-135M, the first 64 zsRE evaluation records in one batch (`{path.relative_to(REPO)}`):"
+    return head + "\n\n" + markdown_table(pd.DataFrame(rows)) + _why_low(post)
+
+
+def _why_low(post: pd.DataFrame) -> str:
+    """Why PMET's targets stop short, from the norms the runs recorded (empty when not recorded)."""
+    by = {r["method"]: r for _, r in post.iterrows()}
+    p, m = by.get("pmet"), by.get("memit")
+    cols = ("target_init_norm_mean_attn", "target_init_norm_mean_ffn", "target_init_norm_mean_layer")
+    if p is None or m is None or any(c not in post.columns for c in cols):
+        return ""
+    a, f, h = p[cols[0]], p[cols[1]], m[cols[2]]
+    return (
+        f"\n\nPMET's targets stop at p(o*) = {p['target_p_target_final_mean']:.2f} on average, with "
+        f"{_share(p['target_share_delta_at_clamp'])} of its δ on the norm bound and "
+        f"{_share(p['target_share_at_step_cap'])} of the requests at the step cap; MEMIT's reach "
+        f"{m['target_p_target_final_mean']:.2f}. The bound is clamp_norm_factor × ‖init‖ of the state each "
+        f"method optimises: for PMET the MHSA output a^L (mean ‖a^L‖ {a:.1f}) and the FFN output m^L "
+        f"({f:.1f}), for MEMIT the layer output h^L ({h:.1f})." + _bound_reading(p, a, f, h)
+    )
+
+
+def _bound_reading(p: pd.Series, a: float, f: float, h: float) -> str:
+    held = p["target_share_delta_at_clamp"] >= 0.9 and h > 2 * max(a, f)
+    if not held:
+        return " The norm bound does not explain the gap here (few δ on the bound, or similar scales)."
+    return (
+        f" h^L is {h / max(a, f):.0f}× larger than PMET's larger component, so with the same factor PMET may "
+        "move the hidden state much less; with its δ on that bound for nearly every request, whatever the "
+        "learning rate (the tuning grid above), the bound is what holds it back on this model."
     )
 
 
