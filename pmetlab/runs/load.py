@@ -217,7 +217,7 @@ def with_run_columns(summary: pd.DataFrame, run: Mapping, run_dir: Path) -> pd.D
         summary[f"hp_{k}"] = [v] * len(summary)
     targets = run.get("targets")
     deltas_path = RunDir(Path(run_dir)).deltas
-    if targets is None and deltas_path.is_file() and hp:
+    if deltas_path.is_file() and hp:  # read from the update itself: also what a newer summary adds
         method = (run.get("params") or {}).get("method")
         targets = target_summary(Deltas.load(deltas_path), hparams_from_dict({"method": method, **hp}))
     post = summary["phase"] == "post" if "phase" in summary else pd.Series(True, index=summary.index)
