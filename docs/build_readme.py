@@ -155,7 +155,7 @@ def figures_timing_section() -> str:
     total = sum(nb["seconds"] for nb in report["notebooks"])
     return (
         f"Timings of the run behind `docs/figures/` ({report['started'][:16].replace('T', ' ')} UTC, "
-        f"{report.get('threads', '?')} torch thread per kernel, 2-core machine shared with other jobs; "
+        f"{report.get('threads', '?')} torch thread per kernel, 2-core machine; "
         f"`docs/results/make_figures_report.json`): {', '.join(parts)}; {total / 60:.1f} min in all. "
         f"{report.get('note', '')}".rstrip()
     )
