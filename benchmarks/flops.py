@@ -26,6 +26,7 @@ from pmetlab.editing.rows import KIND_KL, Rows, recomputed_positions
 __all__ = [
     "DecoderShape",
     "GATED_MODEL_TYPES",
+    "PLAIN_MODEL_TYPES",
     "layer_dense_flops",
     "attention_flops",
     "layer_flops",
@@ -40,6 +41,10 @@ __all__ = [
 #: LLaMA-style ``model_type``s (config attributes ``hidden_size``, ``intermediate_size``,
 #: ``num_attention_heads``, ``num_key_value_heads``) whose MLP is gated (gate, up, down).
 GATED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+
+#: GPT-J-style ``model_type``s (config attributes ``n_embd``, ``n_inner``, ``n_head``, ``n_layer``)
+#: whose MLP is plain (fc_in, fc_out); attention and MLP run in parallel, which changes no FLOP.
+PLAIN_MODEL_TYPES = ("gptj",)
 
 
 @dataclass(frozen=True)
@@ -62,14 +67,18 @@ class DecoderShape:
 
     @classmethod
     def from_config(cls, config) -> DecoderShape:
-        """The shape of a LLaMA-style ``transformers`` config (see :data:`GATED_MODEL_TYPES`).
+        """The shape of a LLaMA-style (:data:`GATED_MODEL_TYPES`) or GPT-J-style
+        (:data:`PLAIN_MODEL_TYPES`) ``transformers`` config.
 
         Raises:
-            ValueError: the config's ``model_type`` is not one of them.
+            ValueError: the config's ``model_type`` is neither.
         """
+        if config.model_type in PLAIN_MODEL_TYPES:
+            return cls._from_gptj_config(config)
         if config.model_type not in GATED_MODEL_TYPES:
             raise ValueError(
-                f"no FLOP count for model_type {config.model_type!r}; supported: {list(GATED_MODEL_TYPES)}"
+                f"no FLOP count for model_type {config.model_type!r}; supported: "
+                f"{list(GATED_MODEL_TYPES + PLAIN_MODEL_TYPES)}"
             )
         n_heads = config.num_attention_heads
         return cls(
@@ -81,6 +90,20 @@ class DecoderShape:
             vocab=config.vocab_size,
             n_layers=config.num_hidden_layers,
             gated=True,
+        )
+
+    @classmethod
+    def _from_gptj_config(cls, config) -> DecoderShape:
+        d = config.n_embd
+        return cls(
+            d_model=d,
+            d_ff=config.n_inner or 4 * d,
+            n_heads=config.n_head,
+            n_kv_heads=config.n_head,
+            head_dim=d // config.n_head,
+            vocab=config.vocab_size,
+            n_layers=config.n_layer,
+            gated=False,
         )
 
 
@@ -164,15 +187,24 @@ def covariance_flops(
     return forward + accumulate
 
 
-def peak_matmul_flops(sizes: Sequence[int] = (1024, 2048), repeats: int = 5) -> float:
-    """The best float32 FLOP/s of square ``torch.mm`` of ``sizes`` on this process's torch
-    threads, each size warmed up once first."""
+def peak_matmul_flops(
+    sizes: Sequence[int] = (1024, 2048), repeats: int = 5, device: str | torch.device = "cpu"
+) -> float:
+    """The best float32 FLOP/s of square ``torch.mm`` of ``sizes`` on ``device`` (on the CPU: this
+    process's torch threads), each size warmed up once first."""
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         out = torch.mm(a, b)
         for _ in range(repeats):
+            _synchronize(device)
             t0 = time.perf_counter()
             torch.mm(a, b, out=out)
+            _synchronize(device)
             best = max(best, 2 * n**3 / (time.perf_counter() - t0))
     return best
+
+
+def _synchronize(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

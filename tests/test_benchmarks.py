@@ -125,5 +125,22 @@ def test_flop_counts_refuse_an_unknown_architecture():
         DecoderShape.from_config(tf.GPT2Config())
 
 
+def test_gptj_config_gives_a_plain_mlp_shape():
+    cfg = tf.GPTJConfig(n_embd=64, n_head=4, n_layer=3, n_inner=None, vocab_size=100, rotary_dim=8)
+    shape = DecoderShape.from_config(cfg)
+    assert (shape.d_model, shape.d_ff, shape.n_heads, shape.n_kv_heads, shape.head_dim) == (64, 256, 4, 4, 16)
+    assert (shape.vocab, shape.n_layers, shape.gated) == (100, 3, False)
+
+
 def test_peak_matmul_rate_is_positive():
     assert peak_matmul_flops(sizes=(64,), repeats=2) > 0
+
+
+def test_gpu_benchmark_configs_build_the_published_shapes():
+    from benchmarks.gpu import build_model
+
+    small = build_model("smollm2-135m", torch.device("meta"))
+    assert sum(p.numel() for p in small.parameters()) == 134_515_008  # the converted SmolLM2-135M's count
+    gptj = build_model("gpt-j-6b", torch.device("meta"))
+    shape = DecoderShape.from_config(gptj.config)
+    assert (shape.d_model, shape.d_ff, shape.n_layers, shape.vocab) == (4096, 16384, 28, 50400)

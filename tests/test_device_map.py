@@ -1,6 +1,7 @@
-"""Models loaded with ``device_map`` (accelerate): editing, statistics and scoring follow each
-module's device. On the CPU every module lands on "cpu" and the results must equal those of a
-normally loaded model; with a GPU the layers are split between the GPU and the CPU."""
+"""Models loaded with ``device_map``: editing, statistics and scoring follow each module's
+device. ``device="cpu"`` with ``"auto"`` keeps every module on the CPU and the results must equal
+those of a normally loaded model; with a GPU the layers are split between the GPU and the CPU,
+the CPU's layers resident there (pmetlab's placement, not accelerate's offload)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from pmetlab import EditRequest, PMETHyperParams, compute_deltas, edited, load_model
 from pmetlab.evaluation.scoring import score_pairs
+from pmetlab.models.placement import check_resident, needs_own_placement, place_modules
 from pmetlab.stats import layer_covariances
 from tests.test_stats import write_corpus
 from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
@@ -87,3 +89,49 @@ def test_layers_split_between_gpu_and_cpu_match_one_device(saved):
     devices = {str(p.device) for p in mapped[0].parameters()}
     assert any(d.startswith("cuda") for d in devices) and "cpu" in devices
     _compare(_edit_and_score(*plain, hp), _edit_and_score(*mapped, hp))
+
+
+def test_a_map_mixing_cpu_and_an_accelerator_is_placed_by_pmetlab_not_offloaded():
+    assert needs_own_placement({"model.layers.0": 0, "lm_head": "cpu"})
+    assert needs_own_placement({"model": "cuda:0", "lm_head": "cpu"})
+    assert not needs_own_placement({"model": "cpu", "lm_head": "cpu"})
+    assert not needs_own_placement({"model": 0, "lm_head": 1})
+    assert not needs_own_placement("auto")
+
+
+def test_placed_modules_give_the_same_logits():
+    model = make_tiny_model("LlamaForCausalLM", initializer_range=0.2)
+    ids = torch.tensor([[3, 5, 7, 9]])
+    before = model(ids).logits
+    place_modules(model, {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "lm_head": "cpu"})
+    assert torch.equal(model(ids).logits, before)
+    assert model.pmetlab_device_map["lm_head"] == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("device_map", "message"),
+    [
+        ({"model": "cpu", "lm_head": "cpu", "model.nope": "cpu"}, r"\['model.nope'\] that the model does not have"),
+        ({"model": "cpu", "lm_head": "disk"}, "'disk'"),
+        ({"model": "cpu"}, r"leaves parameter\(s\) \['lm_head.weight'\] without a device"),
+    ],
+)
+def test_a_bad_device_map_is_refused_before_anything_moves(device_map, message):
+    model = make_tiny_model("LlamaForCausalLM", initializer_range=0.2)
+    with pytest.raises(ValueError, match=message):
+        place_modules(model, device_map)
+    assert {str(p.device) for p in model.parameters()} == {"cpu"}
+
+
+def test_tied_weights_on_two_devices_are_refused():
+    model = make_tiny_model("LlamaForCausalLM", initializer_range=0.2, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="tied weights"):
+        place_modules(model, {"model": "cuda:0", "lm_head": "cpu"})
+
+
+def test_weights_left_on_meta_are_refused_with_a_clear_message():
+    model = make_tiny_model("LlamaForCausalLM", initializer_range=0.2)
+    model.lm_head.to("meta")
+    with pytest.raises(ValueError, match=r"offloaded 1 parameter\(s\) \(e.g. \['lm_head.weight'\]\)"):
+        check_resident(model, "tiny")

@@ -20,6 +20,7 @@ from ..cache import atomic_path, cache_dir, file_sha256
 from ..devices import resolve_device, resolve_dtype
 from ..types import Model, Tokenizer
 from .adapters import get_adapter
+from .placement import apply_device_map, needs_own_placement
 
 logger = logging.getLogger(__name__)
 
@@ -228,9 +229,10 @@ def load_model(
             Hugging Face cache; with ``$PMETLAB_OFFLINE`` set only the cache is used).
         device: ``"auto"`` picks an accelerator when present, else the CPU.
         dtype: ``None``/"auto" (float32 on the CPU), or a torch dtype / its name.
-        device_map: spread a large model over devices with accelerate (``"auto"``, or a dict of
-            module name -> device, as transformers takes it); ``device`` then only picks the
-            dtype. Editing, statistics and evaluation follow each module's device.
+        device_map: spread a large model over devices (``"auto"``, or a dict of module name ->
+            device, as transformers takes it). ``"auto"`` with ``device="cpu"`` stays on the CPU;
+            else ``device`` picks only the dtype. ``"cpu"`` entries next to an accelerator run on
+            the CPU (:mod:`pmetlab.models.placement`). Work follows each module's device.
         check_adapter: fail early when pmetlab has no adapter for the model's class.
 
     Returns:
@@ -240,19 +242,22 @@ def load_model(
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
         raise ModelLoadError(f"name_or_path must be a non-empty string, got {name_or_path!r}")
     name = str(name_or_path)
-    if device_map is not None:
+    dev = resolve_device(device)
+    if device_map == "auto" and dev.type == "cpu":
+        device_map = {"": "cpu"}  # device="cpu" keeps "auto" off any accelerator
+    if device_map is not None and not needs_own_placement(device_map):
         from_pretrained_kwargs["device_map"] = device_map
     if os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
         from_pretrained_kwargs.setdefault("local_files_only", True)  # no hub request, as for the data
-    dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source, path = _resolve_source(name)
     with _quiet_weight_bar():
         model = _load_causal_lm(name, path, dt, from_pretrained_kwargs)
     _check_finite_weights(model, name, path, embedded=source in _EMBEDDED)
-    if "device_map" not in from_pretrained_kwargs:
+    if device_map is None:
         model.to(dev)
     else:
+        apply_device_map(model, name, device_map, error=ModelLoadError)
         dev = sorted({str(p.device) for p in model.parameters()})  # for the log line
     model.eval()
     model.requires_grad_(False)
