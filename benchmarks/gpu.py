@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    result: dict[str, Any] = {"info": _device_info(device), "args": {**vars(args), "only": sorted(args.only)}, "rows": []}
+    run_args = {**vars(args), "only": sorted(args.only)}
+    result: dict[str, Any] = {"info": _device_info(device), "args": run_args, "rows": []}
     out = Path(args.out)
 
     def write(row: dict) -> None:

@@ -139,15 +139,6 @@ def similarity_section() -> str:
     return "\n".join(parts)
 
 
-def benchmarks_section() -> str:
-    """``benchmarks/results/latest.json`` as a table."""
-    rows = json.loads((REPO / "benchmarks" / "results" / "latest.json").read_text())
-    keys = ("name", "unit", "pmetlab", "reference", "ratio", "limit")
-    table = pd.DataFrame([{k: ("–" if r.get(k) is None else r[k]) for k in keys} for r in rows])
-    table["notes"] = ["; ".join(f"{k} {v}" for k, v in r.items() if k not in keys) for r in rows]
-    return markdown_table(table.astype(str))
-
-
 def figures_timing_section() -> str:
     """Wall time of each notebook in the committed ``make figures`` report."""
     report = json.loads((RESULTS / "make_figures_report.json").read_text())
@@ -196,21 +187,21 @@ BUILDERS: dict[str, Callable[[], str]] = {
     "stop-rule": stop_rule_section,
     "presets": presets_section,
     "similarity": similarity_section,
-    "benchmarks": benchmarks_section,
     "figures-timing": figures_timing_section,
     "locate": locate_section,
 }
 
 
-def _evidence_builders() -> dict[str, Callable[[], str]]:
-    """The builders of ``docs/evidence_sections.py`` (tuning, trade-off, ablations)."""
-    spec = importlib.util.spec_from_file_location("evidence_sections", Path(__file__).with_name("evidence_sections.py"))
+def _sibling_builders(module: str) -> dict[str, Callable[[], str]]:
+    """The ``BUILDERS`` of a sibling module (``evidence_sections.py``, ``bench_sections.py``)."""
+    spec = importlib.util.spec_from_file_location(module, Path(__file__).with_name(f"{module}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.BUILDERS
 
 
-BUILDERS.update(_evidence_builders())
+BUILDERS.update(_sibling_builders("evidence_sections"))
+BUILDERS.update(_sibling_builders("bench_sections"))
 
 
 def main(argv: list[str] | None = None) -> int:

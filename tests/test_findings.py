@@ -37,6 +37,15 @@ def test_the_claim_is_reproduced_only_when_pmet_is_ahead_with_separate_intervals
     assert "PMET's NS stays within the unedited model's interval up to n = 64" in text
 
 
+def test_a_single_record_is_reported_without_an_interval():
+    table = _tradeoff(97.0)
+    for col in [c for c in table.columns if c.endswith(("_ci_low", "_ci_high"))]:
+        table.loc[table["n_edits"] == 1, col] = float("nan")
+    text = tradeoff_reading(table, model_name="m")
+    assert "- n = 1: ES 100.0 (no interval) vs 100.0 (no interval) (one record: no interval to compare)" in text
+    assert "nan" not in text
+
+
 def test_the_claim_is_not_reproduced_when_the_intervals_overlap_or_memit_leads():
     text = tradeoff_reading(_tradeoff(92.0), model_name="m")
     assert "**not reproduced** at n = 64" in text and "PMET is ahead with separate intervals at no n" in text

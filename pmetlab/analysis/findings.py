@@ -7,6 +7,7 @@ summary columns of :func:`pmetlab.evaluation.summarize` (``efficacy_score``, ``*
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -30,15 +31,24 @@ class Estimate:
     def of(cls, row: pd.Series, metric: str) -> Estimate:
         return cls(float(row[metric]), float(row[f"{metric}_ci_low"]), float(row[f"{metric}_ci_high"]))
 
+    @property
+    def has_interval(self) -> bool:
+        """False where no interval exists (one record: no spread to estimate)."""
+        return not (math.isnan(self.low) or math.isnan(self.high))
+
     def above(self, other: Estimate) -> bool:
         """Higher with separate intervals."""
         return self.low > other.high
 
     def __str__(self) -> str:
+        if not self.has_interval:
+            return f"{self.mean:.1f} (no interval)"
         return f"{self.mean:.1f} [{self.low:.1f}, {self.high:.1f}]"
 
 
 def _compare(a: Estimate, b: Estimate, name_a: str, name_b: str) -> str:
+    if not (a.has_interval and b.has_interval):
+        return "one record: no interval to compare"
     if a.above(b):
         return f"{name_a} higher, intervals separate"
     if b.above(a):
