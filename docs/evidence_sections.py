@@ -273,4 +273,17 @@ def _bound_reading(p: pd.Series, a: float, f: float, h: float) -> str:
     )
 
 
-BUILDERS.update(rounds=rounds_section, zsre=zsre_section)
+def headline_section() -> str:
+    """The claim paragraph of each model's notebook-03 reading (paper profile where committed)."""
+    parts = []
+    for model, name in MODELS.items():
+        d = _profile_dir(model, "03")
+        if d is None:
+            continue
+        claim = [p for p in (d / "03_reading.md").read_text().split("\n\n") if p.startswith("The paper's claim")]
+        if claim:
+            parts.append(f"- **{name}** (notebook 03, {d.name} profile): {claim[0].strip()}")
+    return "\n".join(parts) if parts else "No notebook-03 results committed yet."
+
+
+BUILDERS.update(rounds=rounds_section, zsre=zsre_section, headline=headline_section)
