@@ -380,6 +380,25 @@ def test_run_notebooks_reports_a_failure_and_runs_the_rest(tiny_notebooks, tmp_p
 
 
 @pytest.mark.notebooks
+def test_report_keeps_the_notebooks_an_earlier_run_wrote_into_the_same_folder(tiny_notebooks, tmp_path):
+    out = tmp_path / "out"
+    run_notebooks(str(out), names=["2"], parameters={"N": "5"}, notebooks_dir=str(tiny_notebooks), timeout=120)
+    first = json.loads((out / "report.json").read_text())
+    run_notebooks(str(out), names=["1"], notebooks_dir=str(tiny_notebooks), timeout=120)
+    report = json.loads((out / "report.json").read_text())
+    assert [nb["name"] for nb in report["notebooks"]] == ["01_bad"]
+    (earlier,) = report["earlier"]
+    assert earlier["name"] == "02_good" and earlier["status"] == "ok"
+    assert earlier["run_started"] == first["started"] and earlier["run_parameters"]["N"] == "5"
+    run_notebooks(str(out), names=["2"], notebooks_dir=str(tiny_notebooks), timeout=120)
+    report = json.loads((out / "report.json").read_text())
+    assert [nb["name"] for nb in report["earlier"]] == ["01_bad"], "a rerun replaces its own entry"
+    (out / "report.json").write_text("{not json")
+    run_notebooks(str(out), names=["2"], notebooks_dir=str(tiny_notebooks), timeout=120)
+    assert json.loads((out / "report.json").read_text())["earlier"] == []
+
+
+@pytest.mark.notebooks
 def test_run_notebooks_marks_missing_expected_outputs(tiny_notebooks, tmp_path, monkeypatch):
     import pmetlab.notebooks as nbmod
 

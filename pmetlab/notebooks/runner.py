@@ -98,8 +98,28 @@ def run_notebooks(
     out.mkdir(parents=True, exist_ok=True)
     report = _new_report(out, src_dir, given, threads)
     report["kernel"] = kernel_name or f"python3: {sys.executable}"
+    report["earlier"] = _earlier_entries(out / _REPORT, selected)
     with _thread_env(threads), _runner_kernel(kernel_name is None):
         return _run_all(papermill, src_dir, selected, plans, out, timeout, kernel_name, report)
+
+
+def _earlier_entries(path: Path, selected: list[str]) -> list[dict]:
+    """The entries of an existing ``report.json`` (and its own ``earlier``) for notebooks this run
+    does not run, each with the run it came from: running notebooks one at a time into one folder
+    keeps every notebook's report. An unreadable report contributes nothing (it is replaced)."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        entries = [
+            {**nb, "run_started": old.get("started"), "run_parameters": old.get("parameters")}
+            for nb in old.get("notebooks", [])
+        ] + list(old.get("earlier", []))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    kept: dict[str, dict] = {}
+    for nb in entries:
+        if isinstance(nb, dict) and nb.get("name") not in selected and nb.get("name") not in kept:
+            kept[nb["name"]] = nb
+    return list(kept.values())
 
 
 def _import_papermill():
