@@ -80,14 +80,10 @@ def build_model(name: str, device: torch.device) -> torch.nn.Module:
 
 
 def load_tokenizer(path: str):
-    """The saved tokenizer at ``path``, padded on the right as pmetlab's loader sets it."""
-    from transformers import AutoTokenizer
+    """The saved tokenizer at ``path``, prepared as pmetlab's loader prepares every tokenizer."""
+    from pmetlab.models.loading import _load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
+    return _load_tokenizer(path, path, local_files_only=True)
 
 
 def _device_info(device: torch.device) -> dict[str, Any]:

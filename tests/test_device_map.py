@@ -135,3 +135,13 @@ def test_weights_left_on_meta_are_refused_with_a_clear_message():
     model.lm_head.to("meta")
     with pytest.raises(ValueError, match=r"offloaded 1 parameter\(s\) \(e.g. \['lm_head.weight'\]\)"):
         check_resident(model, "tiny")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="an integer names a real accelerator here")
+def test_an_accelerator_index_without_an_accelerator_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    model = make_tiny_model("LlamaForCausalLM", initializer_range=0.2)
+    with pytest.raises(ValueError, match="names accelerator 0, but this machine has none"):
+        place_modules(model, {"model": 0, "lm_head": "cpu"})
+    assert {str(p.device) for p in model.parameters()} == {"cpu"}

@@ -14,13 +14,26 @@ from typing import Any
 
 import torch
 
+from ..devices import resolve_device
+
 __all__ = ["apply_device_map", "place_modules", "needs_own_placement", "check_resident"]
 
 DeviceLike = str | int | torch.device
 
 
 def _device(value: DeviceLike) -> torch.device:
-    return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
+    """A map entry as a device; an integer is an index of this machine's accelerator (as in
+    transformers' device maps), whose type the one device resolver decides."""
+    if not isinstance(value, int):
+        return torch.device(value)
+    accelerator = resolve_device("auto")
+    if accelerator.type == "cpu":
+        raise ValueError(f"device_map entry {value} names accelerator {value}, but this machine has none")
+    return torch.device(accelerator.type, value)
+
+
+def _kind(value: DeviceLike) -> str:
+    return "accelerator" if isinstance(value, int) else torch.device(value).type
 
 
 def needs_own_placement(device_map: Any) -> bool:
@@ -28,7 +41,7 @@ def needs_own_placement(device_map: Any) -> bool:
     accelerator: the case accelerate would offload rather than run on the CPU."""
     if not isinstance(device_map, Mapping):
         return False
-    kinds = {_device(v).type for v in device_map.values() if v != "disk"}
+    kinds = {_kind(v) for v in device_map.values() if v != "disk"}
     return "cpu" in kinds and len(kinds) > 1
 
 
