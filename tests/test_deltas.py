@@ -336,3 +336,50 @@ def test_a_failed_write_names_the_target_not_the_temporary_file(tmp_path, monkey
         Deltas({"w": torch.ones(2)}, {"method": "pmet"}).save(target)
     assert ".tmp" not in str(info.value).split(";")[0].replace(str(target), "")
     assert not list(tmp_path.iterdir())  # the temporary file was removed
+
+
+def _synthetic(model, scale: float = 0.01) -> Deltas:
+    """Hand-made deltas on two down projections (independent of the edit computation)."""
+    from pmetlab.editing.deltas import param_fingerprint
+
+    names = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    g = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(model.get_parameter(n).shape, generator=g) * scale for n in names}
+    return Deltas(tensors, {"base_fingerprint": param_fingerprint(model, names), "fingerprint_version": 2})
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), "1", True])
+def test_scale_must_be_a_finite_number(scale):
+    model = make_tiny_model("LlamaForCausalLM")
+    state = _state(model)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        apply_deltas_(model, _synthetic(model), scale=scale)
+    _assert_same_state(model, state)
+
+
+def test_finite_updates_that_overflow_the_weights_are_refused_before_anything_is_applied():
+    model = make_tiny_model("LlamaForCausalLM").to(torch.float16)
+    d = _synthetic(model)
+    state = _state(model)
+    last = d.param_names()[-1]
+    d.tensors[last] = d.tensors[last] * 1e30  # finite in float32, inf in float16
+    with pytest.raises(ValueError, match="non-finite weights") as ei:
+        apply_deltas_(model, d)
+    assert last in str(ei.value)
+    _assert_same_state(model, state)  # the first parameter was not touched either
+
+
+def test_an_update_far_larger_than_its_weights_warns(caplog):
+    model = make_tiny_model("LlamaForCausalLM")
+    state = _state(model)
+    with caplog.at_level("WARNING", logger="pmetlab.editing.deltas"):
+        restore_(model, apply_deltas_(model, _synthetic(model)))
+    assert not [r for r in caplog.records if "times the weight" in r.getMessage()]
+    d = _synthetic(model, scale=1e3)
+    with caplog.at_level("WARNING", logger="pmetlab.editing.deltas"):
+        undo = apply_deltas_(model, d)
+    assert [r for r in caplog.records if d.param_names()[0] in r.getMessage() and "times the weight" in r.getMessage()]
+    for n, t in d.tensors.items():  # applied all the same, bit-identical to an in-place add
+        assert torch.equal(model.get_parameter(n), state[n].clone().add_(t))
+    restore_(model, undo)
+    _assert_same_state(model, state)

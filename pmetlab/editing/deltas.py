@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -190,23 +192,55 @@ class Deltas:
         return legacy and _legacy_param_fingerprint(model, names) == want
 
 
+#: An update whose norm exceeds this multiple of the weight it changes is almost surely a wrecked
+#: solve (absurd learning rate or clamp); :func:`apply_deltas_` warns.
+LARGE_UPDATE_RATIO = 10.0
+
+
 def apply_deltas_(
     model: torch.nn.Module, deltas: Deltas, *, check: bool = True, scale: float = 1.0
 ) -> dict[str, torch.Tensor]:
-    """Add ``deltas`` to the model's parameters in place. Returns the undo record (copies of
-    the original values) for :func:`restore_`. Nothing is changed when a check fails."""
+    """Add ``scale`` times ``deltas`` to the model's parameters in place. Returns the undo record
+    (copies of the original values) for :func:`restore_`.
+
+    Nothing is changed when a check fails: ``scale`` must be a finite number, every update and
+    every edited weight (in the parameter's dtype) finite. An update whose norm is more than
+    :data:`LARGE_UPDATE_RATIO` times the weight's norm is applied with a warning.
+    """
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}; pass e.g. scale=1.0 for the full edit")
     if check:
         deltas.check_compatible(model)
-    undo = {}
     params = {n: get_parameter(model, n) for n in deltas.tensors}
     for n, t in deltas.tensors.items():
         if not torch.isfinite(t).all():
             raise ValueError(f"delta for {n!r} has non-finite values; refusing to apply")
+    new: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for n, p in params.items():
-            undo[n] = p.detach().clone()
+            # computed as the in-place add would, so the result is bit-identical to it
+            new[n] = p.detach().clone().add_(deltas.tensors[n].to(p.device, p.dtype), alpha=scale)
+            if not torch.isfinite(new[n]).all():
+                raise ValueError(
+                    f"applying the delta for {n!r} (scale {scale}) gives non-finite weights in {p.dtype} "
+                    f"(update norm {float(deltas.tensors[n].float().norm()) * abs(scale):.3g}); refusing to apply. "
+                    "The edit's settings are probably absurd (learning rate, clamp factor)."
+                )
         for n, p in params.items():
-            p.add_(deltas.tensors[n].to(p.device, p.dtype), alpha=scale)
+            upd = float(deltas.tensors[n].float().norm()) * abs(scale)
+            base = float(p.detach().float().norm())
+            if upd > LARGE_UPDATE_RATIO * base:
+                logger.warning(
+                    "the update to %r has norm %.3g, %.3g times the weight's (%.3g): the edit will likely "
+                    "wreck the model; check the hyperparameters (learning rate, clamp factor, scale)",
+                    n,
+                    upd,
+                    upd / base if base else float("inf"),
+                    base,
+                )
+        undo = {n: p.detach().clone() for n, p in params.items()}
+        for n, p in params.items():
+            p.copy_(new[n])
     return undo
 
 
