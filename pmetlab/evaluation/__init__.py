@@ -8,6 +8,7 @@ from .counterfact import (
     preference_metrics,
 )
 from .generation import derive_seed, generate_ids, generate_texts, sample_top_k
+from .paired import PAIRED_RULE, PairedDifference, paired_difference, paired_rule, paired_table
 from .scoring import PairScores, score_pairs, score_pairs_reference
 from .summary import SUMMARY_METRICS, harmonic_mean, relative_specificity, summarize
 from .text import mean_text_entropy, ngram_entropy, text_entropy_score, tfidf_cosine, word_tokenize
@@ -39,4 +40,9 @@ __all__ = [
     "harmonic_mean",
     "relative_specificity",
     "SUMMARY_METRICS",
+    "PairedDifference",
+    "paired_difference",
+    "paired_table",
+    "paired_rule",
+    "PAIRED_RULE",
 ]
