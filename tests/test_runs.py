@@ -335,3 +335,85 @@ def test_experiments_module_re_exports_the_runs_package():
     for name in experiments.__all__:
         assert getattr(experiments, name) is getattr(runs, name), name
     assert pmetlab.run_experiment is runs.run_experiment
+
+
+# ---------------------------------------------------------------------------------------------
+# one process per run directory
+# ---------------------------------------------------------------------------------------------
+def _write_lock(folder: Path, pid: int, host: str | None = None) -> Path:
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "run.lock"
+    path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started_at": "2026-12-01T00:00:00"}))
+    return path
+
+
+def test_a_run_directory_held_by_a_live_process_is_refused(tiny_env, tiny_mt, tmp_path):  # noqa: F811
+    import socket
+    import subprocess
+    import sys
+
+    from pmetlab.runs import RunDirInUseError
+
+    out = tmp_path / "run"
+    kw = dict(generation=False, progress=False, model_and_tokenizer=tiny_mt)
+    run_experiment("tiny", "none", n_edits=2, out_dir=out, **kw)
+    assert not (out / "run.lock").exists()  # released when the run ends
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = _write_lock(out, live.pid)
+        for resume in (True, False):  # neither resumed (repeating its work) nor deleted under it
+            with pytest.raises(RunDirInUseError) as info:
+                run_experiment("tiny", "none", n_edits=3, out_dir=out, resume=resume, **kw)
+            msg = str(info.value)
+            assert f"pid {live.pid}" in msg and socket.gethostname() in msg and str(out) in msg
+            assert {p.name: p.read_bytes() for p in out.iterdir() if p != lock} == files
+        # the command line: one line, exit status 2
+        from pmetlab.cli import main
+
+        argv = ["run", "--model", "tiny", "--method", "none", "--n-edits", "2", "--out", str(out), "--no-resume", "-q"]
+        assert main(argv) == 2
+    finally:
+        live.kill()
+        live.wait()
+    # a lock on another host cannot be checked: refused, saying how to clear it
+    _write_lock(out, 1, host="elsewhere")
+    with pytest.raises(RunDirInUseError, match="host 'elsewhere'.*delete"):
+        run_experiment("tiny", "none", n_edits=2, out_dir=out, **kw)
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tiny_env, tiny_mt, tmp_path, caplog):  # noqa: F811
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "run"
+    _write_lock(out, dead.pid)
+    caplog.set_level("WARNING", logger="pmetlab.runs")
+    res = run_experiment(
+        "tiny", "none", n_edits=2, out_dir=out, generation=False, progress=False, model_and_tokenizer=tiny_mt
+    )
+    assert res.run["status"] == "complete" and not (out / "run.lock").exists()
+    assert any(f"pid {dead.pid}" in r.getMessage() and "taking over" in r.getMessage() for r in caplog.records)
+    (out / "run.lock").write_text('{"pid": ')  # half-written: taken over too
+    run_experiment(
+        "tiny", "none", n_edits=2, out_dir=out, generation=False, progress=False, model_and_tokenizer=tiny_mt
+    )
+    assert not (out / "run.lock").exists()
+
+
+def test_racing_processes_get_the_lock_once(tmp_path):
+    from pmetlab.runs.lock import RunDirInUseError, hold_run_dir
+
+    with hold_run_dir(tmp_path / "d") as lock:
+        data = json.loads(lock.read_text())
+        assert data["pid"] == __import__("os").getpid() and data["started_at"]
+        with pytest.raises(RunDirInUseError):  # another process: simulated by the lock's pid
+            data["pid"] = 1  # init is always alive
+            lock.write_text(json.dumps(data))
+            with hold_run_dir(tmp_path / "d"):
+                pass
+    assert lock.exists()  # not ours any more (pid 1's), so not removed

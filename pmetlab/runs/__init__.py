@@ -40,14 +40,17 @@ finished edit batches) and never loads the model when nothing is left to do. The
 verified before reuse (:mod:`~pmetlab.runs.verify`): a damaged one is moved to ``<name>.damaged``
 and the phases that wrote or read it are redone, recorded in ``run.json["repairs"]``. A different
 parameter set in a directory that already holds a run raises :class:`RunMismatchError`;
-``resume=False`` deletes the run's files and starts over. The unedited model's metrics are also
+``resume=False`` deletes the run's files and starts over. While an invocation works in a directory,
+``run.lock`` names its pid, host and start time (:mod:`~pmetlab.runs.lock`): a second invocation in
+the same directory is refused (:class:`RunDirInUseError`), a lock left by a dead process is taken
+over with a warning. The unedited model's metrics are also
 shared across runs through a keyed cache (:mod:`pmetlab.runs.pre_eval`).
 
 Modules: :mod:`~pmetlab.runs.spec` (``RunSpec``, ``resolve_hparams``), :mod:`~pmetlab.runs.rundir`
 (the run directory store and ``run.json`` state), :mod:`~pmetlab.runs.phases` (the phases and
 ``run_experiment``), :mod:`~pmetlab.runs.context` (what the phases share),
 :mod:`~pmetlab.runs.edits` (combining batches, target reach), :mod:`~pmetlab.runs.pre_eval`,
-:mod:`~pmetlab.runs.verify`, :mod:`~pmetlab.runs.signals`, :mod:`~pmetlab.runs.sweep` and
+:mod:`~pmetlab.runs.verify`, :mod:`~pmetlab.runs.signals`, :mod:`~pmetlab.runs.lock`, :mod:`~pmetlab.runs.sweep` and
 :mod:`~pmetlab.runs.load` (``summarize_runs`` summarises what is readable and lists what is not).
 """
 
@@ -56,6 +59,7 @@ from __future__ import annotations
 from .edits import target_summary
 from .experiment import run_experiment
 from .load import RunSummaries, collect_summaries, load_run, phase_times, run_status, summarize_runs, with_run_columns
+from .lock import RunDirInUseError
 from .result import ExperimentResult
 from .rundir import PHASES, RunDir, RunMismatchError, RunState
 from .signals import RunTerminated
@@ -65,6 +69,7 @@ from .sweep import run_sweep
 __all__ = [
     "ExperimentResult",
     "RunMismatchError",
+    "RunDirInUseError",
     "RunSpec",
     "RunDir",
     "RunState",

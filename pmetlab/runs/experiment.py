@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .context import GivenModel, ModelSource, RunContext, check_model_name
+from .lock import hold_run_dir
 from .phases import (
     check_generation,
     close_load_phase,
@@ -71,15 +72,17 @@ def execute(
     Any exception (a dataset error in the load phase, Ctrl-C, SIGTERM: see
     :mod:`pmetlab.runs.signals`) marks the run failed in run.json with the reason, then is raised;
     only a refusal to resume a directory holding another run (:class:`RunMismatchError` before this
-    invocation started working) leaves run.json as it was."""
+    invocation started working) leaves run.json as it was. A directory another live process works in
+    is refused (:class:`pmetlab.runs.lock.RunDirInUseError`, naming its pid and host) before anything
+    is touched."""
     t_run = time.perf_counter()
     store = RunDir.for_spec(spec, out_dir)
     if models.preloaded:
         check_model_name(models.get(spec.model)[0], spec.model)
-    ctx = RunContext(
-        store, RunState.open(store, spec, resume=resume), models, progress=progress, reuse_pre_eval=reuse_pre_eval
-    )
-    with terminate_as_interrupt():
+    with hold_run_dir(store.path), terminate_as_interrupt():
+        ctx = RunContext(
+            store, RunState.open(store, spec, resume=resume), models, progress=progress, reuse_pre_eval=reuse_pre_eval
+        )
         try:
             load_phase(spec, ctx)
             ctx.state.begin()

@@ -19,6 +19,7 @@ import pandas as pd
 from ..editing.deltas import Deltas
 from ..hparams import hparams_from_dict
 from .edits import target_summary
+from .lock import pid_alive
 from .result import ExperimentResult
 from .rundir import RunDir, summary_table
 from .spec import summary_columns
@@ -94,13 +95,7 @@ def _process_gone(pid: object, host: object) -> bool:
     """Whether ``pid`` on ``host`` (this machine only; POSIX only) no longer exists."""
     if os.name != "posix" or host != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
         return False
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not pid_alive(pid)
 
 
 def run_status(run: Mapping[str, Any]) -> str:

@@ -39,6 +39,7 @@ from ..stats import layer_covariances
 from ..versions import versions
 from .batches import plan_records
 from .context import GivenModel, ModelSource
+from .lock import hold_run_dir
 from .phases import default_model_pool, seed_all
 from .rundir import RunMismatchError, now, read_records, write_records
 from .spec import RunSpec
@@ -146,10 +147,13 @@ def run_rounds(
     if spec.hp is None:
         raise ValueError("editing over time needs an editing method ('pmet' or 'memit'), got 'none'")
     params = {**spec.params, "rounds": rounds, "protocol": _protocol(spec, rounds)}
-    state = _State.open(Path(out_dir), json.loads(json.dumps(params)), resume)
-    models: ModelSource = GivenModel(model_and_tokenizer) if model_and_tokenizer is not None else default_model_pool()
-    mdl, tok = models.get(spec.model)
-    return _Rounds(spec, state, mdl, tok, progress).run()
+    with hold_run_dir(Path(out_dir), "rounds run"):
+        state = _State.open(Path(out_dir), json.loads(json.dumps(params)), resume)
+        models: ModelSource = (
+            GivenModel(model_and_tokenizer) if model_and_tokenizer is not None else default_model_pool()
+        )
+        mdl, tok = models.get(spec.model)
+        return _Rounds(spec, state, mdl, tok, progress).run()
 
 
 def _evaluate(spec: RunSpec, model, tok, records: list[dict], progress: bool) -> pd.DataFrame:
