@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from importlib import resources
 from typing import Any, ClassVar
 
 from .covspec import CovarianceSpec
+from .preset_tables import dataset_family, fields_of, list_presets, load_presets, tuned_entry
 
 __all__ = [
     "EditHyperParams",
@@ -40,6 +39,13 @@ DEFAULT_PREFIX_STARTS = ("The", "Therefore", "Because", "I", "You")
 STOP_RULES = ("loss", "pmet")
 #: Orders of the MHSA and FFN updates at a critical layer when both are updated (method.md §3).
 ATTN_UPDATE_ORDERS = ("attn_first", "simultaneous")
+#: What PMET writes into the FFN output at layer L (method.md §1, "δ^a"): the released target
+#: m^L_init + δ^m, the FFN output observed in the optimised pass m^L(δ^a) + δ^m, or that plus δ^a
+#: (the whole change of the block at L).
+FFN_TARGETS = ("released", "observed", "block")
+#: The norm each δ's ball is relative to: its own component's initial value (released) or the
+#: layer output h^L per request (MEMIT's reference).
+CLAMP_REFERENCES = ("component", "residual")
 
 
 def _check_keys(cls: type, given: Mapping[str, Any], names: set[str]) -> None:
@@ -159,6 +165,13 @@ class EditHyperParams:
     null_space: bool = False
     #: Eigenvalues of C_l below this span P_l's null space; the scale is the covariance's, E[k kᵀ].
     null_space_threshold: float = 1e-2
+    #: PMET: the FFN-output target written at L: "released" (m^L_init + δ^m), "observed" (the FFN
+    #: output in the optimised pass, m^L(δ^a) + δ^m) or "block" (observed + δ^a). Only what is
+    #: written changes; the optimisation (and its cached targets) is shared.
+    ffn_target: str = "released"
+    #: PMET: each δ's ball radius is clamp_norm_factor × the norm of "component" (its own initial
+    #: value, released) or "residual" (h^L_init of the request, MEMIT's reference).
+    clamp_reference: str = "component"
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -183,7 +196,12 @@ class EditHyperParams:
             raise ValueError(
                 f"need n_prefixes >= 0 and prefix_tokens >= 1, got {self.n_prefixes}, {self.prefix_tokens}"
             )
-        for name, allowed in (("stop_rule", STOP_RULES), ("attn_update_order", ATTN_UPDATE_ORDERS)):
+        for name, allowed in (
+            ("stop_rule", STOP_RULES),
+            ("attn_update_order", ATTN_UPDATE_ORDERS),
+            ("ffn_target", FFN_TARGETS),
+            ("clamp_reference", CLAMP_REFERENCES),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.cov_dtype not in ("float32", "float64"):
@@ -269,8 +287,8 @@ class EditHyperParams:
                 f"no {cls.method} preset for {name!r}; available: {sorted(table)}. Use "
                 f"{cls.__name__}(...) or {cls.__name__}.preset(<one of them>).replace(...)"
             )
-        entry = _fields_of(table[key])
-        entry.update(_fields_of(tuned_entry(table[key], dataset) or {}))
+        entry = fields_of(table[key])
+        entry.update(fields_of(tuned_entry(table[key], dataset) or {}))
         return cls.from_dict(entry)
 
     @property
@@ -353,36 +371,15 @@ class MEMITHyperParams(EditHyperParams):
                 "optimize_attn / update_attn_weights are PMET switches; MEMIT optimises "
                 "one δ on the layer output. Use PMETHyperParams for these ablations."
             )
+        if self.ffn_target != "released" or self.clamp_reference != "component":
+            raise ValueError(
+                f"ffn_target / clamp_reference are PMET switches (got ffn_target={self.ffn_target!r}, "
+                f"clamp_reference={self.clamp_reference!r}); MEMIT writes its one δ at h^L, whose own "
+                f"norm is already the residual reference. Leave them at 'released' / 'component'."
+            )
 
 
 _METHODS: dict[str, type[EditHyperParams]] = {"pmet": PMETHyperParams, "memit": MEMITHyperParams}
-
-
-def dataset_family(name: str) -> str:
-    """The family a dataset's tuned presets are kept under: "counterfact" for CounterFact and the
-    datasets derived from it, else the dataset's own name ("zsre")."""
-    key = str(name).lower().replace("-", "_")
-    return "counterfact" if key in ("counterfact", "multi_counterfact", "counterfact+conflict_filter") else key
-
-
-def tuned_entry(entry: Mapping[str, Any], dataset: str | None) -> dict | None:
-    """The ``by_dataset`` entry of a preset for ``dataset``'s family, or None."""
-    if dataset is None:
-        return None
-    return (entry.get("by_dataset") or {}).get(dataset_family(dataset))
-
-
-def _fields_of(entry: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in entry.items() if not k.startswith("_") and k != "by_dataset"}
-
-
-def load_presets(method: str) -> dict[str, dict]:
-    text = resources.files("pmetlab.presets").joinpath(f"{method}.json").read_text()
-    return json.loads(text)
-
-
-def list_presets(method: str = "pmet") -> list[str]:
-    return sorted(load_presets(method))
 
 
 def hparams_from_dict(d: Mapping[str, Any]) -> EditHyperParams:

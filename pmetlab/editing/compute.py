@@ -29,7 +29,7 @@ from .deltas import Deltas, deltas_meta, param_fingerprint
 from .nullspace import NullSpaceSolve, PreservedKeys, null_space_meta
 from .prefixes import context_templates
 from .solve import keys_and_outputs, solve_update, spread_residual
-from .targets import CHUNK_SIZE, optimize_targets_cached
+from .targets import CHUNK_SIZE, final_p_target, optimize_targets_cached
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def compute_deltas(
         layers=list(hp.layers),
         diagnostics=layer_diag,
         timings=timings,
-        targets=_target_meta(targets, len(requests)),
+        targets=_target_meta(targets, hp),
         templates=templates,
         null_space=null_space_meta(null_space),
     )
@@ -309,12 +309,18 @@ def _update_layers(
     return out
 
 
-def _target_meta(targets, n: int) -> dict:
+def _target_meta(targets, hp: EditHyperParams) -> dict:
+    """Per request: steps, final p(o*), norms, and the delivery diagnostics, with ``p_written`` the
+    p(o*) of what this call writes (PMET: its ``ffn_target``; MEMIT: its δ itself)."""
+    dl = {k: v.tolist() for k, v in targets.delivery.items()}
+    written = dl.get(f"p_written_{hp.ffn_target}") if hp.residual_space == "ffn" else dl.get("p_optimised")
     return {
         "n_steps": targets.n_steps,
-        "final_p_target": _final_p(targets.trace, n),
+        "final_p_target": final_p_target(targets.trace, len(targets.n_steps)),
         "delta_norms": {k: v.norm(dim=1).tolist() for k, v in targets.deltas.items()},
         "init_norms": {k: v.norm(dim=1).tolist() for k, v in targets.inits.items()},
+        "delivery": dl,
+        "p_written": written,
     }
 
 
@@ -358,7 +364,7 @@ class _Solver:
             space, module, cov = "attn", adapter.attn_out_name(l), self.attn_covs[l]
             out_mod = adapter.attn_out_name(L)
         keys, cur = keys_and_outputs(self.model, self.tok, adapter, self.requests, self.templates, [module], [out_mod])
-        resid = self.targets.values[space] - cur[out_mod]
+        resid = self.targets.written(space, hp.ffn_target) - cur[out_mod]
         spread = spread_residual(resid, i, n, hp.spread_exponent)
         if self.null_space is None:
             res = solve_update(keys[module], spread, cov.mom2, hp.mom2_update_weight, diagnostics=self.diagnostics)
@@ -378,10 +384,3 @@ class _Solver:
             }
         )
         return adapter.weight_param_name(module), _delta_in_param_layout(adapter, res.delta)
-
-
-def _final_p(trace: list[dict], n: int) -> list[float]:
-    last: dict[int, float] = {}
-    for row in trace:
-        last[row["request"]] = row["p_target"]
-    return [last.get(i, float("nan")) for i in range(n)]

@@ -28,6 +28,7 @@ from ..hparams import EditHyperParams
 from ..requests import EditRequest
 from ..store import KeyedStore
 from ..tokens import tokenizer_identity
+from .delivery import ON_BOUND_TOL
 from .rows import build_rows, recomputed_positions
 from .stepper import ForwardChecks
 from .target_result import RESULT_GROUPS, TargetResult
@@ -70,6 +71,8 @@ _TARGET_FIELDS = (
     "kl_stop",
     "argmax_nll_scale",
 )
+#: Target fields added after format 3, with the value every earlier entry was computed with.
+_LATER_TARGET_FIELDS = {"clamp_reference": "component"}
 
 
 def plan_chunks(
@@ -140,6 +143,8 @@ def target_keys(
     """The cache key of each request's targets: every input that changes them (the model's
     class and a digest of its weights, the tokenizer, the templates, the layer, the target
     fields of ``hp``, the request without its case id, the format)."""
+    # switches added later enter the key only when set, so entries cached before them stay valid
+    later = {f: getattr(hp, f) for f, default in _LATER_TARGET_FIELDS.items() if getattr(hp, f) != default}
     base = {
         "format": TARGET_CACHE_FORMAT,
         "method": hp.method,
@@ -150,6 +155,7 @@ def target_keys(
         "tokenizer": tokenizer_identity(tok),
         "templates": list(templates),
         **{f: getattr(hp, f) for f in _TARGET_FIELDS},
+        **later,
     }
     return [{**base, "request": {k: v for k, v in r.to_dict().items() if k != "case_id"}} for r in requests]
 
@@ -237,8 +243,9 @@ class _CacheJob:
         found: dict[int, TargetResult] = {}
         for i, key in enumerate(self.keys):
             entry = self.store.load_tensors(key)  # None when missing or damaged (logged)
-            if entry is not None:
-                found[i] = _from_entry(entry.tensors, entry.meta, self.hp)
+            one = _from_entry(entry.tensors, entry.meta, self.hp) if entry is not None else None
+            if one is not None:
+                found[i] = one
         return found, [i for i in range(len(self.requests)) if i not in found]
 
     def optimise(self, missing: list[int], chunks: Sequence[range]) -> dict[int, TargetResult]:
@@ -271,10 +278,14 @@ class _CacheJob:
 
 
 def _to_entry(one: TargetResult) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A one-request result as store tensors ("values.ffn" etc., (d_model,) each) and metadata
-    (its step count and trace, the trace as columns + rows so the column order survives the
-    store's sorted JSON)."""
-    tensors = {f"{group}.{s}": t[0] for group in RESULT_GROUPS for s, t in getattr(one, group).items()}
+    """A one-request result as store tensors ("values.ffn" etc., (d_model,) each; "delivery.<name>"
+    (1,)) and metadata (its step count and trace, the trace as columns + rows so the column order
+    survives the store's sorted JSON)."""
+    tensors = {
+        f"{group}.{s}": t[0] if group != "delivery" else t[0:1].float()
+        for group in RESULT_GROUPS
+        for s, t in getattr(one, group).items()
+    }
     columns = list(one.trace[0]) if one.trace else []
     meta = {
         "n_steps": one.n_steps[0],
@@ -283,8 +294,30 @@ def _to_entry(one: TargetResult) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return tensors, meta
 
 
-def _from_entry(tensors: dict[str, torch.Tensor], meta: dict[str, Any], hp: EditHyperParams) -> TargetResult:
-    """The inverse of :func:`_to_entry` (spaces in ``hp.value_spaces`` order)."""
+def _from_entry(tensors: dict[str, torch.Tensor], meta: dict[str, Any], hp: EditHyperParams) -> TargetResult | None:
+    """The inverse of :func:`_to_entry` (spaces in ``hp.value_spaces`` order); None for an entry of an
+    FFN-space method cached without the observed FFN output (an older pmetlab), which is recomputed.
+    Entries without delivery diagnostics get those the trace and the norms determine."""
+    if hp.residual_space == "ffn" and "observed.ffn" not in tensors:
+        return None
     group = lambda g: {s: tensors[f"{g}.{s}"][None] for s in hp.value_spaces}
     trace = [dict(zip(meta["trace"]["columns"], row)) for row in meta["trace"]["rows"]]
-    return TargetResult(hp.layers[-1], group("values"), group("inits"), group("deltas"), [int(meta["n_steps"])], trace)
+    observed = {s: tensors[f"observed.{s}"][None] for s in ("ffn",) if f"observed.{s}" in tensors}
+    delivery = {k.split(".", 1)[1]: t for k, t in tensors.items() if k.startswith("delivery.")}
+    one = TargetResult(
+        hp.layers[-1], group("values"), group("inits"), group("deltas"), [int(meta["n_steps"])], trace, 0.0, observed
+    )
+    one.delivery = delivery or _delivery_of_old_entry(one, hp)
+    return one
+
+
+def _delivery_of_old_entry(one: TargetResult, hp: EditHyperParams) -> dict[str, torch.Tensor]:
+    """p(o*) optimised (the last trace row) and the bound of each optimised δ (component reference:
+    entries without diagnostics predate ``clamp_reference``) for a one-request entry."""
+    p = one.trace[-1]["p_target"] if one.trace else float("nan")
+    out = {"p_optimised": torch.tensor([float(p)])}
+    for s in hp.optimized_spaces:
+        r = hp.clamp_norm_factor * one.inits[s].norm(dim=1).float()
+        out[f"on_bound_{s}"] = (one.deltas[s].norm(dim=1).float() >= r * (1 - ON_BOUND_TOL)).float()
+        out[f"radius_{s}"] = r
+    return out

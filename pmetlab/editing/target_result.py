@@ -9,8 +9,9 @@ import torch
 
 __all__ = ["TargetResult", "RESULT_GROUPS"]
 
-#: The tensor groups of a result, each a dict space -> (N, d_model).
-RESULT_GROUPS = ("values", "inits", "deltas")
+#: The tensor groups of a result, each a dict space -> (N, d_model) ("observed": FFN-space
+#: methods only), or name -> (N,) for "delivery".
+RESULT_GROUPS = ("values", "inits", "deltas", "observed", "delivery")
 
 
 @dataclass
@@ -22,6 +23,10 @@ class TargetResult:
     optimised). ``trace`` holds one dict per (request, step): the loss terms, p(target), the NLL
     weight used at that step and whether o* was the arg-max at every target position ("argmax").
     ``n_steps[i]``: steps request i took (its last step included).
+
+    ``observed["ffn"]`` (N, d_model): the FFN output at L in the optimised pass, m^L(δ^a) + δ^m
+    (FFN-space methods); ``delivery`` holds (N,) diagnostics by name (p(o*) optimised and written,
+    δ on its bound; :func:`pmetlab.editing.delivery.delivery`).
     """
 
     layer: int
@@ -31,6 +36,26 @@ class TargetResult:
     n_steps: list[int]
     trace: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    observed: dict[str, torch.Tensor] = field(default_factory=dict)
+    delivery: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def written(self, space: str, ffn_target: str = "released") -> torch.Tensor:
+        """(N, d_model): the target the update writes in ``space`` (method.md §1): the FFN target
+        named by ``ffn_target`` in "ffn" ("released" v^m = m^L_init + δ^m; "observed" m^L(δ^a) + δ^m;
+        "block" observed + δ^a), else ``values[space]``."""
+        if space != "ffn" or ffn_target == "released":
+            return self.values[space]
+        if "ffn" not in self.observed:
+            raise ValueError(
+                f"ffn_target={ffn_target!r} needs the observed FFN output, which these targets lack "
+                f"(computed by an older pmetlab); recompute them (use_cache=False or a fresh cache)"
+            )
+        obs = self.observed["ffn"].to(self.values["ffn"].dtype)
+        if ffn_target == "observed":
+            return obs
+        if ffn_target == "block":
+            return obs + self.deltas["attn"].to(obs.dtype) if "attn" in self.deltas else obs
+        raise ValueError(f"ffn_target must be 'released', 'observed' or 'block', got {ffn_target!r}")
 
     def request(self, j: int) -> TargetResult:
         """Request ``j`` alone (N = 1, its trace rows renumbered to request 0)."""
@@ -42,6 +67,8 @@ class TargetResult:
             pick("deltas"),
             [self.n_steps[j]],
             [{**row, "request": 0} for row in self.trace if row["request"] == j],
+            observed=pick("observed"),
+            delivery=pick("delivery"),
         )
 
     def to(self, device: torch.device | str) -> TargetResult:
@@ -55,6 +82,8 @@ class TargetResult:
             list(self.n_steps),
             list(self.trace),
             self.seconds,
+            move("observed"),
+            move("delivery"),
         )
 
     @staticmethod
@@ -65,7 +94,9 @@ class TargetResult:
         offsets = [0]
         for p in parts[:-1]:
             offsets.append(offsets[-1] + len(p.n_steps))
-        cat = lambda group: {k: torch.cat([getattr(p, group)[k] for p in parts]) for k in getattr(parts[0], group)}
+        # a name missing from one part (targets cached by an older pmetlab) is left out of the whole
+        common = lambda group: [k for k in getattr(parts[0], group) if all(k in getattr(p, group) for p in parts)]
+        cat = lambda group: {k: torch.cat([getattr(p, group)[k] for p in parts]) for k in common(group)}
         trace = [{**row, "request": row["request"] + off} for p, off in zip(parts, offsets) for row in p.trace]
         return TargetResult(
             layer=parts[0].layer,
@@ -75,4 +106,6 @@ class TargetResult:
             n_steps=[n for p in parts for n in p.n_steps],
             trace=trace,
             seconds=sum(p.seconds for p in parts),
+            observed=cat("observed"),
+            delivery=cat("delivery"),
         )

@@ -35,6 +35,7 @@ from ..devices import model_device
 from ..hparams import EditHyperParams
 from ..models.adapters import ModelAdapter, get_adapter
 from ..requests import EditRequest
+from .delivery import delivery
 from .loss import LossLayout, LossTerms, NLLTerm, decay_term, kl_term, nll_term, project_to_ball, stop_decision
 from .rows import KIND_BARE, KL_TEMPLATE, Rows, build_rows
 from .stepper import ForwardChecks, Stepper, StepSetup, initial_pass
@@ -52,6 +53,7 @@ __all__ = [
     "project_to_ball",
     "stop_decision",
     "optimize_targets",
+    "final_p_target",
     "optimize_targets_chunked",
     "optimize_targets_cached",
     "fill_targets_sharded",
@@ -108,6 +110,7 @@ def optimize_targets(
         for s in setup.names
     }
     init_norm = {s: inits[s].norm(dim=1).to(torch.float32) for s in deltas}
+    radius = _radius(hp, init_norm, inits)
     stepper = Stepper(setup, _forward_mode(setup, deltas, reference, strategy, checks or ForwardChecks()))
     opt = torch.optim.Adam(list(deltas.values()), lr=hp.v_lr)
     layout = LossLayout.of(rows, ldev)
@@ -138,10 +141,31 @@ def optimize_targets(
             active &= ~stop
             if not active.any() or step == hp.v_num_grad_steps - 1:
                 break  # at most v_num_grad_steps − 1 updates, as released
-            _update(opt, deltas, loss, active, {s: hp.clamp_norm_factor * n for s, n in init_norm.items()}, step)
+            _update(opt, deltas, loss, active, radius, step)
         nll_weight = next_weight
     bar.close()
-    return _result(setup.layer, hp, inits, deltas, trace, N, time.perf_counter() - t0)
+    p_opt = torch.tensor(final_p_target(trace, N))
+    delivered, observed = delivery(stepper, deltas, inits, radius, p_opt, hp, layout)
+    return _result(setup.layer, hp, inits, deltas, trace, N, time.perf_counter() - t0, delivered, observed)
+
+
+def _radius(
+    hp: EditHyperParams, init_norm: Mapping[str, torch.Tensor], inits: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Each δ's ball radius (N,): clamp_norm_factor × ‖its own init‖ ("component", released) or
+    × ‖h^L_init‖ of the request ("residual", MEMIT's reference; issue #21)."""
+    if hp.clamp_reference == "residual":
+        ref = inits["layer"].norm(dim=1).to(torch.float32)
+        return {s: hp.clamp_norm_factor * ref.to(n.device) for s, n in init_norm.items()}
+    return {s: hp.clamp_norm_factor * n for s, n in init_norm.items()}
+
+
+def final_p_target(trace: list[dict], n: int) -> list[float]:
+    """Each request's p(o*) at its final δ (its last trace row: a request's δ is frozen when it stops)."""
+    last: dict[int, float] = {}
+    for row in trace:
+        last[row["request"]] = row["p_target"]
+    return [last.get(i, float("nan")) for i in range(n)]
 
 
 def optimize_targets_chunked(
@@ -341,8 +365,11 @@ def _result(
     trace: list[dict],
     N: int,
     seconds: float,
+    delivered: Mapping[str, torch.Tensor],
+    observed: Mapping[str, torch.Tensor],
 ) -> TargetResult:
-    """Targets v = init + δ for every value space (δ = 0 where the space was not optimised)."""
+    """Targets v = init + δ for every value space (δ = 0 where the space was not optimised), the
+    observed targets and the delivery diagnostics (:func:`.delivery.delivery`)."""
     keep = list(hp.value_spaces)
     out = {s: deltas[s].detach().clone() if s in deltas else torch.zeros_like(inits[s]) for s in keep}
     values = {s: inits[s] + out[s].to(inits[s].dtype) for s in keep}
@@ -357,4 +384,6 @@ def _result(
         n_steps=n_steps,
         trace=trace,
         seconds=seconds,
+        observed=dict(observed),
+        delivery=dict(delivered),
     )

@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..editing.deltas import Deltas
 from ..hparams import EditHyperParams
 
-__all__ = ["combine_batches", "target_summary"]
+__all__ = ["combine_batches", "target_summary", "delivery_frame"]
 
 
 def combine_batches(parts: Sequence[Deltas], mode: str) -> Deltas:
@@ -55,21 +56,24 @@ def target_summary(deltas: Deltas, hp: EditHyperParams) -> dict[str, float]:
     p(o*) (mean over the rewrite prompts), mean steps, the share that ran to ``v_num_grad_steps``
     and the share whose δ ended on the norm-ball boundary (clamp_norm_factor · ‖init‖), and per
     optimised space the mean ‖init‖ (the scale of that bound) and mean ‖δ‖."""
-    parts = deltas.meta.get("batches") or [{"targets": deltas.meta.get("targets")}]
     p, steps, clamped = [], [], []
     norms_of: dict[str, tuple[list, list]] = {}
-    for part in parts:
-        t = part.get("targets") or {}
+    for t in _batch_targets(deltas):
         p += list(t.get("final_p_target", []))
         steps += list(t.get("n_steps", []))
+        bound = (t.get("delivery") or {}).get
         for space, norms in (t.get("delta_norms") or {}).items():
             inits = t.get("init_norms", {}).get(space, [])
-            clamped += [d >= hp.clamp_norm_factor * i * (1 - 1e-4) for d, i in zip(norms, inits) if i > 0 and d > 0]
+            released = [d >= hp.clamp_norm_factor * i * (1 - 1e-4) for d, i in zip(norms, inits)]
+            on = bound(f"on_bound_{space}") or released
+            clamped += [bool(o) for o, d, i in zip(on, norms, inits) if i > 0 and d > 0]
             norms_of.setdefault(space, ([], []))[0].extend(inits)
             norms_of[space][1].extend(norms)
+    written = delivery_frame(deltas, hp)["p_written"].tolist()
     out = {
         "n_requests": len(p),
         "p_target_final_mean": _mean(p),
+        "p_written_mean": _mean([w for w in written if np.isfinite(w)]),
         "steps_mean": _mean(steps),
         "share_at_step_cap": _mean([s >= hp.v_num_grad_steps for s in steps]),
         "share_delta_at_clamp": _mean(clamped),
@@ -78,3 +82,36 @@ def target_summary(deltas: Deltas, hp: EditHyperParams) -> dict[str, float]:
         out[f"init_norm_mean_{space}"] = _mean(inits)
         out[f"delta_norm_mean_{space}"] = _mean(deltas)
     return out
+
+
+def _batch_targets(deltas: Deltas) -> list[dict]:
+    """The ``targets`` metadata of every batch, in request order."""
+    parts = deltas.meta.get("batches") or [{"targets": deltas.meta.get("targets")}]
+    return [part.get("targets") or {} for part in parts]
+
+
+def delivery_frame(deltas: Deltas, hp: EditHyperParams) -> pd.DataFrame:
+    """One row per edited request (``case_id`` where the request has one): ``p_optimised`` (p(o*) in
+    the optimised state), ``p_written`` (with only what the update writes at L), ``on_bound`` (every
+    optimised δ of the request ended on its norm bound), ``steps`` and ``at_step_cap`` (issue #21).
+    Edits computed before these diagnostics existed give NaN for the missing ones."""
+    rows: list[dict] = []
+    for t in _batch_targets(deltas):
+        n = len(t.get("n_steps", []))
+        dl = t.get("delivery") or {}
+        written = t.get("p_written") or [float("nan")] * n
+        bounds = [v for k, v in dl.items() if k.startswith("on_bound_")]
+        for j in range(n):
+            rows.append(
+                {
+                    "p_optimised": float((dl.get("p_optimised") or t.get("final_p_target"))[j]),
+                    "p_written": float(written[j]),
+                    "on_bound": float(all(b[j] for b in bounds)) if bounds else float("nan"),
+                    "steps": int(t["n_steps"][j]),
+                    "at_step_cap": float(t["n_steps"][j] >= hp.v_num_grad_steps),
+                }
+            )
+    frame = pd.DataFrame(rows, columns=["p_optimised", "p_written", "on_bound", "steps", "at_step_cap"])
+    ids = [r.get("case_id") for r in deltas.meta.get("requests", [])]
+    frame.insert(0, "case_id", ids if len(ids) == len(frame) else [None] * len(frame))
+    return frame

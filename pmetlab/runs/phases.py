@@ -31,7 +31,7 @@ from ..models.loading import load_model, model_identity
 from ..stats import layer_covariances
 from .batches import plan_records
 from .context import ModelPair, ModelPool, RunContext, check_model_name
-from .edits import combine_batches, target_summary
+from .edits import combine_batches, delivery_frame, target_summary
 from .pre_eval import cached_pre_eval
 from .rundir import RunMismatchError, now, summary_table
 from .spec import RunSpec
@@ -335,6 +335,18 @@ def _evaluate_edited(spec: RunSpec, ctx: RunContext, deltas: Deltas | None) -> p
         restore_(model, undo)
 
 
+def _with_delivery(post: pd.DataFrame, deltas: Deltas, spec: RunSpec) -> pd.DataFrame:
+    """``post`` with each record's delivery diagnostics (``target_p_optimised``, ``target_p_written``,
+    ``target_on_bound``, ``target_steps``, ``target_at_step_cap``; :func:`.edits.delivery_frame`)."""
+    frame = delivery_frame(deltas, spec.hp)
+    if frame["case_id"].isna().any() or "case_id" not in post:
+        return post
+    frame = frame.drop_duplicates("case_id").set_index("case_id").add_prefix("target_")
+    return post.drop(columns=list(frame.columns), errors="ignore").merge(
+        frame, left_on="case_id", right_index=True, how="left"
+    )
+
+
 def eval_post_phase(spec: RunSpec, ctx: RunContext, records: pd.DataFrame, deltas: Deltas | None) -> None:
     """Evaluate the edited model (the unedited one carries the deltas only while it runs) unless a
     finished eval_post is on disk; adds ``relative_specificity`` and writes pre + post records."""
@@ -347,7 +359,8 @@ def eval_post_phase(spec: RunSpec, ctx: RunContext, records: pd.DataFrame, delta
         post = pre.assign(phase="post")  # nothing was edited: the same model, the same numbers
         extra = {"copied_from": "eval_pre"}
     else:
-        post, extra = _evaluate_edited(spec, ctx, deltas), {}
+        deltas = deltas if deltas is not None else Deltas.load(ctx.store.deltas)
+        post, extra = _with_delivery(_evaluate_edited(spec, ctx, deltas), deltas, spec), {}
     rs = relative_specificity(pre, post)
     post = post.drop(columns="relative_specificity", errors="ignore").merge(rs, on="case_id", how="left")
     ctx.state.set_output("records", ctx.store.write_records(pd.concat([pre, post], ignore_index=True)))
