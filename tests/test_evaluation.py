@@ -280,7 +280,7 @@ def _df(phase="post"):
 
 
 def test_summarize_means_score_and_normal_ci():
-    s = summarize(_df())
+    s = summarize(_df(), ci="normal")
     assert len(s) == 1 and s.loc[0, "phase"] == "post" and s.loc[0, "n_records"] == 4
     assert s.loc[0, "efficacy_score"] == pytest.approx(75.0) and s.loc[0, "fluency"] == pytest.approx(600.0)
     assert s.loc[0, "score"] == pytest.approx(100 * 3 / (1 / 0.75 + 1 / 0.5 + 1 / 0.75))
