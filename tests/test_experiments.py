@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -554,6 +555,35 @@ def test_damaged_files_of_a_complete_run_are_redone_not_reused(tiny_env, tiny_mt
     assert cd.calls == 0 and ev.calls == 1  # pre rows from the pre-edit metric cache, post evaluated again
     assert res.run["repairs"][-1]["file"] == "records.parquet" and len(res.records) == 6
     assert res.run["status"] == "complete"
+
+
+def test_foreign_files_in_a_finished_run_are_redone_not_reused(tiny_env, tiny_mt, tmp_path, monkeypatch, caplog):
+    out, other = tmp_path / "run", tmp_path / "other"
+    _run(tiny_env, tiny_mt, out, generation=False)
+    _run(tiny_env, tiny_mt, other, generation=False, hparams=tiny_hparams(tiny_env, mom2_update_weight=100.0))
+    own = Deltas.load(out / "deltas.safetensors")
+    shutil.copy(other / "deltas.safetensors", out / "deltas.safetensors")  # another run's edit (its λ)
+    (out / "records.parquet").unlink()
+    cd = Counter(pmetlab.compute_deltas)
+    monkeypatch.setattr(phases, "compute_deltas", cd)
+    caplog.set_level("WARNING", logger="pmetlab.runs")
+    res = _run(tiny_env, tiny_mt, out, generation=False)
+    assert cd.calls == 1 and res.run["status"] == "complete"
+    repair = next(r for r in res.run["repairs"] if r["file"] == "deltas.safetensors")
+    assert "foreign" in repair["problem"] and "mom2_update_weight: 100.0 -> 10.0" in repair["problem"]
+    assert repair["redone"] == ["edit", "eval_post"] and repair["kept_as"] == "deltas.safetensors.damaged"
+    redone = Deltas.load(out / "deltas.safetensors")
+    assert redone.meta["hparams"] == own.meta["hparams"]  # the run's own edit again
+    assert redone.meta["hparams"]["mom2_update_weight"] == 10.0
+    assert any("is foreign" in r.getMessage() for r in caplog.records)
+    # records of another selection (a run of 2 edits) are redone too
+    small = tmp_path / "small"
+    _run(tiny_env, tiny_mt, small, method="none", n_edits=2, generation=False)
+    shutil.copy(small / "records.parquet", out / "records.parquet")
+    res = _run(tiny_env, tiny_mt, out, generation=False)
+    assert res.run["repairs"][-1]["file"] == "records.parquet" and "foreign" in res.run["repairs"][-1]["problem"]
+    assert len(res.records) == 6 and sorted(res.records["phase"]) == ["post"] * 3 + ["pre"] * 3
+    assert cd.calls == 1  # the edit (intact, the run's own) is reused
 
 
 def _other_requests(path: Path) -> None:
