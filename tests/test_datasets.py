@@ -320,6 +320,19 @@ def test_download_with_wrong_sha256_rejected(isolated, monkeypatch):
         (lambda r: r["requested_rewrite"].update(prompt="no subject slot"), ValueError, "exactly one"),
         (lambda r: r.update(paraphrase_prompts="oops"), ValueError, "list of strings"),
         (lambda r: r.update(case_id="7"), ValueError, "must be an integer"),
+        # an empty list leaves the record's PS/NS undefined; an empty prompt cannot be scored
+        (
+            lambda r: r.update(neighborhood_prompts=[]),
+            ValueError,
+            r"CounterFact record 3 \(case_id=0\): field 'neighborhood_prompts' must be a non-empty list",
+        ),
+        (lambda r: r.update(paraphrase_prompts=[]), ValueError, "'paraphrase_prompts' must be a non-empty list"),
+        (
+            lambda r: r.update(paraphrase_prompts=["fine", " "]),
+            ValueError,
+            r"record 3 \(case_id=0\): field 'paraphrase_prompts' has an empty string at position 1",
+        ),
+        (lambda r: r.update(generation_prompts=[""]), ValueError, "'generation_prompts' has an empty string"),
     ],
 )
 def test_counterfact_validation_messages(mutate, exc, match):
@@ -338,7 +351,7 @@ def test_zsre_and_known_validation_messages(tmp_path):
         "loc": "nq question: q",
         "loc_ans": "a",
     }
-    with pytest.raises(ValueError, match=r"zsRE record 0.*'answers' must have at least 1"):
+    with pytest.raises(ValueError, match=r"zsRE record 0.*'answers' must be a non-empty list"):
         ds.validate_zsre_record(z)
     z2 = dict(z, answers=["x"])
     del z2["loc_ans"]

@@ -93,10 +93,19 @@ def _check_str(v: Any, dotted: str, where: str, *, non_empty: bool = True) -> No
 
 
 def _check_str_list(v: Any, dotted: str, where: str, *, min_len: int = 0) -> None:
+    """A list of at least ``min_len`` strings, none of them empty or blank (an empty prompt or
+    answer cannot be scored; an empty list would leave its metric undefined for this record)."""
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise ValueError(f"{where}: field {dotted!r} must be a list of strings, got {v!r:.200}")
     if len(v) < min_len:
-        raise ValueError(f"{where}: field {dotted!r} must have at least {min_len} entries, got {len(v)}")
+        what = "a non-empty list" if min_len == 1 else f"a list of at least {min_len} entries"
+        raise ValueError(f"{where}: field {dotted!r} must be {what} (its metric needs it), got {v!r:.200}")
+    blank = [i for i, x in enumerate(v) if not x.strip()]
+    if blank:
+        raise ValueError(
+            f"{where}: field {dotted!r} has an empty string at position {blank[0]}"
+            f"{f' (and {len(blank) - 1} more)' if len(blank) > 1 else ''}: {v[blank[0]]!r}; remove it or fill it in"
+        )
 
 
 _CF_EXPECTED = (
@@ -129,10 +138,14 @@ def validate_counterfact_record(rec: Any, index: int = 0, source: str | None = N
         _check_str(_get(rec, f"requested_rewrite.{f}", where, _CF_EXPECTED), f"requested_rewrite.{f}", where)
     for f in ("target_new.id", "target_true.id"):
         _get(rec, f"requested_rewrite.{f}", where, _CF_EXPECTED)
-    _check_str_list(_get(rec, "paraphrase_prompts", where, _CF_EXPECTED), "paraphrase_prompts", where)
-    _check_str_list(_get(rec, "neighborhood_prompts", where, _CF_EXPECTED), "neighborhood_prompts", where)
-    _check_str_list(_get(rec, "attribute_prompts", where, _CF_EXPECTED), "attribute_prompts", where)
-    _check_str_list(_get(rec, "generation_prompts", where, _CF_EXPECTED), "generation_prompts", where)
+    # the paraphrase and neighbourhood prompts are scored on every record (PS, NS): none may be empty
+    for f, min_len in (
+        ("paraphrase_prompts", 1),
+        ("neighborhood_prompts", 1),
+        ("attribute_prompts", 0),
+        ("generation_prompts", 0),
+    ):
+        _check_str_list(_get(rec, f, where, _CF_EXPECTED), f, where, min_len=min_len)
     return rec  # type: ignore[return-value]
 
 
