@@ -7,6 +7,7 @@ import argparse
 from .._version import __version__
 from ..covspec import MIN_SEQ_LEN
 from .args import chunk_length, output_dir, output_file, parse_key_value, parse_layers, positive, run_dir
+from .arms import add_arms
 from .commands import cmd_demo, cmd_notebooks, cmd_run, cmd_stats, cmd_summarize
 from .evidence import add_targets, add_tune
 
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_run, _add_stats, _add_summarize, _add_notebooks, _add_demo):
         add(sub)
     add_tune(sub, _FMT, _verbosity)
+    add_arms(sub, _FMT, _verbosity)
     add_targets(sub, _FMT, _verbosity)
     return parser
 

@@ -41,6 +41,7 @@ __all__ = [
     "fill_cache_sharded",
     "plan_chunks",
     "target_keys",
+    "optimisation_fields",
     "CHUNK_SIZE",
     "CHUNK_TOKENS",
     "TARGET_CACHE_FORMAT",
@@ -131,6 +132,14 @@ def run_chunked(
     )
 
 
+def optimisation_fields(hp: EditHyperParams) -> dict[str, Any]:
+    """What of ``hp`` the targets depend on: the method, the layer L and the target fields (switches
+    added later only when set, so entries cached before them stay valid). Two settings with equal
+    fields share one optimisation; λ, the spread and ``ffn_target`` are not among them."""
+    later = {f: getattr(hp, f) for f, default in _LATER_TARGET_FIELDS.items() if getattr(hp, f) != default}
+    return {"method": hp.method, "layer": hp.layers[-1], **{f: getattr(hp, f) for f in _TARGET_FIELDS}, **later}
+
+
 def target_keys(
     model,
     tok,
@@ -143,19 +152,14 @@ def target_keys(
     """The cache key of each request's targets: every input that changes them (the model's
     class and a digest of its weights, the tokenizer, the templates, the layer, the target
     fields of ``hp``, the request without its case id, the format)."""
-    # switches added later enter the key only when set, so entries cached before them stay valid
-    later = {f: getattr(hp, f) for f, default in _LATER_TARGET_FIELDS.items() if getattr(hp, f) != default}
     base = {
         "format": TARGET_CACHE_FORMAT,
-        "method": hp.method,
-        "layer": hp.layers[-1],
         "reference": reference,
         "weights": weights_fingerprint(model),
         "model_class": type(model).__name__,
         "tokenizer": tokenizer_identity(tok),
         "templates": list(templates),
-        **{f: getattr(hp, f) for f in _TARGET_FIELDS},
-        **later,
+        **optimisation_fields(hp),
     }
     return [{**base, "request": {k: v for k, v in r.to_dict().items() if k != "case_id"}} for r in requests]
 

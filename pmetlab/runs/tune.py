@@ -93,14 +93,14 @@ def _score(row: Mapping[str, Any], parts: Sequence[str]) -> float:
     return harmonic_mean([float(v) for v in values])
 
 
-def select_points(table: pd.DataFrame, parts: Sequence[str]) -> pd.DataFrame:
-    """``table`` (post-edit rows, one per method and grid point, in grid order) with
-    ``tuning_score`` (the harmonic mean of ``parts``) and ``selected`` (True on each method's
-    choice by :data:`SELECTION_RULE`)."""
+def select_points(table: pd.DataFrame, parts: Sequence[str], by: str = "method") -> pd.DataFrame:
+    """``table`` (post-edit rows, one per method — or per value of ``by``, e.g. an arm — and grid
+    point, in grid order) with ``tuning_score`` (the harmonic mean of ``parts``) and ``selected``
+    (True on each group's choice by :data:`SELECTION_RULE`)."""
     out = table.copy()
     out["tuning_score"] = [_score(r, parts) for r in out.to_dict("records")]
     out["selected"] = False
-    for _, rows in out.groupby("method", sort=False):
+    for _, rows in out.groupby(by, sort=False):
         order = sorted(
             rows.index,
             key=lambda i: (-np.nan_to_num(out.at[i, "tuning_score"], nan=-1.0), -out.at[i, parts[-1]], i),
