@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -27,8 +27,10 @@
 #
 # **Writes** to `OUTPUT_DIR`: `04_ablation.{png,pdf,csv}` (bars per variant),
 # `04_spread_sweep.{png,pdf,csv}`, `04_lambda_sweep.{png,pdf,csv}`, `04_ablations.csv` (every
-# run's summary, before and after), `04_phase_times.csv` and `04_reading.md` (the findings,
-# generated from the numbers); the run directories under `RUNS_DIR`.
+# run's summary, before and after), `04_records.csv.gz` (every run's per-record metrics, from which
+# every number of the reading can be re-derived), `04_phase_times.csv` and `04_reading.md` (the
+# findings, generated from the numbers: each variant against PMET paired on the same records, with
+# the rule applied; Wilson intervals per metric); the run directories under `RUNS_DIR`.
 #
 # The records come from the dataset's evaluation split, never the tuning split the presets were
 # chosen on (notebook 06).
@@ -95,6 +97,8 @@ sweep = pmetlab.run_sweep(
     resume=RESUME, workers=WORKERS, model_and_tokenizer=(model, tok))
 # the sweeps' x axes: the value each run used (hp_*), also where the entry kept the preset's
 sweep = sweep.assign(spread_exponent=sweep["hp_spread_exponent"], mom2_update_weight=sweep["hp_mom2_update_weight"])
+records = pmetlab.sweep_records(sweep)  # per record: every number below can be re-derived from it
+pmetlab.save_records(records, f"{OUTPUT_DIR}/04_records.csv.gz")
 sweep.to_csv(f"{OUTPUT_DIR}/04_ablations.csv", index=False)
 
 # %% [markdown]
@@ -127,7 +131,8 @@ metrics = ["efficacy_score", "paraphrase_score", "neighborhood_score", "score"]
 pd.concat([unedited, post]).set_index("variant")[metrics].round(1)
 
 # %%
-reading = ablation_reading(post, model_name=MODEL, n_edits=N_EDITS)
+post_records = records[records["phase"] == "post"].assign(variant=lambda d: d["label"])
+reading = ablation_reading(post, model_name=MODEL, n_edits=N_EDITS, records=post_records)
 with open(f"{OUTPUT_DIR}/04_reading.md", "w") as f:
     f.write(reading + "\n")
 times = pmetlab.phase_times(sweep["run_dir"])

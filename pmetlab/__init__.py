@@ -55,7 +55,17 @@ from .plots import (
     save_figure,
 )
 from .requests import EditRequest
-from .runs import ExperimentResult, load_run, phase_times, resolve_hparams, run_experiment, run_sweep, summarize_runs
+from .runs import (
+    ExperimentResult,
+    load_run,
+    phase_times,
+    resolve_hparams,
+    run_experiment,
+    run_sweep,
+    save_records,
+    summarize_runs,
+    sweep_records,
+)
 from .runs.rounds import run_rounds
 from .runs.tune import TuningGrid, tune
 from .stats import layer_covariances
@@ -121,6 +131,8 @@ __all__ = [
     "TuningGrid",
     "load_run",
     "summarize_runs",
+    "sweep_records",
+    "save_records",
     # analysis and figures
     "component_similarity",
     "similarity_by_depth",

@@ -316,7 +316,7 @@ def test_files_written_match_expected_outputs(name):
     written = set()
     for stem in re.findall(r"save_figure\([^,]+,\s*OUTPUT_DIR,\s*\"([^\"]+)\"", src):
         written |= {f"{stem}.png", f"{stem}.pdf", f"{stem}.csv"}
-    written |= set(re.findall(r"\{OUTPUT_DIR\}/([^\"]+\.(?:csv|md))\"", src))
+    written |= set(re.findall(r"\{OUTPUT_DIR\}/([^\"]+\.(?:csv|csv\.gz|md))\"", src))
     for stem in re.findall(r"\.save\(OUTPUT_DIR,\s*\"([^\"]+)\"\)", src):  # TuningResult.save: table + choice
         written |= {f"{stem}.csv", f"{stem}.json"}
     assert written == set(EXPECTED_OUTPUTS[name])

@@ -60,6 +60,7 @@ from .edits import target_summary
 from .experiment import run_experiment
 from .load import RunSummaries, collect_summaries, load_run, phase_times, run_status, summarize_runs, with_run_columns
 from .lock import RunDirInUseError
+from .per_record import read_records_table, save_records, sweep_records
 from .result import ExperimentResult
 from .rundir import PHASES, RunDir, RunMismatchError, RunState
 from .signals import RunTerminated
@@ -83,6 +84,9 @@ __all__ = [
     "run_status",
     "RunTerminated",
     "with_run_columns",
+    "sweep_records",
+    "save_records",
+    "read_records_table",
     "resolve_hparams",
     "target_summary",
     "METHODS",
