@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -16,6 +17,15 @@ def _norm(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).split()).casefold()
 
 
+def _invisible(text: str, allowed: str = "", offset: int = 0) -> str | None:
+    """The first control or zero-width (format) character of ``text`` not in ``allowed``, described
+    as ``U+200B ZERO WIDTH SPACE at position 3``; None when there is none."""
+    for i, c in enumerate(text):
+        if unicodedata.category(c) in ("Cc", "Cf") and c not in allowed:
+            return f"U+{ord(c):04X} {unicodedata.name(c, 'control character')} at position {i + offset}"
+    return None
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """One fact to write: ``prompt.format(subject)`` should be completed by `` target_new``.
@@ -28,6 +38,12 @@ class EditRequest:
             differ from ``target_new`` ignoring case and spacing (an edit to the current answer
             writes nothing and its CounterFact efficacy can never succeed).
         case_id: the record id in its dataset, optional.
+
+    Normalised on construction: whitespace around ``subject`` moves into the prompt (the rendered
+    text is unchanged, but the subject's last token is a token of the subject, not a space) and
+    whitespace around the targets is dropped (a leading space is added when tokenizing). Refused:
+    control or zero-width characters in any field (line breaks and tabs are allowed in the
+    prompt), which look like nothing on screen yet change the tokens the edit is written to.
     """
 
     prompt: str
@@ -48,7 +64,21 @@ class EditRequest:
                 f"EditRequest.target_true must be a string or None, got "
                 f"{type(self.target_true).__name__}: {self.target_true!r}"
             )
-        self._check_target_true()
+        for fld in ("prompt", "subject", "target_new", "target_true"):
+            v = getattr(self, fld)
+            # surrounding whitespace (a trailing tab or line break) is normalised below, not refused
+            bad = (
+                None
+                if v is None
+                else _invisible(v.strip(), "\n\t" if fld == "prompt" else "", len(v) - len(v.lstrip()))
+            )
+            if bad is not None:
+                raise ValueError(
+                    f"EditRequest.{fld} contains an invisible character ({bad}) in {v!r}; remove it: it changes "
+                    f"the tokens the edit is written to without showing on screen"
+                )
+        self._check_target_true()  # on the fields as given, so that its message shows them
+        self._normalise_spaces()
         n = self.prompt.count("{}")
         if n != 1:
             raise ValueError(
@@ -58,6 +88,20 @@ class EditRequest:
         stripped = self.prompt.replace("{}", "")
         if "{" in stripped or "}" in stripped:
             raise ValueError(f"EditRequest.prompt has a stray brace besides the one '{{}}': {self.prompt!r}")
+
+    def _normalise_spaces(self) -> None:
+        """Whitespace around the subject into the prompt, around the targets dropped (see the
+        class docstring); the frozen fields are set once, here."""
+        subject = self.subject.strip()
+        if subject != self.subject and self.prompt.count("{}") == 1:
+            lead = self.subject[: len(self.subject) - len(self.subject.lstrip())]
+            trail = self.subject[len(self.subject.rstrip()) :]
+            object.__setattr__(self, "prompt", self.prompt.replace("{}", lead + "{}" + trail))
+            object.__setattr__(self, "subject", subject)
+        for fld in ("target_new", "target_true"):
+            v = getattr(self, fld)
+            if v is not None and v != v.strip():
+                object.__setattr__(self, fld, v.strip())
 
     def _check_target_true(self) -> None:
         """A given current object must be non-blank and differ from the new one: an edit that asks
@@ -136,9 +180,18 @@ class EditRequest:
             )
         if not answers:
             raise ValueError(f"zsRE record for {subject!r} has no answers")
-        if subject.strip() and subject not in src:  # an empty subject is reported by EditRequest
+        subject = subject.strip()
+        if subject and subject not in src:  # an empty subject is reported by EditRequest
             raise ValueError(f"zsRE record: subject {subject!r} does not occur in question {src!r}")
-        prompt = src.replace(subject, "{}", 1)
+        # the first occurrence as a whole word: inside a longer word ("Rome" in "Romeo") the subject's
+        # last token would be a piece of another word, and the edit would be written to it
+        whole = re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", src) if subject else None
+        if subject and whole is None:
+            raise ValueError(
+                f"zsRE record {record.get('case_id', '')!s}: subject {subject!r} occurs in question {src!r} only "
+                f"inside a longer word; fix the record's subject (or question)"
+            )
+        prompt = src[: whole.start()] + "{}" + src[whole.end() :] if whole else src.replace(subject, "{}", 1)
         return cls(
             prompt=prompt, subject=subject, target_new=answers[0], target_true=None, case_id=record.get("case_id")
         )

@@ -86,6 +86,22 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return k
 
 
+def _refuse_special(tok, what: str, text: str, ids: Sequence[int]) -> None:
+    """A ValueError when ``text`` (a prompt or target) holds a special token's text that the tokenizer
+    reads as that token (``"<|endoftext|>"``, ``"</s>"``): a control token, not words an edit can write
+    or score. (An unknown word mapped to ``<unk>`` is not special text and passes.)"""
+    specials = getattr(tok, "all_special_tokens", None) or ()
+    found = [t for t in specials if t and t in text]
+    if not found or not hasattr(tok, "convert_tokens_to_ids"):
+        return
+    found = [t for t in found if tok.convert_tokens_to_ids(t) in ids]
+    if found:
+        raise ValueError(
+            f"{what} {text!r} contains text the tokenizer reads as its special token(s) {list(dict.fromkeys(found))}; "
+            f"remove it (an edit cannot write or score a control token)"
+        )
+
+
 def _split_joined(
     prompt: str, target: str, p_ids: list[int], suffix: list[int], joined: list[int]
 ) -> tuple[list[int], list[int]]:
@@ -135,8 +151,11 @@ def encode_prompt_targets(tok, prompts: Sequence[str], targets: Sequence[str]) -
         frame[p] = (full[p][: len(full[p]) - n], full[p][len(full[p]) - n :])
         if not frame[p][0]:
             raise ValueError(f"prompt {p!r} tokenizes to nothing; a target needs at least one token before it")
+        _refuse_special(tok, "prompt", p, plain[p])
     joined = _encode_many(tok, [_joined(p, t) for p, t in pairs], True)
     out = {pt: _split_joined(*pt, *frame[pt[0]], j) for pt, j in zip(pairs, joined)}
+    for (_p, t), (_, t_ids) in out.items():
+        _refuse_special(tok, "target", t, t_ids)
     return [out[pt] for pt in zip(prompts, targets)]
 
 

@@ -256,3 +256,59 @@ def test_compute_deltas_refuses_conflicts_before_any_work(tmp_path, monkeypatch)
         compute_deltas(model, tok, [GOOD, _req("danny miles", "football")], hp, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(tmp_path.iterdir())
+
+
+# --- subjects and targets that cannot work: normalised or refused with one line -----------------
+
+
+def test_surrounding_spaces_are_normalised_keeping_the_rendered_text():
+    r = EditRequest(prompt="The capital of{} is", subject=" France ", target_new="  Rome ", target_true=" Paris")
+    assert (r.subject, r.target_new, r.target_true) == ("France", "Rome", "Paris")
+    assert r.prompt == "The capital of {}  is" and r.text == "The capital of France  is"  # as written
+    tok = make_tiny_tokenizer()
+    from pmetlab.tokens import subject_last_index
+
+    ids = tok(r.text)["input_ids"]
+    last = tok.convert_ids_to_tokens(ids[subject_last_index(tok, r.prompt, r.subject)])
+    assert last.strip("Ġ▁ ") == "france"  # the subject's own token, not a space
+
+
+@pytest.mark.parametrize(
+    "field, value, char",
+    [
+        ("subject", "Dan\u200bny", "U+200B ZERO WIDTH SPACE at position 3"),
+        ("target_new", "ja\x00zz", "U+0000"),
+        ("target_true", "foot\u2060ball", "U+2060 WORD JOINER"),
+        ("prompt", "{} plays\x1b the", "U+001B"),
+        ("subject", "Danny\nMiles", "U+000A"),
+    ],
+)
+def test_invisible_characters_are_refused_naming_field_and_character(field, value, char):
+    kw = dict(prompt="{} plays the sport of", subject="Danny", target_new="jazz", target_true="football")
+    with pytest.raises(ValueError, match=f"EditRequest.{field} contains an invisible character") as ei:
+        EditRequest(**{**kw, field: value})
+    assert char in str(ei.value) and "\n" not in str(ei.value)
+    assert EditRequest(**{**kw, "prompt": "Context.\n{} plays\tthe sport of"})  # a line break in a prompt is text
+
+
+def test_text_that_tokenizes_to_special_tokens_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PMETLAB_CACHE_DIR", str(tmp_path))
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model("LlamaForCausalLM")
+    hp = PMETHyperParams(layers=(0, 1), cov_corpus=str(tmp_path / "absent.txt"))  # never reached
+    for bad, what in (
+        (EditRequest(prompt="{} plays the sport of", subject="danny </s>", target_new="jazz"), "prompt"),
+        (EditRequest(prompt="{} plays the sport of", subject="danny", target_new="</s>"), "target"),
+    ):
+        with pytest.raises(ValueError, match=rf"request 1 .*{what} .* special token\(s\) \['</s>'\]"):
+            compute_deltas(model, tok, [GOOD, bad], hp, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_zsre_subject_found_only_inside_a_word_is_refused():
+    rec = dict(ZSRE_RECORD, subject="Dan", src="Which sport does Danny Dan play?")
+    assert EditRequest.from_zsre(rec).prompt == "Which sport does Danny {} play?"  # the whole word, not "Danny"
+    with pytest.raises(ValueError, match=r"subject 'Dan' occurs in question .* only inside a longer word"):
+        EditRequest.from_zsre(dict(ZSRE_RECORD, subject="Dan"))
+    spaced = EditRequest.from_zsre(dict(ZSRE_RECORD, subject=" Danny Miles "))
+    assert spaced.subject == "Danny Miles" and spaced.text == ZSRE_RECORD["src"]
