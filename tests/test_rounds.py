@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pmetlab.editing.deltas import Deltas, apply_deltas_, restore_
+from pmetlab.runs import RunMismatchError
 from pmetlab.runs import rounds as rounds_mod
 from pmetlab.runs.rounds import run_rounds
 from tests.test_experiments import tiny_env, tiny_hparams, tiny_mt  # noqa: F401  (fixtures)
@@ -81,7 +82,7 @@ def test_an_interrupted_run_resumes_at_the_last_finished_round(tiny_env, tiny_mt
     assert calls[-1] == "again" and calls.count("again") == 1, "round 0 was reused, round 1 computed"
     assert (tmp_path / "r" / "round_00" / "deltas.safetensors").read_bytes() == round0
     assert res.record["status"] == "complete" and res.record["rounds_done"] == 2
-    with pytest.raises(rounds_mod.RunMismatchError, match="other parameters"):
+    with pytest.raises(RunMismatchError, match="other parameters"):
         _run(tiny_env, tiny_mt, tmp_path / "r", hparams=tiny_hparams(tiny_env, mom2_update_weight=3.0))
 
 
@@ -136,3 +137,74 @@ def test_null_space_rounds_accumulate_the_keys_of_earlier_rounds_and_resume_with
     assert k1.count(layer, "ffn") == 2 * k0.count(layer, "ffn")
     meta = Deltas.load(tmp_path / "n" / "round_01" / "deltas.safetensors").meta
     assert meta["null_space"]["enabled"] is True
+
+
+# --- a damaged rounds.json, lowered rounds_done, foreign round files, SIGTERM --------------------
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"params": {"rou', "unreadable"),
+        ("[1, 2]", "holds a JSON list, not a rounds record"),
+        ("RECORD:two", "'rounds_done' must be an integer from 0 to 2, got 'two'"),
+        ("RECORD:5", "'rounds_done' must be an integer from 0 to 2, got 5"),
+        ("RECORD:-1", "'rounds_done' must be an integer from 0 to 2, got -1"),
+        ("ROUNDS:x", "'rounds' must be a list of round entries"),
+    ],
+)
+def test_a_damaged_rounds_json_is_one_line_naming_it(tiny_env, tiny_mt, tmp_path, content, match):  # noqa: F811
+    out = tmp_path / "r"
+    _run(tiny_env, tiny_mt, out)
+    path = out / "rounds.json"
+    rec = json.loads(path.read_text())
+    if content.startswith("RECORD:"):
+        v = content.split(":")[1]
+        rec["rounds_done"] = int(v) if v.lstrip("-").isdigit() else v
+        content = json.dumps(rec)
+    elif content.startswith("ROUNDS:"):
+        content = json.dumps(dict(rec, rounds="x"))
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match) as info:
+        _run(tiny_env, tiny_mt, out)
+    assert str(path) in str(info.value) and "resume=False" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert _run(tiny_env, tiny_mt, out, resume=False).record["status"] == "complete"
+
+
+def test_lowered_rounds_done_replaces_entries_and_foreign_rounds_are_redone(tiny_env, tiny_mt, tmp_path, caplog):  # noqa: F811
+    out = tmp_path / "r"
+    _run(tiny_env, tiny_mt, out)
+    path = out / "rounds.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), rounds_done=1)))
+    res = _run(tiny_env, tiny_mt, out)
+    assert [e["round"] for e in res.record["rounds"]] == [0, 1]  # replaced, not appended
+    assert list(res.summary["after_round"]).count(1) == 3
+    # a round file copied from another run (other hyperparameters): redone from that round on
+    other = tmp_path / "other"
+    _run(tiny_env, tiny_mt, other, hparams=tiny_hparams(tiny_env, mom2_update_weight=3.0))
+    (out / "round_01" / "deltas.safetensors").write_bytes((other / "round_01" / "deltas.safetensors").read_bytes())
+    caplog.set_level("WARNING", logger="pmetlab.runs")
+    res = _run(tiny_env, tiny_mt, out)
+    assert res.record["status"] == "complete" and [e["round"] for e in res.record["rounds"]] == [0, 1]
+    assert res.record["repairs"][-1]["redo_from_round"] == 1 and "foreign" in res.record["repairs"][-1]["problem"]
+    assert Deltas.load(out / "round_01" / "deltas.safetensors").meta["hparams"]["mom2_update_weight"] == 10.0
+    assert any("round_01" in r.getMessage() and "redone" in r.getMessage() for r in caplog.records)
+
+
+def test_sigterm_during_rounds_is_recorded_failed(tiny_env, tiny_mt, tmp_path, monkeypatch):  # noqa: F811
+    import os
+    import signal
+
+    from pmetlab.runs import RunTerminated
+
+    def terminate(self, batch, stats):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt the run")
+
+    monkeypatch.setattr(rounds_mod._Rounds, "_edit", terminate)
+    with pytest.raises(RunTerminated):
+        _run(tiny_env, tiny_mt, tmp_path / "r")
+    rec = json.loads((tmp_path / "r" / "rounds.json").read_text())
+    assert rec["status"] == "failed" and rec["error"] == "RunTerminated: received SIGTERM"
+    assert rec["pid"] == os.getpid() and not (tmp_path / "r" / "run.lock").exists()

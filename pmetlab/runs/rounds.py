@@ -35,20 +35,22 @@ from ..devices import model_device
 from ..editing.deltas import Deltas, apply_deltas_, restore_
 from ..editing.nullspace import PreservedKeys
 from ..evaluation import relative_specificity, summarize
+from ..hparams import hparams_from_dict
 from ..stats import layer_covariances
 from ..versions import versions
 from .batches import plan_records
 from .context import GivenModel, ModelSource
 from .lock import hold_run_dir
 from .phases import default_model_pool, seed_all
-from .rundir import RunMismatchError, now, read_records, write_records
+from .rounds_state import ROUNDS_FILE, RoundsState
+from .rundir import now, read_records, write_records
+from .signals import terminate_as_interrupt
 from .spec import RunSpec
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["RoundsResult", "run_rounds", "ROUNDS_FILE"]
 
-ROUNDS_FILE = "rounds.json"
 _GROUPS = ("current", "earlier", "all")
 
 
@@ -71,38 +73,6 @@ def _protocol(spec: RunSpec, rounds: int) -> dict[str, Any]:
         "and their neighbourhood prompts",
         "reference": "the original (unedited) model's metrics and answers",
     }
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=1, default=str) + "\n")
-
-
-@dataclass
-class _State:
-    """The run's ``rounds.json`` and where it lives."""
-
-    root: Path
-    data: dict[str, Any]
-
-    @classmethod
-    def open(cls, root: Path, params: dict[str, Any], resume: bool) -> _State:
-        path = root / ROUNDS_FILE
-        if resume and path.is_file():
-            data = json.loads(path.read_text())
-            if data.get("params") != params:
-                raise RunMismatchError(
-                    f"{root} holds a rounds run with other parameters; use another out_dir or resume=False"
-                )
-            return cls(root, data)
-        root.mkdir(parents=True, exist_ok=True)
-        return cls(root, {"params": params, "rounds_done": 0, "rounds": [], "created_at": now()})
-
-    def save(self) -> None:
-        _write_json(self.root / ROUNDS_FILE, self.data)
-
-    def round_dir(self, t: int) -> Path:
-        return self.root / f"round_{t:02d}"
 
 
 def _spec(model: str, method: str, dataset: str, batch_size: int, rounds: int, **kw: Any) -> RunSpec:
@@ -147,8 +117,8 @@ def run_rounds(
     if spec.hp is None:
         raise ValueError("editing over time needs an editing method ('pmet' or 'memit'), got 'none'")
     params = {**spec.params, "rounds": rounds, "protocol": _protocol(spec, rounds)}
-    with hold_run_dir(Path(out_dir), "rounds run"):
-        state = _State.open(Path(out_dir), json.loads(json.dumps(params)), resume)
+    with hold_run_dir(Path(out_dir), "rounds run"), terminate_as_interrupt():
+        state = RoundsState.open(Path(out_dir), json.loads(json.dumps(params)), resume)
         models: ModelSource = (
             GivenModel(model_and_tokenizer) if model_and_tokenizer is not None else default_model_pool()
         )
@@ -185,12 +155,28 @@ def _round_batches(spec: RunSpec) -> tuple[list[list[dict]], dict[str, Any]]:
     return batches, info
 
 
+def _same_hparams(saved: Any, hp: Any) -> bool:
+    """Whether ``saved`` (a deltas file's hyperparameters; fields added since filled with their
+    defaults) are ``hp``."""
+    try:
+        full = hparams_from_dict(saved).to_dict()
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False
+    return json.loads(json.dumps(full, default=str)) == json.loads(json.dumps(hp.to_dict(), default=str))
+
+
+def _requests(spec: RunSpec, batch: list[dict]) -> list:
+    from ..datasets import counterfact_requests, zsre_requests
+
+    return (zsre_requests if spec.dataset == "zsre" else counterfact_requests)(batch)
+
+
 @dataclass
 class _Rounds:
     """One rounds run: the spec, its state on disk, the model (restored at the end)."""
 
     spec: RunSpec
-    state: _State
+    state: RoundsState
     model: Any
     tok: Any
     progress: bool
@@ -198,7 +184,8 @@ class _Rounds:
 
     def run(self) -> RoundsResult:
         batches, dataset = _round_batches(self.spec)
-        self.state.data.update(dataset=dataset, versions=versions(), status="running")
+        self.state.begin(dataset=dataset, versions=versions())
+        self._verify_rounds(batches)
         original = self._original([r for b in batches for r in b])
         self.preserved = self._preserved_state()
         stats = layer_covariances(self.model, self.tok, self.spec.hp.layers, kind="ffn", spec=self.spec.covariance)
@@ -208,15 +195,37 @@ class _Rounds:
                 for t, batch in enumerate(batches):
                     undo.append(self._round(t, batch, batches[:t], stats, original))
                     bar.update(1)
-            self.state.data["status"] = "complete"
-        except BaseException as exc:
-            self.state.data.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            self.state.complete()
+        except BaseException as exc:  # SIGTERM too: raised as RunTerminated while the run executes
+            self.state.fail(exc)
             raise
         finally:
             for u in reversed(undo):
                 restore_(self.model, u)
             self.state.save()
         return RoundsResult(self.state.root, self._summary(), self.state.data)
+
+    def _verify_rounds(self, batches: list[list[dict]]) -> None:
+        """Check the finished rounds' updates before reuse: a missing, damaged or foreign one (an
+        edit of other requests or hyperparameters) makes the rounds from it on be redone."""
+        for t in range(min(self.state.rounds_done, len(batches))):
+            path = self.state.round_dir(t) / "deltas.safetensors"
+            try:
+                d = Deltas.load(path)
+            except (FileNotFoundError, ValueError) as exc:
+                problem = f"is unusable ({exc})"
+            else:
+                want = json.loads(json.dumps([r.to_dict() for r in _requests(self.spec, batches[t])]))
+                if json.loads(json.dumps(d.meta.get("requests"), default=str)) != want:
+                    problem = "is foreign: an edit of other requests than the round's"
+                elif not _same_hparams(d.meta.get("hparams"), self.spec.hp):
+                    problem = "is foreign: an edit with other hyperparameters than the run's"
+                else:
+                    continue
+            if self.spec.hp.null_space:
+                raise ValueError(f"{path} {problem}; pass resume=False to start the rounds run over")
+            self.state.redo_from(t, path, problem)
+            return
 
     def _original(self, records: list[dict]) -> pd.DataFrame:
         """The unedited model's metrics of every record of every round (read back when saved)."""
@@ -233,7 +242,7 @@ class _Rounds:
         """Round ``t``: reuse it when an earlier invocation finished it, else edit and evaluate;
         returns the undo of its update (the model carries it afterwards)."""
         folder = self.state.round_dir(t)
-        if t < int(self.state.data["rounds_done"]):
+        if t < self.state.rounds_done:
             deltas = Deltas.load(folder / "deltas.safetensors")
             return apply_deltas_(self.model, deltas)  # checks the base fingerprint: rounds chain
         if self.preserved is not None and t > 0 and len(self.preserved) == 0:
@@ -263,10 +272,9 @@ class _Rounds:
     def _edit(self, batch: list[dict], stats) -> Deltas:
         """The round's update, computed on the model as it is now (carrying the earlier rounds),
         with the unedited model's key statistics (as sequential editing does, method.md §2)."""
-        from ..datasets import counterfact_requests, zsre_requests
         from ..editing.compute import compute_deltas
 
-        requests = (zsre_requests if self.spec.dataset == "zsre" else counterfact_requests)(batch)
+        requests = _requests(self.spec, batch)
         return compute_deltas(
             self.model,
             self.tok,
@@ -282,7 +290,7 @@ class _Rounds:
         else a fresh, empty state (reset at the start of every run). None without the switch."""
         if not self.spec.hp.null_space:
             return None
-        done = int(self.state.data["rounds_done"])
+        done = self.state.rounds_done
         if done > 0:  # a missing or damaged checkpoint is an error naming the file
             return PreservedKeys.load(
                 self.state.round_dir(done - 1) / "preserved.safetensors", model_device(self.model)
@@ -291,7 +299,7 @@ class _Rounds:
 
     def _finish(self, t: int, deltas: Deltas, edit_s: float, eval_s: float) -> None:
         norms = deltas.norms()
-        self.state.data["rounds"].append(
+        self.state.finish_round(
             {
                 "round": t,
                 "n_edits": len(deltas.meta.get("requests", [])),
@@ -301,15 +309,13 @@ class _Rounds:
                 "finished_at": now(),
             }
         )
-        self.state.data["rounds_done"] = t + 1
-        self.state.save()
 
     def _summary(self) -> pd.DataFrame:
         """One row per round and record group ("current", "earlier", "all"), means with 95%
         intervals (×100), the round's update norm and the cumulative number of edits."""
         frames = []
         info = {r["round"]: r for r in self.state.data["rounds"]}
-        for t in range(int(self.state.data["rounds_done"])):
+        for t in range(self.state.rounds_done):
             df = read_records(self.state.round_dir(t))
             groups = {"current": df["edited_in_round"] == t, "earlier": df["edited_in_round"] < t}
             groups["all"] = groups["current"] | groups["earlier"]
