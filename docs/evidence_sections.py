@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pmetlab.hparams import load_presets
 from pmetlab.reporting import format_ci, markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,6 +117,7 @@ def _profile_dir(model: str, notebook: str) -> Path | None:
 
 def _tradeoff_table(d: Path) -> str:
     df = pd.read_csv(d / "03_tradeoff.csv")
+    df = df[df["n_records"] >= 2]  # one record has no interval: never drawn, never tabled
     df = df.sort_values(["n_edits", "method"], key=lambda s: s.map({"PMET": 0, "MEMIT": 1, "unedited": 2}).fillna(s))
     rows = [
         {
@@ -156,7 +158,7 @@ def _section(notebook: str, table: callable, what) -> str:
 
 def tradeoff_section() -> str:
     """Notebook 03 per model (the paper profile where committed, else the quick one)."""
-    return _section("03", _tradeoff_table, "CounterFact evaluation split, one batch per n, 95% intervals")
+    return _section("03", _tradeoff_table, "CounterFact evaluation split, one batch per n, 95% Wilson intervals")
 
 
 def _ablation_table(d: Path) -> str:
@@ -176,7 +178,7 @@ def _ablation_table(d: Path) -> str:
 
 def ablations_section() -> str:
     """Notebook 04 per model."""
-    return _section("04", _ablation_table, "CounterFact evaluation split, 95% intervals")
+    return _section("04", _ablation_table, "CounterFact evaluation split, 95% Wilson intervals")
 
 
 BUILDERS = {"tuning": tuning_section, "tradeoff": tradeoff_section, "ablations": ablations_section}
@@ -273,17 +275,66 @@ def _bound_reading(p: pd.Series, a: float, f: float, h: float) -> str:
     )
 
 
+#: What a reader must know beside a model's headline, whatever its numbers say.
+_CAVEATS = {
+    "gemma3-270m": (
+        "Underpowered: with 16 records per method the intervals are too wide to separate the methods; "
+        "and on Gemma's post-norm blocks MEMIT's residual-space update is mis-specified (the caveat under "
+        "'Ablations (notebook 04)'), so this is no verdict on the paper's claim."
+    ),
+}
+
+
+def _headline_rule(reading: str) -> str:
+    """How the reading decided: its rule line, and for an unpaired reading what will decide it."""
+    rule = next((p.strip() for p in reading.split("\n\n") if p.startswith("Rule (")), "")
+    if "unpaired" in rule:
+        rule += (
+            " The paired comparison (per-record differences on the same records, bootstrap over records) "
+            "comes with the paired sweep of issue #21."
+        )
+    return rule
+
+
 def headline_section() -> str:
-    """The claim paragraph of each model's notebook-03 reading (paper profile where committed)."""
+    """The claim paragraph of each model's notebook-03 reading (paper profile where committed), the
+    rule it applied and the model's caveat."""
     parts = []
     for model, name in MODELS.items():
         d = _profile_dir(model, "03")
         if d is None:
             continue
-        claim = [p for p in (d / "03_reading.md").read_text().split("\n\n") if p.startswith("The paper's claim")]
+        reading = (d / "03_reading.md").read_text()
+        claim = [p for p in reading.split("\n\n") if p.startswith("The paper's claim")]
         if claim:
-            parts.append(f"- **{name}** (notebook 03, {d.name} profile): {claim[0].strip()}")
+            extra = " ".join(t for t in (_headline_rule(reading), _CAVEATS.get(model, "")) if t)
+            parts.append(f"- **{name}** (notebook 03, {d.name} profile): {claim[0].strip()} {extra}".rstrip())
     return "\n".join(parts) if parts else "No notebook-03 results committed yet."
 
 
-BUILDERS.update(rounds=rounds_section, zsre=zsre_section, headline=headline_section)
+def _point(entry: dict) -> str:
+    return f"λ {entry['mom2_update_weight']:g}, v_lr {entry['v_lr']:g}"
+
+
+def preset_values_section() -> str:
+    """λ and v_lr of the shipped presets per model, method and dataset, read from the preset files
+    (a tuned entry names the table it was chosen from)."""
+    lines = []
+    for model, name in {**MODELS, "gpt-j-6b": "GPT-J 6B"}.items():
+        parts = []
+        for method in ("pmet", "memit"):
+            entry = load_presets(method).get(model)
+            if entry is None:
+                continue
+            by_dataset = (entry.get("by_dataset") or {}).items()
+            tuned = "; ".join(f"{DATASETS.get(ds, ds)} {_point(e)} (`{e['_source']}`)" for ds, e in by_dataset)
+            text = f"{tuned}; other datasets {_point(entry)}" if tuned else _point(entry)
+            parts.append(f"{METHOD_NAMES[method]}: {text}")
+        if parts:
+            lines.append(f"- **{name}**: " + " — ".join(parts))
+    return "\n".join(lines)
+
+
+BUILDERS.update(
+    rounds=rounds_section, zsre=zsre_section, headline=headline_section, **{"preset-values": preset_values_section}
+)

@@ -38,7 +38,7 @@ def test_the_claim_is_reproduced_only_when_pmet_is_ahead_with_separate_intervals
     assert "ES 97.0 [95.0, 99.0] vs 90.0 [88.0, 92.0] (PMET ahead, intervals separate)" in text
     assert "MEMIT's NS first falls below the unedited model's at n = 64" in text
     assert "PMET's NS is not below the unedited model's by the rule up to n = 64" in text
-    assert f"Rule ({UNPAIRED_RULE})." in text and "unpaired" in text.splitlines()[0]
+    assert f"{UNPAIRED_RULE}." in text and "unpaired" in text.splitlines()[0]
 
 
 def test_a_single_record_is_left_out_never_compared():
@@ -79,7 +79,7 @@ def test_with_per_record_metrics_the_comparison_is_paired_and_prints_the_rule():
     recs = _records(table, "method")
     recs.loc[recs["method"] == "PMET", "efficacy_score"] = 1.0  # ahead of MEMIT on every record that differs
     text = tradeoff_reading(table, model_name="m", records=recs)
-    assert "paired" in text.splitlines()[0] and f"Rule (paired, per-record metrics): {PAIRED_RULE}." in text
+    assert "paired" in text.splitlines()[0] and f"Rule (paired, from the per-record metrics): {PAIRED_RULE}." in text
     assert "(paired PMET − MEMIT: +" in text and ", PMET ahead)" in text
     assert UNPAIRED_RULE not in text
 
@@ -96,6 +96,6 @@ def test_ablation_reading_compares_each_variant_with_pmet_metric_by_metric():
     assert "- without δ^a (w/o δ^a against PMET): ES 60.0 [58.0, 62.0] vs 90.0 [88.0, 92.0] (PMET ahead" in text
     assert "(even spread (p=1) against PMET): ES 91.0 [89.0, 93.0] vs 90.0 [88.0, 92.0] (intervals overlap" in text
     assert "no spread" not in text  # a variant that was not run is not reported
-    assert f"Rule ({UNPAIRED_RULE})." in text
+    assert f"{UNPAIRED_RULE}." in text
     paired = ablation_reading(table, model_name="m", n_edits=8, records=_records(table, "variant"))
     assert "(paired w/o δ^a − PMET: -" in paired and PAIRED_RULE in paired

@@ -17,10 +17,7 @@ from ..evaluation import PAIRED_RULE, PairedDifference, paired_difference
 __all__ = ["Estimate", "Verdict", "compare", "rules_text", "interval_words", "UNPAIRED_RULE", "PAIRED_RULE"]
 
 #: The rule of a comparison made from two summaries' intervals (no per-record data).
-UNPAIRED_RULE = (
-    "unpaired, from the summaries' intervals (no per-record data for these runs): A is ahead of B "
-    "when their 95% intervals are separate; otherwise inconclusive"
-)
+UNPAIRED_RULE = "A is ahead of B when their 95% intervals (Wilson for ES, PS, NS) are separate; otherwise inconclusive"
 
 
 @dataclass(frozen=True)
@@ -108,5 +105,8 @@ def interval_words(table: pd.DataFrame) -> str:
 def rules_text(paired: bool) -> str:
     """The rule a reading applied, as one sentence it prints."""
     if paired:
-        return f"Rule (paired, per-record metrics): {PAIRED_RULE}."
-    return f"Rule ({UNPAIRED_RULE})."
+        return f"Rule (paired, from the per-record metrics): {PAIRED_RULE}."
+    return (
+        "Rule (unpaired, from the summaries' intervals: the per-record metrics of these runs were not kept): "
+        f"{UNPAIRED_RULE}."
+    )
