@@ -417,3 +417,34 @@ def test_racing_processes_get_the_lock_once(tmp_path):
             with hold_run_dir(tmp_path / "d"):
                 pass
     assert lock.exists()  # not ours any more (pid 1's), so not removed
+
+
+# ---------------------------------------------------------------------------------------------
+# summaries are checked against the records
+# ---------------------------------------------------------------------------------------------
+def test_summarize_rebuilds_a_summary_that_disagrees_with_the_records(tiny_env, tiny_mt, tmp_path, caplog, capsys):  # noqa: F811
+    from pmetlab.cli import main
+
+    out = tmp_path / "run"
+    run_experiment(
+        "tiny", "none", n_edits=3, out_dir=out, generation=False, progress=False, model_and_tokenizer=tiny_mt
+    )
+    good = summarize_runs(out)
+    assert list(good["phase"]) == ["pre", "post"]
+    summary = out / "summary.csv"
+    text = summary.read_text()
+    caplog.set_level("WARNING", logger="pmetlab.runs")
+    summary.write_text("\n".join(text.splitlines()[:2]) + "\n")  # the post row lost
+    df = summarize_runs(out)
+    assert list(df["phase"]) == ["pre", "post"] and list(df["n_records"]) == [3, 3]
+    assert any("summary.csv" in r.getMessage() and "from the records" in r.getMessage() for r in caplog.records)
+    summary.write_text(text[:12])  # a header cut short: not "no results yet"
+    assert list(summarize_runs(out)["phase"]) == ["pre", "post"]
+    summary.write_text("")
+    assert list(summarize_runs(out)["phase"]) == ["pre", "post"]
+    # the same run named twice (and through another spelling of its path): one row per phase
+    twice = summarize_runs([out, out, tmp_path / "." / "run"])
+    assert list(twice["phase"]) == ["pre", "post"]
+    capsys.readouterr()
+    assert main(["summarize", str(out), str(out) + "/", "-q", "--out", str(tmp_path / "t.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "t.csv")) == 2

@@ -124,8 +124,11 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     for d, why in found.skipped.items():
         _echo(f"not summarised: {d}: {why}")
     if out is not None:
+        from ..cache import atomic_path
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        found.table.to_csv(out, index=False)
+        with atomic_path(out) as tmp:  # a failed write leaves no half table behind
+            found.table.to_csv(tmp, index=False)
         _echo(f"wrote {out}")
     return 0
 

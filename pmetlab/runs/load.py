@@ -40,28 +40,59 @@ __all__ = [
 SETTING_COLUMNS = ("subset", "split", "generation", "n_gen_tokens", "eval_batch_size")
 
 
+def _columns_of(run: Mapping[str, Any]) -> dict[str, Any]:
+    p = run.get("params", {})
+    return summary_columns(
+        label=run.get("label"),
+        model=p.get("model"),
+        method=p.get("method"),
+        dataset=p.get("dataset"),
+        n_edits=p.get("n_edits"),
+        mode=p.get("mode"),
+        batch_size=p.get("batch_size"),
+        seed=p.get("seed"),
+    )
+
+
+def _summary_disagrees(summary: pd.DataFrame | None, records: pd.DataFrame) -> str | None:
+    """Why ``summary.csv`` does not describe ``records`` (None when it does): missing, without a
+    row for every evaluated phase, or with other record counts."""
+    if summary is None:
+        return "is missing"
+    if records.empty or "phase" not in records.columns:
+        return None
+    counts = records["phase"].value_counts()
+    if "phase" not in summary.columns:
+        return "has no 'phase' column"
+    if set(summary["phase"].astype(str)) != set(counts.index.astype(str)):
+        return (
+            f"has rows for phases {sorted(set(summary['phase'].astype(str)))}, the records for {sorted(counts.index)}"
+        )
+    if "n_records" in summary.columns:
+        got = dict(zip(summary["phase"].astype(str), summary["n_records"]))
+        if any(got.get(str(ph)) != n for ph, n in counts.items()):
+            return f"counts {got} records per phase, the records file {dict(counts)}"
+    return None
+
+
 def _read(run_dir: str | Path) -> ExperimentResult:
+    """The run in ``run_dir``; its summary rebuilt from the records when ``summary.csv`` is missing,
+    unreadable or disagrees with them (a warning says so; the file itself is left as it is)."""
     store = RunDir(Path(run_dir))
     if not store.has_run():
         raise FileNotFoundError(f"{str(store.path)!r} is not a pmetlab run directory (no run.json there)")
     run = store.read_run()
     records = store.read_records()
-    summary = store.read_summary()
-    if summary is None:
-        p = run.get("params", {})
-        summary = summary_table(
-            records,
-            summary_columns(
-                label=run.get("label"),
-                model=p.get("model"),
-                method=p.get("method"),
-                dataset=p.get("dataset"),
-                n_edits=p.get("n_edits"),
-                mode=p.get("mode"),
-                batch_size=p.get("batch_size"),
-                seed=p.get("seed"),
-            ),
-        )
+    try:
+        summary = store.read_summary()
+    except (OSError, ValueError) as exc:  # pandas' EmptyDataError and ParserError are ValueErrors
+        summary, why = None, f"is unreadable ({type(exc).__name__}: {exc})"
+    else:
+        why = _summary_disagrees(summary, records)
+    if why is not None:
+        if why != "is missing":
+            logger.warning("%s %s; summarised from the records instead", store.summary_csv, why)
+        summary = summary_table(records, _columns_of(run))
     return ExperimentResult(store.path, summary, records, run)
 
 
@@ -125,7 +156,10 @@ def _expand_run_dirs(run_dirs: str | Path | Iterable[str | Path]) -> list[Path]:
             raise FileNotFoundError(f"run directory {str(d)!r} does not exist")
     if not out:
         raise ValueError("no run directories given")
-    return out
+    unique: dict[Path, Path] = {}  # one entry per run however it was named (twice, or through a link)
+    for d in out:
+        unique.setdefault(d.resolve(), d)
+    return list(unique.values())
 
 
 @dataclass
