@@ -84,3 +84,45 @@ def test_typed_and_zsre_facts_probe_their_prompts():
     assert f.probes() == {"rewrite": "the queen speaks", "paraphrase": "she speaks"}
     z = Fact.from_record(zsre_records()[0])
     assert z.request.target_new == "france" and z.paraphrase and z.neighborhood
+
+
+def test_undo_refuses_weights_its_edit_did_not_leave(explorer, tiny_mt, tmp_path):  # noqa: F811
+    from pmetlab.editing.deltas import EditMismatchError
+
+    model, tok = tiny_mt
+    before = _state(model)
+    a, b = explorer.session, EditSession(model, tok, "tiny", n_gen_tokens=3, fixed=explorer.session.fixed)
+    hp = a.hparams("pmet", {"layers": [0, 1]})
+    fact = Fact.from_record(counterfact_records()[0])
+    a.edit(fact, hp, progress=False)
+    after_a = _state(model)
+    b.edit(Fact.from_record(counterfact_records()[1]), hp, progress=False)  # on top of A's edit
+    with pytest.raises(EditMismatchError, match="no longer the ones it left"):
+        a.undo()
+    assert a.edited and not _same(model, after_a)  # nothing restored: B's edit is still there
+    explorer.on_undo()
+    assert "no longer the ones it left" in explorer.status.value
+    assert b.undo() and _same(model, after_a)  # the latest first, then A's
+    assert a.undo() and _same(model, before) and not a.edited
+
+
+def test_save_after_a_failed_edit_refuses_the_stale_update(explorer, tiny_mt, tmp_path, monkeypatch):  # noqa: F811
+    from pmetlab.explore import session as session_mod
+
+    model, _ = tiny_mt
+    before = _state(model)
+    s = explorer.session
+    hp = s.hparams("pmet", {"layers": [0, 1]})
+    s.edit(Fact.from_record(counterfact_records()[0]), hp, progress=False)
+    assert s.save(tmp_path / "first.safetensors").is_file()
+
+    def boom(*a, **k):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(session_mod, "compute_deltas", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        s.edit(Fact.from_record(counterfact_records()[1]), hp, progress=False)
+    assert _same(model, before) and not s.edited and s.outcome is None
+    with pytest.raises(ValueError, match=r"the last edit failed \(RuntimeError: injected failure\)"):
+        s.save(tmp_path / "second.safetensors")
+    assert not (tmp_path / "second.safetensors").exists()

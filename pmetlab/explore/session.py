@@ -6,7 +6,9 @@ An :class:`EditSession` holds one model and at most one applied edit: :meth:`Edi
 computes the update on the unedited model (an applied edit is undone first), applies it and
 returns an :class:`EditOutcome` (top-k next tokens before/after on the rewrite prompt, a
 paraphrase and a neighbourhood prompt, p(new)/p(true) on each, the per-layer update norms and a
-greedy continuation before/after); :meth:`EditSession.undo` restores the weights bit-exactly.
+greedy continuation before/after); :meth:`EditSession.undo` restores the weights bit-exactly,
+and refuses when they are no longer the ones its own edit left (another session, or code, changed
+them since: restoring would throw that change away or bring back the wrong weights).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from ..devices import model_device
 from ..editing.compute import compute_deltas
-from ..editing.deltas import Deltas, apply_deltas_, restore_
+from ..editing.deltas import Deltas, EditMismatchError, apply_deltas_, param_fingerprint, restore_
 from ..evaluation.generation import generate_texts
 from ..evaluation.scoring import encode_prompt, score_pairs
 from ..hparams import EditHyperParams
@@ -120,7 +122,9 @@ class EditSession:
         self.model, self.tok, self.model_name = model, tok, model_name
         self.n_gen_tokens, self.top_k, self.fixed = n_gen_tokens, top_k, dict(fixed or {})
         self._undo: dict | None = None
+        self._left: str | None = None  # fingerprint of the weights the applied edit left
         self.outcome: EditOutcome | None = None
+        self._failed: str | None = None  # why the last edit failed (then there is nothing to save)
 
     @property
     def edited(self) -> bool:
@@ -159,13 +163,16 @@ class EditSession:
         """Undo any applied edit, compute this one on the unedited model, apply it and return what
         changed. A failure leaves the model unedited."""
         self.undo()
+        self.outcome, self._failed = None, None
         t0 = time.perf_counter()
-        before = self.observe(fact, "before")
-        deltas = compute_deltas(self.model, self.tok, [fact.request], hp, progress=progress)
-        self._undo = apply_deltas_(self.model, deltas)
         try:
+            before = self.observe(fact, "before")
+            deltas = compute_deltas(self.model, self.tok, [fact.request], hp, progress=progress)
+            self._undo = apply_deltas_(self.model, deltas)
+            self._left = param_fingerprint(self.model, list(deltas.tensors))
             after = self.observe(fact, "after")
-        except BaseException:
+        except BaseException as exc:
+            self._failed = f"{type(exc).__name__}: {exc}"
             self.undo()
             raise
         norms = pd.DataFrame(deltas.meta.get("diagnostics", []))
@@ -185,12 +192,20 @@ class EditSession:
         """Restore the weights the applied edit changed (bit-exact); False when none was applied."""
         if self._undo is None:
             return False
+        if param_fingerprint(self.model, list(self._undo)) != self._left:
+            raise EditMismatchError(
+                f"cannot undo this session's edit: the weights it changed ({len(self._undo)} parameters, e.g. "
+                f"{next(iter(self._undo))!r}) are no longer the ones it left; another session or code edited them "
+                f"since. Undo those edits first (the latest first), then this one"
+            )
         restore_(self.model, self._undo)
-        self._undo = None
+        self._undo, self._left = None, None
         return True
 
     def save(self, path: str | Path) -> Path:
         """Write the last edit's update (:meth:`pmetlab.Deltas.save`; reload with ``Deltas.load``)."""
+        if self._failed is not None:
+            raise ValueError(f"the last edit failed ({self._failed[:200]}); there is no edit to save, run one first")
         if self.outcome is None:
             raise ValueError("no edit to save yet; run an edit first")
         return self.outcome.deltas.save(path)

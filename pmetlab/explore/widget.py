@@ -160,8 +160,13 @@ class Explorer:
         return out
 
     def on_undo(self, _: Any = None) -> None:
-        """Undo the applied edit (bit-exact)."""
-        self.status.value = "undone: the model is as loaded" if self.session.undo() else "nothing to undo"
+        """Undo the applied edit (bit-exact); refused when the weights changed since (see EditSession.undo)."""
+        try:
+            undone = self.session.undo()
+        except ValueError as exc:
+            self.status.value = f"<b>error:</b> {html.escape(str(exc))}"
+            return
+        self.status.value = "undone: the model is as loaded" if undone else "nothing to undo"
 
     def on_save(self, _: Any = None) -> None:
         """Save the last edit's update to the path in the form."""
