@@ -13,21 +13,24 @@ Usage::
 
 A damaged, truncated or foreign file (another key hashed to the same name, a checksum mismatch,
 non-finite values where they are refused) is logged with its path and treated as missing, so
-the caller recomputes and overwrites it.
+the caller recomputes and overwrites it. A cache write that fails (a full disk, a read-only
+cache directory) is one warning naming the file and ``$PMETLAB_CACHE_DIR``; the caller goes on
+with the values it computed (kept in memory only), since a cache is never needed for a result.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .cache import atomic_path, cache_dir, stable_hash, tensor_digest
+from .cache import CACHE_ENV, atomic_path, cache_dir, stable_hash, tensor_digest
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,35 @@ class KeyedStore:
 
     def __init__(self, kind: str, *sub: str, root: str | Path | None = None) -> None:
         self.folder = Path(root).joinpath(kind, *sub) if root is not None else cache_dir(kind, *sub)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self._write_failed = False
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # unwritable or full: reads find nothing, writes warn
+            self._cannot_write(self.folder, exc)
+
+    def _cannot_write(self, path: Path, exc: BaseException) -> None:
+        """One warning per store naming the file, the reason and what to do (later ones at debug)."""
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        why = re.sub(r'\s*at path "[^"]*"', "", why)  # safetensors names the temporary file
+        log = logger.debug if self._write_failed else logger.warning
+        self._write_failed = True
+        log(
+            "cannot write the cache file %s (%s); the computed values are used from memory for this run only. "
+            "Free some space there, or point $%s at a writable directory with room",
+            path,
+            why,
+            CACHE_ENV,
+        )
+
+    def _best_effort(self, path: Path, write: Callable[[], Path]) -> Path | None:
+        """``write()``, or None with a warning when the disk refuses it (see the module docstring)."""
+        from safetensors import SafetensorError
+
+        try:
+            return write()
+        except (OSError, SafetensorError) as exc:
+            self._cannot_write(path, exc)
+            return None
 
     def path(self, key: Mapping[str, Any], *, prefix: str = "", suffix: str = ".safetensors") -> Path:
         """Where the entry for ``key`` lives (``prefix`` makes names readable, e.g. "ffn-L003-")."""
@@ -73,9 +104,11 @@ class KeyedStore:
         meta: Mapping[str, Any] | None = None,
         *,
         prefix: str = "",
-    ) -> Path:
-        """Write ``tensors`` (moved to the CPU) with ``key``, ``meta`` and a checksum; atomic."""
-        return self.write_tensors(self.path(key, prefix=prefix), key, tensors, meta)
+    ) -> Path | None:
+        """Write ``tensors`` (moved to the CPU) with ``key``, ``meta`` and a checksum; atomic. None
+        when the disk refuses the write (a warning names the file; nothing is left behind)."""
+        path = self.path(key, prefix=prefix)
+        return self._best_effort(path, lambda: self.write_tensors(path, key, tensors, meta))
 
     @staticmethod
     def write_tensors(
@@ -96,9 +129,18 @@ class KeyedStore:
             "meta": json.dumps(dict(meta or {}), sort_keys=True, default=str),
             "checksum": tensor_digest(cpu),
         }
+        from safetensors import SafetensorError
+
         path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(cpu, str(tmp), metadata=header)
+        try:
+            with atomic_path(path) as tmp:
+                save_file(cpu, str(tmp), metadata=header)
+        except (OSError, SafetensorError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            why = re.sub(r'\s*at path "[^"]*"', "", why)
+            err = (type(exc) if isinstance(exc, OSError) else OSError)(f"cannot write {path}: {why}")
+            err.errno = getattr(exc, "errno", None)  # kept: the CLI words its hint by it (ENOSPC, EACCES)
+            raise err from exc
         return path
 
     def load_tensors(self, key: Mapping[str, Any], *, prefix: str = "", finite: bool = False) -> StoreEntry | None:
@@ -139,14 +181,19 @@ class KeyedStore:
         return StoreEntry(tensors, meta, Path(path))
 
     # --- JSON --------------------------------------------------------------------------------
-    def save_json(self, key: Mapping[str, Any], obj: Any, *, prefix: str = "") -> Path:
-        """Write a JSON-able ``obj`` with ``key`` and a checksum of its text; atomic."""
+    def save_json(self, key: Mapping[str, Any], obj: Any, *, prefix: str = "") -> Path | None:
+        """Write a JSON-able ``obj`` with ``key`` and a checksum of its text; atomic. None when the
+        disk refuses the write (a warning names the file)."""
         body = json.dumps(obj, sort_keys=True, default=str)
         doc = {"store_format": STORE_FORMAT, "key": dict(key), "checksum": stable_hash(body, 32), "value": body}
         path = self.path(key, prefix=prefix, suffix=".json")
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(doc, sort_keys=True, default=str))
-        return path
+
+        def write() -> Path:
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(doc, sort_keys=True, default=str))
+            return path
+
+        return self._best_effort(path, write)
 
     def load_json(self, key: Mapping[str, Any], *, prefix: str = "") -> Any | None:
         """The object stored for ``key``, or None when missing or damaged (logged)."""

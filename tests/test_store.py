@@ -95,3 +95,75 @@ def test_weights_fingerprint_is_the_tensor_digest_of_the_unique_parameters():
     model = make_tiny_model("LlamaForCausalLM")
     pairs = [(n, p) for n, p in model.named_parameters(remove_duplicate=True)]
     assert weights_fingerprint(model) == tensor_digest(pairs)
+
+
+def _full_disk(monkeypatch) -> None:
+    """Every write of a file's content fails as on a full disk (the temporary file is created)."""
+    import errno
+    import pathlib
+
+    import safetensors.torch as st
+
+    def enospc(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(st, "save_file", enospc)
+    monkeypatch.setattr(pathlib.Path, "write_text", enospc)
+
+
+def test_a_full_disk_is_one_warning_naming_the_file_and_the_values_stay_usable(store, monkeypatch, caplog):
+    _full_disk(monkeypatch)
+    caplog.set_level("DEBUG", logger="pmetlab.store")
+    assert store.save_tensors(KEY, {"a": torch.ones(2)}) is None
+    assert store.save_json(KEY, {"x": 1}) is None
+    assert store.save_tensors(dict(KEY, layer=4), {"a": torch.ones(2)}) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings  # once per store, the rest at debug
+    assert str(store.path(KEY)) in warnings[0] and "No space left on device" in warnings[0]
+    assert "$PMETLAB_CACHE_DIR" in warnings[0] and "\n" not in warnings[0]
+    assert list(store.folder.iterdir()) == []  # no temporary file left behind
+    with pytest.raises(OSError, match=r"cannot write .*explicit.safetensors: No space left on device") as info:
+        KeyedStore.write_tensors(store.folder / "explicit.safetensors", KEY, {"a": torch.ones(2)})
+    assert info.value.errno == 28 and ".tmp" not in str(info.value)
+
+
+def test_a_run_goes_on_when_its_caches_cannot_be_written(monkeypatch, caplog, tmp_path):
+    import errno
+
+    import safetensors.torch as st
+
+    import pmetlab
+    import pmetlab.editing.deltas as deltas_mod
+    from pmetlab import datasets as ds
+    from tests.test_experiments import tiny_hparams, write_data_dir
+    from tests.tiny_models import make_tiny_tokenizer
+
+    monkeypatch.setenv("PMETLAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(ds.OFFLINE_ENV, "1")
+    data = write_data_dir(tmp_path)
+    monkeypatch.setenv(ds.DATA_DIR_ENV, str(data))
+    monkeypatch.setattr(ds.files, "_PROJECT_DATA_DIR", tmp_path / "no-project-data")
+    real_save = st.save_file
+
+    def enospc_in_cache(tensors, filename, *a, **k):  # the run's own files (deltas) still fit
+        if str(filename).startswith(str(tmp_path / "cache")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(st, "save_file", enospc_in_cache)
+    monkeypatch.setattr(deltas_mod, "save_file", enospc_in_cache)
+    caplog.set_level("WARNING", logger="pmetlab")
+    res = pmetlab.run_experiment(
+        "tiny",
+        "pmet",
+        "counterfact",
+        2,
+        out_dir=tmp_path / "run",
+        hparams=tiny_hparams(data),
+        generation=False,
+        progress=False,
+        model_and_tokenizer=(make_tiny_model("LlamaForCausalLM"), make_tiny_tokenizer()),
+    )
+    assert res.run["status"] == "complete" and list(res.summary["phase"]) == ["pre", "post"]
+    msgs = [r.getMessage() for r in caplog.records if "cannot write the cache file" in r.getMessage()]
+    assert msgs and all("PMETLAB_CACHE_DIR" in m and str(tmp_path / "cache") in m for m in msgs)
