@@ -61,6 +61,21 @@ def test_alignment_is_by_key_not_by_row():
     assert d.n == len(b) - 5 and d.diff == pytest.approx(1.0) and d.ci_low == pytest.approx(1.0)
 
 
+def test_too_few_records_are_inconclusive_even_when_every_one_agrees():
+    b = _frame(n=5)
+    a = b.assign(efficacy_magnitude=b["efficacy_magnitude"] + 0.1)
+    d = paired_difference(a, b, "efficacy_magnitude")
+    assert d.ci_low > 0 and d.verdict == "inconclusive"  # 5 records: a sign test gives p = 0.0625
+    b6 = _frame(n=6)
+    assert (
+        paired_difference(
+            b6.assign(efficacy_magnitude=b6["efficacy_magnitude"] + 0.1), b6, "efficacy_magnitude"
+        ).verdict
+        == "A ahead"
+    )
+    assert "at least 6 records" in PAIRED_RULE
+
+
 def test_nan_records_are_dropped_pairwise():
     b = _frame(n=10)
     a = b.copy()

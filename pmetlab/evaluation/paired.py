@@ -24,6 +24,7 @@ __all__ = [
     "paired_rule",
     "PAIRED_RULE",
     "SCORE_PARTS",
+    "MIN_VERDICT_RECORDS",
 ]
 
 _SCALE = 100.0
@@ -34,13 +35,18 @@ SCORE_PARTS: dict[str, tuple[str, str, str]] = {
 }
 _VERDICTS = ("A ahead", "B ahead", "inconclusive")
 _MIN_RECORDS = 2
+#: Fewest records for a verdict other than "inconclusive": with 5 records even a difference of the
+#: same sign on every one is not significant at 5% by an exact sign test (2 · 0.5^5 = 0.0625), while
+#: a percentile bootstrap over so few records can still give an interval that excludes 0.
+MIN_VERDICT_RECORDS = 6
 
 
 def paired_rule(*, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> str:
     """The verdict rule of :func:`paired_difference` for these settings, as a reading prints it."""
     return (
         f"A is ahead of B when the {100 * level:g}% bootstrap interval of the per-record difference "
-        f"(A − B, {n_boot} resamples over records, seed {seed}) excludes 0; otherwise inconclusive"
+        f"(A − B, {n_boot} resamples over records, seed {seed}) excludes 0 and at least "
+        f"{MIN_VERDICT_RECORDS} records are paired; otherwise inconclusive"
     )
 
 
@@ -173,7 +179,8 @@ def paired_difference(
         n_boot, seed, level: the bootstrap's resamples, seed and confidence level.
 
     Returns:
-        :class:`PairedDifference`; ``verdict`` by :func:`paired_rule` (``rule`` holds its text).
+        :class:`PairedDifference`; ``verdict`` by :func:`paired_rule` (``rule`` holds its text):
+        "inconclusive" with fewer than :data:`MIN_VERDICT_RECORDS` records, whatever the interval.
 
     Raises:
         ValueError: ``key`` is missing from a frame, repeats within one, or the frames share fewer
@@ -189,7 +196,8 @@ def paired_difference(
     diff = _statistic(xa, xb, score)
     boot = _bootstrap(xa, xb, score, n_boot, seed)
     lo, hi = (float(q) for q in np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]))
-    verdict = _VERDICTS[0] if lo > 0 else _VERDICTS[1] if hi < 0 else _VERDICTS[2]
+    enough = xa.shape[0] >= MIN_VERDICT_RECORDS
+    verdict = _VERDICTS[0] if enough and lo > 0 else _VERDICTS[1] if enough and hi < 0 else _VERDICTS[2]
     if score:
         mean_a, mean_b = (float(_harmonic_rows(x.mean(axis=0)[None])[0]) for x in (xa, xb))
     else:
