@@ -16,6 +16,7 @@ from .analysis import (
     similarity_reading,
     tradeoff_reading,
 )
+from .analysis.arms_reading import arms_reading
 from .datasets import (
     DatasetInfo,
     counterfact_requests,
@@ -54,6 +55,7 @@ from .plots import (
     plot_update_norms,
     save_figure,
 )
+from .plots.arms import plot_arms
 from .requests import EditRequest
 from .runs import (
     ExperimentResult,
@@ -66,6 +68,7 @@ from .runs import (
     summarize_runs,
     sweep_records,
 )
+from .runs.arms import run_arm_sweep
 from .runs.rounds import run_rounds
 from .runs.tune import TuningGrid, tune
 from .stats import layer_covariances
@@ -129,6 +132,7 @@ __all__ = [
     "run_sweep",
     "tune",
     "TuningGrid",
+    "run_arm_sweep",
     "load_run",
     "summarize_runs",
     "sweep_records",
@@ -139,11 +143,13 @@ __all__ = [
     "similarity_reading",
     "tradeoff_reading",
     "ablation_reading",
+    "arms_reading",
     "rounds_reading",
     "phase_times",
     "plot_similarity",
     "plot_tradeoff",
     "plot_ablation",
+    "plot_arms",
     "plot_optimization_trace",
     "plot_update_norms",
     "plot_tuning_grid",

@@ -37,6 +37,7 @@ NAMES = [
     "06_tuning",
     "07_editing_over_time",
     "08_explore",
+    "09_why_pmet_trails",
 ]
 REQUIRED_PARAMETERS = {"MODEL", "SEED", "SMOKE", "OUTPUT_DIR"}
 OTHER_IMPORTS = ("pandas", "IPython.display")  # besides pmetlab's exports, all a notebook imports

@@ -4,7 +4,6 @@ then edited on the same evaluation records and compared paired)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +36,7 @@ def add_arms(sub: argparse._SubParsersAction, fmt: type, verbosity: Callable) ->
     p.add_argument("--lambdas", type=parse_numbers, default="300,1000,3000", help="mom2_update_weight grid")
     p.add_argument("--v-lrs", type=parse_numbers, default="0.25,0.5,1", help="v_lr grid")
     p.add_argument("--arms", default=None, help="comma-separated arm names (default: all)")
-    p.add_argument("--stage", default="all", choices=("plan", "tune", "all"), help="stop after this stage")
+    p.add_argument("--stage", default="all", choices=("plan", "all"), help="'plan': only count the optimisations")
     p.add_argument("--seed", type=int, default=0, help="random seed of the runs")
     p.add_argument("--out", type=output_dir, default=None, help="run directories (default: runs/arms/<model>)")
     p.add_argument("--results", type=output_dir, default=None, help="where the tables go (default: --out)")
@@ -50,36 +49,30 @@ def _line(text: str) -> None:
 
 
 def cmd_arms(args: argparse.Namespace) -> int:
-    from ..runs.arms import arm_tables, arms_by_name, evaluate_arms, plan_optimisations, tune_arms, write_arm_tables
+    from ..runs.arms import arms_by_name, plan_optimisations, run_arm_sweep
     from ..runs.tune import TuningGrid
 
-    arms = arms_by_name([a.strip() for a in args.arms.split(",")] if args.arms else None)
+    names = [a.strip() for a in args.arms.split(",")] if args.arms else None
     grid = TuningGrid(tuple(args.lambdas), tuple(args.v_lrs))
-    out = Path(args.out) if args.out else Path("runs") / "arms" / Path(args.model).name
-    results = Path(args.results) if args.results else out
-    common = dict(model=args.model, dataset=args.dataset)
-    plan = plan_optimisations(arms, grid.points(), **common)
+    plan = plan_optimisations(arms_by_name(names), grid.points(), model=args.model, dataset=args.dataset)
     _line(f"tuning: {plan['runs']} runs need {plan['optimisations']} optimisations ({plan['saved']} saved)")
     if args.stage == "plan":
         return 0
-    opts = dict(seed=args.seed, progress=not args.no_progress)
-    table, chosen = tune_arms(arms, grid, n_edits=args.tune_n, out_dir=out, **common, **opts)
-    stem = f"arms_{args.dataset}"
-    results.mkdir(parents=True, exist_ok=True)
-    table.to_csv(results / f"{stem}_tuning.csv", index=False, float_format="%.6g")
-    (results / f"{stem}_chosen.json").write_text(json.dumps(chosen, indent=1) + "\n")
-    _line(table[["arm", "mom2_update_weight", "v_lr", "tuning_score", "selected"]].to_string(index=False))
-    if args.stage == "tune":
-        return 0
-    chosen_points = [chosen[a.name] for a in arms]
-    eval_plan = (
-        plan_optimisations(arms, chosen_points[:1], **common) if len(set(map(str, chosen_points))) == 1 else None
+    out = Path(args.out) if args.out else Path("runs") / "arms" / Path(args.model).name
+    sweep = run_arm_sweep(
+        model=args.model,
+        dataset=args.dataset,
+        n_edits=args.n_edits,
+        tune_n=args.tune_n,
+        grid=grid,
+        out_dir=out,
+        arms=names,
+        seed=args.seed,
+        progress=not args.no_progress,
     )
-    summary, frames = evaluate_arms(arms, chosen, n_edits=args.n_edits, out_dir=out, **common, **opts)
-    record = {"model": args.model, "dataset": args.dataset, "n_edits": args.n_edits, "tune_n": args.tune_n}
-    record.update(grid={"lambdas": list(args.lambdas), "v_lrs": list(args.v_lrs)}, chosen=chosen, tuning_plan=plan)
-    record["arms"] = [{"name": a.name, "method": a.method, "hparams": dict(a.hparams), "why": a.why} for a in arms]
-    record["eval_plan"] = eval_plan
-    paths = write_arm_tables(arm_tables(summary, frames), results, f"{stem}_{args.n_edits}", **record)
+    ev = sweep.plans["evaluation"]
+    _line(f"evaluation: {ev['runs']} runs needed {ev['optimisations']} optimisations ({ev['saved']} saved)")
+    paths = sweep.save(Path(args.results) if args.results else out, f"arms_{args.dataset}_{args.n_edits}")
+    _line(sweep.tables["arms"][["arm", "score", "score_ci_low", "score_ci_high"]].to_string(index=False))
     _line("written: " + ", ".join(str(p) for p in paths))
     return 0

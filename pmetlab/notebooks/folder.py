@@ -111,6 +111,16 @@ EXPECTED_OUTPUTS: dict[str, list[str]] = {
     "08_explore": [
         "08_outcome.csv",
     ],
+    "09_why_pmet_trails": [
+        "09_arms.png",
+        "09_arms.pdf",
+        "09_arms.csv",
+        "09_arms_table.csv",
+        "09_paired.csv",
+        "09_records.csv.gz",
+        "09_tuning.csv",
+        "09_reading.md",
+    ],
 }
 
 #: jupytext's ``formats`` metadata of every notebook: the .ipynb paired with a percent-format .py.

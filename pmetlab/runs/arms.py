@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Arm",
+    "ArmSweep",
+    "run_arm_sweep",
     "WHY_PMET_TRAILS",
     "arms_by_name",
     "plan_optimisations",
@@ -258,3 +260,68 @@ def write_arm_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | Path, st
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(meta, indent=1, default=str) + "\n")
     return [*written, path]
+
+
+@dataclass
+class ArmSweep:
+    """A finished paired sweep: the tuning table and each arm's chosen point, the plans (tuning and
+    evaluation optimisations, and how many the shared cache saved), the evaluation runs' summaries
+    and the tables of :func:`arm_tables`."""
+
+    tuning: pd.DataFrame
+    chosen: dict[str, dict[str, float]]
+    plans: dict[str, dict[str, Any]]
+    summary: pd.DataFrame
+    tables: dict[str, pd.DataFrame]
+    record: dict[str, Any]
+
+    def save(self, out_dir: str | Path, stem: str) -> list[Path]:
+        """The tables (:func:`write_arm_tables`) and ``<stem>_tuning.csv``, atomically."""
+        paths = write_arm_tables(self.tables, out_dir, stem, **self.record)
+        path = Path(out_dir) / f"{stem}_tuning.csv"
+        with atomic_path(path) as tmp:
+            self.tuning.to_csv(tmp, index=False, float_format="%.6g")
+        return [*paths, path]
+
+
+def run_arm_sweep(
+    *,
+    model: str,
+    dataset: str,
+    n_edits: int,
+    tune_n: int,
+    grid: TuningGrid,
+    out_dir: str | Path,
+    arms: Sequence[str] | None = None,
+    seed: int = 0,
+    **run_options: Any,
+) -> ArmSweep:
+    """The whole paired sweep: tune every arm (:func:`tune_arms`, ``tune_n`` tuning records), edit the
+    first ``n_edits`` evaluation records with each arm's choice (:func:`evaluate_arms`) and build the
+    tables. ``arms``: names from :data:`WHY_PMET_TRAILS` (all by default). Resumable: finished runs
+    under ``out_dir`` and cached targets are reused. ``run_options`` go to :func:`pmetlab.runs.run_sweep`
+    (``hparams`` overrides for every run, ``progress``, ``workers``, ``model_and_tokenizer``...)."""
+    chosen_arms = arms_by_name(arms)
+    common = dict(model=model, dataset=dataset, seed=seed, out_dir=out_dir, **run_options)
+    fixed = dict(run_options.get("hparams") or {})
+    plans = {"tuning": plan_optimisations(chosen_arms, grid.points(), model=model, dataset=dataset)}
+    logger.info("tuning: %(runs)d runs need %(optimisations)d optimisations (%(saved)d saved)", plans["tuning"])
+    tuning, chosen = tune_arms(chosen_arms, grid, n_edits=tune_n, **common)
+    at_chosen = {a.name: [{**fixed, **chosen[a.name]}] for a in chosen_arms}
+    plans["evaluation"] = plan_optimisations(chosen_arms, at_chosen, model=model, dataset=dataset)
+    logger.info("evaluation: %(runs)d runs need %(optimisations)d optimisations", plans["evaluation"])
+    summary, frames = evaluate_arms(chosen_arms, chosen, n_edits=n_edits, **common)
+    record = {
+        "model": model,
+        "dataset": dataset,
+        "n_edits": n_edits,
+        "tune_n": tune_n,
+        "seed": seed,
+        "grid": {"lambdas": list(grid.lambdas), "v_lrs": list(grid.v_lrs)},
+        "fixed_hparams": fixed,
+        "chosen": chosen,
+        "plans": {k: {kk: vv for kk, vv in v.items() if kk != "shared"} for k, v in plans.items()},
+        "shared_optimisations": plans["evaluation"]["shared"],
+        "arms": [{"name": a.name, "method": a.method, "hparams": dict(a.hparams), "why": a.why} for a in chosen_arms],
+    }
+    return ArmSweep(tuning, chosen, plans, summary, arm_tables(summary, frames), record)
