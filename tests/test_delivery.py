@@ -14,8 +14,11 @@ from pmetlab.editing.target_cache import target_keys
 from pmetlab.editing.targets import optimize_targets
 from pmetlab.runs.edits import delivery_frame, target_summary
 from pmetlab.tracing import TraceDict, hidden_of, replace_hidden
-from tests.test_compute import REQUESTS, _counting, _hp, _model, env  # noqa: F401 (env is a fixture)
+from tests import test_compute
+from tests.test_compute import REQUESTS, _counting, _hp, _model
 from tests.tiny_models import make_tiny_tokenizer
+
+env = test_compute.env  # the same fixture: an isolated cache and a tiny corpus
 
 SEQUENTIAL = ["LlamaForCausalLM", "GPT2LMHeadModel", "Qwen2ForCausalLM"]
 PARALLEL = ["GPTJForCausalLM", "GPTNeoXForCausalLM"]
