@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .devices import model_device
 from .distributed import Shard
+from .progress import tqdm
 from .store import DamagedEntryError, KeyedStore, StoreEntry
 from .tracing import TraceDict, get_module
 

@@ -54,6 +54,6 @@ def batches(prompts: list[str], batch_size: int) -> Iterator[tuple[int, list[str
 
 
 def progress_bar(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     return tqdm(total=total, disable=not enabled, desc=desc, unit="prompt")

@@ -75,7 +75,7 @@ def _find_local(local_names: Sequence[str], looked: list[str]) -> tuple[str, Pat
 
 def _download(url: str, dest: Path, verify: Callable[[Path], None]) -> None:
     """Stream ``url`` to a temporary sibling of ``dest``, run ``verify`` on it, then rename."""
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     with atomic_path(dest) as tmp:
         with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as resp, open(tmp, "wb") as f:

@@ -324,7 +324,7 @@ def evaluate_counterfact_reference(
     records = validate_records(records, validate_counterfact_record)
     reference = _resolve_reference(reference) if generation else None
     all_rows: list[dict[str, Any]] = []
-    from tqdm.auto import tqdm
+    from ..progress import tqdm
 
     for rec in tqdm(records, desc="CounterFact (reference)", disable=not progress):
         prompts, cands, index = _pairs([rec])

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..cache import stable_hash
 from ..devices import model_device
 from ..forward import cache_kwarg, cache_of, forward_accepts
+from ..progress import tqdm
 from ..tokens import check_context_length, context_length
 from .scoring import encode_prompt, pad_id_of, position_ids_from_mask
 

@@ -23,9 +23,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..devices import model_device
+from ..progress import tqdm
 from ..tokens import check_prompt_target_lengths, encode_prompt_targets
 from ..types import Model, Tokenizer
 

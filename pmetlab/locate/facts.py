@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ..analysis.intervals import mean_ci
+from ..progress import tqdm
 from .noise import check_noise, embedding_noise_scale
 from .restore import KINDS
 from .trace import TOKEN_ROLES, trace_fact

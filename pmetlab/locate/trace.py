@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ..devices import model_dtype
 from ..models.adapters import get_adapter
+from ..progress import tqdm
 from .noise import check_noise, draw_noise, embedding_noise_scale
 from .prompt import prepare_prompt
 from .restore import (

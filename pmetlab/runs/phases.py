@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ..datasets import ConsistencyReference, Selection, load_consistency_reference
 from ..editing.compute import compute_deltas
@@ -28,6 +27,7 @@ from ..evaluation import evaluate_counterfact, evaluate_zsre, relative_specifici
 from ..evaluation.generation import check_generation_length
 from ..evaluation.scoring import encode_prompt
 from ..models.loading import load_model, model_identity
+from ..progress import tqdm
 from ..stats import layer_covariances
 from .batches import plan_records
 from .context import ModelPair, ModelPool, RunContext, check_model_name

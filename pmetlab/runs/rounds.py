@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from ..cache import atomic_path
 from ..devices import model_device
@@ -36,6 +35,7 @@ from ..editing.deltas import Deltas, apply_deltas_, restore_
 from ..editing.nullspace import PreservedKeys
 from ..evaluation import relative_specificity, summarize
 from ..hparams import hparams_from_dict
+from ..progress import tqdm
 from ..stats import layer_covariances
 from ..versions import versions
 from .batches import plan_records
