@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -100,7 +100,7 @@ fig
 
 # %%
 by_depth = similarity_by_depth(pd.concat([sim, res], ignore_index=True))
-by_depth.to_csv(f"{OUTPUT_DIR}/01_similarity_by_depth.csv", index=False)
+pmetlab.save_table(by_depth, OUTPUT_DIR, "01_similarity_by_depth.csv")
 by_depth.round(3)
 
 # %% [markdown]
@@ -109,6 +109,5 @@ by_depth.round(3)
 
 # %%
 reading = similarity_reading(sim, model_name=MODEL)
-with open(f"{OUTPUT_DIR}/01_reading.md", "w") as f:
-    f.write(reading + "\n")
+pmetlab.save_text(reading, OUTPUT_DIR, "01_reading.md")
 Markdown(reading)

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -130,16 +130,16 @@ predictions, record_metrics, generations = (
     for i in range(3))
 
 # %%
-predictions.to_csv(f"{OUTPUT_DIR}/02_predictions.csv", index=False)
+pmetlab.save_table(predictions, OUTPUT_DIR, "02_predictions.csv")
 predictions
 
 # %%
-record_metrics.to_csv(f"{OUTPUT_DIR}/02_record_metrics.csv", index=False)
+pmetlab.save_table(record_metrics, OUTPUT_DIR, "02_record_metrics.csv")
 record_metrics[["model", "efficacy_score", "paraphrase_score", "neighborhood_score",
                 "efficacy_magnitude", "neighborhood_magnitude"]]
 
 # %%
-generations.to_csv(f"{OUTPUT_DIR}/02_generations.csv", index=False)
+pmetlab.save_table(generations, OUTPUT_DIR, "02_generations.csv")
 generations
 
 
@@ -182,6 +182,6 @@ checks = pd.DataFrame([
     ("a saved edit reloads to the same tensors", same_tensors, f"{len(loaded.tensors)} tensors"),
     ("the reloaded edit gives the same P(new)", p_reloaded == p_edited, f"{p_reloaded:.6f}"),
 ], columns=["check", "passed", "detail"])
-checks.to_csv(f"{OUTPUT_DIR}/02_checks.csv", index=False)
+pmetlab.save_table(checks, OUTPUT_DIR, "02_checks.csv")
 assert checks["passed"].all(), checks[~checks["passed"]]
 checks

@@ -63,9 +63,11 @@ RESUME = True            # reuse finished runs of the same parameters in RUNS_DI
 # %%
 FAST = {"v_num_grad_steps": 3, "cov_tokens": 5000} if SMOKE else {}  # preset overrides
 profiles = {"quick": [4, 16], "paper": [8, 64, 512]}  # no n = 1: one record has no interval
-if SMOKE:  # every file is still written; the numbers mean little
-    profiles, N_EDITS_MAX, GENERATION = {PROFILE: [2, 3]}, None, False
+if SMOKE:  # every file is still written; the numbers mean little (an N_EDITS_MAX given still caps)
+    profiles, GENERATION = {PROFILE: [2, 3]}, False
 n_grid = [n for n in profiles[PROFILE] if N_EDITS_MAX is None or n <= N_EDITS_MAX]
+if not n_grid:
+    raise ValueError(f"N_EDITS_MAX={N_EDITS_MAX} leaves no batch size of {profiles[PROFILE]}; raise it or pass None")
 n_grid
 
 # %%
@@ -90,7 +92,7 @@ sweep = pmetlab.run_sweep(
     resume=RESUME, workers=WORKERS, model_and_tokenizer=(model, tok))
 records = pmetlab.sweep_records(sweep)  # per record: every number below can be re-derived from it
 pmetlab.save_records(records, f"{OUTPUT_DIR}/03_records.csv.gz")
-sweep.to_csv(f"{OUTPUT_DIR}/03_reliability_specificity.csv", index=False)
+pmetlab.save_table(sweep, OUTPUT_DIR, "03_reliability_specificity.csv")
 
 # %% [markdown]
 # Every row carries the settings its run used (`hp_*`: the method's preset with the overrides, as
@@ -123,8 +125,7 @@ table.pivot_table(index="n_edits", columns="method", values=metrics).round(1)
 
 # %%
 reading = tradeoff_reading(table, model_name=MODEL, records=arms(records))
-with open(f"{OUTPUT_DIR}/03_reading.md", "w") as f:
-    f.write(reading + "\n")
+pmetlab.save_text(reading, OUTPUT_DIR, "03_reading.md")
 Markdown(reading)
 
 # %% [markdown]
@@ -133,5 +134,5 @@ Markdown(reading)
 
 # %%
 times = pmetlab.phase_times(sweep["run_dir"])
-times.to_csv(f"{OUTPUT_DIR}/03_phase_times.csv", index=False)
+pmetlab.save_table(times, OUTPUT_DIR, "03_phase_times.csv")
 times.pivot_table(index=["method", "n_edits"], columns="phase", values="wall_s", sort=False).round(1)

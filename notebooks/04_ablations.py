@@ -50,7 +50,7 @@ OUTPUT_DIR = "figures"   # figures (PNG, PDF, CSV) and tables go here
 RUNS_DIR = "runs"        # run directories go under here (relative to the working directory)
 DATASET = "counterfact"  # "counterfact", "counterfact+conflict_filter" (no conflicting edits) or "zsre"
 PROFILE = "quick"        # "quick": 8 edits per variant; "paper": 128 (about 45 min; resumes)
-N_EDITS = None           # facts edited in one batch by every variant (None: the profile's)
+N_EDITS = None           # facts edited in one batch by every variant (None: the profile's, or SMOKE's)
 SUBSET = "first"         # the first N_EDITS records of the evaluation split, or a seeded "sample"
 WORKERS = 2              # processes for the target optimisation (1 on a single core)
 RESUME = True            # reuse finished runs of the same parameters in RUNS_DIR (False: start over)
@@ -62,9 +62,8 @@ import pmetlab
 FAST = {"v_num_grad_steps": 3, "cov_tokens": 5000} if SMOKE else {}  # preset overrides
 if LAYERS:  # e.g. the window notebook 05 located
     FAST = {**FAST, "layers": pmetlab.layers_from_text(LAYERS)}
-N_EDITS = N_EDITS or {"quick": 8, "paper": 128}[PROFILE]
-if SMOKE:  # every file is still written; the numbers mean little
-    N_EDITS = 2
+# SMOKE: every file is still written, the numbers mean little; an N_EDITS given explicitly wins
+N_EDITS = N_EDITS or (2 if SMOKE else {"quick": 8, "paper": 128}[PROFILE])
 
 # %%
 import pandas as pd
@@ -99,7 +98,7 @@ sweep = pmetlab.run_sweep(
 sweep = sweep.assign(spread_exponent=sweep["hp_spread_exponent"], mom2_update_weight=sweep["hp_mom2_update_weight"])
 records = pmetlab.sweep_records(sweep)  # per record: every number below can be re-derived from it
 pmetlab.save_records(records, f"{OUTPUT_DIR}/04_records.csv.gz")
-sweep.to_csv(f"{OUTPUT_DIR}/04_ablations.csv", index=False)
+pmetlab.save_table(sweep, OUTPUT_DIR, "04_ablations.csv")
 
 # %% [markdown]
 # The unedited model is the "pre" phase of the PMET run (the same records, before the edit).
@@ -133,8 +132,7 @@ pd.concat([unedited, post]).set_index("variant")[metrics].round(1)
 # %%
 post_records = records[records["phase"] == "post"].assign(variant=lambda d: d["label"])
 reading = ablation_reading(post, model_name=MODEL, n_edits=N_EDITS, records=post_records)
-with open(f"{OUTPUT_DIR}/04_reading.md", "w") as f:
-    f.write(reading + "\n")
+pmetlab.save_text(reading, OUTPUT_DIR, "04_reading.md")
 times = pmetlab.phase_times(sweep["run_dir"])
-times.to_csv(f"{OUTPUT_DIR}/04_phase_times.csv", index=False)
+pmetlab.save_table(times, OUTPUT_DIR, "04_phase_times.csv")
 Markdown(reading)

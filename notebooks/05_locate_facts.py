@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -74,7 +74,7 @@ traced = trace_facts(model, tok, facts, **settings)
 summary = traced.summary[traced.summary["token_role"] == "last_subject"]
 fig = plot_trace_curves(summary, title=f"{MODEL}: {len(facts)} of {len(pool)} facts it knows, noise ν = {noise:.3f}")
 save_figure(fig, OUTPUT_DIR, "05_trace_curves", data=summary)
-traced.facts.to_csv(f"{OUTPUT_DIR}/05_facts.csv", index=False)
+pmetlab.save_table(traced.facts, OUTPUT_DIR, "05_facts.csv")
 fig
 
 # %% [markdown]
@@ -98,9 +98,8 @@ try:
 except KeyError:  # no PMET preset for this model
     preset = None
 text, window = locate_reading(summary, width=WIDTH, preset_layers=preset, model_name=MODEL)
-pd.DataFrame([{"model": MODEL, "located": f"{window.start}-{window.stop - 1}", "mean_ie": window.mean_ie,
-               "preset": f"{min(preset)}-{max(preset)}" if preset else None}]).to_csv(
-    f"{OUTPUT_DIR}/05_window.csv", index=False)
-with open(f"{OUTPUT_DIR}/05_reading.md", "w") as f:
-    f.write(text + "\n")
+located = pd.DataFrame([{"model": MODEL, "located": f"{window.start}-{window.stop - 1}", "mean_ie": window.mean_ie,
+                         "preset": f"{min(preset)}-{max(preset)}" if preset else None}])
+pmetlab.save_table(located, OUTPUT_DIR, "05_window.csv")
+pmetlab.save_text(text, OUTPUT_DIR, "05_reading.md")
 Markdown(text)

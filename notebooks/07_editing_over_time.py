@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -43,8 +43,8 @@ OUTPUT_DIR = "figures"   # figures (PNG, PDF, CSV) and tables go here
 RUNS_DIR = "runs"        # run directories go under here (relative to the working directory)
 DATASET = "counterfact"  # "counterfact" or "zsre" (the evaluation split)
 PROFILE = "quick"        # "quick": 3 rounds of 2 edits; "paper": 8 rounds of 16
-BATCH = None             # edits per round (None: the profile's)
-ROUNDS = None            # rounds (None: the profile's)
+BATCH = None             # edits per round (None: the profile's, or SMOKE's; given, it wins)
+ROUNDS = None            # rounds (None: the profile's, or SMOKE's; given, it wins)
 THRESHOLD = 0.01         # null_space_threshold: covariance eigenvalues below it span the null space
 RESUME = True            # reuse finished rounds in RUNS_DIR (False: start over)
 
@@ -55,11 +55,9 @@ from IPython.display import Markdown
 import pmetlab
 from pmetlab import plot_rounds, save_figure
 
-B, T = {"quick": (2, 3), "paper": (16, 8)}[PROFILE]
-B, T = BATCH or B, ROUNDS or T
+B, T = (1, 2) if SMOKE else {"quick": (2, 3), "paper": (16, 8)}[PROFILE]  # SMOKE: every file, little meaning
+B, T = BATCH or B, ROUNDS or T  # sizes given explicitly win, also over SMOKE
 FAST = {"v_num_grad_steps": 3, "cov_tokens": 5000} if SMOKE else {}  # preset overrides
-if SMOKE:  # every file is still written; the numbers mean little
-    B, T = 1, 2
 model, tok = pmetlab.load_model(MODEL, device=DEVICE)
 
 # %% [markdown]
@@ -78,7 +76,7 @@ for name, (method, ns) in variants.items():
         model_and_tokenizer=(model, tok))
     frames.append(res.summary.assign(method=name))
 summary = pd.concat(frames, ignore_index=True)
-summary.to_csv(f"{OUTPUT_DIR}/07_rounds_summary.csv", index=False)
+pmetlab.save_table(summary, OUTPUT_DIR, "07_rounds_summary.csv")
 
 # %%
 fig = plot_rounds(summary, title=f"{MODEL}: {T} rounds of {B} edits ({DATASET})")
@@ -95,6 +93,5 @@ last.set_index("method")[["efficacy_score", "paraphrase_score", "neighborhood_sc
 
 # %%
 reading = pmetlab.rounds_reading(summary, model_name=MODEL)
-with open(f"{OUTPUT_DIR}/07_reading.md", "w") as f:
-    f.write(reading + "\n")
+pmetlab.save_text(reading, OUTPUT_DIR, "07_reading.md")
 Markdown(reading)

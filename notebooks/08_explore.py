@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -50,5 +50,5 @@ explorer
 explorer.index.value = RECORD
 explorer.on_pick()
 outcome = explorer.on_run()
-outcome.targets.to_csv(f"{OUTPUT_DIR}/08_outcome.csv", index=False)
+pmetlab.save_table(outcome.targets, OUTPUT_DIR, "08_outcome.csv")
 outcome.targets

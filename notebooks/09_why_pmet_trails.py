@@ -78,10 +78,10 @@ chosen[["arm", "mom2_update_weight", "v_lr", "tuning_score"]].round(2)
 
 # %%
 tables = sweep.tables
-tables["arms"].to_csv(f"{OUTPUT_DIR}/09_arms_table.csv", index=False)
-tables["paired"].to_csv(f"{OUTPUT_DIR}/09_paired.csv", index=False)
-tables["records"].to_csv(f"{OUTPUT_DIR}/09_records.csv.gz", index=False, float_format="%.6g")
-sweep.tuning.to_csv(f"{OUTPUT_DIR}/09_tuning.csv", index=False)
+pmetlab.save_table(tables["arms"], OUTPUT_DIR, "09_arms_table.csv")
+pmetlab.save_table(tables["paired"], OUTPUT_DIR, "09_paired.csv")
+pmetlab.save_table(tables["records"], OUTPUT_DIR, "09_records.csv.gz", float_format="%.6g")
+pmetlab.save_table(sweep.tuning, OUTPUT_DIR, "09_tuning.csv")
 fig = pmetlab.plot_arms(tables["paired"], tables["arms"], title=f"{MODEL}, {N_EDITS} records")
 pmetlab.save_figure(fig, OUTPUT_DIR, "09_arms", data=tables["paired"])
 fig
@@ -90,6 +90,5 @@ fig
 from IPython.display import Markdown
 
 reading = pmetlab.arms_reading(tables["arms"], tables["paired"], model_name=MODEL, n_edits=N_EDITS)
-with open(f"{OUTPUT_DIR}/09_reading.md", "w") as f:
-    f.write(reading + "\n")
+pmetlab.save_text(reading, OUTPUT_DIR, "09_reading.md")
 Markdown(reading)

@@ -54,6 +54,8 @@ from .plots import (
     plot_tuning_grid,
     plot_update_norms,
     save_figure,
+    save_table,
+    save_text,
 )
 from .plots.arms import plot_arms
 from .requests import EditRequest
@@ -158,6 +160,8 @@ __all__ = [
     "explore",
     "EditSession",
     "save_figure",
+    "save_table",
+    "save_text",
     # notebooks
     "run_notebooks",
     "list_notebooks",

@@ -318,9 +318,33 @@ def test_files_written_match_expected_outputs(name):
     for stem in re.findall(r"save_figure\([^,]+,\s*OUTPUT_DIR,\s*\"([^\"]+)\"", src):
         written |= {f"{stem}.png", f"{stem}.pdf", f"{stem}.csv"}
     written |= set(re.findall(r"\{OUTPUT_DIR\}/([^\"]+\.(?:csv|csv\.gz|md))\"", src))
+    written |= set(re.findall(r"save_(?:table|text)\([^,]+,\s*OUTPUT_DIR,\s*\"([^\"]+)\"", src))
     for stem in re.findall(r"\.save\(OUTPUT_DIR,\s*\"([^\"]+)\"\)", src):  # TuningResult.save: table + choice
         written |= {f"{stem}.csv", f"{stem}.json"}
     assert written == set(EXPECTED_OUTPUTS[name])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_file_goes_through_a_helper_that_creates_the_folder(name):
+    """Plain papermill into a new folder must work: no table or text written by hand into OUTPUT_DIR
+    (``to_csv``/``open`` neither create the folder nor write atomically); pmetlab's savers do both."""
+    src = _code(_read(name))
+    by_hand = re.findall(r"(?:to_csv|to_parquet|open|write_text)\(f?\"\{OUTPUT_DIR\}[^\n]*", src)
+    assert by_hand == [], f"{name} writes by hand: {by_hand}; use pmetlab.save_table / save_text / save_figure"
+
+
+def test_the_savers_create_the_folder_and_refuse_paths(tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "new" / "figures"
+    p = pmetlab.save_table(pd.DataFrame({"a": [1, 2]}), out, "t.csv")
+    assert p.read_text() == "a\n1\n2\n"
+    assert pd.read_csv(pmetlab.save_table(pd.DataFrame({"a": [3]}), out, "t.csv.gz"))["a"].tolist() == [3]
+    assert pmetlab.save_text("# reading", out, "r.md").read_text() == "# reading\n"
+    for bad in ("../t.csv", "t.xlsx", "sub/t.csv"):
+        with pytest.raises(ValueError, match="plain file name"):
+            pmetlab.save_table(pd.DataFrame(), out, bad)
+    assert sorted(x.name for x in out.iterdir()) == ["r.md", "t.csv", "t.csv.gz"]  # no temporary left
 
 
 # --- run_notebooks (a kernel per notebook, no model) ------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 from .editing import plot_optimization_trace, plot_update_norms
 from .locate import plot_trace_curves, plot_trace_heatmaps
 from .rounds import plot_rounds
-from .save import SavedFigure, save_figure
+from .save import SavedFigure, save_figure, save_table, save_text
 from .similarity import plot_similarity
 from .style import color_for, plot_style
 from .tradeoff import plot_ablation, plot_tradeoff
@@ -41,5 +41,7 @@ __all__ = [
     "plot_trace_heatmaps",
     "plot_trace_curves",
     "save_figure",
+    "save_table",
+    "save_text",
     "SavedFigure",
 ]

@@ -1,4 +1,6 @@
-"""Writing a figure as PNG and PDF, with the numbers behind it as CSV, atomically."""
+"""Writing what a notebook produces, atomically and into a folder created when missing: a figure
+as PNG and PDF with the numbers behind it as CSV (:func:`save_figure`), a table (:func:`save_table`)
+and a text such as a generated reading (:func:`save_text`)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from ..cache import atomic_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_figure", "SavedFigure"]
+__all__ = ["save_figure", "SavedFigure", "save_table", "save_text"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +86,46 @@ def save_figure(
             _publish(tmp)
     logger.info("saved figure %s to %s", name, out)
     return SavedFigure(png=paths["png"], pdf=paths["pdf"], csv=csv)
+
+
+_TABLE_SUFFIXES = (".csv", ".csv.gz")
+_TEXT_SUFFIXES = (".md", ".txt", ".json")
+
+
+def _target(out_dir: str | os.PathLike, name: str, suffixes: tuple[str, ...], what: str) -> Path:
+    """``out_dir / name`` with ``out_dir`` created; ``name`` a plain file name ending in a suffix."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or not name.endswith(suffixes):
+        raise ValueError(
+            f"name must be a plain file name of a {what} ending in {' or '.join(suffixes)} (letters, digits, "
+            f"'.', '_', '-'; no directory), got {name!r}"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out / name
+
+
+def save_table(table: pd.DataFrame, out_dir: str | os.PathLike, name: str, **to_csv: object) -> Path:
+    """Write ``table`` as CSV to ``out_dir/name`` (``.csv``, or ``.csv.gz`` compressed), without
+    its index unless ``to_csv`` says otherwise; the folder is created, the write atomic."""
+    if not isinstance(table, pd.DataFrame):
+        raise TypeError(f"table must be a pandas DataFrame, got {type(table).__name__}")
+    path = _target(out_dir, name, _TABLE_SUFFIXES, "table")
+    to_csv.setdefault("index", False)
+    if name.endswith(".gz"):
+        to_csv.setdefault("compression", "gzip")
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, **to_csv)
+        _publish(tmp)
+    return path
+
+
+def save_text(text: str, out_dir: str | os.PathLike, name: str) -> Path:
+    """Write ``text`` (UTF-8, ending in a newline) to ``out_dir/name`` (``.md``, ``.txt`` or
+    ``.json``); the folder is created, the write atomic."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
+    path = _target(out_dir, name, _TEXT_SUFFIXES, "text")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        _publish(tmp)
+    return path
