@@ -135,7 +135,8 @@ def _fetch(remote: str, verify: Callable[[Path], None], looked: list[str], *, do
             continue
         except (ValueError, KeyError) as exc:
             raise ValueError(f"the file downloaded from {url} was rejected and not kept: {exc}") from exc
-        meta.write_text(url + "\n")
+        with atomic_path(meta) as tmp:  # where the file came from; never half-written
+            tmp.write_text(url + "\n")
         logger.info("downloaded %s (%d bytes) to %s", url, dest.stat().st_size, dest)
         return "download", dest, url
     raise _NotFound
