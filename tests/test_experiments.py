@@ -310,8 +310,10 @@ def test_resume_skips_finished_phases(tiny_env, tiny_mt, tmp_path, monkeypatch):
     assert cd.calls == 0 and ev.calls == 1
     assert res.run["status"] == "complete" and "error" not in res.run
     assert list(res.summary["phase"]) == ["pre", "post"]
+    post_only = ["relative_specificity", *[c for c in res.records if c.startswith("target_")]]  # NaN on pre rows
+    assert res.records.loc[res.records.phase == "post", "target_p_written"].notna().all()
     pd.testing.assert_frame_equal(
-        res.records[res.records.phase == "pre"].drop(columns="relative_specificity"), pre_first, check_dtype=False
+        res.records[res.records.phase == "pre"].drop(columns=post_only), pre_first, check_dtype=False
     )
     _assert_same_state(model, before)
 
@@ -593,7 +595,15 @@ def _other_requests(path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("damage", [_flip_last_byte, _other_requests], ids=["flipped-byte", "other-requests"])
+def _other_hparams(path: Path) -> None:
+    d = Deltas.load(path)
+    hp = dict(d.meta["hparams"], mom2_update_weight=123.0)
+    Deltas({n: t.clone() for n, t in d.tensors.items()}, dict(d.meta, hparams=hp), d.trace).save(path)
+
+
+@pytest.mark.parametrize(
+    "damage", [_flip_last_byte, _other_requests, _other_hparams], ids=["flipped-byte", "other-requests", "other-hp"]
+)
 def test_damaged_batch_checkpoint_is_recomputed(tiny_env, tiny_mt, tmp_path, monkeypatch, caplog, damage):
     out = tmp_path / "run"
     monkeypatch.setattr(phases, "compute_deltas", Counter(phases.compute_deltas, fail_on=2))
