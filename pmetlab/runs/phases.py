@@ -35,6 +35,7 @@ from .edits import combine_batches, delivery_frame, target_summary
 from .pre_eval import cached_pre_eval
 from .rundir import RunMismatchError, now, summary_table
 from .spec import RunSpec
+from .verify import hparams_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +187,8 @@ def _edit_batch(spec: RunSpec, ctx: RunContext, i: int, batch: list, n_batches: 
             d = Deltas.load(path)
             if d.meta.get("requests") != [json.loads(json.dumps(r.to_dict())) for r in batch]:
                 raise ValueError(f"{path} holds an edit of other requests than this batch")
+            if (other := hparams_mismatch(d.meta.get("hparams"), spec.hp)) is not None:
+                raise ValueError(f"{path} holds {other}")
             logger.info("edit batch %d/%d reused from %s", i + 1, n_batches, path)
             return d
         except ValueError as exc:

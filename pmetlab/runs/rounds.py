@@ -34,7 +34,6 @@ from ..devices import model_device
 from ..editing.deltas import Deltas, apply_deltas_, restore_
 from ..editing.nullspace import PreservedKeys
 from ..evaluation import relative_specificity, summarize
-from ..hparams import hparams_from_dict
 from ..progress import tqdm
 from ..stats import layer_covariances
 from ..versions import versions
@@ -46,6 +45,7 @@ from .rounds_state import ROUNDS_FILE, RoundsState
 from .rundir import now, read_records, write_records
 from .signals import terminate_as_interrupt
 from .spec import RunSpec
+from .verify import hparams_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -155,16 +155,6 @@ def _round_batches(spec: RunSpec) -> tuple[list[list[dict]], dict[str, Any]]:
     return batches, info
 
 
-def _same_hparams(saved: Any, hp: Any) -> bool:
-    """Whether ``saved`` (a deltas file's hyperparameters; fields added since filled with their
-    defaults) are ``hp``."""
-    try:
-        full = hparams_from_dict(saved).to_dict()
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return False
-    return json.loads(json.dumps(full, default=str)) == json.loads(json.dumps(hp.to_dict(), default=str))
-
-
 def _requests(spec: RunSpec, batch: list[dict]) -> list:
     from ..datasets import counterfact_requests, zsre_requests
 
@@ -218,8 +208,8 @@ class _Rounds:
                 want = json.loads(json.dumps([r.to_dict() for r in _requests(self.spec, batches[t])]))
                 if json.loads(json.dumps(d.meta.get("requests"), default=str)) != want:
                     problem = "is foreign: an edit of other requests than the round's"
-                elif not _same_hparams(d.meta.get("hparams"), self.spec.hp):
-                    problem = "is foreign: an edit with other hyperparameters than the run's"
+                elif (other := hparams_mismatch(d.meta.get("hparams"), self.spec.hp)) is not None:
+                    problem = f"is foreign: it holds {other}"
                 else:
                     continue
             if self.spec.hp.null_space:

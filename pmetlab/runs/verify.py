@@ -21,14 +21,14 @@ from typing import Any
 import pandas as pd
 
 from ..editing.deltas import Deltas
-from ..hparams import hparams_from_dict
+from ..hparams import EditHyperParams, hparams_from_dict
 from .context import RunContext
 from .rundir import diff, now, parquet_ok, read_records
 from .spec import RunSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["verify_saved"]
+__all__ = ["verify_saved", "hparams_mismatch"]
 
 #: The phases redone when a file is damaged: the one that wrote it and those that read it.
 _REDO = {"deltas": ("edit", "eval_post"), "records": ("eval_pre", "eval_post")}
@@ -61,18 +61,27 @@ def _canonical(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
 
+def hparams_mismatch(saved: Any, hp: EditHyperParams) -> str | None:
+    """How the hyperparameters a saved edit records (fields added since filled in with their
+    defaults) differ from ``hp``: "other hyperparameters (key: saved -> hp; ...)", or None."""
+    try:
+        full = _canonical(hparams_from_dict(saved if isinstance(saved, dict) else {}).to_dict())
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"unreadable hyperparameters ({type(exc).__name__}: {exc})"
+    changes = diff(full, _canonical(hp.to_dict()))
+    if changes:
+        return f"other hyperparameters ({'; '.join(changes[:4])}{'; ...' if len(changes) > 4 else ''})"
+    return None
+
+
 def _deltas_mismatch(spec: RunSpec, ctx: RunContext, d: Deltas) -> str | None:
     """What in ``d``'s metadata disagrees with the run (None when nothing does)."""
     meta = d.meta
     if meta.get("method") != spec.method:
         return f"method {meta.get('method')!r}, not the run's {spec.method!r}"
-    try:
-        saved = _canonical(hparams_from_dict(meta.get("hparams") or {}).to_dict())
-    except (KeyError, TypeError, ValueError) as exc:
-        return f"unreadable hyperparameters ({type(exc).__name__}: {exc})"
-    changes = diff(saved, _canonical(spec.hp.to_dict()))
-    if changes:
-        return f"other hyperparameters ({'; '.join(changes[:4])}{'; ...' if len(changes) > 4 else ''})"
+    other = hparams_mismatch(meta.get("hparams"), spec.hp)
+    if other is not None:
+        return other
     want = _canonical([r.to_dict() for r in ctx.requests])
     if ctx.requests and _canonical(meta.get("requests")) != want:
         got = meta.get("requests") or []
