@@ -138,8 +138,9 @@ class SecondMoment:
         """Write to ``path`` in the keyed store's format (key in the file, checksum, atomic)."""
         return KeyedStore.write_tensors(path, self.key, self.tensors(), {"key": self.key})
 
-    def save_to(self, store: KeyedStore, *, prefix: str = "") -> Path:
-        """Store under this statistic's key in ``store``; returns the file's path."""
+    def save_to(self, store: KeyedStore, *, prefix: str = "") -> Path | None:
+        """Store under this statistic's key in ``store``; returns the file's path (None when the
+        disk refused the write: a warning names the file, the statistic stays usable in memory)."""
         return store.save_tensors(self.key, self.tensors(), {"key": self.key}, prefix=prefix)
 
     @classmethod
