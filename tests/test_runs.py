@@ -448,3 +448,31 @@ def test_summarize_rebuilds_a_summary_that_disagrees_with_the_records(tiny_env, 
     capsys.readouterr()
     assert main(["summarize", str(out), str(out) + "/", "-q", "--out", str(tmp_path / "t.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "t.csv")) == 2
+
+
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        ("phases", [], "field 'phases' is a JSON list"),
+        ("phases.eval_pre", "done", "phase 'eval_pre' is 'done', not an object"),
+        ("wall_s", [], "field 'wall_s' is a JSON list"),
+        ("resumes", "x", "field 'resumes' is a JSON str"),
+        ("status", 5, "field 'status' is a JSON int"),
+    ],
+)
+def test_a_run_json_of_the_wrong_shape_is_one_line_naming_it(tiny_env, tiny_mt, tmp_path, field, value, says):  # noqa: F811
+    out = tmp_path / "run"
+    kw = dict(generation=False, progress=False, model_and_tokenizer=tiny_mt)
+    run_experiment("tiny", "none", n_edits=2, out_dir=out, **kw)
+    run = json.loads((out / "run.json").read_text())
+    if "." in field:
+        run["phases"][field.split(".")[1]] = value
+    else:
+        run[field] = value
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(ValueError, match="resume=False") as info:
+        run_experiment("tiny", "none", n_edits=2, out_dir=out, **kw)
+    assert f"{out / 'run.json'} is damaged: {says}" in str(info.value)
+    assert "not summarised" not in str(collect_summaries(out).skipped)  # listed with the reason
+    assert says in collect_summaries(out).skipped[str(out)]
+    assert run_experiment("tiny", "none", n_edits=2, out_dir=out, resume=False, **kw).run["status"] == "complete"

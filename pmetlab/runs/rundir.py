@@ -187,6 +187,34 @@ def check_out_dir(out_dir: Any, what: str = "out_dir") -> Path | None:
     return Path(out_dir).expanduser()
 
 
+#: run.json's containers and the JSON type each must have when present.
+_RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "status": str,
+    "params": dict,
+    "spec": dict,
+    "phases": dict,
+    "wall_s": dict,
+    "outputs": dict,
+    "repairs": list,
+    "resumes": list,
+    "versions": dict,
+    "model": (dict, type(None)),
+    "dataset": (dict, type(None)),
+}
+
+
+def _record_problem(data: Mapping[str, Any]) -> str | None:
+    """What in a run record has the wrong shape (a field of another JSON type, a phase entry that
+    is not an object with a string status), or None."""
+    for key, kind in _RECORD_FIELDS.items():
+        if key in data and not isinstance(data[key], kind):
+            return f"field {key!r} is a JSON {type(data[key]).__name__}"
+    for name, entry in (data.get("phases") or {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("status", ""), str):
+            return f"phase {name!r} is {entry!r:.80}, not an object with a status"
+    return None
+
+
 @dataclass(frozen=True)
 class RunDir:
     """The files of one run directory; ask it for paths instead of building file names."""
@@ -244,6 +272,9 @@ class RunDir:
                 f"{self.run_json} holds a JSON {type(data).__name__}, not a run record (an object); "
                 f"pass resume=False to start the run over"
             )
+        problem = _record_problem(data)
+        if problem is not None:
+            raise ValueError(f"{self.run_json} is damaged: {problem}; pass resume=False to start the run over")
         return data
 
     def read_records(self) -> pd.DataFrame:
