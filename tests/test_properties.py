@@ -299,3 +299,53 @@ def test_random_command_lines_exit_0_or_2_with_one_line(cli_stubs, capsys, argv)
         assert lines[0].startswith("pmetlab") and "error:" in lines[0] and len(lines[0]) > len("pmetlab: error: ")
     else:
         assert not lines
+
+
+# --- requests: whatever text comes in, the normalised request renders the same text -----------------
+
+_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=12)
+_SPACE = st.sampled_from(["", " ", "  ", "\t", "\u00a0", " \n"])
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(lead=_SPACE, core=_TEXT, trail=_SPACE, before=_TEXT, after=_TEXT, target=_TEXT)
+def test_requests_normalise_spaces_keep_the_text_and_refuse_invisible(lead, core, trail, before, after, target):
+    """A request is refused with a clear error, or built with a stripped subject and targets while
+    rendering exactly the text that was asked for; it never holds a control or zero-width character."""
+    import unicodedata
+
+    prompt = (before + "{}" + after).replace("{", "(").replace("}", ")").replace("()", "{}", 1)
+    prompt = prompt if prompt.count("{}") == 1 else "{} is"
+    subject = lead + core + trail
+    try:
+        r = EditRequest(prompt=prompt, subject=subject, target_new=target)
+    except CLEAR as exc:
+        assert "\n" not in str(exc).strip()
+        return
+    assert r.text == prompt.format(subject)
+    assert r.subject == r.subject.strip() and r.target_new == r.target_new.strip()
+    for v in (r.subject, r.target_new):
+        assert not any(unicodedata.category(c) in ("Cc", "Cf") for c in v)
+
+
+# --- apply_deltas_: any scale either applies exactly (and restores bit-exactly) or changes nothing --
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(scale=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(10**6), 10**6)))
+def test_any_scale_applies_and_restores_or_changes_nothing(scale):
+    from pmetlab import apply_deltas_, restore_
+
+    model = make_tiny_model("LlamaForCausalLM").to(torch.float16)
+    name = "model.layers.0.mlp.down_proj.weight"
+    before = model.get_parameter(name).detach().clone()
+    d = Deltas({name: torch.full(before.shape, 1e-3)}, {})
+    try:
+        undo = apply_deltas_(model, d, check=False, scale=scale)
+    except ValueError as exc:
+        assert "scale" in str(exc) or "non-finite" in str(exc)
+        assert torch.equal(model.get_parameter(name), before)
+        return
+    assert torch.isfinite(model.get_parameter(name)).all()
+    restore_(model, undo)
+    assert torch.equal(model.get_parameter(name), before)

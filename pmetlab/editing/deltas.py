@@ -197,6 +197,15 @@ class Deltas:
 LARGE_UPDATE_RATIO = 10.0
 
 
+def _scaled(t: torch.Tensor, scale: float, p: torch.Tensor) -> torch.Tensor:
+    """``scale * t`` in ``p``'s device and dtype. The product is taken in float32 (or t's wider
+    dtype) before the cast: a scale beyond a half-precision range must not overflow on its own."""
+    if scale == 1:
+        return t.to(p.device, p.dtype)
+    wide = torch.promote_types(t.dtype, torch.float32)
+    return (t.to(p.device, wide) * float(scale)).to(p.dtype)
+
+
 def apply_deltas_(
     model: torch.nn.Module, deltas: Deltas, *, check: bool = True, scale: float = 1.0
 ) -> dict[str, torch.Tensor]:
@@ -218,8 +227,7 @@ def apply_deltas_(
     new: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for n, p in params.items():
-            # computed as the in-place add would, so the result is bit-identical to it
-            new[n] = p.detach().clone().add_(deltas.tensors[n].to(p.device, p.dtype), alpha=scale)
+            new[n] = p.detach().clone().add_(_scaled(deltas.tensors[n], scale, p))
             if not torch.isfinite(new[n]).all():
                 raise ValueError(
                     f"applying the delta for {n!r} (scale {scale}) gives non-finite weights in {p.dtype} "
