@@ -445,6 +445,7 @@ def test_summarize_rebuilds_a_summary_that_disagrees_with_the_records(tiny_env, 
     # the same run named twice (and through another spelling of its path): one row per phase
     twice = summarize_runs([out, out, tmp_path / "." / "run"])
     assert list(twice["phase"]) == ["pre", "post"]
+    assert len(pmetlab.phase_times([out, tmp_path / "." / "run"])) == len(pmetlab.runs.PHASES)
     capsys.readouterr()
     assert main(["summarize", str(out), str(out) + "/", "-q", "--out", str(tmp_path / "t.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "t.csv")) == 2

@@ -260,7 +260,10 @@ def phase_times(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
     """Wall seconds of every phase of each run (from run.json): columns ``run_dir``, ``label``,
     ``method``, ``n_edits``, ``phase``, ``status``, ``wall_s``; one row per run and phase."""
     rows = []
-    for d in dict.fromkeys(str(x) for x in run_dirs):
+    unique: dict[Path, str] = {}  # one run named twice (or through another spelling) counts once
+    for x in run_dirs:
+        unique.setdefault(Path(x).resolve(), str(x))
+    for d in unique.values():
         run = RunDir(Path(d)).read_run()
         params, spec = run.get("params", {}), run.get("spec", {})
         for phase, info in run.get("phases", {}).items():
