@@ -474,3 +474,31 @@ def test_notebook_runs_in_smoke_mode(name, tmp_path, monkeypatch):
     executed = nbformat.read(tmp_path / f"{name}.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in _tags(c)]
     assert injected and "SMOKE = True" in injected[0].source
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
+@pytest.mark.skipif(
+    _shared_data() is None, reason="the shared data (known facts, CounterFact, corpus) is absent; set PMETLAB_DATA_DIR"
+)
+def test_plain_papermill_writes_into_a_new_folder(tmp_path, monkeypatch):
+    """As the README runs a notebook: plain papermill, OUTPUT_DIR a folder nobody created (every
+    notebook's writes go through savers that create it: test_every_file_goes_through_a_helper...)."""
+    import papermill
+
+    from pmetlab.notebooks.runner import _runner_kernel
+
+    monkeypatch.setenv("PMETLAB_DATA_DIR", str(_shared_data()))
+    monkeypatch.setenv("PMETLAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    new = tmp_path / "new" / "figures"
+    name = "08_explore"  # quick, and its only file is a table (no figure saved first)
+    with _runner_kernel():
+        papermill.execute_notebook(
+            str(REPO / "notebooks" / f"{name}.ipynb"),
+            str(tmp_path / "out.ipynb"),
+            parameters={"SMOKE": True, "OUTPUT_DIR": str(new)},
+            progress_bar=False,
+            execution_timeout=600,
+        )
+    assert sorted(p.name for p in new.iterdir()) == sorted(EXPECTED_OUTPUTS[name])
