@@ -219,7 +219,7 @@ def test_evaluation_rejects_bad_input(bigram):
                 {
                     "case_id": 0,
                     "requested_rewrite": cf_record(0, "Q", "a", "b", [], [])["requested_rewrite"],
-                    "paraphrase_prompts": [],
+                    "paraphrase_prompts": ["Q is"],
                 }
             ],
             generation=False,
