@@ -335,6 +335,45 @@ def preset_values_section() -> str:
     return "\n".join(lines)
 
 
+ARMS_COMMAND = (
+    "OMP_NUM_THREADS=1 pmetlab arms --model {model} --dataset counterfact --n-edits {n} --tune-n 32 "
+    "--out runs/arms/{model} --results docs/results/{model}/arms"
+)
+
+
+def _arms_files(model: str) -> tuple[Path, str] | None:
+    """The newest committed paired sweep of ``model`` (``docs/results/<model>/arms/``): its folder and stem."""
+    d = RESULTS / model / "arms"
+    found = sorted(d.glob("arms_counterfact_*_paired.csv"), key=lambda p: int(p.name.split("_")[2]))
+    return (d, found[-1].name.removesuffix("_paired.csv")) if found else None
+
+
+def arms_section() -> str:
+    """The paired sweep of issue #21 per model: its generated reading, the command, the files."""
+    from pmetlab import arms_reading
+
+    parts = []
+    for model, name in MODELS.items():
+        found = _arms_files(model)
+        if found is None:
+            continue
+        d, stem = found
+        n = int(stem.split("_")[2])
+        arms, paired = pd.read_csv(d / f"{stem}_arms.csv"), pd.read_csv(d / f"{stem}_paired.csv")
+        reading = arms_reading(arms, paired, model_name=name, n_edits=n).replace("## ", "#### ", 1)
+        files = f"`docs/results/{model}/arms/{stem}_{{arms,paired,tuning}}.csv`, `{stem}_records.csv.gz`"
+        parts.append(f"{reading}\n\nCommand: `{ARMS_COMMAND.format(model=model, n=n)}`. Files: {files}.")
+    return (
+        "\n\n".join(parts)
+        if parts
+        else ("Not run yet: `" + ARMS_COMMAND.format(model="smollm2-135m", n=256) + "` (several CPU-hours, resumable).")
+    )
+
+
 BUILDERS.update(
-    rounds=rounds_section, zsre=zsre_section, headline=headline_section, **{"preset-values": preset_values_section}
+    rounds=rounds_section,
+    zsre=zsre_section,
+    headline=headline_section,
+    arms=arms_section,
+    **{"preset-values": preset_values_section},
 )
