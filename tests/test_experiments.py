@@ -586,6 +586,11 @@ def test_foreign_files_in_a_finished_run_are_redone_not_reused(tiny_env, tiny_mt
     assert res.run["repairs"][-1]["file"] == "records.parquet" and "foreign" in res.run["repairs"][-1]["problem"]
     assert len(res.records) == 6 and sorted(res.records["phase"]) == ["post"] * 3 + ["pre"] * 3
     assert cd.calls == 1  # the edit (intact, the run's own) is reused
+    # the same settings computed on other weights (another checkpoint of the same architecture)
+    d = Deltas.load(out / "deltas.safetensors")
+    Deltas(d.tensors, dict(d.meta, base_fingerprint="0" * 32), d.trace).save(out / "deltas.safetensors")
+    res = _run(tiny_env, tiny_mt, out, generation=False)
+    assert cd.calls == 2 and "other weights" in res.run["repairs"][-1]["problem"]
 
 
 def _other_requests(path: Path) -> None:

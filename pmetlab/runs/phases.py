@@ -246,6 +246,7 @@ def edit_phase(spec: RunSpec, ctx: RunContext, stats: EditStatistics) -> Deltas:
         "n_batches": int(deltas.meta.get("n_batches", 1)),
         "batch_size": spec.batches_of,
         "norms": deltas.norms(),
+        "base_fingerprint": deltas.meta.get("base_fingerprint"),  # the unedited weights, checked on reuse
     }
     ctx.state.data["targets"] = target_summary(deltas, spec.hp)
     ctx.state.finish("edit", time.perf_counter() - t0)

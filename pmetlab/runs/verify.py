@@ -94,6 +94,9 @@ def _deltas_mismatch(spec: RunSpec, ctx: RunContext, d: Deltas) -> str | None:
             f"an edit in {meta['mode']!r} mode of {meta.get('n_batches')} batches, "
             f"the run's is {spec.mode!r} of {len(ctx.batches)}"
         )
+    recorded = (ctx.state.data.get("deltas") or {}).get("base_fingerprint")
+    if recorded and meta.get("base_fingerprint") != recorded:
+        return "an edit computed on other weights than the run's model (base fingerprint differs)"
     ident, run_model = meta.get("model") or {}, ctx.state.data.get("model") or {}
     for key in ("class", "n_params"):
         if run_model.get(key) is not None and ident.get(key) != run_model[key]:
