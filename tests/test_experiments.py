@@ -593,6 +593,25 @@ def test_foreign_files_in_a_finished_run_are_redone_not_reused(tiny_env, tiny_mt
     assert cd.calls == 2 and "other weights" in res.run["repairs"][-1]["problem"]
 
 
+def test_a_non_finite_edit_fails_the_run_before_it_is_saved(tiny_env, tiny_mt, tmp_path, monkeypatch):
+    def blown_up(*a, **k):
+        d = pmetlab.compute_deltas(*a, **k)
+        name = sorted(d.tensors)[0]
+        d.tensors[name] = d.tensors[name] * float("inf")
+        return d
+
+    monkeypatch.setattr(phases, "compute_deltas", blown_up)
+    out = tmp_path / "run"
+    model, _ = tiny_mt
+    before = _state(model)
+    with pytest.raises(ValueError, match="non-finite values.*nothing was saved or applied"):
+        _run(tiny_env, tiny_mt, out, generation=False)
+    _assert_same_state(model, before)
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and "non-finite" in run["error"] and run["phases"]["edit"]["status"] != "done"
+    assert not (out / "deltas.safetensors").exists()
+
+
 def _other_requests(path: Path) -> None:
     d = Deltas.load(path)
     Deltas({n: t.clone() for n, t in d.tensors.items()}, dict(d.meta, requests=d.meta["requests"][::-1]), d.trace).save(

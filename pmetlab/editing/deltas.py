@@ -102,6 +102,16 @@ class Deltas:
         """Frobenius norm of each parameter's update."""
         return {n: float(t.float().norm()) for n, t in sorted(self.tensors.items())}
 
+    def require_finite(self) -> None:
+        """Raise ValueError naming the first parameter whose update holds NaN or inf (an edit with
+        absurd settings, e.g. a huge learning rate or clamp factor), before it is saved or applied."""
+        for n, t in sorted(self.tensors.items()):
+            if not torch.isfinite(t).all():
+                raise ValueError(
+                    f"the update of {n!r} has non-finite values (norm {float(t.float().norm())}); the edit's "
+                    f"settings are probably absurd (learning rate, clamp factor): nothing was saved or applied"
+                )
+
     def save(self, path: str | Path) -> Path:
         """Write a safetensors file (tensors) with the metadata as JSON in its header; atomic.
 

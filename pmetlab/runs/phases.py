@@ -237,6 +237,7 @@ def edit_phase(spec: RunSpec, ctx: RunContext, stats: EditStatistics) -> Deltas:
     t0 = time.perf_counter()
     ctx.state.phase("edit")["status"] = "running"
     deltas = _edit_batches(spec, ctx, stats)
+    deltas.require_finite()  # a NaN/inf edit is refused here, not saved as the run's edit
     deltas.save(ctx.store.deltas)
     ctx.state.set_output("deltas", ctx.store.deltas)
     ctx.state.data["deltas"] = {
