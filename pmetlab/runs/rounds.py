@@ -240,6 +240,7 @@ class _Rounds:
         t0 = time.perf_counter()
         seed_all(self.spec.seed + t)
         deltas = self._edit(batch, stats)
+        deltas.require_finite()  # refused before it is saved as the round's update
         folder.mkdir(parents=True, exist_ok=True)
         deltas.save(folder / "deltas.safetensors")
         undo = apply_deltas_(self.model, deltas)
