@@ -27,9 +27,9 @@ from pmetlab.runs import (
     batches,
     load_run,
     phases,
+    records_io,
     run_experiment,
     run_sweep,
-    rundir,
     summarize_runs,
 )
 from pmetlab.runs.signals import RunTerminated
@@ -724,7 +724,7 @@ def test_empty_out_dir_is_refused(tiny_env, tiny_mt, tmp_path, monkeypatch):
 
 
 def test_csv_records_without_pyarrow(tiny_env, tiny_mt, tmp_path, monkeypatch):
-    monkeypatch.setattr(rundir, "parquet_ok", lambda: False)
+    monkeypatch.setattr(records_io, "parquet_ok", lambda: False)
     out = tmp_path / "run"
     _run(tiny_env, tiny_mt, out, method="none", n_edits=2, generation=False)
     assert (out / "records.csv").is_file() and not (out / "records.parquet").exists()
