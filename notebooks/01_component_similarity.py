@@ -28,8 +28,8 @@
 # **Writes** to `OUTPUT_DIR`: `01_similarity.{png,pdf,csv}` (the paper's protocol: per layer, component
 # and metric, mean and 95% interval over prompts), `01_similarity_residual.{png,pdf,csv}` (the
 # residual-stream view), `01_similarity_by_depth.csv` (both protocols, means over early / middle / late
-# thirds of the layers) and `01_reading.md` (a paragraph generated from the numbers saying whether the
-# paper's reading holds on this model).
+# thirds of the layers) and `01_reading.md` (a paragraph generated from the numbers saying how far the
+# paper's reading holds on this model: three criteria, the Jaccard's chance level, the rule applied).
 #
 # **Takes** about 2 min with the defaults (a seeded sample of 400 of the 1,209 facts; SmolLM2-135M in
 # float32 on a CPU, one thread: on a machine shared with other jobs `OMP_NUM_THREADS=1` is several times
@@ -76,9 +76,11 @@ pd.DataFrame(facts)[["known_id", "prompt", "attribute", "prediction"]].head()
 # tokens of `x @ E^T`, E the input embedding matrix, with no final norm.
 
 # %%
-sim = component_similarity(model, tok, prompts, protocol="paper", top_k=TOP_K, batch_size=BATCH_SIZE)
+values = pmetlab.component_similarity_values(model, tok, prompts, top_k=TOP_K, batch_size=BATCH_SIZE)
+sim = pmetlab.summarize_similarity(values)  # per layer: mean and 95% interval over prompts
+chance = pmetlab.jaccard_chance(TOP_K, model.get_input_embeddings().num_embeddings)  # two random top-k sets
 title = f"{MODEL}: module input (normed) vs output, {len(prompts):,} known facts"
-fig = plot_similarity(sim, title=title)
+fig = plot_similarity(sim, title=title, chance=chance)
 save_figure(fig, OUTPUT_DIR, "01_similarity", data=sim)
 fig
 
@@ -105,9 +107,11 @@ by_depth.round(3)
 
 # %% [markdown]
 # **Does the paper's reading hold on this model?** Generated from the paper-protocol numbers above by
-# `similarity_reading`, which states the test it applies.
+# `similarity_reading`: each of its three criteria reported on its own, the late-third comparison paired
+# over prompts (bootstrap of the per-prompt late-third mean), the Jaccard read only above 10× its chance
+# level, and the rule printed with the verdict.
 
 # %%
-reading = similarity_reading(sim, model_name=MODEL)
+reading = similarity_reading(sim, model_name=MODEL, values=values, chance=chance, seed=SEED)
 pmetlab.save_text(reading, OUTPUT_DIR, "01_reading.md")
 Markdown(reading)

@@ -11,9 +11,12 @@ import logging
 from .analysis import (
     ablation_reading,
     component_similarity,
+    component_similarity_values,
+    jaccard_chance,
     rounds_reading,
     similarity_by_depth,
     similarity_reading,
+    summarize_similarity,
     tradeoff_reading,
 )
 from .analysis.arms_reading import arms_reading
@@ -141,6 +144,9 @@ __all__ = [
     "save_records",
     # analysis and figures
     "component_similarity",
+    "component_similarity_values",
+    "summarize_similarity",
+    "jaccard_chance",
     "similarity_by_depth",
     "similarity_reading",
     "tradeoff_reading",

@@ -8,6 +8,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -28,6 +29,7 @@ from pmetlab.analysis import (
     summarize_similarity,
     topk_jaccard,
 )
+from pmetlab.analysis.reading import SIMILARITY_RULE, jaccard_chance
 from pmetlab.models import get_adapter
 from tests.tiny_models import TINY_FAMILIES, TINY_LAYERS, make_tiny_model
 
@@ -475,30 +477,73 @@ ZIGZAG = [0.3 + 0.1 * (-1) ** l for l in range(12)]  # low and changing
 def test_reading_holds_when_ffn_settles_high_and_mhsa_keeps_changing():
     text = similarity_reading(_synthetic_summary(SETTLING, ZIGZAG), model_name="toy")
     assert text.startswith(
-        "On toy (protocol paper, projection input_embeddings; 100 prompts, 12 layers, late third = layers 8–11)"
+        "On toy (protocol paper, projection input_embeddings; 100 prompts, 12 layers, late third = layers 8–11; "
+        "summary only)"
     )
     assert "**holds**" in text
     # late third: FFN 0.8 ± 0.02; MHSA mean of 0.4, 0.2, 0.4, 0.2; steps from layer 7 on
-    assert "FFN averages 0.800 [0.780, 0.820] and MHSA 0.300 [0.280, 0.320], so FFN is higher" in text
-    assert "FFN's curve moves 0.038 per layer against MHSA's 0.200 (flatter)" in text
-    assert "FFN goes from 0.375 in the early third to 0.800 (rises)" in text
-    assert text.count("Cosine:") == 1 and text.count("Jaccard:") == 1
+    assert "late third FFN 0.800, MHSA 0.300, FFN [0.780, 0.820] vs MHSA [0.280, 0.320]" in text
+    assert "(1) higher passes" in text and "(2) flatter passes" in text and "(3) rises passes" in text
+    assert "FFN moves 0.038 per layer against MHSA's 0.200" in text and "FFN from 0.375 (early" in text
+    assert text.count("Cosine:") == 1 and text.count("Jaccard:") == 1 and SIMILARITY_RULE in text
 
 
-def test_reading_does_not_hold_when_mhsa_is_higher_late():
+def test_reading_does_not_hold_when_every_criterion_fails():
     text = similarity_reading(_synthetic_summary(ZIGZAG, SETTLING))
     assert text.startswith("On this model") and "**does not hold**" in text
-    assert "so MHSA is higher (the intervals do not overlap)" in text
-    assert "(not flatter)" in text and "(does not rise)" in text
+    assert "(1) higher fails" in text and "(2) flatter fails" in text and "(3) rises fails" in text
 
 
-def test_reading_holds_in_part_and_respects_the_intervals():
+def test_reading_holds_in_part_reports_each_criterion_and_respects_the_intervals():
     bumpy = [v + (0.3 if l % 2 and l >= 8 else 0) for l, v in enumerate(SETTLING)]  # higher, not flat
     text = similarity_reading(_synthetic_summary(bumpy, ZIGZAG))
-    assert "**holds only in part**" in text and "(not flatter)" in text
-    # wide intervals: FFN's mean is higher but the intervals overlap, so not "higher"
-    wide = similarity_reading(_synthetic_summary([v - 0.45 for v in SETTLING], ZIGZAG, half_width=0.2))
-    assert "**does not hold**" in wide and "the intervals overlap, so neither is clearly higher" in wide
+    assert "**holds in part**" in text and "(2) flatter fails" in text and "(1) higher passes" in text
+    # MHSA higher late, FFN flatter and rising: the paper's words hold in part, not "does not hold"
+    low_flat = [v - 0.45 for v in SETTLING]
+    text = similarity_reading(_synthetic_summary(low_flat, ZIGZAG, half_width=0.2))
+    assert "**holds in part**" in text and "(1) higher fails" in text and "(3) rises passes" in text
+
+
+def _values(ffn_late_shift: float, n: int = 40, seed: int = 0) -> pd.DataFrame:
+    """Per-prompt values around SETTLING (FFN, shifted by ``ffn_late_shift`` late) and ZIGZAG (MHSA)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for metric in METRICS:
+        for comp, curve in (("FFN", SETTLING), ("MHSA", ZIGZAG)):
+            for l, v in enumerate(curve):
+                shift = ffn_late_shift if comp == "FFN" and l >= 8 else 0.0
+                for p in range(n):
+                    rows.append(
+                        dict(prompt_id=p, layer=l, component=comp, metric=metric, value=v + shift + rng.normal(0, 0.3))
+                    )
+    return pd.DataFrame(rows)
+
+
+def test_the_late_third_comparison_is_paired_over_prompts_when_values_are_given():
+    summary = _synthetic_summary(SETTLING, ZIGZAG)
+    text = similarity_reading(summary, values=_values(0.0))
+    assert "per-prompt values" in text and "(paired over prompts)" in text and "(1) higher passes" in text
+    # FFN's late values pulled down to MHSA's level: the paired interval straddles 0
+    close = similarity_reading(summary, values=_values(-0.5))
+    assert "(1) higher fails" in close
+    assert similarity_reading(summary, values=_values(0.0), seed=3) == similarity_reading(
+        summary, values=_values(0.0), seed=3
+    )
+
+
+def test_jaccard_chance_matches_a_simulation_and_sets_the_floor():
+    assert jaccard_chance(50, 49152) == pytest.approx(5.14e-4, rel=1e-2)
+    rng = np.random.default_rng(0)
+    sims = [len(set(rng.choice(200, 20, replace=False)) & set(rng.choice(200, 20, replace=False))) for _ in range(4000)]
+    assert np.mean([i / (40 - i) for i in sims]) == pytest.approx(jaccard_chance(20, 200), rel=0.05)
+    with pytest.raises(ValueError, match="0 < k <= vocab_size"):
+        jaccard_chance(0, 10)
+    summary = _synthetic_summary(SETTLING, ZIGZAG)  # the Jaccard at 2× chance for both: not read
+    summary.loc[summary["metric"] == "jaccard", ["mean", "ci_low", "ci_high"]] = 0.001
+    text = similarity_reading(summary, chance=5e-4)
+    assert "chance level 5.0e-04" in text and "not measurable at this floor" in text and "**holds**" in text
+    only_jaccard = summary[summary["metric"] == "jaccard"]
+    assert "**not measurable at this floor**" in similarity_reading(only_jaccard, chance=5e-4)
 
 
 def test_reading_and_depth_table_reject_mixed_or_short_input():

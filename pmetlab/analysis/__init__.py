@@ -63,7 +63,7 @@ from .findings import ablation_reading, rounds_reading, tradeoff_reading
 from .intervals import mean_ci
 from .labels import COMPONENTS, DEFAULT_PROJECTION, METRICS, PROJECTIONS, PROTOCOLS
 from .projections import input_embedding_topk, logit_lens_topk, projection_topk, topk_jaccard
-from .reading import similarity_reading
+from .reading import jaccard_chance, similarity_reading
 from .states import ComponentStates, component_io_states, component_states
 from .summary import component_similarity, summarize_similarity
 from .values import component_similarity_values
@@ -78,6 +78,7 @@ __all__ = [
     "component_states",
     "component_io_states",
     "component_similarity",
+    "jaccard_chance",
     "component_similarity_values",
     "summarize_similarity",
     "similarity_by_depth",

@@ -28,6 +28,7 @@ def plot_similarity(
     metrics: Sequence[str] | None = None,
     components: Sequence[str] | None = None,
     title: str | None = None,
+    chance: float | None = None,
 ) -> Figure:
     """Input/output similarity of each component against layer depth (method.md §5).
 
@@ -38,6 +39,8 @@ def plot_similarity(
             ``protocol``/``projection`` columns they must hold one value each; the Jaccard panel's
             title names the projection.
         metrics / components: which to draw and in which order (default: all present).
+        chance: the Jaccard's chance level (:func:`pmetlab.analysis.jaccard_chance`), drawn as a
+            dotted line on the Jaccard panel.
 
     Returns:
         One panel per metric, one line (with its CI band) per component.
@@ -78,6 +81,9 @@ def plot_similarity(
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "2.5" layers
             ax.set_ylabel(label_for(metric))
             ax.set_title(_similarity_title(metric, how.get("projection")))
+            if metric == "jaccard" and chance is not None:
+                ax.axhline(chance, color="0.3", linestyle=":", linewidth=1.2, label=f"chance ({chance:.1e})")
+                ax.legend(loc="best", fontsize="small")
         axes[0].legend(title="component")
         if title:
             fig.suptitle(title)
