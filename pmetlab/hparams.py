@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from .covspec import CovarianceSpec
+from .hparam_bounds import check_upper_bounds
 from .preset_tables import dataset_family, fields_of, list_presets, load_presets, tuned_entry
 
 __all__ = [
@@ -192,6 +193,7 @@ class EditHyperParams:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.v_num_grad_steps < 1:
             raise ValueError(f"v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
+        check_upper_bounds(self)
         if self.n_prefixes < 0 or self.prefix_tokens < 1:
             raise ValueError(
                 f"need n_prefixes >= 0 and prefix_tokens >= 1, got {self.n_prefixes}, {self.prefix_tokens}"

@@ -201,3 +201,17 @@ def test_unknown_keys_suggest_the_close_match_and_method_must_be_a_name():
         PMETHyperParams().replace(method="memit")
     with pytest.raises(ValueError, match=r"unknown method \['pmet'\] in the hyperparameters' 'method' key"):
         hparams_from_dict({"method": ["pmet"]})  # was TypeError: unhashable type: 'list'
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("v_lr", 1e30), ("clamp_norm_factor", 1e300), ("v_num_grad_steps", 10**9), ("spread_exponent", 1e9)],
+)
+def test_absurd_finite_values_are_refused_naming_field_and_bound(field, value):
+    from pmetlab.hparam_bounds import UPPER_BOUNDS
+
+    with pytest.raises(ValueError) as exc:
+        PMETHyperParams(**{field: value})
+    msg = str(exc.value)
+    assert f"{field}={value!r}" in msg and f"{UPPER_BOUNDS[field]:g}" in msg and "\n" not in msg
+    PMETHyperParams(**{field: UPPER_BOUNDS[field]})  # the bound itself is accepted

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..hparams import EditHyperParams, check_layer_indices
 from ..models.adapters import get_adapter
+from ..progress import tqdm
 from ..requests import EditRequest, conflict_free_batches, find_conflicts
 from ..stats import SecondMoment, layer_covariances
 from ..store import KeyedStore

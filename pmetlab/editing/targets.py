@@ -29,11 +29,11 @@ import time
 from collections.abc import Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..devices import model_device
 from ..hparams import EditHyperParams
 from ..models.adapters import ModelAdapter, get_adapter
+from ..progress import tqdm
 from ..requests import EditRequest
 from .delivery import delivery
 from .loss import LossLayout, LossTerms, NLLTerm, decay_term, kl_term, nll_term, project_to_ball, stop_decision
