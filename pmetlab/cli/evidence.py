@@ -56,7 +56,12 @@ def add_targets(sub: argparse._SubParsersAction, fmt: type, verbosity: AddVerbos
     _run_selection(p)
     p.add_argument("--specs", default=None, help="a JSON list of run arguments (written by --workers N)")
     p.add_argument("--device", default="auto", help="'auto' or a torch device string")
-    p.add_argument("--chunk-size", type=positive, default=None, help="requests optimised together (default: 8)")
+    p.add_argument(
+        "--chunk-size",
+        type=positive,
+        default=None,
+        help="requests optimised together (default: the device's budget, 8 on a CPU)",
+    )
     p.set_defaults(func=cmd_targets)
 
 

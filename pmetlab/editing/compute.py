@@ -29,7 +29,7 @@ from .deltas import Deltas, deltas_meta, param_fingerprint
 from .nullspace import NullSpaceSolve, PreservedKeys, null_space_meta
 from .prefixes import context_templates
 from .solve import keys_and_outputs, solve_update, spread_residual
-from .targets import CHUNK_SIZE, final_p_target, optimize_targets_cached
+from .targets import final_p_target, optimize_targets_cached
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def compute_deltas(
     covariances: Mapping[int, SecondMoment] | None = None,
     attn_covariances: Mapping[int, SecondMoment] | None = None,
     cache_targets: bool = True,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
     preserved: PreservedKeys | None = None,
 ) -> Deltas:
     """Compute the weight updates that write ``requests`` into ``model``; the model is left
@@ -169,8 +169,8 @@ def compute_deltas(
         use_cache: reuse cached covariance statistics, context prefixes and (with
             ``cache_targets``) optimised targets of identical requests.
         reference: run the slow full-recompute target optimisation (for tests/benchmarks).
-        chunk_size: requests optimised together (they do not interact; this bounds the memory
-            of the target optimisation's backward pass).
+        chunk_size: requests optimised together (None: the device's budget, :func:`.chunking.chunk_budget`;
+            they do not interact, so this only bounds the memory of the backward pass).
         covariances / attn_covariances: precomputed statistics per layer (e.g. those of the
             unedited model, for sequential editing); by default computed or read from the cache.
         preserved: with ``hparams.null_space``, the keys of earlier edits to keep (read, never

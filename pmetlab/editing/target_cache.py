@@ -28,6 +28,7 @@ from ..hparams import EditHyperParams
 from ..requests import EditRequest
 from ..store import KeyedStore
 from ..tokens import tokenizer_identity
+from .chunking import CHUNK_SIZE, CHUNK_TOKENS, chunk_budget
 from .delivery import ON_BOUND_TOL
 from .rows import build_rows, recomputed_positions
 from .stepper import ForwardChecks
@@ -50,12 +51,6 @@ __all__ = [
 #: ``optimize(model, tok, requests, hp, templates, *, reference, progress, checks) -> TargetResult``
 Optimizer = Callable[..., TargetResult]
 
-# Requests optimised together. Memory grows with the positions recomputed per step (about
-# 1 MB each on SmolLM2-135M, activations kept for the backward pass, plus the logits where
-# the loss reads them): a chunk holds at most CHUNK_SIZE requests and CHUNK_TOKENS positions,
-# which keeps a 100-edit run under 2 GB on the CPU; larger chunks are only slightly faster.
-CHUNK_SIZE = 8
-CHUNK_TOKENS = 256
 
 #: Version of the cached entries: 3 = KeyedStore files (key and checksum in the header).
 TARGET_CACHE_FORMAT = 3
@@ -108,7 +103,7 @@ def run_chunked(
     hp: EditHyperParams,
     templates: Sequence[str],
     *,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
     reference: bool = False,
     progress: bool = True,
 ) -> TargetResult:
@@ -127,9 +122,15 @@ def run_chunked(
                 progress=progress,
                 checks=checks,
             )
-            for c in plan_chunks(tok, requests, templates, chunk_size=chunk_size)
+            for c in _plan(model, tok, requests, templates, chunk_size)
         ]
     )
+
+
+def _plan(model, tok, requests: Sequence[EditRequest], templates: Sequence[str], chunk_size: int | None) -> list[range]:
+    """:func:`plan_chunks` with the budget of ``model``'s device (:func:`.chunking.chunk_budget`)."""
+    budget = chunk_budget(model, chunk_size)
+    return plan_chunks(tok, requests, templates, chunk_size=budget.requests, max_tokens=budget.positions)
 
 
 def optimisation_fields(hp: EditHyperParams) -> dict[str, Any]:
@@ -175,7 +176,7 @@ def run_cached(
     reference: bool = False,
     progress: bool = True,
     use_cache: bool = True,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> TargetResult:
     """``optimize`` with a per-request disk cache.
 
@@ -190,7 +191,7 @@ def run_cached(
         )
     job = _CacheJob(optimize, model, tok, list(requests), hp, list(templates), reference, progress)
     found, missing = job.read()
-    chunks = plan_chunks(tok, [job.requests[i] for i in missing], templates, chunk_size=chunk_size)
+    chunks = _plan(model, tok, [job.requests[i] for i in missing], templates, chunk_size)
     found.update(job.optimise(missing, chunks))
     return TargetResult.concat([found[i] for i in range(len(job.requests))]).to(model_device(model))
 
@@ -207,7 +208,7 @@ def fill_cache_sharded(
     world: int,
     barrier: Callable[[], None],
     progress: bool = True,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> int:
     """One worker's part of filling the per-request cache for ``requests``: every worker reads
     which requests are missing, waits at ``barrier`` (so none has written yet), plans the same
@@ -218,7 +219,7 @@ def fill_cache_sharded(
     job = _CacheJob(optimize, model, tok, list(requests), hp, list(templates), False, progress)
     _, missing = job.read()
     barrier()
-    chunks = plan_chunks(tok, [job.requests[i] for i in missing], templates, chunk_size=chunk_size)
+    chunks = _plan(model, tok, [job.requests[i] for i in missing], templates, chunk_size)
     mine = chunks[rank::world]
     done = job.optimise(missing, mine)
     barrier()

@@ -175,7 +175,7 @@ def optimize_targets_chunked(
     hp: EditHyperParams,
     templates: Sequence[str],
     *,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
     reference: bool = False,
     progress: bool = True,
 ) -> TargetResult:
@@ -205,7 +205,7 @@ def optimize_targets_cached(
     reference: bool = False,
     progress: bool = True,
     use_cache: bool = True,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> TargetResult:
     """:func:`optimize_targets` with a per-request disk cache, chunk by chunk (an interrupted run
     resumes after the last finished chunk); see :func:`.target_cache.run_cached`."""
@@ -234,7 +234,7 @@ def fill_targets_sharded(
     world: int,
     barrier,
     progress: bool = True,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> int:
     """This worker's share of the per-request target cache of ``requests`` (chunks dealt
     round-robin over ``world`` workers; see :func:`.target_cache.fill_cache_sharded`)."""

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from ..editing.prefixes import context_templates
-from ..editing.target_cache import CHUNK_SIZE
 from ..editing.targets import fill_targets_sharded
 from .batches import plan_records
 from .context import ModelSource
@@ -61,11 +60,12 @@ def edited_first(spec: RunSpec) -> list:
 
 
 def fill_spec_targets(
-    specs: Sequence[RunSpec], models: ModelSource, *, rank: int, world: int, barrier, chunk_size: int = CHUNK_SIZE
+    specs: Sequence[RunSpec], models: ModelSource, *, rank: int, world: int, barrier, chunk_size: int | None = None
 ) -> int:
     """This worker's share of the targets of every spec that edits (in order); returns the number
     of requests it optimised. Every worker must call it with the same specs and ``chunk_size``
-    (requests optimised together; the edit reads the cache with :data:`CHUNK_SIZE`)."""
+    (requests optimised together; None: the device's budget as the edit uses it,
+    :func:`pmetlab.editing.chunking.chunk_budget`)."""
     done = 0
     for spec in specs:
         if spec.hp is None:
@@ -117,7 +117,7 @@ def _worker_env(rank: int, world: int, port: int, threads: int) -> dict[str, str
 
 
 def launch_target_workers(
-    specs: Sequence[RunSpec], workers: int, *, device: str = "auto", chunk_size: int = CHUNK_SIZE
+    specs: Sequence[RunSpec], workers: int, *, device: str = "auto", chunk_size: int | None = None
 ) -> None:
     """Fill the target cache of ``specs`` with ``workers`` local processes (``python -m pmetlab
     targets --specs FILE``, one gloo group), and wait for them.
@@ -136,7 +136,7 @@ def launch_target_workers(
         path = Path(tmp) / "specs.json"
         path.write_text(json.dumps(todo))
         cmd = [sys.executable, "-m", "pmetlab", "targets", "--specs", str(path), "--device", device, "-q"]
-        cmd += ["--chunk-size", str(chunk_size)]
+        cmd += ["--chunk-size", str(chunk_size)] if chunk_size is not None else []
         port, threads = _free_port(), worker_threads(workers)
         logger.info("target optimisation: %d workers x %d thread(s) for %d run(s)", workers, threads, len(todo))
         logs = [open(Path(tmp) / f"worker{r}.log", "w+") for r in range(workers)]
