@@ -20,6 +20,7 @@ UPPER_BOUNDS: dict[str, float] = {
     "n_prefixes": 100,
     "prefix_tokens": 1024,
     "null_space_threshold": 1e6,
+    "null_space_ridge": 1e6,
 }
 
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from .covspec import CovarianceSpec
 from .hparam_bounds import check_upper_bounds
+from .hparam_types import check_field_types
 from .preset_tables import dataset_family, fields_of, list_presets, load_presets, tuned_entry
 
 __all__ = [
@@ -47,6 +46,10 @@ FFN_TARGETS = ("released", "observed", "block")
 #: The norm each δ's ball is relative to: its own component's initial value (released) or the
 #: layer output h^L per request (MEMIT's reference).
 CLAMP_REFERENCES = ("component", "residual")
+#: How the null space's rank is chosen (method.md §8): "threshold" (eigenvalues of C_l below an
+#: absolute cut, AlphaEdit's rule) or "energy" (the smallest eigenvalues whose sum is at most a share
+#: of C_l's trace: the projector lets through at most that share of the preserved keys' energy).
+NULL_SPACE_RULES = ("threshold", "energy")
 
 
 def _check_keys(cls: type, given: Mapping[str, Any], names: set[str]) -> None:
@@ -173,6 +176,16 @@ class EditHyperParams:
     #: PMET: each δ's ball radius is clamp_norm_factor × the norm of "component" (its own initial
     #: value, released) or "residual" (h^L_init of the request, MEMIT's reference).
     clamp_reference: str = "component"
+    #: How P_l's rank is chosen: "threshold" (null_space_threshold; the default, so existing runs are
+    #: unchanged) or "energy" (null_space_energy). Only read with null_space=True.
+    null_space_rule: str = "threshold"
+    #: "energy" rule: the largest share of trace(C_l) that P_l may let through (its measured leakage).
+    null_space_energy: float = 0.005
+    #: Weight of ‖ΔW P‖² in the null-space solve (1: an identity ridge; AlphaEdit's released configs: 10).
+    null_space_ridge: float = 1.0
+    #: Norm-anchor scaling (arXiv 2602.02543 as described in method_notes.md): before the solve, each
+    #: written target v is rescaled to the norm of the unedited state there, v ← v · ‖init‖ / ‖v‖.
+    norm_anchor: bool = False
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -185,7 +198,7 @@ class EditHyperParams:
                 f"layers must be strictly increasing (each critical layer once), got {layers}; "
                 f"e.g. {tuple(sorted(set(layers)))}"
             )
-        for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor", "null_space_threshold"):
+        for name in ("v_lr", "mom2_update_weight", "clamp_norm_factor", "null_space_threshold", "null_space_ridge"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("kl_factor", "v_weight_decay", "spread_exponent", "loss_stop", "kl_stop", "argmax_nll_scale"):
@@ -203,9 +216,14 @@ class EditHyperParams:
             ("attn_update_order", ATTN_UPDATE_ORDERS),
             ("ffn_target", FFN_TARGETS),
             ("clamp_reference", CLAMP_REFERENCES),
+            ("null_space_rule", NULL_SPACE_RULES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if not 0 < self.null_space_energy < 1:
+            raise ValueError(
+                f"null_space_energy is a share of trace(C_l) in (0, 1), got {self.null_space_energy} (e.g. 0.005)"
+            )
         if self.cov_dtype not in ("float32", "float64"):
             raise ValueError(f"cov_dtype must be 'float32' or 'float64', got {self.cov_dtype!r}")
         if self.cov_tokens < 1:
@@ -216,45 +234,8 @@ class EditHyperParams:
             raise ValueError(f"n_prefixes={self.n_prefixes} needs at least one prefix start word, got prefix_starts=()")
 
     def _check_types(self) -> None:
-        """Coerce JSON-ish values (lists, ints for floats) and reject wrong types and non-finite
-        numbers with a ValueError naming the field."""
-
-        def bad(name: str, expected: str, v: Any) -> ValueError:
-            return ValueError(f"{type(self).__name__}.{name} must be {expected}, got {type(v).__name__}: {v!r}")
-
-        for f in fields(self):
-            v = getattr(self, f.name)
-            kind = str(f.type)
-            if f.name == "layers":
-                if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
-                    raise bad(f.name, "a sequence of layer indices", v)
-                v = tuple(v)
-                if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in v):
-                    raise bad(f.name, "a sequence of ints", v)
-                v = tuple(int(x) for x in v)
-            elif f.name == "prefix_starts":
-                if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
-                    raise bad(f.name, "a sequence of strings", v)
-                v = tuple(v)
-                if not all(isinstance(x, str) and x.strip() for x in v):
-                    raise bad(f.name, "a sequence of non-empty strings", v)
-            elif kind == "float":
-                if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                    raise bad(f.name, "a number", v)
-                v = float(v)
-                if not math.isfinite(v):
-                    raise bad(f.name, "finite", v)
-            elif kind == "int":
-                if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                    raise bad(f.name, "an int", v)
-                v = int(v)
-            elif kind == "bool":
-                if not isinstance(v, bool):
-                    raise bad(f.name, "True or False", v)
-            elif kind == "str":
-                if not isinstance(v, str):
-                    raise bad(f.name, "a string", v)
-            object.__setattr__(self, f.name, v)
+        """Coerce JSON-ish values and reject wrong types (:func:`~pmetlab.hparam_types.check_field_types`)."""
+        check_field_types(self)
 
     # --- construction --------------------------------------------------------------------
     @classmethod

@@ -271,3 +271,123 @@ def test_a_run_started_before_the_null_space_fields_existed_still_resumes(tmp_pa
     assert _with_hparam_defaults(params)["hparams"] == json.loads(json.dumps(hp))
     changed = {**params, "hparams": {**params["hparams"], "v_lr": 123.0}}
     assert _with_hparam_defaults(changed)["hparams"]["v_lr"] == 123.0  # real differences stay
+
+
+# --- issue #25: the energy rule, the ridge, the measured leakage, norm anchoring ---------------
+
+
+def _spread_cov(seed: int = 2) -> torch.Tensor:
+    """A covariance with eigenvalues spread over four decades (no gap to hide a bad rule behind)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(500, D_IN, generator=g, dtype=torch.float64) * torch.logspace(-2, 0, D_IN, dtype=torch.float64)
+    return x.T @ x / len(x)
+
+
+@pytest.mark.parametrize("energy", [1e-4, 0.005, 0.02, 0.2, 0.6])
+def test_energy_rule_leaks_at_most_the_requested_share_and_takes_the_largest_such_rank(energy):
+    from pmetlab.editing.nullspace import projector_leakage
+
+    cov = _spread_cov()
+    ev = torch.linalg.eigvalsh(cov)
+    if float(ev[0] / ev.sum()) > energy:  # not even one direction fits: refused in one line
+        with pytest.raises(ValueError, match="null_space_energy"):
+            null_space_projector(cov, energy=energy)
+        return
+    P = null_space_projector(cov, energy=energy)
+    leak, rank = projector_leakage(P, cov), projector_rank(P)
+    assert 0 < leak <= energy + 1e-12
+    assert float(ev[: rank + 1].sum() / ev.sum()) > energy  # one more direction would leak too much
+    assert abs(leak - float(ev[:rank].sum() / ev.sum())) <= 1e-9 * energy
+
+
+def test_threshold_rule_leakage_is_measured_not_bounded():
+    """The absolute threshold at the median eigenvalue lets through what lies below it, whatever that is."""
+    from pmetlab.editing.nullspace import leakage_table
+
+    cov = _spread_cov()
+    ev = torch.linalg.eigvalsh(cov)
+    thr = float(ev.median())
+    table = leakage_table({3: cov, 8: 2 * cov}, threshold=thr, energy=0.01)
+    assert list(table.columns) == ["layer", "rule", "setting", "d_in", "rank", "leakage"]
+    assert list(zip(table["layer"], table["rule"])) == [
+        (3, "threshold"),
+        (3, "energy"),
+        (8, "threshold"),
+        (8, "energy"),
+    ]
+    row = table.iloc[0]
+    assert row["rank"] == int((ev < thr).sum()) and abs(row["leakage"] - float(ev[ev < thr].sum() / ev.sum())) < 1e-9
+    assert (table[table["rule"] == "energy"]["leakage"] <= 0.01).all()
+    assert table.iloc[1]["rank"] == table.iloc[3]["rank"]  # the energy rule does not depend on the scale
+
+
+def test_ridge_one_is_the_default_solve_bit_for_bit_and_other_ridges_satisfy_their_equations():
+    _, cov, keys, resid = _preserved_setting()
+    P = null_space_projector(cov, 1e-4)
+    gram = keys[:2].T @ keys[:2]
+    default = solve_update_null_space(keys, resid, P, gram)
+    assert torch.equal(default.delta, solve_update_null_space(keys, resid, P, gram, ridge=1.0).delta)
+    ten = solve_update_null_space(keys, resid, P, gram, ridge=10.0)
+    d = ten.delta
+    lhs = d @ (P @ (keys.T @ keys + gram) @ P + 10.0 * torch.eye(D_IN, dtype=torch.float64))
+    torch.testing.assert_close(lhs, resid.T @ keys @ P, rtol=1e-9, atol=1e-9)
+    assert ten.update_norm < default.update_norm  # a heavier ridge, a smaller update
+    with pytest.raises(ValueError, match="null_space_ridge"):
+        solve_update_null_space(keys, resid, P, ridge=0.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("null_space_rule", "eigen"),
+        ("null_space_energy", 0.0),
+        ("null_space_energy", 1.0),
+        ("null_space_energy", float("nan")),
+        ("null_space_ridge", 0.0),
+        ("null_space_ridge", -10.0),
+        ("null_space_ridge", 1e9),
+        ("norm_anchor", "yes"),
+    ],
+)
+def test_hparams_refuse_bad_issue25_values_in_one_line(field, bad):
+    for cls in (PMETHyperParams, MEMITHyperParams):
+        with pytest.raises(ValueError, match=field) as exc:
+            cls(**{field: bad})
+        assert "\n" not in str(exc.value)
+
+
+def test_norm_anchor_rescales_each_written_target_to_its_init_norm_and_off_is_the_target_itself():
+    from pmetlab.editing.target_result import TargetResult
+
+    g = torch.Generator().manual_seed(0)
+    init, delta = torch.randn(3, 8, generator=g), 3 * torch.randn(3, 8, generator=g)
+    obs = torch.randn(3, 8, generator=g)
+    t = TargetResult(5, {"ffn": init + delta}, {"ffn": init}, {"ffn": delta}, [1, 1, 1], observed={"ffn": obs})
+    for target in ("released", "observed"):
+        off = t.written("ffn", target)
+        assert off is t.written("ffn", target, False)  # off: the very tensor, untouched
+        on = t.written("ffn", target, True)
+        torch.testing.assert_close(on.norm(dim=1), init.norm(dim=1))
+        torch.testing.assert_close(torch.nn.functional.cosine_similarity(on, off), torch.ones(3))
+
+
+@pytest.mark.parametrize("cls", [PMETHyperParams, MEMITHyperParams])
+def test_energy_rule_in_compute_deltas_records_rank_and_leakage_and_defaults_are_bit_identical(tiny, cls):
+    model, tok, corpus = tiny
+    hp = _hp(corpus, cls, null_space=True, null_space_threshold=_threshold(model, tok, hp := _hp(corpus, cls)))
+    base = compute_deltas(model, tok, REQUESTS, hp, progress=False)
+    explicit = hp.replace(null_space_rule="threshold", null_space_ridge=1.0, norm_anchor=False)
+    again = compute_deltas(model, tok, REQUESTS, explicit, progress=False)
+    assert all(torch.equal(base.tensors[n], again.tensors[n]) for n in base.tensors)
+    ns = base.meta["null_space"]
+    assert ns["rule"] == "threshold" and ns["ridge"] == 1.0 and set(ns["leakage"]["ffn"]) == {"0", "1"}
+    energy = compute_deltas(
+        model, tok, REQUESTS, hp.replace(null_space_rule="energy", null_space_energy=0.02), progress=False
+    )
+    ens = energy.meta["null_space"]
+    assert ens["rule"] == "energy" and ens["energy"] == 0.02
+    assert all(0 < v <= 0.02 for v in ens["leakage"]["ffn"].values())
+    assert all(1 <= r < 80 for r in ens["ranks"]["ffn"].values())
+    anchored = compute_deltas(model, tok, REQUESTS, hp.replace(norm_anchor=True), progress=False)
+    assert any(not torch.allclose(base.tensors[n], anchored.tensors[n]) for n in base.tensors)
+    assert anchored.meta["hparams"]["norm_anchor"] is True

@@ -282,7 +282,8 @@ def _null_space(model, hp: EditHyperParams, preserved: PreservedKeys | None, use
             logger.warning("preserved keys were given but hparams.null_space is False: they are ignored")
         return None
     store = KeyedStore("projectors", type(model).__name__) if use_cache else None
-    return NullSpaceSolve(hp.null_space_threshold, preserved, store)
+    energy = hp.null_space_energy if hp.null_space_rule == "energy" else None
+    return NullSpaceSolve(hp.null_space_threshold, preserved, store, energy=energy, ridge=hp.null_space_ridge)
 
 
 def _edited_modules(adapter, hp: EditHyperParams) -> list[str]:
@@ -364,7 +365,7 @@ class _Solver:
             space, module, cov = "attn", adapter.attn_out_name(l), self.attn_covs[l]
             out_mod = adapter.attn_out_name(L)
         keys, cur = keys_and_outputs(self.model, self.tok, adapter, self.requests, self.templates, [module], [out_mod])
-        resid = self.targets.written(space, hp.ffn_target) - cur[out_mod]
+        resid = self.targets.written(space, hp.ffn_target, hp.norm_anchor) - cur[out_mod]
         spread = spread_residual(resid, i, n, hp.spread_exponent)
         if self.null_space is None:
             res = solve_update(keys[module], spread, cov.mom2, hp.mom2_update_weight, diagnostics=self.diagnostics)

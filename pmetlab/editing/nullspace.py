@@ -15,14 +15,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from ..cache import tensor_digest
 from ..store import KeyedStore
-from .deltas import Deltas
+from .preserved import PreservedKeys
 from .solve import SolveResult
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ __all__ = [
     "null_space_projector",
     "cached_null_space_projector",
     "projector_rank",
+    "projector_leakage",
+    "leakage_table",
     "solve_update_null_space",
     "PreservedKeys",
     "NullSpaceSolve",
@@ -38,38 +40,58 @@ __all__ = [
 
 #: Version of the cached projector files (bump when what is stored or how it is computed changes).
 PROJECTOR_FORMAT = 1
-#: Version of :meth:`PreservedKeys.save` files.
-PRESERVED_FORMAT = 1
 
 
-def _null_basis(cov: torch.Tensor, threshold: float) -> tuple[torch.Tensor, bool]:
+def _null_mask(ev: torch.Tensor, threshold: float | None, energy: float | None) -> torch.Tensor:
+    """Which eigenvalues ``ev`` (ascending) span the null space: those below ``threshold``, or
+    (``energy``) the smallest ones whose sum is at most ``energy`` × their total (the trace)."""
+    if energy is None:
+        if threshold is None or not threshold > 0:
+            raise ValueError(f"null_space_threshold must be > 0, got {threshold}")
+        return ev < threshold
+    if not 0 < energy < 1:
+        raise ValueError(f"null_space_energy must be a share of the trace in (0, 1), got {energy}")
+    share = torch.cumsum(ev.clamp_min(0), 0) / ev.clamp_min(0).sum()
+    return share <= energy
+
+
+def _null_basis(
+    cov: torch.Tensor, threshold: float | None = None, energy: float | None = None
+) -> tuple[torch.Tensor, bool]:
     """The narrower of the two orthonormal bases that define P: (U_0, False) with P = U_0 U_0ᵀ,
-    or (U_1, True) with P = I - U_1 U_1ᵀ (U_1: eigenvectors at or above the threshold)."""
+    or (U_1, True) with P = I - U_1 U_1ᵀ (U_1: the eigenvectors outside the null space). The null
+    space is chosen by ``threshold`` (absolute) or, when given, ``energy`` (:func:`_null_mask`)."""
     if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
         raise ValueError(f"cov must be a square (d_in, d_in) matrix, got shape {tuple(cov.shape)}")
-    if not threshold > 0:
-        raise ValueError(f"null_space_threshold must be > 0, got {threshold}")
     c = cov.detach().to(torch.float64)
     ev, vecs = torch.linalg.eigh(0.5 * (c + c.T))
-    below = ev < threshold
+    below = _null_mask(ev, threshold, energy)
+    rule = f"null_space_threshold={threshold:g}" if energy is None else f"null_space_energy={energy:g}"
     rank = int(below.sum())
     if rank == 0:
         raise ValueError(
-            f"no eigenvalue of the ({c.shape[0]}, {c.shape[0]}) covariance is below null_space_threshold="
-            f"{threshold:g} (smallest eigenvalue {float(ev[0]):.4g}, largest {float(ev[-1]):.4g}; the scale is "
-            f"E[k kᵀ]): the preserved keys span every direction, so no update leaves them unchanged. Raise "
-            f"null_space_threshold above {float(ev[0]):.4g}"
+            f"no eigenvalue of the ({c.shape[0]}, {c.shape[0]}) covariance falls in the null space by {rule} "
+            f"(smallest eigenvalue {float(ev[0]):.4g}, largest {float(ev[-1]):.4g}; the scale is E[k kᵀ]): "
+            f"the preserved keys span every direction, so no update leaves them unchanged. Raise the "
+            f"threshold above {float(ev[0]):.4g} or the energy share above {float(ev[0] / ev.sum()):.3g}"
         )
     if rank == c.shape[0]:
         logger.warning(
-            "every eigenvalue of the covariance is below null_space_threshold=%g (largest %.4g): the "
+            "every eigenvalue of the covariance is in the null space by %s (largest %.4g): the "
             "projector is the identity and preserves nothing",
-            threshold,
+            rule,
             float(ev[-1]),
         )
     if 2 * rank <= c.shape[0]:
         return vecs[:, below].contiguous(), False
     return vecs[:, ~below].contiguous(), True
+
+
+def projector_leakage(projector: torch.Tensor, cov: torch.Tensor) -> float:
+    """trace(P C) / trace(C): the share of the preserved keys' energy E[‖k‖²] inside P's range,
+    i.e. what an update ΔW = ΔW P can still change of them (0: a true null space)."""
+    c = cov.detach().to(projector.device, torch.float64)
+    return float((projector.to(torch.float64) * c).sum() / torch.diagonal(c).sum())
 
 
 def _projector(basis: torch.Tensor, complement: bool) -> torch.Tensor:
@@ -84,15 +106,19 @@ def _projector(basis: torch.Tensor, complement: bool) -> torch.Tensor:
     return torch.eye(basis.shape[0], dtype=basis.dtype, device=basis.device) - inner
 
 
-def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+def null_space_projector(
+    cov: torch.Tensor, threshold: float | None = None, *, energy: float | None = None
+) -> torch.Tensor:
     """P_l = U_0 U_0ᵀ (d_in, d_in) float64: the projector onto the span of the eigenvectors of
     ``cov`` (C_l = E[k kᵀ], (d_in, d_in)) whose eigenvalues are below ``threshold`` (on the scale
-    of ``cov`` itself). Symmetric and idempotent; ΔW P k ≈ 0 for keys k the covariance is made of.
+    of ``cov`` itself) or, with ``energy``, the smallest eigenvalues holding at most that share of
+    trace(C_l) (so :func:`projector_leakage` <= ``energy``). Symmetric and idempotent; ΔW P k ≈ 0
+    for keys k the covariance is made of.
 
     Raises:
         ValueError: no eigenvalue is below ``threshold`` (the message names the smallest one).
     """
-    return _projector(*_null_basis(cov, threshold))
+    return _projector(*_null_basis(cov, threshold, energy))
 
 
 def projector_rank(projector: torch.Tensor) -> int:
@@ -101,7 +127,7 @@ def projector_rank(projector: torch.Tensor) -> int:
 
 
 def cached_null_space_projector(
-    cov: torch.Tensor, threshold: float, *, store: KeyedStore | None = None
+    cov: torch.Tensor, threshold: float | None = None, *, energy: float | None = None, store: KeyedStore | None = None
 ) -> torch.Tensor:
     """:func:`null_space_projector`, computed once per covariance and threshold and kept in
     ``store`` (default: the cache's ``projectors/`` folder) under the covariance's
@@ -109,16 +135,15 @@ def cached_null_space_projector(
     recomputed (the store logs and ignores it)."""
     store = store if store is not None else KeyedStore("projectors")
     d = int(cov.shape[0]) if cov.ndim else 0
-    key = {"format": PROJECTOR_FORMAT, "cov": tensor_digest({"cov": cov}), "threshold": float(threshold), "d": d}
+    rule = {"threshold": float(threshold)} if energy is None else {"energy": float(energy)}
+    key = {"format": PROJECTOR_FORMAT, "cov": tensor_digest({"cov": cov}), **rule, "d": d}
     prefix = f"d{d}-"
     entry = store.load_tensors(key, prefix=prefix, finite=True)
     if entry is not None and "basis" in entry.tensors and "complement" in entry.tensors:
         basis = entry.tensors["basis"].to(cov.device)
         return _projector(basis, bool(entry.tensors["complement"]))
-    basis, complement = _null_basis(cov, threshold)
-    store.save_tensors(
-        key, {"basis": basis, "complement": torch.tensor(int(complement))}, {"threshold": threshold}, prefix=prefix
-    )
+    basis, complement = _null_basis(cov, threshold, energy)
+    store.save_tensors(key, {"basis": basis, "complement": torch.tensor(int(complement))}, rule, prefix=prefix)
     return _projector(basis, complement)
 
 
@@ -128,6 +153,7 @@ def solve_update_null_space(
     projector: torch.Tensor,
     preserved_gram: torch.Tensor | None = None,
     diagnostics: bool = True,
+    ridge: float = 1.0,
 ) -> SolveResult:
     """Solve the null-space-projected update in float64 (AlphaEdit's objective, method.md notation).
 
@@ -148,17 +174,21 @@ def solve_update_null_space(
         keys: (N, d_in) one key per request (rows); resid: (N, d_out) the spread residual.
         projector: (d_in, d_in) P_l (:func:`null_space_projector`).
         preserved_gram: (d_in, d_in) K_p K_pᵀ of earlier edits' keys, or None.
+        ridge: ρ > 0, the weight of ‖ΔW P‖².
 
     Returns:
         :class:`~pmetlab.editing.solve.SolveResult` with ``delta`` (d_out, d_in) float64 and the
         condition number of P (K Kᵀ + G) P + I.
     """
     d_in = _check_null_space_inputs(keys, resid, projector, preserved_gram)
+    if not ridge > 0:
+        raise ValueError(f"null_space_ridge must be > 0, got {ridge}")
     K = keys.to(torch.float64)
     R = resid.to(K.device, torch.float64)
     P = projector.to(K.device, torch.float64)
     PK = P @ K.T  # (d_in, N)
-    S = PK @ PK.T + torch.eye(d_in, dtype=torch.float64, device=K.device)
+    eye = torch.eye(d_in, dtype=torch.float64, device=K.device)
+    S = PK @ PK.T + (eye if ridge == 1.0 else ridge * eye)
     if preserved_gram is not None:
         S = S + P @ preserved_gram.to(K.device, torch.float64) @ P
     S = 0.5 * (S + S.T)
@@ -200,135 +230,78 @@ def _check_null_space_inputs(keys, resid, projector, preserved_gram) -> int:
     return d_in
 
 
-class PreservedKeys:
-    """K_p K_pᵀ of the keys of earlier edits, per (component, layer), as a (d_in, d_in) float64
-    sum and a count: the state of a sequential null-space experiment. Its owner decides what is
-    added (:meth:`add`, :meth:`add_round`); nothing here is global or added implicitly.
-
-    Args:
-        device: where the Gram matrices live (the keys are moved there when added).
-    """
-
-    def __init__(self, device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
-        self._gram: dict[tuple[str, int], torch.Tensor] = {}
-        self._count: dict[tuple[str, int], int] = {}
-
-    def add(self, layer: int, keys: torch.Tensor, component: str = "ffn") -> None:
-        """Add the keys (N, d_in) used at ``layer`` (rows) to K_p K_pᵀ."""
-        if keys.ndim != 2:
-            raise ValueError(f"keys must be (N, d_in) rows, got shape {tuple(keys.shape)}")
-        if not torch.isfinite(keys).all():
-            raise ValueError(f"keys for layer {layer} ({component}) hold non-finite values")
-        k = keys.detach().to(self.device, torch.float64)
-        slot = (str(component), int(layer))
-        old = self._gram.get(slot)
-        if old is not None and old.shape[0] != k.shape[1]:
-            raise ValueError(
-                f"keys of size {k.shape[1]} for layer {layer} ({component}), which holds keys of size {old.shape[0]}"
-            )
-        self._gram[slot] = (old if old is not None else 0) + k.T @ k
-        self._count[slot] = self._count.get(slot, 0) + int(k.shape[0])
-
-    def add_round(self, deltas: Deltas) -> None:
-        """Add every key the solves of one :func:`compute_deltas` call used (``deltas.keys``)."""
-        if not deltas.keys:
-            raise ValueError(
-                "these deltas carry no solve keys: compute_deltas records them only with hparams.null_space=True "
-                "(and they are not saved with the deltas)"
-            )
-        for (component, layer), keys in deltas.keys.items():
-            self.add(layer, keys, component)
-
-    def gram(self, layer: int, component: str = "ffn") -> torch.Tensor | None:
-        """K_p K_pᵀ (d_in, d_in) float64 at ``layer``, or None when nothing was added there."""
-        return self._gram.get((str(component), int(layer)))
-
-    def count(self, layer: int, component: str = "ffn") -> int:
-        return self._count.get((str(component), int(layer)), 0)
-
-    def reset(self) -> None:
-        """Forget every key (a new sequence of edits)."""
-        self._gram.clear()
-        self._count.clear()
-
-    def __len__(self) -> int:
-        """The number of (component, layer) entries held."""
-        return len(self._gram)
-
-    def to_dict(self) -> dict[str, Any]:
-        """For run records: keys counted per component and layer, e.g. ``{"counts": {"ffn": {"3": 40}}}``."""
-        counts: dict[str, dict[str, int]] = {}
-        for (component, layer), n in sorted(self._count.items()):
-            counts.setdefault(component, {})[str(layer)] = n
-        return {"counts": counts}
-
-    def save(self, path: str | Path) -> Path:
-        """Write the state to a safetensors file (checksummed, atomic) for :meth:`load`."""
-        tensors = {}
-        for (component, layer), g in self._gram.items():
-            tensors[f"{component}.L{layer:03d}.gram"] = g
-            tensors[f"{component}.L{layer:03d}.count"] = torch.tensor(self._count[(component, layer)])
-        return KeyedStore.write_tensors(path, _preserved_key(), tensors, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> PreservedKeys:
-        """The state written by :meth:`save`; a missing or damaged file raises an error naming it."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no saved preserved keys at {path}")
-        entry = KeyedStore.read_tensors(path, _preserved_key(), finite=True)
-        out = cls(device)
-        for name, t in entry.tensors.items():
-            component, layer, what = name.split(".")
-            slot = (component, int(layer[1:]))
-            if what == "gram":
-                out._gram[slot] = t.to(out.device, torch.float64)
-            else:
-                out._count[slot] = int(t)
-        return out
-
-
-def _preserved_key() -> dict[str, Any]:
-    return {"kind": "preserved_keys", "format": PRESERVED_FORMAT}
-
-
 @dataclass
 class NullSpaceSolve:
     """The null-space solves of one :func:`compute_deltas` call: the projector of each covariance
     (cached in ``store`` when given), the preserved Gram matrix of each layer, and what the
-    metadata records (projector ranks) and the caller may add to ``preserved`` later (the keys)."""
+    metadata records (projector ranks and measured leakage per layer) and the caller may add to
+    ``preserved`` later (the keys). ``energy`` set: the energy rule, else the ``threshold`` rule."""
 
     threshold: float
     preserved: PreservedKeys | None = None
     store: KeyedStore | None = None
     ranks: dict[str, dict[int, int]] = field(default_factory=dict)
     keys: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    energy: float | None = None
+    ridge: float = 1.0
+    leakage: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def projector(self, cov: torch.Tensor) -> torch.Tensor:
+        """P_l of ``cov`` by this solve's rule (cached when a store is given)."""
+        if self.store is not None:
+            return cached_null_space_projector(cov, self.threshold, energy=self.energy, store=self.store)
+        return null_space_projector(cov, self.threshold, energy=self.energy)
 
     def solve(
         self, component: str, layer: int, keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, diagnostics: bool
     ) -> SolveResult:
         """:func:`solve_update_null_space` at ``layer`` for ``component`` with P_l from ``cov``."""
         try:
-            if self.store is not None:
-                P = cached_null_space_projector(cov, self.threshold, store=self.store)
-            else:
-                P = null_space_projector(cov, self.threshold)
+            P = self.projector(cov)
         except ValueError as exc:
             raise ValueError(f"layer {layer} ({component}): {exc}") from None
         gram = self.preserved.gram(layer, component) if self.preserved is not None else None
-        res = solve_update_null_space(keys, resid, P, gram, diagnostics)
+        res = solve_update_null_space(keys, resid, P, gram, diagnostics, ridge=self.ridge)
         self.ranks.setdefault(component, {})[layer] = projector_rank(P)
+        self.leakage.setdefault(component, {})[layer] = projector_leakage(P, cov)
         self.keys[(component, layer)] = keys.detach().float().cpu()
         return res
 
     def meta(self) -> dict[str, Any]:
-        """What the deltas' metadata records about the null space."""
+        """What the deltas' metadata records about the null space (``leakage``: trace(P C) / trace(C))."""
+        by_layer = lambda d: {c: {str(l): v for l, v in sorted(by.items())} for c, by in d.items()}
+        rule = {"rule": "threshold"} if self.energy is None else {"rule": "energy", "energy": self.energy}
         return {
             "enabled": True,
+            **rule,
             "threshold": self.threshold,
-            "ranks": {c: {str(l): r for l, r in sorted(by.items())} for c, by in self.ranks.items()},
+            "ridge": self.ridge,
+            "ranks": by_layer(self.ranks),
+            "leakage": by_layer(self.leakage),
             "preserved": self.preserved.to_dict() if self.preserved is not None else None,
         }
+
+
+def leakage_table(covariances: Mapping[int, torch.Tensor], threshold: float, energy: float) -> pd.DataFrame:
+    """One row per layer and rule ("threshold" at ``threshold``, "energy" at ``energy``): the
+    projector's rank, d_in and its measured leakage trace(P C_l) / trace(C_l) (method.md §8).
+    ``covariances``: layer -> C_l (d_in, d_in)."""
+    rows = []
+    for layer, cov in sorted(covariances.items()):
+        for rule, kw in (("threshold", {"threshold": threshold}), ("energy", {"energy": energy})):
+            P = null_space_projector(cov, **kw)
+            setting = threshold if rule == "threshold" else energy
+            rows.append(
+                {
+                    "layer": layer,
+                    "rule": rule,
+                    "setting": setting,
+                    "d_in": int(cov.shape[0]),
+                    "rank": projector_rank(P),
+                    "leakage": projector_leakage(P, cov),
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 def null_space_meta(solve: NullSpaceSolve | None) -> Mapping[str, Any]:

@@ -7,11 +7,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["TargetResult", "RESULT_GROUPS"]
+__all__ = ["TargetResult", "RESULT_GROUPS", "norm_anchored"]
 
 #: The tensor groups of a result, each a dict space -> (N, d_model) ("observed": FFN-space
 #: methods only), or name -> (N,) for "delivery".
 RESULT_GROUPS = ("values", "inits", "deltas", "observed", "delivery")
+
+
+def norm_anchored(values: torch.Tensor, inits: torch.Tensor) -> torch.Tensor:
+    """Norm-anchor scaling (arXiv 2602.02543, as assumed in docs/method_notes.md): each row of
+    ``values`` (N, d) rescaled to the norm of the unedited state at that position, the matching row
+    of ``inits`` (N, d): v ← v · ‖init‖ / ‖v‖. Only the target's norm changes, never its direction."""
+    scale = inits.norm(dim=1, keepdim=True).to(values.dtype) / values.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return values * scale
 
 
 @dataclass
@@ -39,10 +47,15 @@ class TargetResult:
     observed: dict[str, torch.Tensor] = field(default_factory=dict)
     delivery: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def written(self, space: str, ffn_target: str = "released") -> torch.Tensor:
+    def written(self, space: str, ffn_target: str = "released", norm_anchor: bool = False) -> torch.Tensor:
         """(N, d_model): the target the update writes in ``space`` (method.md §1): the FFN target
         named by ``ffn_target`` in "ffn" ("released" v^m = m^L_init + δ^m; "observed" m^L(δ^a) + δ^m;
-        "block" observed + δ^a), else ``values[space]``."""
+        "block" observed + δ^a), else ``values[space]``; with ``norm_anchor`` rescaled to
+        ‖inits[space]‖ per request (:func:`norm_anchored`)."""
+        v = self._written(space, ffn_target)
+        return norm_anchored(v, self.inits[space]) if norm_anchor else v
+
+    def _written(self, space: str, ffn_target: str) -> torch.Tensor:
         if space != "ffn" or ffn_target == "released":
             return self.values[space]
         if "ffn" not in self.observed:
