@@ -1,5 +1,5 @@
-"""README sections built from ``benchmarks/results/``: the CPU table with its reading, and the
-GPU timings (``gpu.json``). Every number in them comes from those files."""
+"""Generated sections of docs/performance.md, built from ``benchmarks/results/``: the CPU table
+with its reading, and the GPU timings (``gpu.json``). Every number in them comes from those files."""
 
 from __future__ import annotations
 

@@ -1,7 +1,12 @@
-"""Regenerate the README's tables and findings from the committed results.
+"""Regenerate the generated sections of the README and the docs pages from the committed results.
 
-    python docs/build_readme.py          # rewrite the generated sections of README.md
+    python docs/build_readme.py          # rewrite the generated sections of every document
     python docs/build_readme.py --check  # exit 1 when a section differs from what this writes
+
+A generated section is a ``<!-- pmetlab:begin NAME -->`` / ``<!-- pmetlab:end NAME -->`` pair in one
+of ``DOCUMENTS`` (README.md and the docs pages); its body is ``BUILDERS[NAME]()``. Where a section
+renders is decided by where its markers are: move the pair to move the section. Every builder must
+have a section in some document, and a section may appear in several.
 
 Every number in a generated section comes from a file under ``docs/results/`` or
 ``benchmarks/results/`` (see ``docs/results/README.md`` for the command that produced each);
@@ -20,13 +25,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from pmetlab.reporting import format_ci, markdown_table, render_sections, stale_sections
+from pmetlab.reporting import format_ci, markdown_table, render_sections, section_names, stale_sections
 
 logger = logging.getLogger("build_readme")
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results"
 README = REPO / "README.md"
+#: The documents whose generated sections this script keeps current (the README first).
+DOCUMENTS = (
+    README,
+    REPO / "docs" / "index.md",
+    REPO / "docs" / "results.md",
+    REPO / "docs" / "performance.md",
+)
 MODELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}
 METHOD_NAMES = {"pmet": "PMET", "memit": "MEMIT", "none": "unedited"}
 
@@ -204,18 +216,49 @@ BUILDERS.update(_sibling_builders("evidence_sections"))
 BUILDERS.update(_sibling_builders("bench_sections"))
 
 
+def builders_of(text: str) -> dict[str, Callable[[], str]]:
+    """The builders of the sections that ``text`` holds."""
+    names = set(section_names(text))
+    return {n: b for n, b in BUILDERS.items() if n in names}
+
+
+def unplaced_builders() -> list[str]:
+    """Builders whose section is in none of ``DOCUMENTS`` (each must render somewhere)."""
+    placed = {n for doc in DOCUMENTS for n in section_names(doc.read_text())}
+    return sorted(set(BUILDERS) - placed)
+
+
+def stale_documents() -> dict[str, list[str]]:
+    """Document (relative path) -> names of its sections that differ from what the builders write."""
+    out = {}
+    for doc in DOCUMENTS:
+        text = doc.read_text()
+        stale = stale_sections(text, builders_of(text))
+        if stale:
+            out[str(doc.relative_to(REPO))] = stale
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 when README.md is out of date")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a document is out of date")
     args = ap.parse_args(argv)
-    text = README.read_text()
+    unplaced = unplaced_builders()
+    if unplaced:
+        docs = [str(d.relative_to(REPO)) for d in DOCUMENTS]
+        print(f"sections {unplaced} are in none of {docs}; add their marker pairs to one", file=sys.stderr)
+        return 1
     if args.check:
-        stale = stale_sections(text, BUILDERS)
+        stale = stale_documents()
         if stale:
-            print(f"README.md sections out of date: {stale}; run `python docs/build_readme.py`", file=sys.stderr)
+            print(f"sections out of date: {stale}; run `python docs/build_readme.py`", file=sys.stderr)
             return 1
         return 0
-    README.write_text(render_sections(text, BUILDERS))
+    for doc in DOCUMENTS:
+        text = doc.read_text()
+        rendered = render_sections(text, builders_of(text))
+        if rendered != text:
+            doc.write_text(rendered)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""README sections for the evidence at scale: the tuning tables, the trade-off against the number
-of edits (notebook 03) and the ablations (notebook 04), per model, from ``docs/results/<model>/``.
+"""Generated sections for the evidence at scale (on docs/results.md; the headline also in
+README.md): the tuning tables, the trade-off against the number of edits (notebook 03) and the
+ablations (notebook 04), per model, from ``docs/results/<model>/``.
 
 Each builder reads only committed files; a result that is not there yet is said to be missing,
 with the command that makes it, never filled in.
