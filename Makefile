@@ -1,7 +1,8 @@
 # pmetlab: two commands do all the set-up on a fresh machine.
 #   make figures   run every notebook with its defaults, figures and tables into $(FIGURES_DIR)
 #   make test      run the test suite (creates .venv when missing)
-#   make readme    regenerate the README's tables from the committed results
+#   make readme    regenerate the generated sections (README, docs pages) from the committed results
+#   make docs      build the docs site into site/ (offline, strict)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -20,7 +21,7 @@ endif
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv lint test test-fast figures bench demo readme clean-venv browser-check
+.PHONY: venv lint test test-fast figures bench demo readme docs clean-venv browser-check
 
 venv: $(STAMP) $(LAB_OVERRIDES)
 
@@ -57,11 +58,24 @@ test-fast: $(STAMP)
 figures: $(STAMP)
 	$(VENV)/bin/pmetlab notebooks --out $(FIGURES_DIR)
 
-# README tables and findings, regenerated from docs/results and benchmarks/results (the committed
-# summaries' rate intervals re-derived as Wilson intervals first; a no-op once they are)
+# The generated sections of README.md and the docs pages, regenerated from docs/results and
+# benchmarks/results (the committed summaries' rate intervals re-derived as Wilson intervals first;
+# a no-op once they are)
 readme: $(STAMP)
 	$(PY) docs/rederive_intervals.py
 	$(PY) docs/build_readme.py
+
+# The docs site (mkdocs.yml) into site/, offline and strict: a broken link, a missing page or a stale
+# generated section fails. The docs packages (requirements-docs.txt) go into the venv when missing.
+DOCS_STAMP := $(VENV)/.pmetlab-docs-installed
+
+$(DOCS_STAMP): requirements-docs.txt | $(STAMP)
+	$(PY) -m pip install -q -r requirements-docs.txt
+	touch $@
+
+docs: $(STAMP) $(DOCS_STAMP)
+	$(PY) docs/build_readme.py --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 demo: $(STAMP)
 	$(VENV)/bin/pmetlab demo
