@@ -33,6 +33,7 @@ from .datasets import (
 )
 from .editing.compute import compute_deltas
 from .editing.deltas import Deltas, EditMismatchError, apply_deltas_, edited, restore_
+from .editing.nullspace import leakage_table
 from .evaluation import (
     evaluate_counterfact,
     evaluate_zsre,
@@ -114,6 +115,7 @@ __all__ = [
     "restore_",
     "edited",
     "layer_covariances",
+    "leakage_table",
     # data
     "DatasetInfo",
     "load_counterfact",

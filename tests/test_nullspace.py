@@ -302,12 +302,12 @@ def test_energy_rule_leaks_at_most_the_requested_share_and_takes_the_largest_suc
 
 def test_threshold_rule_leakage_is_measured_not_bounded():
     """The absolute threshold at the median eigenvalue lets through what lies below it, whatever that is."""
-    from pmetlab.editing.nullspace import leakage_table
+    from pmetlab.editing.nullspace import leakage_table, projector_leakage
 
     cov = _spread_cov()
     ev = torch.linalg.eigvalsh(cov)
     thr = float(ev.median())
-    table = leakage_table({3: cov, 8: 2 * cov}, threshold=thr, energy=0.01)
+    table = leakage_table({3: cov, 8: 2 * cov}, thresholds=[thr], energies=[0.01])
     assert list(table.columns) == ["layer", "rule", "setting", "d_in", "rank", "leakage"]
     assert list(zip(table["layer"], table["rule"])) == [
         (3, "threshold"),
@@ -318,6 +318,8 @@ def test_threshold_rule_leakage_is_measured_not_bounded():
     row = table.iloc[0]
     assert row["rank"] == int((ev < thr).sum()) and abs(row["leakage"] - float(ev[ev < thr].sum() / ev.sum())) < 1e-9
     assert (table[table["rule"] == "energy"]["leakage"] <= 0.01).all()
+    P = null_space_projector(cov, thr)  # the table's leakage is the projector's, measured
+    assert abs(projector_leakage(P, cov) - row["leakage"]) < 1e-9
     assert table.iloc[1]["rank"] == table.iloc[3]["rank"]  # the energy rule does not depend on the scale
 
 

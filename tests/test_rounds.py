@@ -208,3 +208,85 @@ def test_sigterm_during_rounds_is_recorded_failed(tiny_env, tiny_mt, tmp_path, m
     rec = json.loads((tmp_path / "r" / "rounds.json").read_text())
     assert rec["status"] == "failed" and rec["error"] == "RunTerminated: received SIGTERM"
     assert rec["pid"] == os.getpid() and not (tmp_path / "r" / "run.lock").exists()
+
+
+# --- issue #25: the null space's energy rule, norm anchoring and collapse diagnostics ------------
+
+
+def test_new_fields_resume_bit_identically_and_rounds_record_diagnostics_and_leakage(
+    tiny_env,  # noqa: F811
+    tiny_mt,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    hp = tiny_hparams(
+        tiny_env,
+        null_space=True,
+        null_space_rule="energy",
+        null_space_energy=0.2,
+        null_space_ridge=10.0,
+        norm_anchor=True,
+    )
+    whole = _run(tiny_env, tiny_mt, tmp_path / "whole", hparams=hp)
+    real = rounds_mod._Rounds._edit
+    calls = []
+
+    def failing(self, batch, stats):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("stop in round 1")
+        return real(self, batch, stats)
+
+    monkeypatch.setattr(rounds_mod._Rounds, "_edit", failing)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_env, tiny_mt, tmp_path / "cut", hparams=hp)
+    resumed = _run(tiny_env, tiny_mt, tmp_path / "cut", hparams=hp)
+    for t in (0, 1):
+        a = Deltas.load(tmp_path / "whole" / f"round_{t:02d}" / "deltas.safetensors")
+        b = Deltas.load(tmp_path / "cut" / f"round_{t:02d}" / "deltas.safetensors")
+        assert all(torch.equal(a.tensors[n], b.tensors[n]) for n in a.tensors), f"round {t} differs after resuming"
+    assert a.meta["hparams"]["norm_anchor"] is True and a.meta["null_space"]["rule"] == "energy"
+    for rec in (whole.record, resumed.record):
+        entry = rec["rounds"][-1]
+        assert entry["null_space"]["rule"] == "energy"
+        assert all(0 < v <= 0.2 for v in entry["null_space"]["leakage"]["ffn"].values())
+        diag = entry["diagnostics"]
+        assert set(diag["weights"]) and all(
+            w["change_fro"] > 0 and w["condition"] >= 1 for w in diag["weights"].values()
+        )
+        assert diag["seconds"] >= 0 and "neighbourhood_kl" in diag and "perplexity" in diag
+        assert rec["collapse"]["within_edits"] == 4
+    s = resumed.summary
+    assert {"perplexity", "neighbourhood_kl", "weight_change", "max_condition"} <= set(s.columns)
+    assert (s["weight_change"] > 0).all()
+
+
+def test_collapse_point_is_the_first_round_below_the_first_rounds_interval():
+    import pandas as pd
+
+    from pmetlab.runs.round_diagnostics import collapse_point
+
+    def summary(es, ns):
+        rows = [
+            {
+                "after_round": t,
+                "group": "all",
+                "edits_total": 4 * (t + 1),
+                "efficacy_score": e,
+                "efficacy_score_ci_low": e - 10,
+                "neighborhood_score": n,
+                "neighborhood_score_ci_low": n - 10,
+            }
+            for t, (e, n) in enumerate(zip(es, ns))
+        ]
+        return pd.DataFrame(rows + [{**rows[0], "group": "current"}])
+
+    assert collapse_point(summary([90, 85, 81, 60], [70, 70, 70, 70])) == {
+        "round": 3,
+        "edits_total": 16,
+        "metric": "efficacy_score",
+        "within_edits": 16,
+    }
+    assert collapse_point(summary([90, 90, 90], [70, 55, 40]))["round"] == 1
+    none = collapse_point(summary([90, 95, 88], [70, 75, 61]))
+    assert none["round"] is None and none["within_edits"] == 12

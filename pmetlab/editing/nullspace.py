@@ -13,7 +13,7 @@ K_p K_pᵀ of the keys of earlier edits (sequential editing); its owner decides 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,23 +282,27 @@ class NullSpaceSolve:
         }
 
 
-def leakage_table(covariances: Mapping[int, torch.Tensor], threshold: float, energy: float) -> pd.DataFrame:
-    """One row per layer and rule ("threshold" at ``threshold``, "energy" at ``energy``): the
-    projector's rank, d_in and its measured leakage trace(P C_l) / trace(C_l) (method.md §8).
-    ``covariances``: layer -> C_l (d_in, d_in)."""
+def leakage_table(
+    covariances: Mapping[int, torch.Tensor], thresholds: Sequence[float] = (1e-2,), energies: Sequence[float] = (0.005,)
+) -> pd.DataFrame:
+    """One row per layer, rule and setting (each of ``thresholds`` by the "threshold" rule, each of
+    ``energies`` by the "energy" rule): the projector's rank, d_in and its measured leakage
+    trace(P C_l) / trace(C_l) (method.md §8). ``covariances``: layer -> C_l (d_in, d_in)."""
     rows = []
+    settings = [("threshold", t) for t in thresholds] + [("energy", e) for e in energies]
     for layer, cov in sorted(covariances.items()):
-        for rule, kw in (("threshold", {"threshold": threshold}), ("energy", {"energy": energy})):
-            P = null_space_projector(cov, **kw)
-            setting = threshold if rule == "threshold" else energy
+        ev, vecs = torch.linalg.eigh(0.5 * (cov.double() + cov.double().T))
+        for rule, value in settings:
+            mask = _null_mask(ev, value if rule == "threshold" else None, value if rule == "energy" else None)
+            leak = float(ev[mask].sum() / ev.sum())  # = projector_leakage(U_0 U_0ᵀ, C_l)
             rows.append(
                 {
                     "layer": layer,
                     "rule": rule,
-                    "setting": setting,
+                    "setting": value,
                     "d_in": int(cov.shape[0]),
-                    "rank": projector_rank(P),
-                    "leakage": projector_leakage(P, cov),
+                    "rank": int(mask.sum()),
+                    "leakage": leak,
                 }
             )
     return pd.DataFrame(rows)

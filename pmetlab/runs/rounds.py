@@ -11,7 +11,8 @@ the status of every round and, with the null-space switch, the preserved keys' s
 ``original/records.parquet`` (the unedited model's metrics), ``round_XX/deltas.safetensors`` (the round's
 own update, computed on the model carrying rounds < XX: apply them in order to re-create any
 round, undo them in reverse to go back) and ``round_XX/records.parquet`` (every edited record's
-metrics after round XX), ``summary.csv`` (one row per round and record group) and, with the
+metrics after round XX; every round's entry in ``rounds.json`` also holds its collapse diagnostics,
+:mod:`.round_diagnostics`), ``summary.csv`` (one row per round and record group) and, with the
 null-space switch, ``round_XX/preserved.safetensors`` (the accumulated keys K_p after round XX,
 from which a resumed run continues). An interrupted run resumes after its last finished round;
 the model passed in is left bit-identical.
@@ -41,6 +42,7 @@ from .batches import plan_records
 from .context import GivenModel, ModelSource
 from .lock import hold_run_dir
 from .phases import default_model_pool, seed_all
+from .round_diagnostics import RoundDiagnostics, collapse_point, diagnostics_columns
 from .rounds_state import ROUNDS_FILE, RoundsState
 from .rundir import now, read_records, write_records
 from .signals import terminate_as_interrupt
@@ -171,6 +173,7 @@ class _Rounds:
     tok: Any
     progress: bool
     preserved: PreservedKeys | None = None
+    diagnostics: RoundDiagnostics | None = None
 
     def run(self) -> RoundsResult:
         batches, dataset = _round_batches(self.spec)
@@ -179,6 +182,8 @@ class _Rounds:
         original = self._original([r for b in batches for r in b])
         self.preserved = self._preserved_state()
         stats = layer_covariances(self.model, self.tok, self.spec.hp.layers, kind="ffn", spec=self.spec.covariance)
+        if self.state.rounds_done < len(batches):  # the unedited model's reference, before any round is applied
+            self.diagnostics = RoundDiagnostics.start(self.model, self.tok, self.spec.hp, self.spec.seed)
         undo: list[dict] = []
         try:
             with tqdm(total=len(batches), desc="rounds", unit="round", disable=not self.progress) as bar:
@@ -193,7 +198,10 @@ class _Rounds:
             for u in reversed(undo):
                 restore_(self.model, u)
             self.state.save()
-        return RoundsResult(self.state.root, self._summary(), self.state.data)
+        summary = self._summary()
+        if not summary.empty:
+            self.state.note(collapse=collapse_point(summary))
+        return RoundsResult(self.state.root, summary, self.state.data)
 
     def _verify_rounds(self, batches: list[list[dict]]) -> None:
         """Check the finished rounds' updates before reuse: a missing, damaged or foreign one (an
@@ -257,7 +265,8 @@ class _Rounds:
         rel = relative_specificity(original[original["case_id"].isin(df["case_id"])], df)
         df["relative_specificity"] = rel["relative_specificity"].to_numpy()
         write_records(folder, df)
-        self._finish(t, deltas, edit_s, time.perf_counter() - t0 - edit_s)
+        eval_s = time.perf_counter() - t0 - edit_s
+        self._finish(t, deltas, edit_s, eval_s, self.diagnostics.measure() if self.diagnostics else None)
         return undo
 
     def _edit(self, batch: list[dict], stats) -> Deltas:
@@ -288,10 +297,15 @@ class _Rounds:
             )
         return PreservedKeys(device=model_device(self.model))
 
-    def _finish(self, t: int, deltas: Deltas, edit_s: float, eval_s: float) -> None:
+    def _finish(self, t: int, deltas: Deltas, edit_s: float, eval_s: float, diagnostics: dict | None) -> None:
         norms = deltas.norms()
+        ns = deltas.meta.get("null_space") or {}
         self.state.finish_round(
             {
+                "diagnostics": diagnostics,  # collapse diagnostics (round_diagnostics.py), cost in "seconds"
+                "null_space": {k: ns[k] for k in ("rule", "ranks", "leakage") if k in ns}
+                if ns.get("enabled")
+                else None,
                 "round": t,
                 "n_edits": len(deltas.meta.get("requests", [])),
                 "edit_s": round(edit_s, 3),
@@ -319,6 +333,8 @@ class _Rounds:
                 s.insert(0, "after_round", t)
                 s["edits_total"] = int(df["case_id"].nunique())
                 s["round_update_norm"] = info.get(t, {}).get("update_norm")
+                for name, value in diagnostics_columns(info.get(t, {}).get("diagnostics")).items():
+                    s[name] = value
                 frames.append(s)
         out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         if not out.empty:

@@ -110,6 +110,11 @@ class RoundsState:
         self.save()
         logger.warning("%s: %s %s; rounds from %d on are redone (or pass resume=False)", self.root, file, problem, t)
 
+    def note(self, **info: Any) -> None:
+        """Record run-level findings (``collapse``: :func:`.round_diagnostics.collapse_point`); saves."""
+        self.data.update(info)
+        self.save()
+
     def fail(self, exc: BaseException) -> None:
         self.data.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000], failed_at=now())
 
