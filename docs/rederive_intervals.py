@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pmetlab.analysis import ablation_reading, rounds_reading, tradeoff_reading
+from pmetlab.analysis import ablation_reading, collapse_reading, rounds_reading, tradeoff_reading
 from pmetlab.evaluation.summary import RATE_METRICS, wilson_from_summary
 from pmetlab.plots import plot_tradeoff, save_figure
 
@@ -65,6 +65,8 @@ def _reading_04(d: Path) -> str:
 
 def _reading_07(d: Path) -> str:
     table = pd.read_csv(d / "07_rounds_summary.csv")
+    if "weight_change" in table.columns:  # runs with collapse diagnostics (issue #25): notebook 07's newer reading
+        return collapse_reading(table, model_name=_model(table, d))
     return rounds_reading(table, model_name=_model(table, d))
 
 

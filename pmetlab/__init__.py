@@ -10,6 +10,8 @@ import logging
 
 from .analysis import (
     ablation_reading,
+    collapse_reading,
+    collapse_table,
     component_similarity,
     component_similarity_values,
     jaccard_chance,
@@ -50,6 +52,7 @@ from .notebooks import list_notebooks, run_notebooks
 from .plots import (
     plot_ablation,
     plot_optimization_trace,
+    plot_round_diagnostics,
     plot_rounds,
     plot_similarity,
     plot_trace_curves,
@@ -164,6 +167,9 @@ __all__ = [
     "plot_update_norms",
     "plot_tuning_grid",
     "plot_rounds",
+    "plot_round_diagnostics",
+    "collapse_reading",
+    "collapse_table",
     "run_rounds",
     "explore",
     "EditSession",

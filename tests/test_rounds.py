@@ -290,3 +290,47 @@ def test_collapse_point_is_the_first_round_below_the_first_rounds_interval():
     assert collapse_point(summary([90, 90, 90], [70, 55, 40]))["round"] == 1
     none = collapse_point(summary([90, 95, 88], [70, 75, 61]))
     assert none["round"] is None and none["within_edits"] == 12
+
+
+def test_collapse_reading_and_diagnostics_figure_from_a_summary():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from pmetlab import collapse_reading, collapse_table, plot_round_diagnostics
+
+    rows = []
+    for method, es in (("PMET", [90, 50]), ("PMET + null space", [90, 88]), ("PMET + norm anchor", [90, 20])):
+        for t, e in enumerate(es):
+            rows.append(
+                {
+                    "method": method,
+                    "after_round": t,
+                    "group": "all",
+                    "edits_total": 4 * (t + 1),
+                    "efficacy_score": e,
+                    "efficacy_score_ci_low": e - 10,
+                    "neighborhood_score": 70,
+                    "neighborhood_score_ci_low": 60,
+                    "neighborhood_score_ci_high": 80,
+                    "efficacy_score_ci_high": min(e + 10, 100),
+                    "n_records": 4,
+                    "perplexity_ratio": 1 + t,
+                    "neighbourhood_kl": 0.1 * t,
+                    "weight_change": 1.0 + t,
+                    "max_condition": 10.0 + t,
+                    "max_top_sv_ratio": 2.0,
+                }
+            )
+    summary = pd.DataFrame(rows)
+    table = collapse_table(summary).set_index("method")
+    assert table.loc["PMET", "edits_total"] == 8 and pd.isna(table.loc["PMET + null space", "round"])
+    text = collapse_reading(summary, model_name="m")
+    assert "PMET + null space: none within 8 edits" in text
+    assert "`null space` on PMET: delays it past the run" in text
+    assert "`norm anchor` on PMET: does not move it (+0 edits)" in text
+    fig = plot_round_diagnostics(summary)
+    assert len([ax for ax in fig.axes if ax.has_data()]) == 5
+    with pytest.raises(ValueError, match="diagnostics columns"):
+        plot_round_diagnostics(summary[["method", "after_round", "group", "edits_total"]])

@@ -64,6 +64,7 @@ from .intervals import mean_ci
 from .labels import COMPONENTS, DEFAULT_PROJECTION, METRICS, PROJECTIONS, PROTOCOLS
 from .projections import input_embedding_topk, logit_lens_topk, projection_topk, topk_jaccard
 from .reading import jaccard_chance, similarity_reading
+from .rounds_collapse import collapse_reading, collapse_table
 from .states import ComponentStates, component_io_states, component_states
 from .summary import component_similarity, summarize_similarity
 from .values import component_similarity_values
@@ -86,6 +87,8 @@ __all__ = [
     "tradeoff_reading",
     "ablation_reading",
     "rounds_reading",
+    "collapse_reading",
+    "collapse_table",
     "depth_thirds",
     "DEPTHS",
     "logit_lens_topk",

@@ -106,6 +106,11 @@ EXPECTED_OUTPUTS: dict[str, list[str]] = {
         "07_rounds.pdf",
         "07_rounds.csv",
         "07_rounds_summary.csv",
+        "07_diagnostics.png",
+        "07_diagnostics.pdf",
+        "07_diagnostics.csv",
+        "07_collapse.csv",
+        "07_nullspace_leakage.csv",
         "07_reading.md",
     ],
     "08_explore": [

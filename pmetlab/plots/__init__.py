@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from .editing import plot_optimization_trace, plot_update_norms
 from .locate import plot_trace_curves, plot_trace_heatmaps
-from .rounds import plot_rounds
+from .rounds import plot_round_diagnostics, plot_rounds
 from .save import SavedFigure, save_figure, save_table, save_text
 from .similarity import plot_similarity
 from .style import color_for, plot_style
@@ -30,6 +30,7 @@ from .tuning import plot_tuning_grid
 
 __all__ = [
     "plot_rounds",
+    "plot_round_diagnostics",
     "plot_tuning_grid",
     "plot_style",
     "color_for",
