@@ -330,6 +330,7 @@ def test_collapse_reading_and_diagnostics_figure_from_a_summary():
     assert "PMET + null space: none within 8 edits" in text
     assert "`null space` on PMET: delays it past the run" in text
     assert "`norm anchor` on PMET: does not move it (+0 edits)" in text
+    assert "without → with the `norm anchor` switch" in text and "without → with the `null space` switch" in text
     fig = plot_round_diagnostics(summary)
     assert len([ax for ax in fig.axes if ax.has_data()]) == 5
     with pytest.raises(ValueError, match="diagnostics columns"):

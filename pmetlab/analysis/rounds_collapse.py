@@ -56,5 +56,10 @@ def collapse_reading(summary: pd.DataFrame, *, model_name: str, switches: Sequen
                 d = int(b["edits_total"]) - int(a["edits_total"])
                 verdict = f"{'delays' if d > 0 else 'brings forward' if d < 0 else 'does not move'} it ({d:+d} edits)"
             lines.append(f"- `{sw.strip(' +')}` on {base}: {verdict}.")
-    blocks = [rounds_reading(summary, model_name=model_name, switch=sw) for sw in switches]
-    return "\n".join([*lines, "", *blocks])
+    after = []  # rounds_reading's comparisons per switch, without its heading, named by the switch
+    for sw in switches:
+        block = rounds_reading(summary, model_name=model_name, switch=sw).split("\n")[2:]
+        after += [ln.replace("the null-space switch", f"the `{sw.strip(' +')}` switch") for ln in block if ln]
+    if after:
+        lines += ["", "After the last round (95% intervals):", "", *after]
+    return "\n".join(lines)
