@@ -1,5 +1,8 @@
-"""Evaluation: teacher-forced scoring, CounterFact and zsRE metrics, summaries (method.md §6)."""
+"""Evaluation: teacher-forced scoring, CounterFact and zsRE metrics, summaries (method.md §6), and the
+families beyond teacher forcing (issue #23: :mod:`.beyond`)."""
 
+from .beyond import BEYOND_FAMILIES, BeyondResult, BeyondSettings, evaluate_beyond
+from .beyond_summary import summarize_beyond
 from .counterfact import (
     COUNTERFACT_METRICS,
     counterfact_prompt_sets,
@@ -15,6 +18,11 @@ from .text import mean_text_entropy, ngram_entropy, text_entropy_score, tfidf_co
 from .zsre import ZSRE_METRICS, evaluate_zsre, evaluate_zsre_reference, zsre_pairs
 
 __all__ = [
+    "evaluate_beyond",
+    "BeyondSettings",
+    "BeyondResult",
+    "BEYOND_FAMILIES",
+    "summarize_beyond",
     "PairScores",
     "score_pairs",
     "score_pairs_reference",
