@@ -77,6 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         progress=not args.no_progress,
         workers=args.workers,
+        beyond=args.beyond,
     )
     _echo(_table(res.summary))
     _echo(f"run directory: {res.run_dir}")

@@ -10,6 +10,7 @@ from .args import chunk_length, output_dir, output_file, parse_key_value, parse_
 from .arms import add_arms
 from .commands import cmd_demo, cmd_notebooks, cmd_run, cmd_stats, cmd_summarize
 from .evidence import add_targets, add_tune
+from .reeval import add_reeval, beyond_arg
 
 __all__ = ["PROG", "build_parser"]
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tune(sub, _FMT, _verbosity)
     add_arms(sub, _FMT, _verbosity)
     add_targets(sub, _FMT, _verbosity)
+    add_reeval(sub, _FMT, _verbosity)
     return parser
 
 
@@ -115,6 +117,16 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-resume", action="store_true", help="delete a previous run in --out and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--workers", type=positive, default=1, help="processes for the target optimisation")
+    p.add_argument(
+        "--beyond",
+        nargs="?",
+        const="all",
+        default=(),
+        type=beyond_arg,
+        metavar="FAMILIES",
+        help="also evaluate beyond teacher forcing (issue #23; ~15 s/record + ~55 s/run on SmolLM2, CPU): 'all' when "
+        "given alone, or comma-separated generation,nkl,cfplus,prefix,perplexity; off by default",
+    )
     p.set_defaults(func=cmd_run)
 
 

@@ -118,6 +118,7 @@ def run_experiment(
     model_and_tokenizer=None,
     reuse_pre_eval: bool = True,
     workers: int = 1,
+    beyond: bool | str | tuple[str, ...] = (),
 ) -> ExperimentResult:
     """Edit ``n_edits`` facts of ``dataset`` into ``model`` with ``method`` and evaluate the model
     before and after, on the same records (method.md §6). See :mod:`pmetlab.runs` for the files.
@@ -154,6 +155,9 @@ def run_experiment(
             with the same model and settings (:mod:`pmetlab.runs.pre_eval`); False evaluates all.
         workers: processes that optimise the targets before the edit (:mod:`pmetlab.runs.workers`;
             they load ``model`` by name); 1: this process does it during the edit.
+        beyond: evaluation beyond teacher forcing in eval_post (issue #23): True/"all", family names
+            (:data:`pmetlab.evaluation.beyond.BEYOND_FAMILIES`) or () (off, the default); see
+            :mod:`pmetlab.runs.beyond_eval` for the columns and files.
 
     Returns:
         :class:`ExperimentResult` (run_dir, summary, records, run).
@@ -178,6 +182,7 @@ def run_experiment(
         n_gen_tokens=n_gen_tokens,
         eval_batch_size=eval_batch_size,
         label=label,
+        beyond=beyond,
     )
     if workers != 1 and needs_edit(spec, out_dir, resume):
         launch_target_workers([spec], workers)

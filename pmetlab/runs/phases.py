@@ -30,6 +30,7 @@ from ..models.loading import load_model, model_identity
 from ..progress import tqdm
 from ..stats import layer_covariances
 from .batches import plan_records
+from .beyond_eval import with_beyond
 from .context import ModelPair, ModelPool, RunContext, check_model_name
 from .edits import combine_batches, delivery_frame, target_summary
 from .pre_eval import cached_pre_eval
@@ -368,5 +369,7 @@ def eval_post_phase(spec: RunSpec, ctx: RunContext, records: pd.DataFrame, delta
         post, extra = _with_delivery(_evaluate_edited(spec, ctx, deltas), deltas, spec), {}
     rs = relative_specificity(pre, post)
     post = post.drop(columns="relative_specificity", errors="ignore").merge(rs, on="case_id", how="left")
+    if spec.beyond:  # issue #23: generation accuracy, NKL, CounterFact+, prefixes, perplexity
+        pre, post = with_beyond(spec, ctx, *get_model(spec, ctx), pre, post, deltas)
     ctx.state.set_output("records", ctx.store.write_records(pd.concat([pre, post], ignore_index=True)))
     ctx.state.finish("eval_post", time.perf_counter() - t0, **extra)

@@ -23,6 +23,7 @@ import numpy as np
 from ..cache import stable_hash
 from ..covspec import CovarianceSpec
 from ..datasets.splits import SPLITS
+from ..evaluation.beyond import beyond_families
 from ..hparams import (
     EditHyperParams,
     MEMITHyperParams,
@@ -192,6 +193,10 @@ class RunSpec:
         generation: CounterFact fluency/consistency by generation.
         n_gen_tokens: tokens generated per prompt.
         eval_batch_size: prompt pairs per forward pass in evaluation.
+        beyond: the evaluation families beyond teacher forcing computed in eval_post (issue #23;
+            :data:`pmetlab.evaluation.beyond.BEYOND_FAMILIES`; () = off, the default). Recorded in
+            run.json's spec, not part of the run's identity. Cost on SmolLM2 (CPU, 1 thread): about 15 s
+            per record for all families plus about 55 s per run (:mod:`pmetlab.evaluation.beyond`).
         label: a free name carried into the summary (not part of the run's identity).
         hp: the resolved hyperparameters (None for method "none").
         overrides: the hyperparameter overrides as given (without the seed added from ``seed``).
@@ -212,6 +217,7 @@ class RunSpec:
     eval_batch_size: int
     label: str | None
     hp: EditHyperParams | None
+    beyond: tuple[str, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict, hash=False)
     preset: str | None = None
 
@@ -233,6 +239,7 @@ class RunSpec:
         n_gen_tokens: int = 100,
         eval_batch_size: int = 32,
         label: str | None = None,
+        beyond: bool | str | tuple[str, ...] = (),
     ) -> RunSpec:
         """Check every argument and resolve the hyperparameters (see :func:`run_experiment` for
         what each means). ``hparams`` overrides the method's preset for ``model``; its ``seed``
@@ -255,6 +262,7 @@ class RunSpec:
         generation = _flag("generation", generation)
         n_gen_tokens = _int("n_gen_tokens", n_gen_tokens)
         eval_batch_size = _int("eval_batch_size", eval_batch_size)
+        beyond = beyond_families(beyond)
         if label is not None and not isinstance(label, str):
             raise ValueError(f"label must be a string or None, got {_received(label)}")
         if hparams is not None and not isinstance(hparams, Mapping):
@@ -278,6 +286,7 @@ class RunSpec:
             eval_batch_size=eval_batch_size,
             label=label,
             hp=hp,
+            beyond=beyond,
             overrides=overrides,
             preset=preset_name(model, method, dataset),
         )
@@ -325,6 +334,7 @@ class RunSpec:
         d = {
             **self.params,
             "eval_batch_size": self.eval_batch_size,
+            "beyond": list(self.beyond),
             "label": self.label,
             "hparams_overrides": self.overrides,
             "hparams_preset": self.preset,

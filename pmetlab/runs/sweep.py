@@ -42,6 +42,7 @@ SPEC_KEYS = (
     "n_gen_tokens",
     "eval_batch_size",
     "label",
+    "beyond",
 )
 #: How runs execute, not what they are (defaults: True).
 OPTION_KEYS = ("resume", "progress", "reuse_pre_eval")
