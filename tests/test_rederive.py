@@ -27,7 +27,8 @@ def test_committed_results_are_re_derived():
 
 
 def test_no_committed_reading_or_readme_shows_a_zero_width_interval_at_a_bound():
-    files = [REPO / "README.md", *sorted((REPO / "docs" / "results").rglob("*_reading.md"))]
+    pages = [REPO / "README.md", *(REPO / "docs" / f"{p}.md" for p in ("results", "performance", "index"))]
+    files = [*pages, *sorted((REPO / "docs" / "results").rglob("*_reading.md"))]
     for path in files:
         text = path.read_text()
         for bound in ("0.0", "100.0"):
