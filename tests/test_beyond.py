@@ -199,6 +199,29 @@ def test_chunk_nll_is_the_plain_forward_nll(mt, corpus):
         assert n == len(c) - 1 and nll == pytest.approx(float(want), rel=1e-5)
 
 
+def test_the_unedited_values_are_reused_exactly_from_the_cache(mt, corpus, tmp_path):
+    from pmetlab.store import KeyedStore
+
+    model, tok = mt
+    store = KeyedStore("beyond_pre", "tiny", root=tmp_path / "cache")
+    s = BeyondSettings(corpus=corpus, **TINY)
+    recs = counterfact_records()[:4]
+    deltas = _random_deltas(model)
+    first = evaluate_beyond(model, tok, recs[:3], deltas=deltas, settings=s, store=store, progress=False)
+    again = evaluate_beyond(model, tok, recs, deltas=deltas, settings=s, store=store, progress=False)
+    plain = evaluate_beyond(model, tok, recs, deltas=deltas, settings=s, progress=False)
+    pd.testing.assert_frame_equal(again.records, plain.records)
+    pd.testing.assert_frame_equal(again.perplexity, plain.perplexity)
+    pd.testing.assert_frame_equal(
+        first.records[first.records["phase"] == "pre"].reset_index(drop=True),
+        again.records[again.records["phase"] == "pre"].iloc[:3].reset_index(drop=True),
+    )
+    cold = evaluate_beyond(
+        make_tiny_model("LlamaForCausalLM", seed=5).eval(), tok, recs[:1], settings=s, store=store, progress=False
+    )
+    assert "generation" in cold.wall_s  # other weights: nothing reused
+
+
 # ---------------------------------------------------------------------------------------------
 # CounterFact+ and prefixes
 # ---------------------------------------------------------------------------------------------

@@ -66,5 +66,5 @@ def cmd_reeval(args: argparse.Namespace) -> int:
         )
         s = summarize_beyond(res.records, res.perplexity)
         keep = [c for c in s.columns if not c.endswith(("_ci_low", "_ci_high"))]
-        sys.stdout.write(f"{d}\n{s[keep].set_index('phase').T.to_string(float_format=lambda x: f'{x:.2f}')}\n")
+        sys.stdout.write(f"{d}\n{s[keep].set_index('phase').T.to_string(float_format=lambda x: f'{x:.4g}')}\n")
     return 0

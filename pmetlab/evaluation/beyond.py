@@ -49,6 +49,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["BEYOND_FAMILIES", "BeyondSettings", "BeyondResult", "beyond_families", "cfplus_prompt", "evaluate_beyond"]
 
 BEYOND_FAMILIES = ("generation", "nkl", "cfplus", "prefix", "perplexity")
+#: The per-record columns, in the order of the records (cached rows come back with sorted keys).
+COLUMN_ORDER = tuple(
+    [f"gen_{s}_{w}_{m}" for s in ("efficacy", "paraphrase") for w in ("new", "true") for m in ("begins", "contains")]
+    + ["gen_neighborhood_true_begins", "gen_neighborhood_true_contains"]
+    + [f"{f}_{m}" for f in ("cfplus_neighborhood", "prefix_efficacy") for m in ("score", "magnitude", "token_acc")]
+    + ["prefix_chunk", "neighborhood_kl"]
+)
 
 
 def beyond_families(value: Any) -> tuple[str, ...]:
@@ -214,7 +221,8 @@ def _scored(model, tok, views, kind: str, s: BeyondSettings, passages, rows, pro
 
 
 def _measure(model, tok, views, kind, s: BeyondSettings, held: dict, progress: bool, wall: dict) -> list[dict]:
-    """The families of one model state (pre or post), one row per record; adds each family's time."""
+    """The per-record families of one model state (pre or post), one row per record of ``views``
+    (``held["passages"]``/``["passage_chunks"]`` aligned with them); adds each family's time."""
     rows: list[dict[str, Any]] = [{"case_id": v["case_id"]} for v in views]
     t = time.perf_counter()
     if "generation" in s.families:
@@ -227,10 +235,34 @@ def _measure(model, tok, views, kind, s: BeyondSettings, held: dict, progress: b
     if "prefix" in s.families:
         for r, i in enumerate(held["passage_chunks"]):
             rows[r]["prefix_chunk"] = int(i)
+    return rows
+
+
+def _perplexity(model, tok, held: dict, progress: bool, wall: dict) -> np.ndarray:
     t = time.perf_counter()
-    if "perplexity" in s.families:
-        held.setdefault("nll", []).append(chunk_nll(model, tok, held["ppl"], progress=progress))
-        wall["perplexity"] = wall.get("perplexity", 0.0) + time.perf_counter() - t
+    out = chunk_nll(model, tok, held["ppl"], progress=progress)
+    wall["perplexity"] = wall.get("perplexity", 0.0) + time.perf_counter() - t
+    return out
+
+
+def _unedited(model, tok, views, kind, s: BeyondSettings, held: dict, progress: bool, wall: dict, store) -> list[dict]:
+    """The pre rows (and ``held["nll"]``), from ``store`` where it has them (None: no cache)."""
+    has_ppl = "perplexity" in s.families
+    if store is None:
+        held["nll"] = [_perplexity(model, tok, held, progress, wall)] if has_ppl else []
+        return _measure(model, tok, views, kind, s, held, progress, wall)
+    from .beyond_cache import cached_array, cached_rows, pre_setting
+
+    setting = pre_setting(model, tok, kind, s.to_dict())
+    passages = held.get("passages") or [None] * len(views)
+
+    def compute(idx: list[int]) -> list[dict]:
+        part = {k: [held[k][i] for i in idx] for k in ("passages", "passage_chunks") if k in held}
+        return _measure(model, tok, [views[i] for i in idx], kind, s, part, progress, wall)
+
+    rows, _ = cached_rows(store, setting, [{"view": v, "passage": p} for v, p in zip(views, passages)], compute)
+    if has_ppl:
+        held["nll"] = [cached_array(store, setting, held["ppl"], lambda: _perplexity(model, tok, held, progress, wall))]
     return rows
 
 
@@ -259,6 +291,7 @@ def evaluate_beyond(
     dataset: str = "counterfact",
     settings: BeyondSettings | None = None,
     covariance_tokens: int | None = None,
+    store=None,
     progress: bool = True,
 ) -> BeyondResult:
     """The beyond-teacher-forcing families of the unedited ``model`` and of ``model`` + ``deltas``.
@@ -269,6 +302,8 @@ def evaluate_beyond(
             identity edit (post = pre, NKL 0, perplexity change 0).
         settings: :class:`BeyondSettings` (default: every family).
         covariance_tokens: the covariance budget of the edit; refused above ``settings.heldout_skip``.
+        store: a :class:`pmetlab.store.KeyedStore` holding the unedited model's values across runs
+            (:mod:`.beyond_cache`); None measures them every time.
 
     Returns:
         :class:`BeyondResult`. The model is left unedited (also on errors).
@@ -282,7 +317,7 @@ def evaluate_beyond(
     t = time.perf_counter()
     held = _held_out(tok, views, s, covariance_tokens)
     wall["heldout_text"] = time.perf_counter() - t
-    pre = _measure(model, tok, views, kind, s, held, progress, wall)
+    pre = _unedited(model, tok, views, kind, s, held, progress, wall, store)
 
     def edit():
         undo = apply_deltas_(model, deltas)
@@ -295,9 +330,12 @@ def evaluate_beyond(
     else:
         with edited(model, deltas):
             post = _measure(model, tok, views, kind, s, held, progress, wall)
+            if "perplexity" in s.families:
+                held["nll"].append(_perplexity(model, tok, held, progress, wall))
     _nkl(model, tok, views, s, pre, post, edit if deltas is not None else None, wall)
     df = pd.concat([pd.DataFrame(pre).assign(phase="pre"), pd.DataFrame(post).assign(phase="post")], ignore_index=True)
-    df = df[["phase"] + [c for c in df.columns if c != "phase"]]
+    order = ["phase", "case_id", *COLUMN_ORDER]
+    df = df[[c for c in order if c in df.columns] + [c for c in df.columns if c not in order]]
     return BeyondResult(df, _perplexity_frame(held), {k: round(v, 3) for k, v in wall.items()})
 
 
@@ -322,7 +360,7 @@ def _nkl(model, tok, views, s: BeyondSettings, pre, post, edit, wall) -> None:
 
 
 def _perplexity_frame(held: dict) -> pd.DataFrame:
-    if "nll" not in held:
+    if not held.get("nll"):
         return pd.DataFrame()
     pre, post = held["nll"]
     return pd.DataFrame(

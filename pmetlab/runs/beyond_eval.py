@@ -28,6 +28,7 @@ from ..cache import atomic_path
 from ..editing.deltas import Deltas
 from ..evaluation.beyond import BeyondResult, BeyondSettings, evaluate_beyond
 from ..evaluation.beyond_summary import summarize_beyond
+from ..store import KeyedStore
 from .batches import plan_records
 from .records_io import parquet_ok, write_summary_csv
 from .rundir import now
@@ -50,6 +51,11 @@ def beyond_settings(spec: RunSpec, cov: dict | None, **overrides: Any) -> Beyond
         "seq_len": int((cov or {}).get("seq_len", 256)),
     }
     return BeyondSettings(**{**kw, **overrides})
+
+
+def pre_store(model) -> KeyedStore:
+    """The cross-run cache of the unedited model's beyond values (:mod:`pmetlab.evaluation.beyond_cache`)."""
+    return KeyedStore("beyond_pre", type(model).__name__)
 
 
 def _cov_tokens(cov: dict | None) -> int | None:
@@ -98,6 +104,7 @@ def with_beyond(
         dataset=spec.dataset,
         settings=settings,
         covariance_tokens=_cov_tokens(cov),
+        store=pre_store(model) if ctx.reuse_pre_eval else None,
         progress=ctx.progress,
     )
     files = write_beyond_files(ctx.store.path, res)
@@ -141,11 +148,14 @@ def evaluate_beyond_run(
     *,
     families: Any = True,
     model_and_tokenizer: tuple[Any, Any] | None = None,
+    reuse_pre: bool = True,
     progress: bool = True,
     **settings: Any,
 ) -> BeyondResult:
     """Re-evaluate a finished run from its saved deltas with the beyond families (see the module
     docstring); ``settings`` override :class:`BeyondSettings` fields (e.g. ``max_new_tokens``).
+    ``reuse_pre``: take the unedited model's values from the cross-run cache where another run of
+    the same model, records and settings stored them (``$PMETLAB_CACHE_DIR/beyond_pre``).
 
     Raises:
         FileNotFoundError: no run.json, or no deltas.safetensors for an edit method.
@@ -181,6 +191,7 @@ def evaluate_beyond_run(
         dataset=spec.dataset,
         settings=s,
         covariance_tokens=_cov_tokens(cov),
+        store=pre_store(model) if reuse_pre else None,
         progress=progress,
     )
     wall = time.perf_counter() - t0
