@@ -125,6 +125,16 @@ def test_bad_beyond_settings_are_one_line_errors(kw, says):
         BeyondSettings(**kw)
 
 
+def test_malformed_records_and_empty_input_are_refused_clearly(mt, corpus):
+    s = BeyondSettings(families=("cfplus",), corpus=corpus, **TINY)
+    with pytest.raises(ValueError, match="at least one record"):
+        evaluate_beyond(*mt, [], settings=s)
+    bad = counterfact_records()[:1]
+    del bad[0]["neighborhood_prompts"]
+    with pytest.raises((ValueError, KeyError), match="neighborhood_prompts"):
+        evaluate_beyond(*mt, bad, settings=s)
+
+
 def test_families_are_named_in_one_order():
     assert beyond_families(True) == beyond_families("all") == BEYOND_FAMILIES
     assert beyond_families(False) == beyond_families(None) == beyond_families("") == ()

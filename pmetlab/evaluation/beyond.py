@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..datasets import validate_counterfact_record, validate_records, validate_zsre_record
 from ..editing.deltas import apply_deltas_, edited, restore_
 from .counterfact import counterfact_prompt_sets, preference_metrics
 from .greedy import answer_match, greedy_continuations
@@ -312,6 +313,7 @@ def evaluate_beyond(
     if not records:
         raise ValueError("evaluate_beyond needs at least one record")
     kind = "zsre" if dataset == "zsre" else "counterfact"
+    records = validate_records(records, validate_zsre_record if kind == "zsre" else validate_counterfact_record)
     views = [_view(r, kind, i) for i, r in enumerate(records)]
     wall: dict[str, float] = {}
     t = time.perf_counter()
@@ -332,14 +334,14 @@ def evaluate_beyond(
             post = _measure(model, tok, views, kind, s, held, progress, wall)
             if "perplexity" in s.families:
                 held["nll"].append(_perplexity(model, tok, held, progress, wall))
-    _nkl(model, tok, views, s, pre, post, edit if deltas is not None else None, wall)
+    _nkl(model, tok, views, s, pre, post, edit if deltas is not None else None, wall, progress)
     df = pd.concat([pd.DataFrame(pre).assign(phase="pre"), pd.DataFrame(post).assign(phase="post")], ignore_index=True)
     order = ["phase", "case_id", *COLUMN_ORDER]
     df = df[[c for c in order if c in df.columns] + [c for c in df.columns if c not in order]]
     return BeyondResult(df, _perplexity_frame(held), {k: round(v, 3) for k, v in wall.items()})
 
 
-def _nkl(model, tok, views, s: BeyondSettings, pre, post, edit, wall) -> None:
+def _nkl(model, tok, views, s: BeyondSettings, pre, post, edit, wall, progress: bool) -> None:
     if "nkl" not in s.families:
         return
     t = time.perf_counter()
@@ -349,7 +351,7 @@ def _nkl(model, tok, views, s: BeyondSettings, pre, post, edit, wall) -> None:
         prompts += ps
         answers += [v["neigh"]] * len(ps)
         owner += [r] * len(ps)
-    vals = neighborhood_kl(model, tok, prompts, answers, edit, batch_size=s.batch_size)
+    vals = neighborhood_kl(model, tok, prompts, answers, edit, batch_size=s.batch_size, progress=progress)
     per: list[list[float]] = [[] for _ in views]
     for r, x in zip(owner, vals):
         per[r].append(x)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..devices import model_device
+from ..progress import tqdm
 from ..tokens import check_prompt_target_lengths, encode_prompt_targets
 from .scoring import _adapter_or_none, _logits_at, _pad, pad_id_of, position_ids_from_mask
 
@@ -73,6 +74,7 @@ def neighborhood_kl(
     *,
     batch_size: int = 32,
     chunk: int = 128,
+    progress: bool = False,
 ) -> list[float]:
     """KL(unedited ‖ edited) per (prompt, answer) pair (see the module docstring).
 
@@ -83,7 +85,8 @@ def neighborhood_kl(
             the edit is put on, the edited ones computed, the edit taken off.
     """
     vals: list[float] = []
-    for a in range(0, len(prompts), chunk):
+    starts = range(0, len(prompts), chunk)
+    for a in tqdm(starts, desc="neighbourhood KL", disable=not progress, leave=False, unit="chunk"):
         p, o = prompts[a : a + chunk], answers[a : a + chunk]
         before = target_log_probs(model, tok, p, o, batch_size=batch_size)
         undo = edit() if edit is not None else None
