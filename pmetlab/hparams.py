@@ -50,6 +50,9 @@ CLAMP_REFERENCES = ("component", "residual")
 #: absolute cut, AlphaEdit's rule) or "energy" (the smallest eigenvalues whose sum is at most a share
 #: of C_l's trace: the projector lets through at most that share of the preserved keys' energy).
 NULL_SPACE_RULES = ("threshold", "energy")
+#: Writes through the FFN's post-norm (Gemma 2/3; docs/method_notes.md): "auto" = on where the model's
+#: adapter names an FFN post-norm, "on", "off" (the residual written as a change of the FFN output).
+POST_NORM_WRITES = ("auto", "on", "off")
 
 
 def _check_keys(cls: type, given: Mapping[str, Any], names: set[str]) -> None:
@@ -186,6 +189,11 @@ class EditHyperParams:
     #: Norm-anchor scaling (arXiv 2602.02543 as described in method_notes.md): before the solve, each
     #: written target v is rescaled to the norm of the unedited state there, v ← v · ‖init‖ / ‖v‖.
     norm_anchor: bool = False
+    #: Residuals meant for a post-normed FFN output are written as the pre-image m* − m of the norm
+    #: (POST_NORM_WRITES; resolved per model, recorded in the deltas' meta). No-op without a post-norm.
+    post_norm_write: str = "auto"
+    #: Which output the post-norm write aims at: "ray" (N(m*) ∝ y*, as issue #24 states) or "nearest".
+    post_norm_preimage: str = "ray"
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -217,6 +225,8 @@ class EditHyperParams:
             ("ffn_target", FFN_TARGETS),
             ("clamp_reference", CLAMP_REFERENCES),
             ("null_space_rule", NULL_SPACE_RULES),
+            ("post_norm_write", POST_NORM_WRITES),
+            ("post_norm_preimage", ("ray", "nearest")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")

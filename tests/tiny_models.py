@@ -140,6 +140,20 @@ _CONFIGS: dict[str, tuple[str, Callable[[], object]]] = {
 #: Model classes (one per adapter family) that :func:`make_tiny_model` can build.
 TINY_FAMILIES: list[str] = list(_CONFIGS)
 
+#: Further classes :func:`make_tiny_model` builds, of families TINY_FAMILIES already covers (not
+#: parametrised over by default): Gemma 2 shares the post-norm adapter of Gemma 3.
+_CONFIGS["Gemma2ForCausalLM"] = (
+    "Gemma2ForCausalLM",
+    _llama_like(
+        tf.Gemma2Config,
+        head_dim=12,
+        sliding_window=4,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        query_pre_attn_scalar=12,
+    ),
+)
+
 
 def make_tiny_model(family: str, seed: int = 0, **config_overrides) -> torch.nn.Module:
     """A tiny random-weight causal LM of class ``family`` (e.g. ``"LlamaForCausalLM"``).
@@ -149,7 +163,7 @@ def make_tiny_model(family: str, seed: int = 0, **config_overrides) -> torch.nn.
     ``use_parallel_residual=False`` for GPT-NeoX).
     """
     if family not in _CONFIGS:
-        raise KeyError(f"no tiny config for {family!r}; known: {', '.join(TINY_FAMILIES)}")
+        raise KeyError(f"no tiny config for {family!r}; known: {', '.join(_CONFIGS)}")
     cls_name, make_config = _CONFIGS[family]
     config = make_config()
     for key, value in config_overrides.items():

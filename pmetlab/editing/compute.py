@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from ..tracing import get_parameter
 from ..types import Model, Tokenizer
 from .deltas import Deltas, deltas_meta, param_fingerprint
 from .nullspace import NullSpaceSolve, PreservedKeys, null_space_meta
+from .postnorm_write import post_norm_diag, post_norm_modules, resolve_post_norm_write, through_post_norm
 from .prefixes import context_templates
 from .solve import keys_and_outputs, solve_update, spread_residual
 from .targets import final_p_target, optimize_targets_cached
@@ -351,6 +352,10 @@ class _Solver:
     attn_covs: Mapping[int, SecondMoment]
     diagnostics: bool
     null_space: NullSpaceSolve | None = None
+    post_norm: bool = field(init=False)  # FFN residuals go through the FFN post-norm (post_norm_write resolved)
+
+    def __post_init__(self) -> None:
+        self.post_norm = resolve_post_norm_write(self.hp.post_norm_write, self.adapter)
 
     def solve(self, kind: str, i: int, layer_diag: list[dict]) -> tuple[str, torch.Tensor]:
         """Keys at the i-th critical layer l and residual at layer L, read on the model as it is
@@ -364,9 +369,14 @@ class _Solver:
         else:
             space, module, cov = "attn", adapter.attn_out_name(l), self.attn_covs[l]
             out_mod = adapter.attn_out_name(L)
-        keys, cur = keys_and_outputs(self.model, self.tok, adapter, self.requests, self.templates, [module], [out_mod])
-        resid = self.targets.written(space, hp.ffn_target, hp.norm_anchor) - cur[out_mod]
-        spread = spread_residual(resid, i, n, hp.spread_exponent)
+        post = self.post_norm and kind == "ffn"  # the residual is meant for N_l's output (.postnorm_write)
+        outs = post_norm_modules(adapter, space, (l, L), out_mod) if post else [out_mod]
+        keys, cur = keys_and_outputs(self.model, self.tok, adapter, self.requests, self.templates, [module], outs)
+        target = self.targets.written(space, hp.ffn_target, hp.norm_anchor)
+        resid = target - cur[out_mod]
+        sp = (i, n, hp.spread_exponent)
+        pre = through_post_norm(adapter, space, (l, L), target, cur, sp, hp.post_norm_preimage) if post else None
+        spread = pre.residual if pre is not None else spread_residual(resid, i, n, hp.spread_exponent)
         if self.null_space is None:
             res = solve_update(keys[module], spread, cov.mom2, hp.mom2_update_weight, diagnostics=self.diagnostics)
         else:
@@ -382,6 +392,8 @@ class _Solver:
                 "residual_norm_after": res.residual_norm_after,
                 "target_residual_norm": float(resid.norm()),
                 "update_norm": res.update_norm,
+                "post_norm_write": post,
+                **(post_norm_diag(pre) if pre is not None else {}),
             }
         )
         return adapter.weight_param_name(module), _delta_in_param_layout(adapter, res.delta)

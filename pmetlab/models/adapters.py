@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..tracing import get_module
+from .postnorm import PostNorm, read_post_norm
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class ArchSpec:
             and outputs are 2-D; :meth:`ModelAdapter.unflatten` gives the (batch, seq, d) view.
         attn_post_norm / ffn_post_norm: norms applied to a component's output before it joins
             the residual stream (Gemma 2/3), or None.
+        post_norm_offset: the post-norms are RMSNorms with gain g = post_norm_offset + weight
+            (Gemma's store w with g = 1 + w; a plain RMSNorm's g is its weight: 0.0).
         attn_input: module inside a layer whose *first input* is what MHSA reads (its normed
             input); None means ``attn`` itself. Read by the paper protocol of method.md §5, whose
             MHSA output is the output of ``attn`` (for Gemma 2/3 before ``attn_post_norm``).
@@ -75,6 +78,7 @@ class ArchSpec:
     ffn_flat: bool = False
     attn_post_norm: str | None = None
     ffn_post_norm: str | None = None
+    post_norm_offset: float = 0.0
     attn_input: str | None = None
     ffn_input: str | None = None
     n_layers_attr: tuple[str, ...] = ("num_hidden_layers", "n_layer", "num_layers")
@@ -223,6 +227,12 @@ class ModelAdapter:
     def ffn_post_norm_name(self, layer: int) -> str | None:
         p = self.spec.ffn_post_norm
         return None if p is None else f"{self.layer_name(layer)}.{p}"
+
+    def ffn_post_norm(self, layer: int) -> PostNorm | None:
+        """The norm on layer ``layer``'s FFN output before the residual stream (Gemma 2/3's
+        ``post_feedforward_layernorm``) with its gain read from the model, or None (no post-norm)."""
+        name = self.ffn_post_norm_name(layer)
+        return None if name is None else read_post_norm(self.module(name), self.spec.post_norm_offset, name)
 
     def attn_input_name(self, layer: int) -> str:
         """Module whose first input is what MHSA reads at ``layer`` (its normed input)."""

@@ -57,6 +57,7 @@ for _spec in (
         **_LLAMA_LIKE,
         attn_post_norm="post_attention_layernorm",
         ffn_post_norm="post_feedforward_layernorm",
+        post_norm_offset=1.0,
     ),
     ArchSpec(
         "opt",
