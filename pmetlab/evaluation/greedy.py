@@ -4,8 +4,8 @@ it prefers.
 
 Prompts are decoded in batches, LEFT-padded with a full attention mask and position ids taken from
 the mask (so a row's continuation does not depend on its batch), with the KV cache. A row stops at
-EOS, at the first token whose text holds a newline (the newline and what follows are cut), or after
-``max_new_tokens`` tokens; the batch stops when every row has stopped.
+EOS or after ``max_new_tokens`` tokens (the batch stops when every row has hit EOS); the decoded
+text is then cut at its first newline (a token holding text and a newline keeps the text).
 
 Matching (:func:`answer_match`) compares normalised strings (:func:`normalize_answer`: NFKC, lower
 case, punctuation to spaces, whitespace collapsed): ``begins`` when the continuation starts with the
@@ -66,11 +66,6 @@ def _check(max_new_tokens: int, batch_size: int, prompts: Sequence[str]) -> None
         )
 
 
-def _newline_ids(tok, ids: set[int]) -> set[int]:
-    """Those of ``ids`` whose text holds a newline (decoded once per distinct id)."""
-    return {i for i in ids if "\n" in tok.decode([i])}
-
-
 def greedy_continuations(
     model,
     tok,
@@ -81,8 +76,8 @@ def greedy_continuations(
     progress: bool = False,
     desc: str = "greedy decoding",
 ) -> list[str]:
-    """The greedy continuation of each prompt, decoded without special tokens, cut at the first
-    newline (see the module docstring).
+    """The greedy continuation of each prompt, decoded without special tokens, cut at EOS and at the
+    first newline (see the module docstring).
 
     Args:
         prompts: (n,) non-empty prompts; identical prompts are decoded once.
@@ -106,7 +101,6 @@ def greedy_continuations(
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     out: dict[int, list[int]] = {}
-    seen: dict[int, bool] = {}
     keep_last = forward_accepts(model, "logits_to_keep")
     cache_kw = cache_kwarg(model)
     with torch.no_grad(), tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch") as bar:
@@ -114,17 +108,15 @@ def greedy_continuations(
             ids, mask = _left_padded([enc[i] for i in batch], pad_id_of(tok), model_device(model))
             rows = _decode_batch(model, ids, mask, max_new_tokens, keep_last, cache_kw, stop_ids)
             for i, row in zip(batch, rows):
-                out[i] = _cut(tok, row, stop_ids, seen)
+                out[i] = _cut(row, stop_ids)
     texts = {p: tok.decode(out[i], skip_special_tokens=True) for i, p in enumerate(uniq)}
     return [texts[p].split("\n")[0] for p in prompts]
 
 
-def _cut(tok, row: list[int], stop_ids: set[int], seen: dict[int, bool]) -> list[int]:
-    """``row`` up to (without) its first EOS or newline-holding token."""
+def _cut(row: list[int], stop_ids: set[int]) -> list[int]:
+    """``row`` up to (without) its first stop id (EOS)."""
     for j, t in enumerate(row):
-        if t not in seen:
-            seen[t] = bool(_newline_ids(tok, {t}))
-        if t in stop_ids or seen[t]:
+        if t in stop_ids:
             return row[:j]
     return row
 
