@@ -315,6 +315,9 @@ def test_beyond_is_off_by_default_and_reeval_refuses_what_it_cannot_do(tiny_env,
     res = _run(tiny_env, tiny_mt, out, method="none", generation=False)
     assert json.loads((out / "run.json").read_text())["spec"]["beyond"] == []
     assert "neighborhood_kl" not in res.records and not (out / "beyond_summary.csv").exists()
+    (out / "beyond.json").write_text("{}")  # left by a reeval of the run's old deltas
+    _run(tiny_env, tiny_mt, out, method="none", generation=False, resume=False)
+    assert not (out / "beyond.json").exists()  # a run that starts over deletes it with its own files
     with pytest.raises(FileNotFoundError, match="no run.json"):
         evaluate_beyond_run(tmp_path, model_and_tokenizer=tiny_mt)
     run = json.loads((out / "run.json").read_text())

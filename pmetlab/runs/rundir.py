@@ -135,13 +135,24 @@ def _record_problem(data: Mapping[str, Any]) -> str | None:
     return None
 
 
+#: What evaluation beyond teacher forcing writes into a run (:mod:`pmetlab.runs.beyond_eval`): derived
+#: from the run's deltas, so deleted with the run's own files when it starts over.
+BEYOND_FILES = (
+    "beyond_summary.csv",
+    "beyond_perplexity.csv",
+    "beyond_records.parquet",
+    "beyond_records.csv",
+    "beyond.json",
+)
+
+
 @dataclass(frozen=True)
 class RunDir:
     """The files of one run directory; ask it for paths instead of building file names."""
 
     path: Path
 
-    RUN_FILES = ("run.json", "records.parquet", "records.csv", "summary.csv", "deltas.safetensors")
+    RUN_FILES = ("run.json", "records.parquet", "records.csv", "summary.csv", "deltas.safetensors") + BEYOND_FILES
 
     @classmethod
     def for_spec(cls, spec: RunSpec, out_dir: str | Path | None) -> RunDir:
