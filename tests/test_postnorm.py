@@ -264,3 +264,27 @@ def test_the_switch_resolves_by_the_adapter_and_is_logged(caplog):
     }
     assert "post_norm_write='auto' resolves to on on Gemma3ForCausalLM" in caplog.text
     assert "the llama family has no FFN post-norm" in caplog.text
+
+
+@pytest.mark.parametrize("space", ["ffn", "layer"])
+def test_the_residual_meant_for_layer_l_is_the_spread_stream_change(space):
+    """MEMIT: r = (V − h^L)/(n − i)^p; PMET: r = (N_L(V) − N_L(M))/(n − i)^p, written through N_l."""
+    from pmetlab.editing.postnorm_write import post_norm_modules, through_post_norm
+
+    ad = get_adapter(_gemma("Gemma2ForCausalLM"))
+    gen = torch.Generator().manual_seed(7)
+    rand = lambda: torch.randn(3, ad.d_model, generator=gen)  # noqa: E731
+    out_mod = ad.ffn_out_name(2) if space == "ffn" else ad.layer_name(2)
+    names = post_norm_modules(ad, space, (0, 2), out_mod)
+    assert names == ([ad.ffn_out_name(2), ad.ffn_out_name(0)] if space == "ffn" else [out_mod, ad.ffn_out_name(0)])
+    cur = {n: rand() for n in names}
+    V = rand()
+    pre = through_post_norm(ad, space, (0, 2), V, cur, (0, 3, 0.5))
+    if space == "ffn":
+        nL = ad.ffn_post_norm(2)
+        r = (post_norm(nL, V.double()) - post_norm(nL, cur[ad.ffn_out_name(2)].double())) / 3**0.5
+    else:
+        r = (V.double() - cur[out_mod].double()) / 3**0.5
+    want = post_norm_preimage(ad.ffn_post_norm(0), cur[ad.ffn_out_name(0)], r)
+    torch.testing.assert_close(pre.residual, want.residual.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pre.undeliverable, want.undeliverable, rtol=1e-9, atol=1e-12)
