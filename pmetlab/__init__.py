@@ -37,12 +37,14 @@ from .editing.compute import compute_deltas
 from .editing.deltas import Deltas, EditMismatchError, apply_deltas_, edited, restore_
 from .editing.nullspace import leakage_table
 from .evaluation import (
+    evaluate_beyond,
     evaluate_counterfact,
     evaluate_zsre,
     generate_texts,
     relative_specificity,
     score_pairs,
     summarize,
+    summarize_beyond,
 )
 from .explore import EditSession, explore
 from .hparams import EditHyperParams, MEMITHyperParams, PMETHyperParams, hparams_from_dict, layers_from_text
@@ -78,6 +80,7 @@ from .runs import (
     sweep_records,
 )
 from .runs.arms import run_arm_sweep
+from .runs.beyond_eval import evaluate_beyond_run
 from .runs.rounds import run_rounds
 from .runs.tune import TuningGrid, tune
 from .stats import layer_covariances
@@ -136,6 +139,9 @@ __all__ = [
     "relative_specificity",
     "score_pairs",
     "generate_texts",
+    "evaluate_beyond",
+    "summarize_beyond",
+    "evaluate_beyond_run",
     # runs
     "ExperimentResult",
     "run_experiment",
