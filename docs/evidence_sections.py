@@ -292,7 +292,7 @@ def _headline_rule(reading: str) -> str:
     if "unpaired" in rule:
         rule += (
             " The paired comparison (per-record differences on the same records, bootstrap over records) "
-            "comes with the paired sweep of issue #21."
+            "comes with the paired sweep of issue #21 (where committed, the next line)."
         )
     return rule
 
@@ -310,7 +310,31 @@ def headline_section() -> str:
         if claim:
             extra = " ".join(t for t in (_headline_rule(reading), _CAVEATS.get(model, "")) if t)
             parts.append(f"- **{name}** (notebook 03, {d.name} profile): {claim[0].strip()} {extra}".rstrip())
+        parts += [_arms_headline(model, name)] if _arms_files(model) else []
     return "\n".join(parts) if parts else "No notebook-03 results committed yet."
+
+
+def _paired_text(paired: pd.DataFrame, arm: str, baseline: str, metric: str) -> str:
+    r = paired[(paired["arm"] == arm) & (paired["baseline"] == baseline) & (paired["metric"] == metric)].iloc[0]
+    return f"{r['diff']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]"
+
+
+def _arms_headline(model: str, name: str) -> str:
+    """The paired sweep's verdict on MEMIT vs PMET as released, and what PMET's update delivers."""
+    d, stem = _arms_files(model)
+    n = int(stem.split("_")[2])
+    arms, paired = pd.read_csv(d / f"{stem}_arms.csv"), pd.read_csv(d / f"{stem}_paired.csv")
+    row = arms.set_index("arm")
+    diffs = ", ".join(f"{k} {_paired_text(paired, 'pmet', 'memit', m)}" for k, m in _PARTS["counterfact"].items())
+    return (
+        f"- **{name}, paired** (notebook 09's sweep, the same {n} evaluation records, every arm tuned with the same "
+        f"grid): PMET as released − MEMIT, per-record differences with 95% bootstrap intervals: Score "
+        f"{_paired_text(paired, 'pmet', 'memit', 'score')}; {diffs}. PMET's weight update delivers mean p(o*) "
+        f"{row.at['pmet', 'target_p_written_mean']:.2f} of the {row.at['pmet', 'target_p_target_final_mean']:.2f} its "
+        f"optimisation reached (MEMIT {row.at['memit', 'target_p_written_mean']:.2f} of "
+        f"{row.at['memit', 'target_p_target_final_mean']:.2f}). Which switch explains the gap: the results page, "
+        f"'Why PMET trails MEMIT'."
+    )
 
 
 def _point(entry: dict) -> str:

@@ -51,7 +51,9 @@ def _table(arms: pd.DataFrame, paired: pd.DataFrame) -> list[str]:
 
 
 def _against(paired: pd.DataFrame, baseline: str) -> dict[str, list[str]]:
+    # the unedited model and the other baseline are references, not arms
     rows = paired[(paired["baseline"] == baseline) & (paired["metric"] == "score")]
+    rows = rows[~rows["arm"].isin(["unedited", "memit"] if baseline == "pmet" else ["unedited"])]
     out: dict[str, list[str]] = {"ahead": [], "behind": [], "inconclusive": []}
     for _, d in rows.iterrows():
         key = "ahead" if d["ci_low"] > 0 else "behind" if d["ci_high"] < 0 else "inconclusive"
@@ -67,7 +69,7 @@ def _explains_most(arms: pd.DataFrame, paired: pd.DataFrame) -> list[str]:
     """The PMET arm with the largest Score gain over PMET as released whose interval excludes 0, and
     the share of the PMET-MEMIT gap it closes; and the gap that remains against MEMIT."""
     gains = paired[(paired["baseline"] == "pmet") & (paired["metric"] == "score") & (paired["arm"] != "memit")]
-    gains = gains[gains["ci_low"] > 0].sort_values("diff", ascending=False)
+    gains = gains[(gains["ci_low"] > 0) & (gains["arm"] != "unedited")].sort_values("diff", ascending=False)
     gap = _diff(paired, "pmet", "memit")
     if gains.empty:
         return [
@@ -95,7 +97,7 @@ def arms_reading(arms: pd.DataFrame, paired: pd.DataFrame, *, model_name: str, n
     differences against MEMIT and PMET as released, p(o*) optimised and written, δ on its bound) and
     the findings, each from the numbers by :data:`PAIRED_RULE`."""
     vs_memit, vs_pmet = _against(paired, "memit"), _against(paired, "pmet")
-    flat = [s for s in vs_pmet["inconclusive"] if not s.startswith("memit ")]
+    flat = vs_pmet["inconclusive"]
     pmet = arms[arms["arm"] == "pmet"]
     lines = [
         f"## Why PMET trails MEMIT: the paired sweep ({model_name}, {n_edits} records, one batch per arm)",
