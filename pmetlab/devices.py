@@ -13,6 +13,7 @@ __all__ = [
     "collective_backend",
     "resolve_dtype",
     "model_device",
+    "free_memory",
     "model_dtype",
 ]
 
@@ -132,6 +133,14 @@ def model_device(model: torch.nn.Module) -> torch.device:
     if emb is not None:
         return emb.weight.device
     return next(model.parameters()).device
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device`` where the backend can say (CUDA); None elsewhere (the CPU, or an
+    accelerator without a portable query)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return None
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:

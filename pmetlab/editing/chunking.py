@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..devices import model_device
+from ..devices import free_memory, model_device
 from ..models.adapters import get_adapter
 
 __all__ = ["ChunkBudget", "CPU_BUDGET", "chunk_budget", "bytes_per_position", "CHUNK_SIZE", "CHUNK_TOKENS"]
@@ -54,12 +54,6 @@ def bytes_per_position(model: torch.nn.Module) -> float:
     return _BYTES_PER_UNIT * emb.shape[1] * get_adapter(model).n_layers * emb.element_size() / 4
 
 
-def _free_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return None  # other accelerators: no portable query; the CPU budget holds
-
-
 def chunk_budget(
     model: torch.nn.Module, chunk_size: int | None = None, *, free_bytes: int | None = None
 ) -> ChunkBudget:
@@ -71,7 +65,7 @@ def chunk_budget(
     if chunk_size is not None:
         return ChunkBudget(int(chunk_size), CHUNK_TOKENS)
     device = model_device(model)
-    free = free_bytes if free_bytes is not None else (None if device.type == "cpu" else _free_bytes(device))
+    free = free_bytes if free_bytes is not None else free_memory(device)
     if free is None:
         return CPU_BUDGET
     positions = max(CHUNK_TOKENS, int(MEMORY_SHARE * free / bytes_per_position(model)))

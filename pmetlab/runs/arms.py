@@ -141,6 +141,27 @@ def _arm_column(frame: pd.DataFrame, arms: Sequence[Arm], points_of: Mapping[str
     return frame["label"].map(label_to_arm)
 
 
+def _sweep(
+    arms: Sequence[Arm],
+    points_of: Mapping[str, Sequence[Mapping[str, float]]],
+    out_dir: Path,
+    model: str,
+    dataset: str,
+    n_edits: int,
+    split: str,
+    seed: int,
+    run_options: Mapping[str, Any],
+) -> pd.DataFrame:
+    """One run per arm and point on the first ``n_edits`` records of ``split`` (one batch each)."""
+    entries = [
+        {"method": a.method, "label": _label(a, p), "hparams": {**dict(a.hparams), **p}}
+        for a in arms
+        for p in points_of[a.name]
+    ]
+    common = dict(model=model, dataset=dataset, n_edits=n_edits, split=split, seed=seed, generation=False)
+    return run_sweep(entries, out_dir=out_dir, **common, **run_options)
+
+
 def tune_arms(
     arms: Sequence[Arm],
     grid: TuningGrid,
@@ -156,24 +177,11 @@ def tune_arms(
     same records and points for every arm; each arm's point chosen by :data:`SELECTION_RULE`.
 
     Returns the post-edit table (``arm``, ``tuning_score``, ``selected``) and arm → chosen point."""
-    entries = [
-        {"method": a.method, "label": _label(a, p), "hparams": {**dict(a.hparams), **p}}
-        for a in arms
-        for p in grid.points()
-    ]
-    sweep = run_sweep(
-        entries,
-        out_dir=Path(out_dir) / f"tune_{safe_name(dataset)}",
-        model=model,
-        dataset=dataset,
-        n_edits=n_edits,
-        split="tune",
-        seed=seed,
-        generation=False,
-        **run_options,
-    )
+    points_of = {a.name: grid.points() for a in arms}
+    where = Path(out_dir) / f"tune_{safe_name(dataset)}"
+    sweep = _sweep(arms, points_of, where, model, dataset, n_edits, "tune", seed, run_options)
     post = sweep[sweep["phase"] == "post"].reset_index(drop=True)
-    post.insert(0, "arm", _arm_column(post, arms, {a.name: grid.points() for a in arms}))
+    post.insert(0, "arm", _arm_column(post, arms, points_of))
     scored = select_points(post, SCORE_PARTS[dataset_family(dataset)], by="arm")
     chosen = {
         str(r["arm"]): {f: float(r[f]) for f in GRID_FIELDS} for r in scored[scored["selected"]].to_dict("records")
@@ -198,22 +206,10 @@ def evaluate_arms(
     missing = [a.name for a in arms if a.name not in chosen]
     if missing:
         raise KeyError(f"no tuned point for arm(s) {missing}; run tune_arms first")
-    entries = [
-        {"method": a.method, "label": _label(a, chosen[a.name]), "hparams": {**dict(a.hparams), **chosen[a.name]}}
-        for a in arms
-    ]
-    sweep = run_sweep(
-        entries,
-        out_dir=Path(out_dir) / f"eval_{safe_name(dataset)}_{n_edits}",
-        model=model,
-        dataset=dataset,
-        n_edits=n_edits,
-        split="eval",
-        seed=seed,
-        generation=False,
-        **run_options,
-    )
-    sweep.insert(0, "arm", _arm_column(sweep, arms, {a.name: [chosen[a.name]] for a in arms}))
+    points_of = {a.name: [dict(chosen[a.name])] for a in arms}
+    where = Path(out_dir) / f"eval_{safe_name(dataset)}_{n_edits}"
+    sweep = _sweep(arms, points_of, where, model, dataset, n_edits, "eval", seed, run_options)
+    sweep.insert(0, "arm", _arm_column(sweep, arms, points_of))
     frames: dict[str, pd.DataFrame] = {}
     for r in sweep[sweep["phase"] == "post"].to_dict("records"):
         rec = read_records(Path(r["run_dir"]))
